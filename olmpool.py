@@ -1,0 +1,685 @@
+"""OlmPool: one readable transformer with every attention switch of the OlmPool study.
+
+The OlmPool study (Ai2, 2026; Bertsch et al., "Cracks in the Foundation") trained 26 comparable 7B
+models that differ only in four attention choices, then extended each to 64K tokens. This file
+builds any of them, and the Llama-3-, Olmo-3- and Qwen-3-like baselines, from one `ModelConfig`:
+
+    block norm         pre (Llama)  |  post, the "reordered norm" of Olmo 2/3
+    QK norm            none  |  layerwise (Olmo 2/3)  |  headwise (Qwen 3, Gemma 3)
+    GQA                n_kv_heads < n_heads
+    sliding window     3 local : 1 global layers, last layer global (Olmo 3)
+    context            context_length (4K or 8K in pretraining)
+
+Usage:
+    from olmpool import ModelConfig, Transformer, preset
+    config = preset("H_post_LQK_32kv_8k_11k_SWA", size="tiny")
+    model = Transformer(config)
+    logits = model(tokens)                     # (B, T, vocab_size)
+    print(generate(model, prompt, max_new_tokens=20))
+
+Semantics, each stated once here and pinned by a test:
+- Window W: a query at position i sees the W keys j with i - W < j <= i (itself included), i.e.
+  flash-attn `window_size=(W-1, 0)` and Hugging Face's `sliding_window=W`.
+- QK norm: layerwise = RMSNorm over the whole projection (n_heads * head_dim values for q,
+  n_kv_heads * head_dim for k) before the split into heads; headwise = RMSNorm over head_dim, one
+  gain vector shared by all heads, after the split. Both act before RoPE.
+- RoPE: the rotate-half (GPT-NeoX) layout: dimension d pairs with d + head_dim/2. This is what
+  OLMo-core and Hugging Face use, so their q/k weights load without permutation. The tables are
+  always computed in float32.
+
+Only torch and the standard library are needed; `kernels.py` (Triton) is imported lazily when
+`attention_backend="triton"`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORM_PLACEMENTS = ("pre", "post")
+QK_NORMS = ("none", "layerwise", "headwise")
+ROPE_SCALINGS = ("none", "abf", "pi", "yarn", "llama3")
+ROPE_SCALING_LAYERS = ("global", "all")
+ATTENTION_BACKENDS = ("naive", "sdpa", "flex", "triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: one field per switch
+
+
+@dataclass
+class ModelConfig:
+    # Sizes. Defaults are the Olmo-3-7B-like shape (the OlmPool "H" family).
+    vocab_size: int = 100_352  # dolma2 tokenizer: 100,278 ids padded to a multiple of 128
+    n_layers: int = 32
+    d_model: int = 4096
+    n_heads: int = 32  # query heads
+    n_kv_heads: int = 32  # key/value heads; fewer than n_heads is GQA (Llama 3, Qwen 3: 8 of 32)
+    head_dim: int = 128
+    mlp_hidden: int = 11008  # SwiGLU width; OlmPool widens it as n_kv_heads shrinks (11008-14336)
+
+    # The four OlmPool switches (and the block norm that travels with QK norm).
+    norm_placement: str = "post"  # "pre": x + f(norm(x)) (Llama, Qwen 3); "post": x + norm(f(x)) (Olmo 2/3)
+    qk_norm: str = "layerwise"  # "none" (Llama) | "layerwise" (Olmo 2/3) | "headwise" (Qwen 3, Gemma 3)
+    window: int | None = None  # sliding window W of local layers (Olmo 3: 4096); None: every layer global
+    global_every: int = 4  # with a window, every 4th layer is global (3 local : 1 global) and so is the last;
+    #                        0: no global layer at all (every layer windowed, to study a model's reach)
+    context_length: int = 8192  # pretraining sequence length (OlmPool: 4096 or 8192)
+
+    # Positions. Scaling is how context extension stretches RoPE beyond context_length.
+    rope_theta: float = 500_000.0  # base of RoPE frequencies (Llama 3, Olmo 3: 500K; Qwen 3: 1M)
+    rope_theta_local: float | None = None  # base for windowed layers if different (Gemma 3: 10K); None: rope_theta
+    rope_scaling: str = "none"  # "abf" base x factor (OlmPool: 500K -> 8M) | "pi" positions / factor
+    #                             | "yarn" (Olmo 3 at 64K) | "llama3" stepwise per frequency (Llama 3.1)
+    rope_factor: float = 1.0  # the scaling factor (ABF 16 for 500K -> 8M; YaRN and llama3: 8)
+    rope_scaling_layers: str = "global"  # scale only global layers (Olmo 3's YaRN) or "all" layers
+    rope_original_context: int | None = None  # context the scaling stretches from; None: context_length
+    yarn_beta_fast: float = 32.0  # YaRN: frequencies rotating more than this many times are kept
+    yarn_beta_slow: float = 1.0  # YaRN: frequencies rotating fewer times are fully interpolated
+    yarn_attention_factor: float | None = None  # YaRN: cos/sin scale; None: 0.1 ln(factor) + 1
+    llama3_low_freq_factor: float = 1.0  # llama3: wavelengths above context / 1 are divided by factor
+    llama3_high_freq_factor: float = 4.0  # llama3: wavelengths below context / 4 are kept
+
+    norm_eps: float = 1e-6  # RMSNorm epsilon (Olmo, Qwen: 1e-6; Llama: 1e-5)
+    attention_backend: str = "sdpa"  # "naive" (reference) | "sdpa" | "flex" | "triton"; all compute the same
+
+    def __post_init__(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(f"ModelConfig: {message}")
+
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden",
+                     "context_length"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"{name}={value!r} must be a positive integer")
+        divisors = [d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]
+        check(self.n_heads % self.n_kv_heads == 0,
+              f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; "
+              f"use one of {', '.join(map(str, divisors))}")
+        check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE; use e.g. 64 or 128")
+        for name, allowed in (("norm_placement", NORM_PLACEMENTS), ("qk_norm", QK_NORMS),
+                              ("rope_scaling", ROPE_SCALINGS), ("rope_scaling_layers", ROPE_SCALING_LAYERS),
+                              ("attention_backend", ATTENTION_BACKENDS)):
+            value = getattr(self, name)
+            check(value in allowed, f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+        check(isinstance(self.global_every, int) and self.global_every >= 0,
+              f"global_every={self.global_every!r} must be >= 0 (4 gives 3 local : 1 global; 0 no global layer)")
+        check(self.window is None or (isinstance(self.window, int) and self.window >= 1),
+              f"window={self.window!r} must be a positive number of keys, or None for no sliding window")
+        check(self.rope_theta > 1, f"rope_theta={self.rope_theta} must be > 1 (Llama 3 uses 500000)")
+        check(self.rope_theta_local is None or self.rope_theta_local > 1,
+              f"rope_theta_local={self.rope_theta_local} must be > 1, or None to use rope_theta")
+        check(self.rope_factor >= 1.0, f"rope_factor={self.rope_factor} must be >= 1 (1 leaves RoPE unchanged)")
+        check(self.rope_original_context is None or self.rope_original_context >= 1,
+              f"rope_original_context={self.rope_original_context} must be positive, or None for context_length")
+        check(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive (Olmo uses 1e-6)")
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's window: None for global layers. Every `global_every`-th layer and the last are global."""
+        if self.window is None:
+            return [None] * self.n_layers
+        if self.global_every == 0:
+            return [self.window] * self.n_layers
+        return [None if (i + 1) % self.global_every == 0 or i == self.n_layers - 1 else self.window
+                for i in range(self.n_layers)]
+
+    @property
+    def original_context(self) -> int:
+        return self.rope_original_context or self.context_length
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: the 26 OlmPool models at their release names, the three baselines, and smaller sizes
+
+# name: (norm, qk_norm, n_kv_heads, context, mlp_hidden, sliding window). The architecture comes from
+# the table transcribed from the paper's appendix (../shared/reference/olmpool.md). Where a name
+# disagrees with that table (H_post_LQK_8kv_4k_11k_SWA has MLP 13312; K_post_HQK_8kv_12k is pre-norm,
+# as its Hugging Face class says), the table wins. "_fp8" marks pretraining with float8 linears,
+# which changes numerics but not the architecture.
+_OLMPOOL = {
+    "A_post_HQK_8kv_8k_13k_SWA_fp8": ("post", "headwise", 8, 8192, 13312, True),
+    "B_post_LQK_32kv_4k_11k_SWA": ("post", "layerwise", 32, 4096, 11008, True),
+    "C_post_LQK_8kv_8k_13k_SWA": ("post", "layerwise", 8, 8192, 13312, True),
+    "H_post_LQK_8kv_4k_11k_SWA": ("post", "layerwise", 8, 4096, 13312, True),
+    "D_post_LQK_8kv_8k_13k_SWA": ("post", "layerwise", 8, 8192, 13312, True),
+    "G_post_LQK_8kv_4k_14k_SWA": ("post", "layerwise", 8, 4096, 14336, True),
+    "D_post_LQK_8kv_8k_13k_SWA_fp8": ("post", "layerwise", 8, 8192, 13312, True),
+    "E_post_LQK_32kv_8k_11k_SWA_fp8": ("post", "layerwise", 32, 8192, 11008, True),
+    "B_post_LQK_32kv_4k_11k": ("post", "layerwise", 32, 4096, 11008, False),
+    "F_pre_8kv_8k_14k_SWA": ("pre", "none", 8, 8192, 14336, True),
+    "G_pre_8kv_8k_14k_SWA": ("pre", "none", 8, 8192, 14336, True),
+    "H_pre_LQK_32kv_8k_11k_SWA": ("pre", "layerwise", 32, 8192, 11008, True),
+    "H_post_LQK_32kv_8k_11k_SWA_fp8": ("post", "layerwise", 32, 8192, 11008, True),
+    "K_post_HQK_8kv_12k": ("pre", "headwise", 8, 8192, 12288, False),
+    "H_post_HQK_32kv_8k_11k_SWA": ("post", "headwise", 32, 8192, 11008, True),
+    "H_post_LQK_32kv_4k_11k": ("post", "layerwise", 32, 4096, 11008, False),
+    "H_post_LQK_32kv_8k_11k_SWA": ("post", "layerwise", 32, 8192, 11008, True),  # = Olmo 3 7B
+    "G_post_LQK_8kv_8k_14k": ("post", "layerwise", 8, 8192, 14336, False),
+    "H_post_LQK_32kv_8k_11k": ("post", "layerwise", 32, 8192, 11008, False),
+    "G_pre_4kv_8k_14k": ("pre", "none", 4, 8192, 14336, False),
+    "G_pre_8kv_4k_14k": ("pre", "none", 8, 4096, 14336, False),
+    "G_pre_LQK_8kv_8k_14k": ("pre", "layerwise", 8, 8192, 14336, False),
+    "G_pre_8kv_8k_14k": ("pre", "none", 8, 8192, 14336, False),  # = Llama 3 8B
+    "H_pre_32kv_8k_11k_SWA": ("pre", "none", 32, 8192, 11008, True),
+    "I_pre_32kv_8k_12k": ("pre", "none", 32, 8192, 12288, False),
+    "J_pre_16kv_8k_14k": ("pre", "none", 16, 8192, 14336, False),  # best; OLMo-core's code has MLP 13312
+}
+
+# Baselines at their 7B/8B shapes with the OlmPool vocabulary, so that only the architecture differs.
+_BASELINES = {
+    "llama3_like": dict(norm_placement="pre", qk_norm="none", n_kv_heads=8, mlp_hidden=14336, norm_eps=1e-5),
+    "olmo3_like": dict(norm_placement="post", qk_norm="layerwise", n_kv_heads=32, mlp_hidden=11008,
+                       window=4096),
+    # 32 layers as in OlmPool's table (OLMo-core's constructor has 36: unresolved in our sources).
+    "qwen3_like": dict(norm_placement="pre", qk_norm="headwise", n_kv_heads=8, mlp_hidden=12288),
+}
+
+
+def _olmpool_config(norm, qk_norm, kv, context, mlp, swa) -> dict:
+    return dict(norm_placement=norm, qk_norm=qk_norm, n_kv_heads=kv, context_length=context, mlp_hidden=mlp,
+                window=4096 if swa else None, norm_eps=1e-5 if norm == "pre" and qk_norm == "none" else 1e-6)
+
+
+PRESETS: dict[str, dict] = {name: _olmpool_config(*spec) for name, spec in _OLMPOOL.items()} | _BASELINES
+
+# Smaller sizes keep a preset's switches: the GQA ratio, the MLP-to-width ratio, and the ratio of
+# window to context (both divided by `shrink`). Counts are of non-embedding parameters at MHA.
+SIZES: dict[str, dict] = {
+    "tiny": dict(n_layers=4, d_model=128, n_heads=8, head_dim=16, shrink=32),  # tests and CPU demos
+    "20m": dict(n_layers=8, d_model=512, n_heads=8, head_dim=64, shrink=8),  # ~25M
+    "150m": dict(n_layers=12, d_model=1024, n_heads=16, head_dim=64, shrink=4),  # ~150M
+    "1b": dict(n_layers=16, d_model=2048, n_heads=16, head_dim=128, shrink=1),  # ~0.8B (+0.4B embeddings)
+    "7b": dict(n_layers=32, d_model=4096, n_heads=32, head_dim=128, shrink=1),  # the published shapes
+}
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.3)
+    return f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(choices)}"
+
+
+def preset(name: str, size: str = "7b", **overrides) -> ModelConfig:
+    """The config of an OlmPool model or baseline, at a size; keyword overrides apply last."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; {_suggest(name, PRESETS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; {_suggest(size, SIZES)}")
+    switches = dict(PRESETS[name])
+    shape = dict(SIZES[size])
+    shrink = shape.pop("shrink")
+    gqa_ratio = 32 // switches["n_kv_heads"]  # every 7B preset has 32 query heads
+    mlp_ratio = switches["mlp_hidden"] / 4096
+    multiple = 32 if size == "tiny" else 64
+    if size != "7b":
+        switches["n_kv_heads"] = max(1, shape["n_heads"] // gqa_ratio)
+        switches["mlp_hidden"] = multiple * math.ceil(mlp_ratio * shape["d_model"] / multiple)
+    switches["context_length"] = switches.get("context_length", 8192) // shrink
+    if switches.get("window"):
+        switches["window"] //= shrink
+    return ModelConfig(**(switches | shape | overrides))
+
+
+def count_parameters(config: ModelConfig, embeddings: bool = True) -> int:
+    """Parameter count from the config alone (equals sum(p.numel()) of the built model)."""
+    q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    attention = config.d_model * (q_size + 2 * kv_size) + q_size * config.d_model
+    qk_norm = {"none": 0, "layerwise": q_size + kv_size, "headwise": 2 * config.head_dim}[config.qk_norm]
+    mlp = 3 * config.d_model * config.mlp_hidden
+    per_layer = attention + qk_norm + mlp + 2 * config.d_model
+    total = config.n_layers * per_layer + config.d_model  # final norm
+    if embeddings:
+        total += 2 * config.vocab_size * config.d_model  # untied input embedding and LM head
+    return total
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length seq_len, counting windows.
+
+    Matmuls: 6 per weight (the LM head included, the embedding lookup not). Attention: 12 per
+    (head dim x key) pair per query head, where a query at position i sees min(W, i + 1) keys,
+    averaged over the sequence: so sliding windows are credited only with the work they do.
+    """
+    matmul_params = count_parameters(config, embeddings=False) + config.vocab_size * config.d_model
+    attention = 0.0
+    for window in config.layer_windows:
+        w = seq_len if window is None else min(window, seq_len)
+        mean_keys = (seq_len * w - w * (w - 1) / 2) / seq_len  # mean over i of min(w, i + 1)
+        attention += 12 * config.n_heads * config.head_dim * mean_keys
+    return 6 * matmul_params + attention
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_frequencies(config: ModelConfig, is_global: bool, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim / 2,) in float32, and the factor that scales cos and sin.
+
+    Each scaling method follows its published form (and Hugging Face's, for weight parity); every
+    method with factor 1 is the identity.
+    """
+    theta = config.rope_theta if is_global or config.rope_theta_local is None else config.rope_theta_local
+    scaled = config.rope_scaling != "none" and (is_global or config.rope_scaling_layers == "all")
+    method, factor, dim = (config.rope_scaling if scaled else "none"), config.rope_factor, config.head_dim
+    if method == "abf":  # adjusted base frequency (Xiong et al. 2023): a larger base, nothing else
+        theta = theta * factor
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (theta ** exponents)
+    attention_factor = 1.0
+    if method == "pi":  # position interpolation (Chen et al. 2023): every frequency divided by factor
+        inv_freq = inv_freq / factor
+    elif method == "yarn":  # YaRN (Peng et al. 2023): interpolate only the slow frequencies
+        def dim_for_rotations(rotations):  # the dimension whose frequency turns `rotations` times in context
+            return dim * math.log(config.original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        low = max(math.floor(dim_for_rotations(config.yarn_beta_fast)), 0)
+        high = min(math.ceil(dim_for_rotations(config.yarn_beta_slow)), dim - 1)
+        ramp = (torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / max(high - low, 0.001)
+        keep = 1 - ramp.clamp(0, 1)  # 1: extrapolate (keep), 0: interpolate (divide by factor)
+        inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+        attention_factor = config.yarn_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    elif method == "llama3":  # Llama 3.1: long wavelengths / factor, short kept, smooth in between
+        low_wavelen = config.original_context / config.llama3_low_freq_factor
+        high_wavelen = config.original_context / config.llama3_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled_freq = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (config.original_context / wavelen - config.llama3_low_freq_factor) / (
+            config.llama3_high_freq_factor - config.llama3_low_freq_factor)
+        smoothed = (1 - smooth) * scaled_freq / factor + smooth * scaled_freq
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled_freq)
+    return inv_freq, attention_factor
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0):
+    """cos and sin tables (T, head_dim) in float32 for integer positions (T,)."""
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: d pairs with d + head_dim / 2
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, head_dim) by position, in float32, returning x's dtype."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention: one function, four backends
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+            q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
+    """Which keys each query sees: causal, within the window, within the document. Broadcasts."""
+    distance = q_pos - k_pos
+    mask = distance >= 0
+    if window is not None:
+        mask = mask & (distance < window)
+    if q_doc is not None:
+        mask = mask & (q_doc == k_doc)
+    return mask
+
+
+def attention_naive(q, k, v, window, doc_ids=None):
+    """The reference: an explicit (T, T) mask and softmax, K/V repeated per group. Tests only."""
+    T = q.shape[-2]
+    positions = torch.arange(T, device=q.device)
+    mask = visible(positions[:, None], positions[None, :], window)  # (T, T)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])  # (B, 1, T, T)
+    return masked_softmax_attention(q, k, v, mask)
+
+
+def masked_softmax_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(D) + mask) v, computed in at least float32, K/V repeated per group."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.to(dtype)).to(q.dtype)
+
+
+def attention_sdpa(q, k, v, window, doc_ids=None):
+    """PyTorch SDPA, GQA without copying K/V. Windowed layers go through `windowed_sdpa`."""
+    T = q.shape[-2]
+    if window is not None and window < T and doc_ids is None:
+        return windowed_sdpa(q, k, v, window)
+    if window is None or window >= T:
+        if doc_ids is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        window = None
+    positions = torch.arange(T, device=q.device)
+    mask = visible(positions[:, None], positions[None, :], window)
+    if doc_ids is not None:  # a dense (B, 1, T, T) mask: use `flex` for document masking at long T
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def windowed_sdpa(q, k, v, window: int):
+    """Sliding-window attention in time and memory O(T * W), on any device.
+
+    Queries are cut into chunks of C = W positions; chunk c sees only the keys from C*c - (W - 1)
+    to C*c + C - 1, a band of C + W - 1 keys gathered with `unfold` (a view until SDPA copies it).
+    One SDPA call handles every chunk, with a small (chunks, C, C + W - 1) mask.
+    """
+    B, H, T, D = q.shape
+    C = max(window, 16)  # chunk length; work per query is about C + W keys
+    n_chunks = -(-T // C)
+    pad_end = n_chunks * C - T
+    band = C + window - 1
+    # Pad keys/values W - 1 at the front (seen by no query) and to whole chunks at the end.
+    k = F.pad(k, (0, 0, window - 1, pad_end))
+    v = F.pad(v, (0, 0, window - 1, pad_end))
+    q = F.pad(q, (0, 0, 0, pad_end))
+    k_bands = k.unfold(2, band, C).permute(0, 2, 1, 4, 3)  # (B, chunks, H_kv, band, D)
+    v_bands = v.unfold(2, band, C).permute(0, 2, 1, 4, 3)
+    q_chunks = q.view(B, H, n_chunks, C, D).transpose(1, 2)  # (B, chunks, H, C, D)
+    chunk_start = torch.arange(n_chunks, device=q.device)[:, None, None] * C
+    q_pos = chunk_start + torch.arange(C, device=q.device)[None, :, None]  # (chunks, C, 1)
+    k_pos = chunk_start - (window - 1) + torch.arange(band, device=q.device)[None, None, :]  # (chunks, 1, band)
+    mask = visible(q_pos, k_pos, window) & (k_pos >= 0)  # (chunks, C, band)
+    out = F.scaled_dot_product_attention(q_chunks, k_bands, v_bands, attn_mask=mask[:, None], enable_gqa=True)
+    return out.transpose(1, 2).reshape(B, H, n_chunks * C, D)[:, :, :T]
+
+
+_flex_masks: dict = {}
+
+
+def attention_flex(q, k, v, window, doc_ids=None):
+    """FlexAttention with a block mask: blocks outside the window (or document) are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, _, T, _ = q.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx
+        if window is not None:
+            keep = keep & (q_idx - kv_idx < window)
+        if doc_ids is not None:
+            keep = keep & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        return keep
+
+    key = (T, window, str(q.device))
+    if doc_ids is not None:
+        block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+    else:
+        if key not in _flex_masks:
+            _flex_masks[key] = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+        block_mask = _flex_masks[key]
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def attention_triton(q, k, v, window, doc_ids=None):
+    """The Triton kernel of kernels.py: skips blocks outside the window, O(T * W) work."""
+    if doc_ids is not None:
+        raise ValueError("attention_backend='triton' does not mask documents; use 'flex' or 'sdpa'")
+    from kernels import sliding_window_attention
+
+    return sliding_window_attention(q, k, v, window)
+
+
+ATTENTION = {"naive": attention_naive, "sdpa": attention_sdpa, "flex": attention_flex, "triton": attention_triton}
+
+
+def attention(q, k, v, window: int | None, backend: str = "sdpa", doc_ids: torch.Tensor | None = None):
+    """Causal attention of q (B, H, T, D) over k, v (B, H_kv, T, D), each query seeing the last
+    `window` keys (all if None), and only its own document if doc_ids (B, T) is given."""
+    return ATTENTION[backend](q, k, v, window, doc_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # In float32 whatever the input dtype, as OLMo-core and Hugging Face do.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.config, self.layer = config, layer
+        self.window = config.layer_windows[layer]
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.d_model, q_size, bias=False)
+        self.k_proj = nn.Linear(config.d_model, kv_size, bias=False)
+        self.v_proj = nn.Linear(config.d_model, kv_size, bias=False)
+        self.o_proj = nn.Linear(q_size, config.d_model, bias=False)
+        if config.qk_norm == "layerwise":  # over the whole projection, before the split into heads
+            self.q_norm, self.k_norm = RMSNorm(q_size, config.norm_eps), RMSNorm(kv_size, config.norm_eps)
+        elif config.qk_norm == "headwise":  # over head_dim, one gain shared by all heads
+            self.q_norm, self.k_norm = RMSNorm(config.head_dim, config.norm_eps), RMSNorm(config.head_dim, config.norm_eps)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """q (B, H, T, D) and k, v (B, H_kv, T, D): normed and rotated, as attention sees them."""
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, heads * D)
+        if self.config.qk_norm == "layerwise":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.config.qk_norm == "headwise":
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq, attention_factor = rope_frequencies(self.config, self.window is None, x.device)
+        cos, sin = rope_cos_sin(positions, inv_freq, attention_factor)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, positions, cache: KVCache | None = None, doc_ids=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, positions)
+        if cache is None:
+            out = attention(q, k, v, self.window, self.config.attention_backend, doc_ids)
+        else:
+            out = cache.attend(self.layer, q, k, v, positions)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.norm_placement = config.norm_placement
+        self.attention = Attention(config, layer)
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+
+    def forward(self, x, positions, cache=None, doc_ids=None):
+        attend = lambda h: self.attention(h, positions, cache, doc_ids)  # noqa: E731
+        if self.norm_placement == "pre":  # Llama, Qwen 3: normalize each sublayer's input
+            h = x + attend(self.attention_norm(x))
+            return h + self.mlp(self.mlp_norm(h))
+        else:  # "post", the reordered norm of Olmo 2/3: normalize each sublayer's output
+            h = x + self.attention_norm(attend(x))
+            return h + self.mlp_norm(self.mlp(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, seed: int | None = 0):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if seed is not None:
+            self.init_weights(seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02):
+        """OLMo 2's initialization: every matrix from N(0, 0.02) truncated at 3 std, norms 1.
+
+        Drawn on the CPU from a generator seeded with `seed`, parameter by parameter in name order,
+        so the weights are the same on any device and any number of processes.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            if param.ndim == 1:
+                value = torch.ones(param.shape)
+            else:
+                value = torch.empty(param.shape)
+                nn.init.trunc_normal_(value, 0.0, std, -3 * std, 3 * std, generator=generator)
+            param.copy_(value.to(param.dtype))
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, doc_ids: torch.Tensor | None = None):
+        """Logits (B, T, vocab_size) for tokens (B, T).
+
+        With a cache, tokens continue the sequence already in it (positions start at cache.length)
+        and the cache is extended. doc_ids (B, T) restricts attention to within each document.
+        """
+        B, T = tokens.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None and doc_ids is not None:
+            raise ValueError("doc_ids cannot be combined with a KV cache; decode one document at a time")
+        positions = torch.arange(start, start + T, device=tokens.device)
+        x = self.embed(tokens)  # (B, T, d_model)
+        for block in self.layers:
+            x = block(x, positions, cache, doc_ids)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference: a KV cache of plain tensors, chunked prefill, and generation
+
+
+class KVCache:
+    """Keys and values of every layer, as plain tensors.
+
+    Global layers keep every position in a buffer allocated up front (max_length). Windowed layers
+    keep only their last W - 1 keys, all a future query can see besides itself, so their memory is
+    O(W) whatever the length.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device=None, dtype=torch.float32):
+        self.config, self.max_length, self.length = config, max_length, 0
+        shape = (batch_size, config.n_kv_heads, max_length, config.head_dim)
+        self.keys, self.values = [], []
+        for window in config.layer_windows:
+            if window is None:
+                self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
+                self.values.append(torch.zeros(shape, device=device, dtype=dtype))
+            else:  # grows to W - 1 positions, then rolls
+                self.keys.append(torch.zeros(shape[:2] + (0, shape[3]), device=device, dtype=dtype))
+                self.values.append(torch.zeros(shape[:2] + (0, shape[3]), device=device, dtype=dtype))
+
+    def attend(self, layer: int, q, k, v, positions):
+        """Store this chunk's k, v and attend q (positions `positions`) over everything visible."""
+        window = self.config.layer_windows[layer]
+        start, T = self.length, q.shape[2]
+        if start + T > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {start + T} requested. "
+                             f"Create the cache with a larger max_length")
+        if window is None:
+            self.keys[layer][:, :, start:start + T] = k
+            self.values[layer][:, :, start:start + T] = v
+            k, v = self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]
+        else:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+            keep = min(window - 1, k.shape[2])
+            self.keys[layer] = k[:, :, k.shape[2] - keep:]
+            self.values[layer] = v[:, :, v.shape[2] - keep:]
+        k_pos = torch.arange(start + T - k.shape[2], start + T, device=q.device)
+        mask = visible(positions[:, None], k_pos[None, :], window)  # (T, keys): one chunk by all keys
+        if self.config.attention_backend == "naive":
+            return masked_softmax_attention(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+@torch.no_grad()
+def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache, chunk_size: int = 2048) -> torch.Tensor:
+    """Feed tokens (B, T) through the cache chunk by chunk; logits (B, vocab) of the last position.
+
+    No step builds more than a (chunk_size x T) mask, so a 64K-token prompt fits in memory.
+    """
+    for start in range(0, tokens.shape[1], chunk_size):
+        logits = model(tokens[:, start:start + chunk_size], cache)
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, eos_id: int | None = None, chunk_size: int = 2048,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue prompt (B, T): greedy when temperature is 0, else sampled (optionally top-k).
+
+    Returns the new tokens (B, <= max_new_tokens); stops early when every row has produced eos_id.
+    """
+    B, T = prompt.shape
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, B, T + max_new_tokens, prompt.device, dtype)
+    logits = prefill(model, prompt, cache, chunk_size)
+    new_tokens, finished = [], torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            token = logits.argmax(dim=-1)
+        else:
+            logits = logits.float() / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        new_tokens.append(token)
+        if eos_id is not None:
+            finished |= token == eos_id
+            if finished.all():
+                break
+        logits = model(token[:, None], cache)[:, -1]
+    return torch.stack(new_tokens, dim=1)
+
+
+def describe(config: ModelConfig) -> str:
+    """A one-screen summary of an architecture."""
+    windows = config.layer_windows
+    n_global = sum(w is None for w in windows)
+    attention = "all layers global" if config.window is None else (
+        f"window {config.window} on {len(windows) - n_global} layers, {n_global} global")
+    scaling = "none" if config.rope_scaling == "none" else (
+        f"{config.rope_scaling} x{config.rope_factor:g} on {config.rope_scaling_layers} layers "
+        f"from {config.original_context}")
+    return "\n".join([
+        f"layers {config.n_layers}, d_model {config.d_model}, heads {config.n_heads} (kv {config.n_kv_heads}), "
+        f"head_dim {config.head_dim}, MLP {config.mlp_hidden}, vocab {config.vocab_size}",
+        f"norm {config.norm_placement}, QK norm {config.qk_norm}, eps {config.norm_eps:g}",
+        f"attention: {attention}; context {config.context_length}; backend {config.attention_backend}",
+        f"RoPE theta {config.rope_theta:g}" + (f" (local {config.rope_theta_local:g})" if config.rope_theta_local else "")
+        + f", scaling {scaling}",
+        f"parameters {count_parameters(config) / 1e9:.3f}B "
+        f"({count_parameters(config, embeddings=False) / 1e9:.3f}B without embeddings)",
+    ])
+
+
+if __name__ == "__main__":
+    print(f"{'preset':34s} {'params':>8s} {'GFLOP/token @ctx':>17s}")
+    for name in PRESETS:
+        config = preset(name)
+        print(f"{name:34s} {count_parameters(config) / 1e9:7.2f}B {flops_per_token(config, config.context_length) / 1e9:17.1f}")
