@@ -363,9 +363,10 @@ def attention_sdpa(q, k, v, window, doc_ids=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-def windowed_sdpa(q, k, v, window: int):
+def windowed_sdpa(q, k, v, window: int, cached: int = 0):
     """Sliding-window attention in time and memory O(T * W), on any device.
 
+    k and v may start `cached` positions before q (keys kept from earlier chunks, at most W - 1).
     Queries are cut into chunks of C = W positions; chunk c sees only the keys from C*c - (W - 1)
     to C*c + C - 1, a band of C + W - 1 keys gathered with `unfold` (a view until SDPA copies it).
     One SDPA call handles every chunk, with a small (chunks, C, C + W - 1) mask.
@@ -375,9 +376,10 @@ def windowed_sdpa(q, k, v, window: int):
     n_chunks = -(-T // C)
     pad_end = n_chunks * C - T
     band = C + window - 1
-    # Pad keys/values W - 1 at the front (seen by no query) and to whole chunks at the end.
-    k = F.pad(k, (0, 0, window - 1, pad_end))
-    v = F.pad(v, (0, 0, window - 1, pad_end))
+    # Pad keys/values at the front to W - 1 positions before q (seen by no query) and at the end
+    # to whole chunks; then key index j sits at position j - (W - 1) relative to q's first.
+    k = F.pad(k, (0, 0, window - 1 - cached, pad_end))
+    v = F.pad(v, (0, 0, window - 1 - cached, pad_end))
     q = F.pad(q, (0, 0, 0, pad_end))
     k_bands = k.unfold(2, band, C).permute(0, 2, 1, 4, 3)  # (B, chunks, H_kv, band, D)
     v_bands = v.unfold(2, band, C).permute(0, 2, 1, 4, 3)
@@ -385,7 +387,7 @@ def windowed_sdpa(q, k, v, window: int):
     chunk_start = torch.arange(n_chunks, device=q.device)[:, None, None] * C
     q_pos = chunk_start + torch.arange(C, device=q.device)[None, :, None]  # (chunks, C, 1)
     k_pos = chunk_start - (window - 1) + torch.arange(band, device=q.device)[None, None, :]  # (chunks, 1, band)
-    mask = visible(q_pos, k_pos, window) & (k_pos >= 0)  # (chunks, C, band)
+    mask = visible(q_pos, k_pos, window) & (k_pos >= -cached)  # (chunks, C, band)
     out = F.scaled_dot_product_attention(q_chunks, k_bands, v_bands, attn_mask=mask[:, None], enable_gqa=True)
     return out.transpose(1, 2).reshape(B, H, n_chunks * C, D)[:, :, :T]
 
@@ -608,6 +610,8 @@ class KVCache:
             keep = min(window - 1, k.shape[2])
             self.keys[layer] = k[:, :, k.shape[2] - keep:]
             self.values[layer] = v[:, :, v.shape[2] - keep:]
+        if window is not None and T > window and self.config.attention_backend != "naive":
+            return windowed_sdpa(q, k, v, window, cached=k.shape[2] - T)  # a long chunk: O(T * W)
         k_pos = torch.arange(start + T - k.shape[2], start + T, device=q.device)
         mask = visible(positions[:, None], k_pos[None, :], window)  # (T, keys): one chunk by all keys
         if self.config.attention_backend == "naive":

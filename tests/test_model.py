@@ -96,6 +96,21 @@ def test_windowed_sdpa_edge_cases_equal_naive(window, length):
     torch.testing.assert_close(attention(q, k, v, window, "sdpa"), expected)
 
 
+@pytest.mark.parametrize("window, cached", [(1, 0), (4, 1), (4, 3), (9, 8), (9, 5)])
+def test_windowed_sdpa_with_cached_keys_equals_the_tail_of_full_attention(window, cached):
+    """Chunked prefill: queries continue after `cached` keys kept from the previous chunk."""
+    g = torch.Generator().manual_seed(window + cached)
+    q, k, v = (torch.randn(1, h, 30, 16, generator=g, dtype=torch.float64) for h in (4, 1, 1))
+    start = 12
+    tail = olmpool.windowed_sdpa(q[:, :, start:], k[:, :, start - cached:], v[:, :, start - cached:], window, cached)
+    # The same keys seen by the reference: the sequence from the first cached key onward.
+    sub = slice(start - cached, None)
+    expected = attention(q[:, :, sub], k[:, :, sub], v[:, :, sub], window, "naive")[:, :, cached:]
+    torch.testing.assert_close(tail, expected)
+    if cached >= window - 1:  # every key the tail needs is there: equal to attention over everything
+        torch.testing.assert_close(tail, attention(q, k, v, window, "naive")[:, :, start:])
+
+
 def test_window_of_one_returns_values():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(3))

@@ -1,0 +1,186 @@
+"""Benchmark olmpool.py against Hugging Face transformers' Olmo 3 on the same architecture.
+
+    python bench.py            # all three comparisons (about 5-10 minutes on 2 CPU cores)
+    python bench.py --quick    # smaller lengths, fewer repeats: a smoke run
+
+It prints, measured side by side in this one run:
+1. training-step tokens/s at T = 512, ours / HF (forward, loss, backward, AdamW step);
+2. prefill tokens/s and peak memory at T = 2K..16K with window 256: ours (chunked prefill into a
+   KV cache whose windowed layers keep W - 1 keys) against HF's forward with its cache, each
+   length measured in a fresh process so that peak memory (max RSS) is the run's own;
+3. our training FLOP/s (window-aware count) over this machine's measured fp32 matmul rate.
+
+The model is Olmo 3's architecture (post norm, layerwise QK norm, 3 local : 1 global layers) at a
+CPU-friendly width; both sides get identical weights and inputs. Needs transformers (a dev
+requirement). Every number comes from this run; nothing is hard-coded.
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+import olmpool
+
+
+def bench_config(window: int) -> olmpool.ModelConfig:
+    return olmpool.preset("olmo3_like", size="20m", window=window, vocab_size=32_000, context_length=512)
+
+
+def hf_model_from(model: olmpool.Transformer):
+    """The same weights in transformers' Olmo3ForCausalLM (mapped here, independently of hf_interop)."""
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    c = model.config
+    hf_config = Olmo3Config(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.mlp_hidden,
+        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+        head_dim=c.head_dim, rms_norm_eps=c.norm_eps, sliding_window=c.window, max_position_embeddings=65536,
+        layer_types=["full_attention" if w is None else "sliding_attention" for w in c.layer_windows],
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, tie_word_embeddings=False,
+        attn_implementation="sdpa")
+    hf = Olmo3ForCausalLM(hf_config)
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+    for i in range(c.n_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+            names[f"{ours}attention.{proj}.weight"] = f"{theirs}self_attn.{proj}.weight"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names[f"{ours}mlp.{proj}.weight"] = f"{theirs}mlp.{proj}.weight"
+        names[f"{ours}attention_norm.weight"] = f"{theirs}post_attention_layernorm.weight"
+        names[f"{ours}mlp_norm.weight"] = f"{theirs}post_feedforward_layernorm.weight"
+    hf.load_state_dict({names[k]: v for k, v in model.state_dict().items()})
+    return hf
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over repeats, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def training_step(forward, params, tokens):
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        logits = forward(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def compare_training(seq_len: int, batch: int, repeats: int) -> dict:
+    model = olmpool.Transformer(bench_config(window=256))
+    hf = hf_model_from(model)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the same function before timing anything
+        torch.testing.assert_close(model(tokens[:, :64]), hf(tokens[:, :64]).logits, rtol=1e-4, atol=1e-4)
+    ours = timed(training_step(model, model.parameters(), tokens), repeats)
+    theirs = timed(training_step(lambda t: hf(t).logits, hf.parameters(), tokens), repeats)
+    n = batch * seq_len
+    flops = olmpool.flops_per_token(model.config, seq_len) * n / ours
+    return dict(ours_tokens_s=n / ours, hf_tokens_s=n / theirs, ratio=theirs / ours, ours_flops=flops)
+
+
+def prefill_worker(implementation: str, seq_len: int, window: int, queue):
+    """Runs in a fresh process: builds one model, prefills once to warm up, then times one prefill."""
+    torch.manual_seed(0)
+    model = olmpool.Transformer(bench_config(window=window))
+    tokens = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1))
+    if implementation == "hf":
+        hf = hf_model_from(model).eval()
+        del model
+
+        def run():
+            with torch.no_grad():
+                return hf(tokens, use_cache=True, logits_to_keep=1).logits[:, -1]
+    else:
+        def run():
+            cache = olmpool.KVCache(model.config, 1, seq_len)
+            return olmpool.prefill(model, tokens, cache, chunk_size=2048)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    last_logits = run()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    queue.put(dict(seconds=seconds, peak_mib=(peak - baseline) / 1024, logits=last_logits.tolist()))
+
+
+def measure_prefill(implementation: str, seq_len: int, window: int) -> dict:
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=prefill_worker, args=(implementation, seq_len, window, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / timed(lambda: a @ b, repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="lengths up to 4K and fewer repeats (a smoke run)")
+    parser.add_argument("--window", type=int, default=256, help="sliding window of the prefill comparison")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        sys.exit("bench.py compares against Hugging Face transformers: pip install -r requirements-dev.txt")
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: olmo3_like 20m, vocab 32000")
+    print(olmpool.describe(bench_config(args.window)), "\n")
+    results = {}
+
+    repeats = 2 if args.quick else 5
+    train = compare_training(seq_len=512, batch=4, repeats=repeats)
+    results["training"] = train
+    print(f"1. training step at T=512 (batch 4): ours {train['ours_tokens_s']:.0f} tokens/s, "
+          f"HF {train['hf_tokens_s']:.0f} tokens/s, ours/HF = {train['ratio']:.2f}  (goal >= 1.0)\n")
+
+    lengths = [2048, 4096] if args.quick else [2048, 4096, 8192, 16384]
+    rows = []
+    print(f"2. prefill, window {args.window}, batch 1 (each cell a fresh process)")
+    print(f"{'T':>6} {'ours tok/s':>11} {'HF tok/s':>9} {'speed x':>8} {'ours MiB':>9} {'HF MiB':>8} {'memory':>7}")
+    for T in lengths:
+        ours, theirs = measure_prefill("ours", T, args.window), measure_prefill("hf", T, args.window)
+        agree = torch.allclose(torch.tensor(ours["logits"]), torch.tensor(theirs["logits"]), rtol=1e-3, atol=1e-3)
+        row = dict(T=T, ours_tokens_s=T / ours["seconds"], hf_tokens_s=T / theirs["seconds"],
+                   speedup=theirs["seconds"] / ours["seconds"], ours_peak_mib=ours["peak_mib"],
+                   hf_peak_mib=theirs["peak_mib"], memory_ratio=ours["peak_mib"] / max(theirs["peak_mib"], 1e-9),
+                   last_logits_agree=agree)
+        rows.append(row)
+        print(f"{T:>6} {row['ours_tokens_s']:>11.0f} {row['hf_tokens_s']:>9.0f} {row['speedup']:>7.2f}x "
+              f"{row['ours_peak_mib']:>9.0f} {row['hf_peak_mib']:>8.0f} {row['memory_ratio']:>6.2f}x"
+              + ("" if agree else "  (last logits DIFFER)"))
+    results["prefill"] = rows
+    print(f"   goal at 16K: speed >= 3x HF, memory <= 0.5x HF\n")
+
+    peak = matmul_rate()
+    results["matmul_flops"] = peak
+    print(f"3. training FLOP/s (window-aware): {train['ours_flops'] / 1e9:.1f} GFLOP/s; fp32 matmul rate "
+          f"{peak / 1e9:.1f} GFLOP/s; ratio {train['ours_flops'] / peak:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
