@@ -1,0 +1,833 @@
+"""Hugging Face checkpoints in and out of OlmPool's `Transformer`.
+
+Import any released OlmPool model (or a Llama, Qwen 3, Olmo 2/3 model) from a local Hugging Face
+folder, and export ours to the stock transformers class that computes the same function:
+
+    python hf_interop.py summary HF_DIR                          # what would load, and every assumption
+    python hf_interop.py import HF_DIR --out CKPT_DIR [--rope_theta 8e6] [--window 4096] [--norm_placement post]
+    python hf_interop.py export CKPT_DIR --out HF_DIR [--dtype bfloat16] [--model_type olmo3]
+
+    from hf_interop import load_hf, export_hf
+    model, summary = load_hf("path/to/hf_dir")                   # (Transformer, one-screen summary)
+    export_hf(model, "path/to/out")                              # config.json + model.safetensors
+
+Which model_type means which switches (block norm, QK norm; everything else is read from config.json):
+
+    llama          LlamaForCausalLM   pre   none        weights: input_layernorm, post_attention_layernorm
+    qwen3          Qwen3ForCausalLM   pre   headwise    weights: input_layernorm, post_attention_layernorm
+    olmo2          Olmo2ForCausalLM   post  layerwise   weights: post_attention_layernorm, post_feedforward_layernorm
+    olmo3          Olmo3ForCausalLM   post  layerwise   as olmo2, plus sliding_window, layer_types, per-type RoPE
+    OlmPool's custom classes, read from their names (no code of theirs is run or needed):
+    olmo3_preorder                    pre   layerwise   "preorder": pre norm in Olmo 3
+    olmo3_preorder_headwise_qknorm    pre   headwise
+    olmo2_headwise_qknorm             post  headwise
+    llama3_qknorm                     pre   layerwise   Llama with Olmo's (layerwise) QK norm
+    llama3_reordered                  post  none        Llama with the reordered (post) norm
+    Custom folders may use either naming of the two block norms; the importer detects which. Either way
+    the first norm of a block belongs to attention and the second to the MLP.
+
+Release pitfalls this module handles, each reported in the summary (ignored or overridden, never silently):
+- A flat `rope_theta` (e.g. 8,000,000 in extended Olmo 3 configs) beside, or instead of, per-layer-type
+  `rope_parameters`: transformers 5 keeps 500,000 where a per-type value exists (and on sliding layers
+  of Olmo 3 when none does). OlmPool's extension raised the base on every layer, so the flat value wins
+  here, on every layer; pass `rope_theta` to choose another.
+- Sliding-window models without `layer_types`: assumed 3 local : 1 global with the last layer global
+  (OLMo-core's pattern). `sliding_window` is honoured even where transformers' class ignores it (Llama,
+  Olmo 2), since the model was trained with it; `window=0` drops it.
+- A post-norm model labelled pre-norm: `norm_placement` overrides what the model_type says.
+
+Loading reads JSON and safetensors only: no pickle, no code from the checkpoint. Our own checkpoint
+folder is `config.json` = `dataclasses.asdict(ModelConfig)` plus `model.safetensors` holding
+`Transformer.state_dict()`; `save_checkpoint_weights` and `load_model` write and read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from olmpool import ModelConfig, Transformer, describe, rope_frequencies
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read as asked; the message names the file, the key and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# What each model_type means
+
+
+@dataclass(frozen=True)
+class Family:
+    base: str  # the stock model_type whose config conventions (windows, RoPE, defaults) apply
+    norm_placement: str
+    qk_norm: str
+    custom: str = ""  # for OlmPool's custom classes: how the name was read
+
+
+FAMILIES = {
+    "llama": Family("llama", "pre", "none"),
+    "qwen3": Family("qwen3", "pre", "headwise"),
+    "olmo2": Family("olmo2", "post", "layerwise"),
+    "olmo3": Family("olmo3", "post", "layerwise"),
+    "olmo3_preorder": Family("olmo3", "pre", "layerwise", "'preorder' = pre norm; Olmo 3's layerwise QK norm"),
+    "olmo3_preorder_headwise_qknorm": Family("olmo3", "pre", "headwise", "'preorder' = pre norm; headwise QK norm"),
+    "olmo2_headwise_qknorm": Family("olmo2", "post", "headwise", "Olmo 2's post norm; headwise QK norm"),
+    "llama3_qknorm": Family("llama", "pre", "layerwise", "Llama's pre norm; layerwise QK norm"),
+    "llama3_reordered": Family("llama", "post", "none", "'reordered' = post norm; no QK norm"),
+}
+STOCK_CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                 "olmo3": "Olmo3ForCausalLM"}
+
+# transformers 5's class defaults, used where a config.json omits a key (and said so in the summary).
+DEFAULTS = {
+    "llama": dict(rope_theta=10_000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "qwen3": dict(rope_theta=10_000.0, rms_norm_eps=1e-6, max_position_embeddings=32768, head_dim=128,
+                  sliding_window=4096, max_window_layers=28),
+    "olmo2": dict(rope_theta=10_000.0, rms_norm_eps=1e-5, max_position_embeddings=2048),
+    "olmo3": dict(rope_theta=500_000.0, rms_norm_eps=1e-5, max_position_embeddings=2048, sliding_window=4096),
+}
+
+# The two block norms under each naming: (before/after attention, before/after the MLP).
+NORM_NAMES = {"llama": ("input_layernorm", "post_attention_layernorm"),
+              "olmo": ("post_attention_layernorm", "post_feedforward_layernorm")}
+GLOBAL, LOCAL = "full_attention", "sliding_attention"
+
+
+def hf_names(config: ModelConfig, naming: str, tied: bool = False) -> dict[str, str]:
+    """Our state_dict name -> the Hugging Face name, for a config and a norm naming ("llama" | "olmo")."""
+    attention_norm, mlp_norm = NORM_NAMES[naming]
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not tied:
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(config.n_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names[f"{ours}attention.{proj}.weight"] = f"{theirs}self_attn.{proj}.weight"
+        if config.qk_norm != "none":
+            for norm in ("q_norm", "k_norm"):
+                names[f"{ours}attention.{norm}.weight"] = f"{theirs}self_attn.{norm}.weight"
+        names[f"{ours}attention_norm.weight"] = f"{theirs}{attention_norm}.weight"
+        names[f"{ours}mlp_norm.weight"] = f"{theirs}{mlp_norm}.weight"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names[f"{ours}mlp.{proj}.weight"] = f"{theirs}mlp.{proj}.weight"
+    return names
+
+
+def _shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter shapes, from a model built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = Transformer(config, seed=None)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a folder: JSON and safetensors headers
+
+
+def _read_json(path: Path, fix: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; {fix}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); {fix}") from None
+
+
+def _weight_files(directory: Path) -> tuple[dict[str, str], str]:
+    """{tensor name: file name} from model.safetensors or a sharded index, checking every shard exists."""
+    index_path, single = directory / "model.safetensors.index.json", directory / "model.safetensors"
+    if index_path.is_file():
+        index = _read_json(index_path, "re-download the checkpoint")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: key 'weight_map' is missing or empty; re-download the checkpoint")
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                key = next(name for name, file in weight_map.items() if file == shard)
+                raise CheckpointError(f"{directory / shard} is missing: {index_path.name} maps '{key}' (and "
+                                      f"{sum(f == shard for f in weight_map.values()) - 1} more tensors) to it; "
+                                      f"download that shard into {directory}")
+        return weight_map, f"{len(set(weight_map.values()))} shards"
+    if single.is_file():
+        try:
+            with safe_open(single, "pt") as file:
+                return {name: single.name for name in file.keys()}, "1 file"
+        except SafetensorError as error:
+            raise CheckpointError(f"{single} is not a readable safetensors file ({error}); re-download it") from None
+    pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    hint = (f" ({', '.join(pickles)} are pickle files, which we never load since they can run code; convert "
+            f"them to safetensors where you trust them)") if pickles else ""
+    raise CheckpointError(f"{directory} has neither model.safetensors nor model.safetensors.index.json{hint}; "
+                          f"save the model with save_pretrained(safe_serialization=True)")
+
+
+def _tensor_headers(directory: Path, files: dict[str, str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, dtype)} from the safetensors headers, without reading any tensor data."""
+    headers = {}
+    for file_name in sorted(set(files.values())):
+        try:
+            with safe_open(directory / file_name, "pt") as file:
+                present = set(file.keys())
+                for name in (n for n, f in files.items() if f == file_name):
+                    if name not in present:
+                        raise CheckpointError(f"{directory / file_name} lacks '{name}', which "
+                                              f"model.safetensors.index.json places there; re-download the shard")
+                    tensor_slice = file.get_slice(name)
+                    headers[name] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+        except SafetensorError as error:
+            raise CheckpointError(f"{directory / file_name} is not a readable safetensors file ({error}); "
+                                  f"re-download it") from None
+    return headers
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json -> ModelConfig
+
+
+@dataclass(frozen=True)
+class Rope:
+    """One layer type's RoPE in ModelConfig's terms."""
+    theta: float
+    scaling: str = "none"  # ModelConfig.rope_scaling, never "abf" (an ABF base is just a larger theta)
+    factor: float = 1.0
+    original_context: int | None = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_attention_factor: float | None = None
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
+
+    def same_scaling(self, other: Rope) -> bool:
+        return dataclasses.replace(self, theta=0.0) == dataclasses.replace(other, theta=0.0)
+
+    def text(self) -> str:
+        return f"theta {self.theta:g}" + ("" if self.scaling == "none" else f", {self.scaling} x{self.factor:g}")
+
+
+HF_ROPE_TYPES = {"default": "none", "linear": "pi", "yarn": "yarn", "llama3": "llama3"}
+
+
+def _rope_from_hf(params: dict, theta: float, where: str, max_positions: int) -> Rope:
+    """A transformers rope_parameters dict (one layer type) as a Rope; errors for what we cannot compute."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in HF_ROPE_TYPES:
+        raise CheckpointError(f"config.json: {where} has rope_type {rope_type!r}, which OlmPool does not implement; "
+                              f"supported: {', '.join(HF_ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"config.json: {where} has partial_rotary_factor {params['partial_rotary_factor']}; "
+                              f"OlmPool rotates the whole head (1.0)")
+    scaling = HF_ROPE_TYPES[rope_type]
+    if scaling == "none":
+        return Rope(theta)
+    original = int(params.get("original_max_position_embeddings") or max_positions)
+    factor = params.get("factor")
+    if factor is None and scaling == "yarn":  # as transformers: the ratio of the two contexts
+        factor = max_positions / original
+    if factor is None:
+        raise CheckpointError(f"config.json: {where} (rope_type {rope_type!r}) lacks key 'factor'; add it")
+    if scaling == "pi":
+        return Rope(theta, "pi", float(factor))
+    if scaling == "llama3":
+        missing = [key for key in ("low_freq_factor", "high_freq_factor") if key not in params]
+        if missing:
+            raise CheckpointError(f"config.json: {where} (rope_type 'llama3') lacks {', '.join(missing)}; "
+                                  f"Llama 3.1 uses 1.0 and 4.0")
+        return Rope(theta, "llama3", float(factor), original, llama3_low_freq_factor=float(params["low_freq_factor"]),
+                    llama3_high_freq_factor=float(params["high_freq_factor"]))
+    if params.get("truncate", True) is False:
+        raise CheckpointError(f"config.json: {where} has truncate false; OlmPool's YaRN always truncates "
+                              f"(floor/ceil) the correction range, as transformers does by default")
+    attention_factor = params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attention_factor is None and mscale and mscale_all_dim and factor > 1:  # DeepSeek's form, as transformers
+        attention_factor = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all_dim * math.log(factor) + 1)
+    return Rope(theta, "yarn", float(factor), original, float(params.get("beta_fast") or 32),
+                float(params.get("beta_slow") or 1), None if attention_factor is None else float(attention_factor))
+
+
+def _check_layer_types(layer_types, n_layers: int) -> None:
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers:
+        raise CheckpointError(f"config.json: layer_types must list one type per layer ({n_layers}), "
+                              f"got {layer_types!r}; fix it, or delete it and pass global_every")
+    unknown = sorted({t for t in layer_types if t not in (GLOBAL, LOCAL)})
+    if unknown:
+        raise CheckpointError(f"config.json: layer_types contains {', '.join(map(repr, unknown))}; "
+                              f"only '{GLOBAL}' and '{LOCAL}' are supported")
+
+
+def _layer_pattern(layer_types: list, n_layers: int) -> int:
+    """global_every for layer types with some sliding layer (0: all sliding); an error if irregular."""
+    is_global = [t == GLOBAL for t in layer_types]
+    if not any(is_global):
+        return 0
+    every = is_global.index(True) + 1
+    if is_global != [(i + 1) % every == 0 or i == n_layers - 1 for i in range(n_layers)]:
+        pattern = "".join("G" if g else "L" for g in is_global)
+        raise CheckpointError(
+            f"config.json: layer_types has global layers {[i for i, g in enumerate(is_global) if g]} "
+            f"(pattern {pattern}, G full_attention, L sliding_attention), which ModelConfig cannot express: it "
+            f"makes every global_every-th layer global and the last one too, or (global_every=0) none. Pass "
+            f"global_every (--global_every) to impose such a pattern, or window=0 to make every layer global")
+    return every
+
+
+@dataclass
+class Plan:
+    """What a Hugging Face folder holds, how it maps onto ModelConfig, and what was assumed."""
+    directory: Path
+    model_type: str
+    config: ModelConfig
+    names: dict[str, str]  # ours -> HF
+    files: dict[str, str]  # HF tensor name -> file
+    tied: bool
+    notes: list[str]
+    layout: str  # "1 file" | "N shards"
+    stored_dtype: str
+
+
+def inspect_hf(directory, rope_theta: float | None = None, window: int | None = None,
+               global_every: int | None = None, norm_placement: str | None = None,
+               attention_backend: str = "sdpa") -> Plan:
+    """Read config.json and the safetensors headers (no tensor data) and check them against each other."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a folder; give the folder holding config.json and the weights")
+    cfg = _read_json(directory / "config.json", "a Hugging Face checkpoint folder holds config.json beside its "
+                                                "*.safetensors; download it with the weights")
+    notes: list[str] = []
+    if "model_type" not in cfg:
+        hint = (" (this looks like an OlmPool checkpoint folder: export it with `hf_interop.py export`, or load it "
+                "with load_model)") if "n_layers" in cfg else ""
+        raise CheckpointError(f"{directory / 'config.json'}: key 'model_type' is missing{hint}; set it to one of "
+                              f"{', '.join(FAMILIES)}")
+    model_type = cfg["model_type"]
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"{directory / 'config.json'}: model_type {model_type!r} is not supported; supported: "
+                              f"{', '.join(FAMILIES)}. If it has one of their architectures, set model_type to it")
+    family = FAMILIES[model_type]
+    if family.custom:
+        notes.append(f"model_type '{model_type}' is an OlmPool custom class, read as: {family.custom}")
+    defaults = DEFAULTS[family.base]
+
+    def get(key, default_ok=True):
+        if key in cfg and cfg[key] is not None:
+            return cfg[key]
+        if not default_ok or key not in defaults:
+            raise CheckpointError(f"{directory / 'config.json'}: key '{key}' is missing; add it (see the "
+                                  f"{STOCK_CLASSES[family.base].replace('ForCausalLM', 'Config')} documentation)")
+        notes.append(f"config.json has no {key}: used transformers' default {defaults[key]}")
+        return defaults[key]
+
+    for key, bad in (("hidden_act", lambda v: v not in (None, "silu")), ("attention_bias", bool), ("mlp_bias", bool)):
+        if bad(cfg.get(key)):
+            raise CheckpointError(f"{directory / 'config.json'}: {key}={cfg[key]!r}, but OlmPool's blocks are SwiGLU "
+                                  f"(silu) without biases; this checkpoint cannot be imported")
+    n_layers, d_model, n_heads = (get(k, False) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads"))
+    head_dim = cfg.get("head_dim") or (get("head_dim") if "head_dim" in defaults else d_model // n_heads)
+    fields = dict(vocab_size=get("vocab_size", False), n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+                  n_kv_heads=cfg.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+                  mlp_hidden=get("intermediate_size", False), norm_eps=float(get("rms_norm_eps")),
+                  norm_placement=family.norm_placement, qk_norm=family.qk_norm, attention_backend=attention_backend)
+    max_positions = int(get("max_position_embeddings"))
+    fields["context_length"] = max_positions
+
+    # Sliding windows: (window, global_every) from sliding_window and layer_types, per the family's conventions.
+    stock = STOCK_CLASSES[family.base]
+    sliding_window, layer_types = cfg.get("sliding_window"), cfg.get("layer_types")
+    if family.base == "olmo3" and "sliding_window" not in cfg:
+        sliding_window = get("sliding_window")
+    if family.base == "qwen3":
+        if not cfg.get("use_sliding_window", False):
+            if sliding_window is not None and LOCAL in (layer_types or []):
+                notes.append("use_sliding_window is false: layers typed sliding_attention are global, "
+                             "as in transformers")
+            sliding_window, layer_types = None, None
+        elif layer_types is None:
+            first = cfg.get("max_window_layers", defaults["max_window_layers"])
+            layer_types = [LOCAL if i >= first else GLOBAL for i in range(n_layers)]
+    elif sliding_window is not None and family.base in ("llama", "olmo2") and not family.custom:
+        notes.append(f"config.json sets sliding_window {sliding_window}, which transformers' {stock} ignores; "
+                     f"applied here (window=0 drops it)")
+    assumed = "assumed 3 local : 1 global, last layer global (OLMo-core's pattern)"
+    if window is not None:
+        notes.append(f"window overridden: {window or 'none'} (config.json: {sliding_window or 'none'})")
+    if global_every is not None:
+        notes.append(f"global_every overridden: {global_every}")
+    if layer_types is not None:
+        _check_layer_types(layer_types, n_layers)
+    sliding = layer_types is not None and LOCAL in layer_types
+    if window == 0:
+        sliding_window = None
+    elif sliding:
+        if sliding_window is None and window is None:
+            raise CheckpointError(f"{directory / 'config.json'}: layer_types marks layers sliding_attention but "
+                                  f"sliding_window is null; pass window=W (--window W), or window=0 for no window")
+        sliding_window = window or sliding_window
+        every = global_every if global_every is not None else _layer_pattern(layer_types, n_layers)
+        fields.update(window=int(sliding_window), global_every=every)
+    elif window or (layer_types is None and sliding_window is not None):
+        sliding_window = window or sliding_window
+        if global_every is None:
+            reason = "layer_types missing" if layer_types is None else "no layer was sliding in config.json"
+            if family.base == "olmo3" and n_layers % 4 and layer_types is None:
+                assumed += "; transformers would make the last layer sliding"
+            notes.append(f"{reason}: {assumed}")
+        fields.update(window=int(sliding_window), global_every=4 if global_every is None else global_every)
+
+    # RoPE per layer type. A flat rope_theta that disagrees with rope_parameters wins (see the docstring).
+    flat_theta = cfg.get("rope_theta")
+    rope_parameters = cfg.get("rope_parameters")
+    nested = isinstance(rope_parameters, dict) and (GLOBAL in rope_parameters or LOCAL in rope_parameters)
+    if nested:
+        per_type = {t: dict(rope_parameters.get(t) or {}) for t in (GLOBAL, LOCAL)}
+        where = {t: f"rope_parameters.{t}" for t in (GLOBAL, LOCAL)}
+    else:
+        shared = dict(rope_parameters or {})
+        old = cfg.get("rope_scaling")
+        if old and not rope_parameters:
+            shared = dict(old)
+        per_type = {GLOBAL: shared, LOCAL: dict(shared)}
+        where = {t: "rope_scaling" if old and not rope_parameters else "rope_parameters" for t in (GLOBAL, LOCAL)}
+        if old and not rope_parameters and family.base == "olmo3":  # Olmo3Config puts rope_scaling on full layers
+            per_type[LOCAL] = {"rope_type": "default"}
+            notes.append("rope_scaling (old format) applied to full_attention layers only, as Olmo3Config does")
+    ropes = {}
+    for layer_type, params in per_type.items():
+        matters = layer_type == GLOBAL or "window" in fields  # sliding layers' RoPE matters only with windows
+        stored = params.get("rope_theta")
+        if rope_theta is not None:
+            theta = rope_theta
+        elif flat_theta is not None:
+            theta = flat_theta
+            if matters and stored is not None and float(stored) != float(flat_theta):
+                notes.append(f"config.json: flat rope_theta {flat_theta:g} disagrees with {where[layer_type]}."
+                             f"rope_theta {stored:g} (which transformers uses); used {flat_theta:g}")
+            elif matters and stored is None and family.base == "olmo3" and layer_type == LOCAL:
+                notes.append(f"flat rope_theta {flat_theta:g} applied to sliding layers too (transformers' "
+                             f"Olmo3Config would use {defaults['rope_theta']:g} there)")
+        else:
+            theta = stored if stored is not None else get("rope_theta")
+        ropes[layer_type] = _rope_from_hf(params, float(theta), where[layer_type], max_positions)
+    if rope_theta is not None:
+        notes.append(f"rope_theta overridden: {rope_theta:g} on every layer")
+    global_rope, local_rope = ropes[GLOBAL], ropes[LOCAL]
+    fields.update(rope_theta=global_rope.theta, rope_scaling=global_rope.scaling, rope_factor=global_rope.factor,
+                  yarn_beta_fast=global_rope.yarn_beta_fast, yarn_beta_slow=global_rope.yarn_beta_slow,
+                  yarn_attention_factor=global_rope.yarn_attention_factor,
+                  llama3_low_freq_factor=global_rope.llama3_low_freq_factor,
+                  llama3_high_freq_factor=global_rope.llama3_high_freq_factor)
+    original = global_rope.original_context
+    if fields.get("window"):  # the local layers' RoPE matters
+        if local_rope.theta != global_rope.theta:
+            fields["rope_theta_local"] = local_rope.theta
+        if local_rope.scaling != "none" and global_rope.scaling == "none":
+            raise CheckpointError(f"config.json: {where[LOCAL]} scales RoPE ({local_rope.text()}) but "
+                                  f"{where[GLOBAL]} does not; ModelConfig scales global layers, or all layers")
+        if local_rope.scaling != "none" and not local_rope.same_scaling(global_rope):
+            raise CheckpointError(f"config.json: {where[LOCAL]} ({local_rope.text()}) and {where[GLOBAL]} "
+                                  f"({global_rope.text()}) scale RoPE differently; ModelConfig applies one scaling "
+                                  f"to the global layers or to all layers")
+        fields["rope_scaling_layers"] = "all" if local_rope.scaling != "none" else "global"
+    elif global_rope.scaling != "none":
+        fields["rope_scaling_layers"] = "global" if nested else "all"  # every layer is global: the same model
+    if original is not None and original != max_positions:
+        fields["rope_original_context"] = original
+    if norm_placement is not None:
+        if norm_placement != family.norm_placement:
+            notes.append(f"norm_placement overridden: {norm_placement} (model_type '{model_type}' says "
+                         f"{family.norm_placement})")
+        fields["norm_placement"] = norm_placement
+    notes = list(dict.fromkeys(notes))  # each once, in order
+    try:
+        config = ModelConfig(**fields)
+    except ValueError as error:
+        raise CheckpointError(f"{directory / 'config.json'} does not make a valid model: {error}") from None
+
+    # The weights: which norm naming, tied embeddings, then every name and shape against the config.
+    files, layout = _weight_files(directory)
+    headers = _tensor_headers(directory, files)
+    if family.custom:
+        has_input = "model.layers.0.input_layernorm.weight" in headers
+        has_feedforward = "model.layers.0.post_feedforward_layernorm.weight" in headers
+        naming = "llama" if has_input else "olmo"
+        if has_input == has_feedforward:
+            raise CheckpointError(f"{directory}: the weights of model_type '{model_type}' name their block norms "
+                                  f"neither model.layers.0.input_layernorm/post_attention_layernorm (Llama) nor "
+                                  f"model.layers.0.post_attention_layernorm/post_feedforward_layernorm (Olmo) alone; "
+                                  f"cannot tell which norm is which")
+        first, second = NORM_NAMES[naming]
+        notes.append(f"weights use {naming.capitalize()} norm names: {first} for attention, {second} for the MLP")
+    else:
+        naming = "llama" if family.base in ("llama", "qwen3") else "olmo"
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    if tied:
+        ignored = " (the stored lm_head.weight is ignored, as transformers does)" if "lm_head.weight" in headers else ""
+        notes.append(f"tie_word_embeddings: lm_head copied from model.embed_tokens{ignored}")
+    names = hf_names(config, naming, tied)
+    _check_tensors(directory, cfg, config, names, files, headers, tied, notes)
+    stored = headers[names["embed.weight"]][1]
+    stored_dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(stored, stored)
+    return Plan(directory, model_type, config, names, files, tied, notes, layout, stored_dtype)
+
+
+# The config.json keys each of our tensors' shape depends on, to name them when they disagree.
+_SHAPE_KEYS = {"embed": "vocab_size, hidden_size", "lm_head": "vocab_size, hidden_size",
+               "q_proj": "num_attention_heads, head_dim", "o_proj": "num_attention_heads, head_dim",
+               "k_proj": "num_key_value_heads, head_dim", "v_proj": "num_key_value_heads, head_dim",
+               "q_norm": "the QK norm kind (model_type), head_dim", "k_norm": "the QK norm kind (model_type), head_dim",
+               "mlp.": "intermediate_size", "norm": "hidden_size"}
+
+
+def _check_tensors(directory, cfg, config, names, files, headers, tied, notes):
+    """Every expected tensor present with its shape; nothing unexpected. Errors name the file and the key."""
+    expected = _shapes(config)
+    where = lambda name: directory / files.get(name, "model.safetensors")  # noqa: E731
+    missing = [(ours, hf) for ours, hf in names.items() if hf not in headers]
+    if missing:
+        ours, hf = missing[0]
+        layers_present = {int(k.split(".")[2]) for k in headers if k.startswith("model.layers.")}
+        if ours.startswith("layers.") and int(ours.split(".")[1]) >= len(layers_present):
+            fix = (f"config.json says num_hidden_layers={config.n_layers} but the weights have "
+                   f"{len(layers_present)} layers; fix num_hidden_layers or find the missing weights")
+        elif hf == "lm_head.weight":
+            fix = "if the model ties its embeddings, set tie_word_embeddings true in config.json"
+        elif ".self_attn.q_norm" in hf or ".self_attn.k_norm" in hf:
+            fix = (f"model_type '{cfg['model_type']}' has {config.qk_norm} QK norm but the weights have none; "
+                   f"use a model_type without QK norm (llama, llama3_reordered)")
+        else:
+            fix = "the weights are incomplete or of another architecture; re-download them or fix model_type"
+        others = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{directory}: tensor '{hf}'{others} is missing from the weights; {fix}")
+    ignorable = {k for k in headers if k.endswith("rotary_emb.inv_freq") or (tied and k == "lm_head.weight")}
+    if any(k.endswith("rotary_emb.inv_freq") for k in ignorable):
+        notes.append("ignored stored rotary_emb.inv_freq buffers (recomputed from config.json)")
+    unexpected = sorted(set(headers) - set(names.values()) - ignorable)
+    if unexpected:
+        key = unexpected[0]
+        parts = key.split(".")
+        if key.startswith("model.layers.") and int(parts[2]) >= config.n_layers:
+            fix = (f"the weights have more layers than config.json's num_hidden_layers={config.n_layers}; "
+                   f"fix num_hidden_layers")
+        elif "q_norm" in key or "k_norm" in key:
+            fix = (f"the weights have QK norm but model_type '{cfg['model_type']}' has none; use a model_type with "
+                   f"QK norm (e.g. llama3_qknorm for pre norm, olmo2 for post norm)")
+        elif key.endswith(".bias"):
+            fix = "OlmPool's layers have no biases; this checkpoint cannot be imported"
+        else:
+            fix = "the weights are of another architecture than model_type says; fix model_type"
+        others = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{where(key)}: unexpected tensor '{key}'{others}; {fix}")
+    for ours, hf in names.items():
+        shape, want = headers[hf][0], expected[ours]
+        if shape != want:
+            part = next((p for p in ("q_norm", "k_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp.", "embed",
+                                     "lm_head") if p in ours), "norm")
+            raise CheckpointError(f"{where(hf)}: tensor '{hf}' has shape {list(shape)}, but config.json "
+                                  f"({_SHAPE_KEYS[part]}) implies {list(want)}; config.json and the weights disagree: "
+                                  f"fix config.json or use the weights it was written for")
+
+
+def _summary(plan: Plan, dtype: torch.dtype | None) -> str:
+    loaded = plan.stored_dtype if dtype is None else str(dtype).removeprefix("torch.")
+    header = (f"{plan.directory} (model_type '{plan.model_type}', {plan.layout}, stored {plan.stored_dtype}, "
+              f"loaded {loaded})")
+    notes = [f"  - {note}" for note in plan.notes] or ["  - none: everything read from config.json"]
+    return "\n".join([header, describe(plan.config), "assumptions and overrides:", *notes])
+
+
+def summary(directory, **overrides) -> str:
+    """The one-screen summary load_hf would return, without reading any tensor data."""
+    return _summary(inspect_hf(directory, **overrides), None)
+
+
+def load_hf(directory, rope_theta: float | None = None, window: int | None = None, global_every: int | None = None,
+            norm_placement: str | None = None, attention_backend: str = "sdpa",
+            dtype: torch.dtype | None = torch.float32) -> tuple[Transformer, str]:
+    """A Transformer from a local Hugging Face folder, and a summary of the architecture and every assumption.
+
+    Overrides (each reported in the summary): rope_theta for every layer; window W for the sliding
+    layers (0: no window); global_every, the pattern of global layers; norm_placement "pre" | "post".
+    dtype None keeps the stored dtype.
+    """
+    plan = inspect_hf(directory, rope_theta, window, global_every, norm_placement, attention_backend)
+    state = {}
+    by_file: dict[str, list[str]] = {}
+    for ours, hf in plan.names.items():
+        by_file.setdefault(plan.files[hf], []).append(ours)
+    for file_name, ours_names in by_file.items():
+        with safe_open(plan.directory / file_name, "pt") as file:
+            for ours in ours_names:
+                state[ours] = file.get_tensor(plan.names[ours])
+    if plan.tied:
+        state["lm_head.weight"] = state["embed.weight"].clone()
+    if dtype is not None:
+        state = {name: tensor.to(dtype) for name, tensor in state.items()}
+    with torch.device("meta"):
+        model = Transformer(plan.config, seed=None)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval(), _summary(plan, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Our checkpoint folder
+
+
+def save_checkpoint_weights(model: Transformer, directory) -> None:
+    """Write our checkpoint folder: config.json = asdict(ModelConfig), model.safetensors = state_dict()."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(model.config), indent=2) + "\n")
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def load_model(directory, attention_backend: str | None = None) -> Transformer:
+    """A Transformer from our checkpoint folder (see save_checkpoint_weights), in its stored dtype."""
+    directory = Path(directory)
+    cfg = _read_json(directory / "config.json", "an OlmPool checkpoint folder holds config.json (asdict(ModelConfig)) "
+                                                "and model.safetensors")
+    if "model_type" in cfg:
+        raise CheckpointError(f"{directory / 'config.json'} is a Hugging Face config (model_type "
+                              f"{cfg['model_type']!r}); import it with load_hf or `hf_interop.py import`")
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise CheckpointError(f"{directory / 'config.json'}: unknown ModelConfig field(s) {', '.join(unknown)}; "
+                              f"written by a newer olmpool.py? Update olmpool.py or remove the key")
+    if attention_backend is not None:
+        cfg["attention_backend"] = attention_backend
+    config = ModelConfig(**cfg)
+    path = directory / "model.safetensors"
+    if not path.is_file() and (directory / "dcp").is_dir():
+        raise CheckpointError(f"{directory} holds an FSDP checkpoint (dcp/), whose metadata is a pickle, which we "
+                              f"never load; where you trust it, load it (train.py's --init_from reads dcp/), write "
+                              f"model.safetensors with save_checkpoint_weights, and export that folder")
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; an OlmPool checkpoint folder holds it beside config.json")
+    state = {}
+    with safe_open(path, "pt") as file:
+        for name in file.keys():
+            state[name] = file.get_tensor(name)
+    with torch.device("meta"):
+        model = Transformer(config, seed=None)
+    expected = _shapes(config)
+    for problem, keys in (("missing", sorted(set(expected) - set(state))),
+                          ("unexpected", sorted(set(state) - set(expected)))):
+        if keys:
+            raise CheckpointError(f"{path}: {problem} tensor '{keys[0]}' ({len(keys)} in all); config.json and the "
+                                  f"weights disagree")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {list(tensor.shape)}, config.json implies "
+                                  f"{list(expected[name])}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: ModelConfig -> the stock class that computes the same function
+
+
+def _rope_to_hf(config: ModelConfig, is_global: bool) -> dict:
+    """One layer type's RoPE as transformers' rope_parameters; ABF becomes a larger rope_theta."""
+    theta = config.rope_theta if is_global or config.rope_theta_local is None else config.rope_theta_local
+    scaled = config.rope_scaling != "none" and (is_global or config.rope_scaling_layers == "all")
+    method = config.rope_scaling if scaled else "none"
+    if method == "abf":
+        theta, method = theta * config.rope_factor, "none"
+    params = {"rope_type": {v: k for k, v in HF_ROPE_TYPES.items()}[method], "rope_theta": float(theta)}
+    if method != "none":
+        params["factor"] = float(config.rope_factor)
+    if method in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = config.original_context
+    if method == "yarn":
+        params.update(beta_fast=float(config.yarn_beta_fast), beta_slow=float(config.yarn_beta_slow))
+        if config.yarn_attention_factor is not None:
+            params["attention_factor"] = float(config.yarn_attention_factor)
+    if method == "llama3":
+        params.update(low_freq_factor=float(config.llama3_low_freq_factor),
+                      high_freq_factor=float(config.llama3_high_freq_factor))
+    return params
+
+
+def stock_model_type(config: ModelConfig, model_type: str | None = None) -> str:
+    """The stock transformers model_type that computes this config's function; an error naming the nearest
+    option when none does. model_type asks for one ("olmo3" for a post-norm model without windows)."""
+    switches = (config.norm_placement, config.qk_norm)
+    windowed = config.window is not None
+    windows = f"window={config.window} on {sum(w is not None for w in config.layer_windows)} layers"
+    custom = {("pre", "layerwise"): "olmo3_preorder" if windowed else "llama3_qknorm",
+              ("post", "none"): "llama3_reordered", ("post", "headwise"): "olmo2_headwise_qknorm"}
+    if switches in custom:
+        raise CheckpointError(
+            f"no stock transformers class has {config.norm_placement} norm with "
+            f"{'no' if config.qk_norm == 'none' else config.qk_norm} QK norm (Llama: pre/none, Qwen3: pre/headwise, "
+            f"Olmo2/Olmo3: post/layerwise). The nearest is OlmPool's custom model_type '{custom[switches]}', which "
+            f"stock transformers cannot load; keep this model in OlmPool's format")
+    automatic = {("pre", "none"): "llama", ("pre", "headwise"): "qwen3",
+                 ("post", "layerwise"): "olmo3" if windowed else "olmo2"}[switches]
+    chosen = model_type or automatic
+    if chosen not in STOCK_CLASSES:
+        raise CheckpointError(f"model_type {chosen!r} is not a stock class we export; choose from "
+                              f"{', '.join(STOCK_CLASSES)}")
+    if FAMILIES[chosen].norm_placement != config.norm_placement or FAMILIES[chosen].qk_norm != config.qk_norm:
+        raise CheckpointError(f"{STOCK_CLASSES[chosen]} is {FAMILIES[chosen].norm_placement} norm with "
+                              f"{FAMILIES[chosen].qk_norm} QK norm; this model is {config.norm_placement} / "
+                              f"{config.qk_norm}: use {STOCK_CLASSES[automatic]}")
+    if windowed and chosen in ("llama", "olmo2"):
+        nearest = ("no stock class has pre norm, no QK norm and sliding windows; exporting with window=None "
+                   "would change every output beyond the window") if chosen == "llama" else "use Olmo3ForCausalLM"
+        raise CheckpointError(f"{STOCK_CLASSES[chosen]} has no sliding window ({windows}); {nearest}")
+    if windowed and chosen == "qwen3" and _rope_to_hf(config, True) != _rope_to_hf(config, False):
+        raise CheckpointError(
+            f"Qwen3ForCausalLM applies one RoPE to every layer, but this model's global layers use "
+            f"{_rope_to_hf(config, True)} and its sliding layers {_rope_to_hf(config, False)} "
+            f"(rope_theta_local, or scaling on global layers only). No stock class has pre norm, headwise QK norm "
+            f"and per-layer-type RoPE; the nearest is OlmPool's custom 'olmo3_preorder_headwise_qknorm'")
+    if chosen == "llama" and config.d_model % config.n_heads:
+        raise CheckpointError(f"LlamaConfig requires hidden_size ({config.d_model}) divisible by num_attention_heads "
+                              f"({config.n_heads}) even with an explicit head_dim; no stock class fits this shape")
+    return chosen
+
+
+def hf_config(config: ModelConfig, model_type: str, dtype: torch.dtype) -> dict:
+    """config.json for a stock class (see stock_model_type)."""
+    types = [GLOBAL if w is None else LOCAL for w in config.layer_windows]
+    out = {
+        "architectures": [STOCK_CLASSES[model_type]], "model_type": model_type,
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.mlp_hidden,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.context_length, "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0, "use_cache": True,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if model_type == "olmo3":
+        out["rope_parameters"] = {GLOBAL: _rope_to_hf(config, True), LOCAL: _rope_to_hf(config, False)}
+        # Olmo3Model builds the sliding mask even when no layer uses it, so it needs a value.
+        out.update(sliding_window=config.window or config.context_length, layer_types=types)
+    else:
+        out["rope_parameters"] = _rope_to_hf(config, True)
+    if model_type == "qwen3":
+        out.update(use_sliding_window=config.window is not None, sliding_window=config.window,
+                   max_window_layers=config.n_layers, layer_types=types)
+    if model_type == "llama":
+        out["mlp_bias"] = False
+    return out
+
+
+def _differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """Where two configs compute different functions (shapes, switches, windows, every layer's RoPE)."""
+    fields = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden",
+              "norm_placement", "qk_norm", "norm_eps")
+    found = [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in fields if getattr(a, f) != getattr(b, f)]
+    if a.layer_windows != b.layer_windows:
+        found.append(f"layer windows: {a.layer_windows} vs {b.layer_windows}")
+    has_local = any(w is not None for w in a.layer_windows)
+    for is_global in (True, False) if has_local else (True,):
+        (freq_a, scale_a), (freq_b, scale_b) = rope_frequencies(a, is_global), rope_frequencies(b, is_global)
+        if not torch.equal(freq_a, freq_b) or scale_a != scale_b:
+            found.append(f"RoPE of {'global' if is_global else 'local'} layers")
+    return found
+
+
+def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None,
+              model_type: str | None = None) -> str:
+    """Write config.json + model.safetensors that stock transformers loads as the matching class.
+
+    Takes a Transformer or our checkpoint folder; dtype None keeps the model's. Returns a summary.
+    Raises, naming the nearest option, when no stock class computes the same function.
+    """
+    model = model_or_checkpoint_dir
+    if not isinstance(model, Transformer):
+        model = load_model(model_or_checkpoint_dir)
+    config = model.config
+    chosen = stock_model_type(config, model_type)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} is not empty; export into a new or empty folder, so that no stale "
+                              f"shard or config is left beside the new ones")
+    dtype = dtype or next(model.parameters()).dtype
+    names = hf_names(config, "llama" if chosen in ("llama", "qwen3") else "olmo")
+    state = {names[name]: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in model.state_dict().items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(hf_config(config, chosen, dtype), indent=2) + "\n")
+    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    # Read back what we wrote with the importer: the same function, or the mapping above has a bug.
+    plan = inspect_hf(out_dir, attention_backend=config.attention_backend)
+    differences = _differences(config, plan.config)
+    if differences:
+        raise AssertionError(f"export of {chosen} does not round-trip: {'; '.join(differences)}")
+    return f"wrote {out_dir} as {STOCK_CLASSES[chosen]} ({str(dtype).removeprefix('torch.')})\n{describe(plan.config)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        "examples:\n  python hf_interop.py summary HF_DIR\n"
+        "  python hf_interop.py import HF_DIR --out CKPT_DIR --rope_theta 8000000\n"
+        "  python hf_interop.py export CKPT_DIR --out HF_DIR --dtype bfloat16"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def overrides(sub):
+        sub.add_argument("--rope_theta", type=float, help="RoPE base for every layer, overriding config.json "
+                                                          "(e.g. 8000000 for OlmPool's extended models)")
+        sub.add_argument("--window", type=int, help="sliding window W of the local layers; 0: no sliding window")
+        sub.add_argument("--global_every", type=int, help="every k-th layer (and the last) global; 0: none global")
+        sub.add_argument("--norm_placement", choices=("pre", "post"), help="block norm, overriding the model_type")
+
+    show = commands.add_parser("summary", help="print the architecture a Hugging Face folder loads as, and every "
+                                               "assumption; reads no tensor data")
+    show.add_argument("hf_dir")
+    overrides(show)
+    into = commands.add_parser("import", help="convert a Hugging Face folder into our checkpoint folder")
+    into.add_argument("hf_dir")
+    into.add_argument("--out", required=True, help="new folder for config.json (ModelConfig) + model.safetensors")
+    into.add_argument("--dtype", choices=DTYPES, help="convert the weights (default: keep the stored dtype)")
+    overrides(into)
+    out = commands.add_parser("export", help="convert our checkpoint folder into a stock Hugging Face class")
+    out.add_argument("checkpoint_dir")
+    out.add_argument("--out", required=True, help="new folder for config.json + model.safetensors")
+    out.add_argument("--dtype", choices=DTYPES, help="convert the weights (default: keep the stored dtype)")
+    out.add_argument("--model_type", choices=STOCK_CLASSES, help="the class to write (default: the one that matches; "
+                                                                  "olmo3 also fits post-norm models without windows)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            print(export_hf(args.checkpoint_dir, args.out, DTYPES.get(args.dtype), args.model_type))
+            return
+        kwargs = dict(rope_theta=args.rope_theta, window=args.window, global_every=args.global_every,
+                      norm_placement=args.norm_placement)
+        if args.command == "summary":
+            print(summary(args.hf_dir, **kwargs))
+            return
+        out_dir = Path(args.out)
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise CheckpointError(f"{out_dir} is not empty; import into a new or empty folder")
+        model, text = load_hf(args.hf_dir, dtype=DTYPES.get(args.dtype), **kwargs)
+        save_checkpoint_weights(model, out_dir)
+        print(f"{text}\nwrote {out_dir}")
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
