@@ -381,15 +381,18 @@ def windowed_sdpa(q, k, v, window: int, cached: int = 0):
     k = F.pad(k, (0, 0, window - 1 - cached, pad_end))
     v = F.pad(v, (0, 0, window - 1 - cached, pad_end))
     q = F.pad(q, (0, 0, 0, pad_end))
-    k_bands = k.unfold(2, band, C).permute(0, 2, 1, 4, 3)  # (B, chunks, H_kv, band, D)
-    v_bands = v.unfold(2, band, C).permute(0, 2, 1, 4, 3)
-    q_chunks = q.view(B, H, n_chunks, C, D).transpose(1, 2)  # (B, chunks, H, C, D)
+    H_kv = k.shape[1]
+    # Chunks join the batch dimension: 4-D inputs reach SDPA's fused kernels (5-D ones do not).
+    k_bands = k.unfold(2, band, C).permute(0, 2, 1, 4, 3).reshape(B * n_chunks, H_kv, band, D)
+    v_bands = v.unfold(2, band, C).permute(0, 2, 1, 4, 3).reshape(B * n_chunks, H_kv, band, D)
+    q_chunks = q.view(B, H, n_chunks, C, D).transpose(1, 2).reshape(B * n_chunks, H, C, D)
     chunk_start = torch.arange(n_chunks, device=q.device)[:, None, None] * C
     q_pos = chunk_start + torch.arange(C, device=q.device)[None, :, None]  # (chunks, C, 1)
     k_pos = chunk_start - (window - 1) + torch.arange(band, device=q.device)[None, None, :]  # (chunks, 1, band)
     mask = visible(q_pos, k_pos, window) & (k_pos >= -cached)  # (chunks, C, band)
-    out = F.scaled_dot_product_attention(q_chunks, k_bands, v_bands, attn_mask=mask[:, None], enable_gqa=True)
-    return out.transpose(1, 2).reshape(B, H, n_chunks * C, D)[:, :, :T]
+    mask = mask[None, :, None].expand(B, n_chunks, 1, C, band).reshape(B * n_chunks, 1, C, band)
+    out = F.scaled_dot_product_attention(q_chunks, k_bands, v_bands, attn_mask=mask, enable_gqa=True)
+    return out.view(B, n_chunks, H, C, D).transpose(1, 2).reshape(B, H, n_chunks * C, D)[:, :, :T]
 
 
 _flex_masks: dict = {}
@@ -556,6 +559,10 @@ class Transformer(nn.Module):
         With a cache, tokens continue the sequence already in it (positions start at cache.length)
         and the cache is extended. doc_ids (B, T) restricts attention to within each document.
         """
+        return self.lm_head(self.hidden_states(tokens, cache, doc_ids))
+
+    def hidden_states(self, tokens, cache=None, doc_ids=None):
+        """The final-normed states (B, T, d_model) the LM head reads: logits for chosen positions only."""
         B, T = tokens.shape
         start = 0 if cache is None else cache.length
         if cache is not None and doc_ids is not None:
@@ -566,7 +573,7 @@ class Transformer(nn.Module):
             x = block(x, positions, cache, doc_ids)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,8 +633,8 @@ def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache, chunk_size
     No step builds more than a (chunk_size x T) mask, so a 64K-token prompt fits in memory.
     """
     for start in range(0, tokens.shape[1], chunk_size):
-        logits = model(tokens[:, start:start + chunk_size], cache)
-    return logits[:, -1]
+        hidden = model.hidden_states(tokens[:, start:start + chunk_size], cache)
+    return model.lm_head(hidden[:, -1])  # only the last position: a chunk's logits can be gigabytes
 
 
 @torch.no_grad()
