@@ -18,9 +18,10 @@ requirement). Every number comes from this run; nothing is hard-coded.
 import argparse
 import json
 import multiprocessing as mp
-import resource
+import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -38,7 +39,7 @@ def hf_model_from(model: olmpool.Transformer):
 
     c = model.config
     hf_config = Olmo3Config(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.mlp_hidden,
+        vocab_size=c.vocab_size, eos_token_id=None, pad_token_id=None, hidden_size=c.d_model, intermediate_size=c.mlp_hidden,
         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
         head_dim=c.head_dim, rms_norm_eps=c.norm_eps, sliding_window=c.window, max_position_embeddings=65536,
         layer_types=["full_attention" if w is None else "sliding_attention" for w in c.layer_windows],
@@ -96,7 +97,8 @@ def compare_training(seq_len: int, batch: int, repeats: int) -> dict:
 
 
 def prefill_worker(implementation: str, seq_len: int, window: int, queue):
-    """Runs in a fresh process: builds one model, prefills once to warm up, then times one prefill."""
+    """Runs in a fresh process: builds one model, prefills a short prompt to warm up, then
+    measures one prefill of seq_len tokens: seconds and peak memory above the model's own."""
     torch.manual_seed(0)
     model = olmpool.Transformer(bench_config(window=window))
     tokens = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1))
@@ -111,12 +113,40 @@ def prefill_worker(implementation: str, seq_len: int, window: int, queue):
         def run():
             cache = olmpool.KVCache(model.config, 1, seq_len)
             return olmpool.prefill(model, tokens, cache, chunk_size=2048)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    last_logits = run()
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    queue.put(dict(seconds=seconds, peak_mib=(peak - baseline) / 1024, logits=last_logits.tolist()))
+    short = tokens
+    tokens = tokens[:, :256]
+    run()  # warm-up: first-call allocations and kernel selection stay out of the timing
+    tokens = short
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        last_logits = run()
+        seconds = time.perf_counter() - start
+    queue.put(dict(seconds=seconds, peak_mib=memory.peak_mib, logits=last_logits.tolist()))
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every millisecond by a thread
+    (torch releases the GIL inside its kernels, so the sampler keeps running)."""
+
+    def __enter__(self):
+        self.baseline, self.peak_mib, self.done = resident_mib(), 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.wait(0.001):
+            self.peak_mib = max(self.peak_mib, resident_mib() - self.baseline)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak_mib = max(self.peak_mib, resident_mib() - self.baseline)
 
 
 def measure_prefill(implementation: str, seq_len: int, window: int) -> dict:
