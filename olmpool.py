@@ -396,6 +396,7 @@ def windowed_sdpa(q, k, v, window: int, cached: int = 0):
 
 
 _flex_masks: dict = {}
+_flex_compiled = None
 
 
 def attention_flex(q, k, v, window, doc_ids=None):
@@ -419,6 +420,10 @@ def attention_flex(q, k, v, window, doc_ids=None):
         if key not in _flex_masks:
             _flex_masks[key] = create_block_mask(mask_mod, None, None, T, T, device=q.device)
         block_mask = _flex_masks[key]
+    if q.is_cuda:  # eager FlexAttention materializes every score; compiled, it skips masked blocks
+        global _flex_compiled
+        _flex_compiled = _flex_compiled or torch.compile(flex_attention, dynamic=False)
+        return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
