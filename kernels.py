@@ -1,0 +1,490 @@
+"""
+Sliding-window causal flash attention in Triton: forward, backward and GQA in one file.
+
+    from kernels import sliding_window_attention
+    out = sliding_window_attention(q, k, v, window=4096)   # q (B, H, T, D); k, v (B, H_kv, T, D)
+
+Semantics. Query i attends to the keys j with i - W < j <= i: W keys, itself included (FlashAttention's
+`causal=True, window_size=(W - 1, 0)`). window=None, or W >= T, is plain causal attention; W = 1 returns v.
+The softmax scale is 1/sqrt(D). H must be a multiple of H_kv: query head h reads kv head h // (H // H_kv),
+by indexing, never by copying K and V. The output has q's dtype; every sum runs in fp32.
+
+Layout. Inputs are made contiguous, so each (batch, head) is a dense (T, D) matrix. One program owns a
+block of BLOCK_M query rows (forward, dQ) or BLOCK_N key rows (dK/dV) of one head.
+
+What is skipped. The query block [m0, m0 + BLOCK_M) visits only the key blocks from
+max(m0 - W + 1, 0) rounded down to BLOCK_N up to min(m0 + BLOCK_M, T): at most
+ceil((W + BLOCK_M - 1) / BLOCK_N) + 1 blocks, so the work is O(T * W), not O(T^2). Blocks outside that
+range are never loaded. Of the visited blocks only the edge ones (window edge, diagonal, ragged tail past T)
+are masked; interior blocks, where every pair is visible, skip the mask. `_key_blocks` and `_query_blocks`
+hold these bounds; `visited_key_blocks` and `visited_query_blocks` evaluate the very same functions in
+Python, and `kernel_block_visits` counts what the kernels really visit, so the tests can pin the bound.
+
+Backward, deterministic and without atomics (the FlexAttention layout): a preprocess computes
+delta = rowsum(O * dO); one dK/dV program per (key block, kv head) loops over the query heads of its group;
+one dQ program per (query block, query head). That is 7 block matmuls against FlashAttention 2's 5.
+
+FLOPs, counting visible pairs only (what the benchmark reports):
+    forward = 4 * B * H * D * sum_i min(i + 1, W) = 4 * B * H * D * (T * W - W * (W - 1) / 2) for T >= W
+    backward = 2.5 * forward
+
+Runs on CUDA GPUs (autotuned block sizes) and on CPU tensors under the Triton interpreter
+(TRITON_INTERPRET=1 set before this module is imported; fixed 16 x 16 blocks; fp32 and fp16 only, since
+the interpreter's bf16 is broken). Head dim must be a power of two from 16 to 256 on both: tl.arange needs
+a power of two and 16-bit tl.dot on the GPU needs at least 16. Written for triton 3.7 (the CUDA torch wheel's
+pin) and 3.9 (tested here): plain pointer arithmetic, no block pointers (removed in 3.9).
+"""
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sliding_window_attention", "visited_key_blocks", "visited_query_blocks", "kernel_block_visits"]
+
+# @triton.jit reads TRITON_INTERPRET when it decorates, so reading it once here agrees with the kernels.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETER_BLOCK = 16  # the interpreter costs ~0.1 ms per loop iteration: small blocks keep tests quick
+_LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e)), and exp2 is cheaper
+
+
+# -----------------------------------------------------------------------------
+# Block-skipping bounds, shared by the kernels and by the Python visit counters below
+
+@triton.jit
+def _key_blocks(m0, T, W, BLOCK_M, BLOCK_N):
+    """Key blocks the query block [m0, m0 + BLOCK_M) visits: starts in [lo, hi), step BLOCK_N.
+    Blocks starting in [mid_lo, mid_hi) are interior: every (query, key) pair there is visible."""
+    lo = max(m0 - W + 1, 0) // BLOCK_N * BLOCK_N  # the oldest query's first key, rounded down to a block
+    hi = min(m0 + BLOCK_M, T)  # one past the newest query's last key (causal)
+    mid_lo = (max(m0 + BLOCK_M - W, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N  # newest query sees the first key
+    mid_hi = min(m0 + 1, T) // BLOCK_N * BLOCK_N  # oldest query sees the last key, and the block ends by T
+    mid_lo = min(mid_lo, hi)  # mid_lo >= lo and mid_hi <= hi always; these two keep lo <= mid_lo <= mid_hi <= hi
+    mid_hi = max(mid_hi, mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _query_blocks(n0, T, W, BLOCK_M, BLOCK_N):
+    """Query blocks that can see the key block [n0, n0 + BLOCK_N): starts in [lo, hi), step BLOCK_M.
+    Blocks starting in [mid_lo, mid_hi) are interior: every (query, key) pair there is visible."""
+    lo = n0 // BLOCK_M * BLOCK_M  # the block holding query n0, the first that sees key n0 (causal)
+    hi = min(n0 + BLOCK_N - 1 + W, T)  # one past the last query whose window still holds the last key
+    mid_lo = (n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # oldest query sees the last key
+    mid_hi = min(n0 + W, T) // BLOCK_M * BLOCK_M  # newest query sees the first key, and the block ends by T
+    mid_lo = min(mid_lo, hi)
+    mid_hi = max(mid_hi, mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _visible(q_idx, k_idx, T, W):
+    """True where query q_idx may attend to key k_idx (any broadcastable shapes)."""
+    return (k_idx <= q_idx) & (q_idx - k_idx < W) & (q_idx < T)
+
+
+@triton.jit
+def _load_rows(base, rows, T, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """Rows `rows` of a dense (T, HEAD_DIM) matrix; with MASKED, rows at or past T read as zeros."""
+    ptrs = base + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    if MASKED:
+        x = tl.load(ptrs, mask=rows[:, None] < T, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _load_vector(base, idx, T, MASKED: tl.constexpr):
+    """Entries `idx` of a length-T vector; with MASKED, entries at or past T read as zeros."""
+    if MASKED:
+        x = tl.load(base + idx, mask=idx < T, other=0.0)
+    else:
+        x = tl.load(base + idx)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# Forward
+
+@triton.jit
+def _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, hi, T, W, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Online softmax over the key blocks starting in [lo, hi). Scores are in log2 units."""
+    for n in range(lo, hi, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, offs_n, T, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
+        v = _load_rows(V, offs_n, T, HEAD_DIM, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, W), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # At the window's edge a row can see no key of this block yet: exp2(-inf - -inf) would be NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)  # rescales what was summed under the old running max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+        visits += 1
+    return acc, m_i, l_i, visits
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, VISITS, qk_scale, T, W, H, GROUP,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)  # batch * H + query head
+    batch, head = bh // H, bh % H
+    kv_bh = batch * (H // GROUP) + head // GROUP  # batch * H_kv + kv head: GQA by indexing, not copying
+    q_off = bh.to(tl.int64) * T * HEAD_DIM  # int64: B * H * T * D can pass 2^31
+    kv_off = kv_bh.to(tl.int64) * T * HEAD_DIM
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + q_off, offs_m, T, HEAD_DIM, True)  # (BLOCK_M, HEAD_DIM)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scores
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - running max)
+    visits = 0
+
+    # Window edge, interior (no mask), then diagonal and ragged tail.
+    lo, mid_lo, mid_hi, hi = _key_blocks(m0, T, W, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K + kv_off, V + kv_off, offs_m, lo, mid_lo,
+                                        T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K + kv_off, V + kv_off, offs_m, mid_lo, mid_hi,
+                                        T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, False)
+    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K + kv_off, V + kv_off, offs_m, mid_hi, hi,
+                                        T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+
+    # Every query row < T sees at least itself; only the rows past T (never stored) can end with l_i = 0.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    o_ptrs = O + q_off + offs_m[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=offs_m < T)  # log2 units
+    if COUNT_VISITS:
+        tl.store(VISITS + bh * tl.num_programs(0) + tl.program_id(0), visits)
+
+
+# -----------------------------------------------------------------------------
+# Backward: delta preprocess, dK/dV, dQ
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d O_id * dO_id, the row term of the softmax backward: dS = P * (dP - delta)."""
+    bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    off = bh.to(tl.int64) * T * HEAD_DIM
+    o = _load_rows(O + off, offs_m, T, HEAD_DIM, True).to(tl.float32)
+    do = _load_rows(DO + off, offs_m, T, HEAD_DIM, True).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, visits, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, W, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi) of one query head.
+    Works on transposed scores (keys along rows) so the results land in dK and dV's own layout."""
+    for m in range(lo, hi, BLOCK_M):
+        offs_m = m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q, offs_m, T, HEAD_DIM, MASKED)  # (BLOCK_M, HEAD_DIM)
+        do = _load_rows(DO, offs_m, T, HEAD_DIM, MASKED)
+        lse = _load_vector(LSE, offs_m, T, MASKED)
+        delta = _load_vector(DELTA, offs_m, T, MASKED)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse[None, :])  # the forward's probabilities, from its saved logsumexp
+        if MASKED:
+            p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], T, W), p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # dV = P^T dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # dK = dS^T Q (scale applied later)
+        visits += 1
+    return dk, dv, visits
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VISITS, qk_scale, sm_scale, T, W, H, GROUP,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    kv_bh = tl.program_id(1)  # batch * H_kv + kv head
+    H_KV = H // GROUP
+    batch = kv_bh // H_KV
+    kv_head = kv_bh % H_KV
+    kv_off = kv_bh.to(tl.int64) * T * HEAD_DIM
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(K + kv_off, offs_n, T, HEAD_DIM, True)  # (BLOCK_N, HEAD_DIM)
+    v = _load_rows(V + kv_off, offs_n, T, HEAD_DIM, True)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    visits = 0
+
+    lo, mid_lo, mid_hi, hi = _query_blocks(n0, T, W, BLOCK_M, BLOCK_N)
+    # The query heads sharing this kv head add into the same dK, dV: summed here, so no atomics are needed.
+    for head in range(kv_head * GROUP, (kv_head + 1) * GROUP):
+        bh = batch * H + head
+        q_off = bh.to(tl.int64) * T * HEAD_DIM
+        row_off = bh.to(tl.int64) * T
+        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, Q + q_off, DO + q_off, LSE + row_off, DELTA + row_off,
+                                      offs_n, lo, mid_lo, T, W, qk_scale, HEAD_DIM, BLOCK_M, DOT_PRECISION, True)
+        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, Q + q_off, DO + q_off, LSE + row_off, DELTA + row_off,
+                                      offs_n, mid_lo, mid_hi, T, W, qk_scale, HEAD_DIM, BLOCK_M, DOT_PRECISION,
+                                      False)
+        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, Q + q_off, DO + q_off, LSE + row_off, DELTA + row_off,
+                                      offs_n, mid_hi, hi, T, W, qk_scale, HEAD_DIM, BLOCK_M, DOT_PRECISION, True)
+
+    out_ptrs = kv_off + offs_n[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < T)
+    tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
+    if COUNT_VISITS:
+        tl.store(VISITS + kv_bh * tl.num_programs(0) + tl.program_id(0), visits)
+
+
+@triton.jit
+def _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, hi, T, W, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Accumulate dQ of one query block over the key blocks starting in [lo, hi)."""
+    for n in range(lo, hi, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, offs_n, T, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
+        v = _load_rows(V, offs_n, T, HEAD_DIM, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, W), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)  # dQ = dS K (scale applied later)
+        visits += 1
+    return dq, visits
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, VISITS, qk_scale, sm_scale, T, W, H, GROUP,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)  # batch * H + query head
+    batch, head = bh // H, bh % H
+    kv_bh = batch * (H // GROUP) + head // GROUP
+    q_off = bh.to(tl.int64) * T * HEAD_DIM
+    kv_off = kv_bh.to(tl.int64) * T * HEAD_DIM
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + q_off, offs_m, T, HEAD_DIM, True)
+    do = _load_rows(DO + q_off, offs_m, T, HEAD_DIM, True)
+    lse = _load_vector(LSE + bh.to(tl.int64) * T, offs_m, T, True)
+    delta = _load_vector(DELTA + bh.to(tl.int64) * T, offs_m, T, True)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    visits = 0
+
+    lo, mid_lo, mid_hi, hi = _key_blocks(m0, T, W, BLOCK_M, BLOCK_N)  # the forward's blocks
+    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K + kv_off, V + kv_off, offs_m, lo, mid_lo,
+                            T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K + kv_off, V + kv_off, offs_m, mid_lo, mid_hi,
+                            T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, False)
+    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K + kv_off, V + kv_off, offs_m, mid_hi, hi,
+                            T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+
+    dq_ptrs = DQ + q_off + offs_m[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
+    if COUNT_VISITS:
+        tl.store(VISITS + bh * tl.num_programs(0) + tl.program_id(0), visits)
+
+
+# -----------------------------------------------------------------------------
+# Launching: fixed blocks on the interpreter or when asked for, autotuned otherwise on a GPU
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Few on purpose: each is compiled and timed once per shape.
+# Small blocks waste less at the window's edge (useful work per visited block is about W / (W + BLOCK_M)).
+_GPU_CONFIGS = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+    "dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],  # BLOCK_N keys per program
+    "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],  # BLOCK_M queries per program
+}
+_GPU_DEFAULT_BLOCK = 64  # the other block size when only one of block_m, block_n is given
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+
+
+@functools.cache
+def _autotuned(name, max_tile):
+    """The kernel wrapped in triton.autotune over the configs whose BLOCK_M * BLOCK_N <= max_tile.
+    Built on first GPU use: autotune needs a driver."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in _GPU_CONFIGS[name] if bm * bn <= max_tile]
+    return triton.autotune(configs, key=["T", "W", "GROUP", "HEAD_DIM"])(_KERNELS[name])
+
+
+def _max_tile(dtype, head_dim):
+    # Exact fp32 products run on CUDA cores: big tiles take minutes to compile, so fp32 (a checking mode,
+    # not a fast one) gets the smallest. Head dim 256 fills shared memory beyond 64 x 64 tiles.
+    if dtype == torch.float32:
+        return 64 * 32
+    return 64 * 64 if head_dim > 128 else 128 * 128
+
+
+def _launch(name, T, batch_heads, block_m, block_n, max_tile, args, constexprs):
+    """Run kernel `name` on a grid (row blocks, batch_heads). The forward and dQ kernels tile the
+    queries (BLOCK_M rows per program); dK/dV tiles the keys (BLOCK_N rows)."""
+    tile = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
+    on_gpu = not _INTERPRET
+    if on_gpu and block_m is None and block_n is None:
+        grid = lambda meta: (triton.cdiv(T, meta[tile]), batch_heads)
+        _autotuned(name, max_tile)[grid](*args, **constexprs)
+        return
+    default = _GPU_DEFAULT_BLOCK if on_gpu else _INTERPRETER_BLOCK
+    blocks = {"BLOCK_M": block_m or default, "BLOCK_N": block_n or default}
+    launch_options = {"num_warps": 4 if blocks["BLOCK_M"] * blocks["BLOCK_N"] <= 64 * 64 else 8} if on_gpu else {}
+    grid = (triton.cdiv(T, blocks[tile]), batch_heads)
+    _KERNELS[name][grid](*args, **blocks, **constexprs, **launch_options)
+
+
+def _dot_precision(dtype):
+    # fp32 inputs ask for fp32 products: a GPU would otherwise use TF32, ~1e-3 relative error.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(q, k, v, W, block_m, block_n, visits=None):
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    sm_scale = 1.0 / math.sqrt(D)
+    args = (q, k, v, o, lse, visits, sm_scale * _LOG2E, T, W, H, group)
+    constexprs = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), COUNT_VISITS=visits is not None)
+    _launch("fwd", T, B * H, block_m, block_n, _max_tile(q.dtype, D), args, constexprs)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, W, block_m, block_n, visits_dkdv=None, visits_dq=None):
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    group = H // H_kv
+    sm_scale = 1.0 / math.sqrt(D)
+    delta = torch.empty_like(lse)
+    delta_block = block_m or (64 if not _INTERPRET else _INTERPRETER_BLOCK)
+    _attn_bwd_delta[(triton.cdiv(T, delta_block), B * H)](o, do, delta, T, HEAD_DIM=D, BLOCK_M=delta_block)
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    shared = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype))
+    _launch("dkdv", T, B * H_kv, block_m, block_n, _max_tile(q.dtype, D),
+            (q, k, v, do, lse, delta, dk, dv, visits_dkdv, sm_scale * _LOG2E, sm_scale, T, W, H, group),
+            dict(shared, COUNT_VISITS=visits_dkdv is not None))
+    _launch("dq", T, B * H, block_m, block_n, _max_tile(q.dtype, D),
+            (q, k, v, do, lse, delta, dq, visits_dq, sm_scale * _LOG2E, sm_scale, T, W, H, group),
+            dict(shared, COUNT_VISITS=visits_dq is not None))
+    return dq, dk, dv
+
+
+class _SlidingWindowAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, W, block_m, block_n):
+        o, lse = _forward(q, k, v, W, block_m, block_n)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.config = (W, block_m, block_n)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, *ctx.config)
+        return dq, dk, dv, None, None, None
+
+
+# -----------------------------------------------------------------------------
+# Public API
+
+def _check_block(name, value):
+    if value is not None and (value < 16 or value & (value - 1)):
+        raise ValueError(f"{name}={value} must be a power of two >= 16 (tl.dot needs 16 on the GPU)")
+
+
+def _check_inputs(q, k, v, window, block_m, block_n):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, seq_len, head_dim), got shape {tuple(x.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (B, H, T, D), (B_kv, H_kv, T_kv, D_kv) = q.shape, k.shape
+    if (B, T, D) != (B_kv, T_kv, D_kv):
+        raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)} must agree in batch, seq_len and head_dim")
+    if H_kv == 0 or H % H_kv:
+        divisors = [n for n in range(1, H + 1) if H % n == 0]
+        raise ValueError(f"k, v have {H_kv} heads, which does not divide q's {H} heads; use one of {divisors}")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head_dim={D} is not supported: use a power of two from 16 to 256")
+    if T < 1:
+        raise ValueError("seq_len must be at least 1")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q, k, v must share one dtype of float32, float16, bfloat16; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if not _INTERPRET and q.device.type != "cuda":
+        raise ValueError("sliding_window_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                         "kernels is imported to run on CPU")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window={window!r} must be None (causal) or an int >= 1 (keys seen, itself included)")
+    _check_block("block_m", block_m)
+    _check_block("block_n", block_n)
+
+
+def _effective_window(T, window):
+    """W >= T, or None, is causal: every window longer than the sequence behaves as W = T."""
+    return T if window is None else min(window, T)
+
+
+def sliding_window_attention(q, k, v, window: int | None = None, block_m: int | None = None,
+                             block_n: int | None = None) -> torch.Tensor:
+    """Causal attention where query i sees keys i - window < j <= i; differentiable.
+
+    q: (B, H, T, D); k, v: (B, H_kv, T, D) with H % H_kv == 0. Returns (B, H, T, D) in q's dtype.
+    block_m, block_n override the query and key block sizes (powers of two >= 16); by default they are
+    autotuned on a GPU (64 for the one not given when only one is) and 16 on the interpreter.
+    """
+    _check_inputs(q, k, v, window, block_m, block_n)
+    W = _effective_window(q.shape[2], window)
+    return _SlidingWindowAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), W, block_m, block_n)
+
+
+def visited_key_blocks(T: int, window: int | None, block_m: int, block_n: int) -> int:
+    """(query block, key block) pairs that the forward and dQ kernels visit for one head."""
+    W = _effective_window(T, window)
+    pairs = 0
+    for m0 in range(0, T, block_m):
+        lo, mid_lo, mid_hi, hi = _key_blocks.fn(m0, T, W, block_m, block_n)
+        pairs += sum(len(range(a, b, block_n)) for a, b in ((lo, mid_lo), (mid_lo, mid_hi), (mid_hi, hi)))
+    return pairs
+
+
+def visited_query_blocks(T: int, window: int | None, block_m: int, block_n: int) -> int:
+    """(key block, query block) pairs that the dK/dV kernel visits for one query head."""
+    W = _effective_window(T, window)
+    pairs = 0
+    for n0 in range(0, T, block_n):
+        lo, mid_lo, mid_hi, hi = _query_blocks.fn(n0, T, W, block_m, block_n)
+        pairs += sum(len(range(a, b, block_m)) for a, b in ((lo, mid_lo), (mid_lo, mid_hi), (mid_hi, hi)))
+    return pairs
+
+
+def kernel_block_visits(T: int, window: int | None, block_m: int, block_n: int, head_dim: int = 16,
+                        device: str = "cpu") -> dict:
+    """Run the three kernels once on random (1, 1, T, head_dim) inputs, each program counting the blocks
+    its loops really visit; returns the totals {"fwd", "dkdv", "dq"} to compare with the formulas above."""
+    q, k, v, do = torch.randn(4, 1, 1, T, head_dim, device=device)
+    W = _effective_window(T, window)
+    counts = {name: torch.full((triton.cdiv(T, block),), -1, dtype=torch.int32, device=device)
+              for name, block in (("fwd", block_m), ("dkdv", block_n), ("dq", block_m))}
+    o, lse = _forward(q, k, v, W, block_m, block_n, visits=counts["fwd"])
+    _backward(do, q, k, v, o, lse, W, block_m, block_n, visits_dkdv=counts["dkdv"], visits_dq=counts["dq"])
+    return {name: int(c.sum()) for name, c in counts.items()}
