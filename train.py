@@ -1,0 +1,948 @@
+"""Pretrain an OlmPool architecture: one CPU to many GPU nodes, exact and restartable.
+
+OlmPool's control is that every model saw the same tokens in the same order from the same initial
+weights, so that only the architecture differs. Here that holds by construction: the data order is
+a function of (data, seq_len, global batch, seed) alone (data.TokenLoader), the weights are drawn on
+the CPU from a seeded generator whatever the world size (olmpool.Transformer.init_weights), and a
+resumed run continues to the token with the saved optimizer, loader and RNG states.
+
+    python train.py                                             # tiny default on the built-in corpus, CPU, minutes
+    python train.py --qk_norm headwise --gqa 4                  # switches on top of the default preset
+    python train.py --preset G_pre_8kv_8k_14k --size 20m --data data/mine --steps 2000
+    torchrun --nproc_per_node 8 train.py --qk_norm headwise --gqa 4          # DDP over 8 GPUs
+    torchrun --nproc_per_node 8 train.py --size 7b --preset H_post_LQK_32kv_8k_11k_SWA --fsdp --compile \\
+        --activation_checkpointing --batch_tokens 4194304 --micro_batch 1 --lr 3e-4 --warmup 2000 \\
+        --steps 34000 --save_every 1000 --keep_checkpoints 0 --resume auto        # the OlmPool 7B recipe
+    # several nodes (the usual torchrun rendezvous; run the same line on every node):
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        --rdzv_id olmpool_j train.py --fsdp ... --out /shared/runs/j --resume auto
+    python train.py --resume auto ...                           # after preemption: the same command again
+
+Every ModelConfig field is a flag (`--help` lists them with olmpool.py's own comments); flags given
+explicitly override `--preset` at `--size`. The recipe is OlmPool's (OLMo-core's pretraining
+scripts, ../shared/reference/olmpool.md): AdamW betas (0.9, 0.95), weight decay 0.1 except on
+embeddings and 1-D parameters, z-loss 1e-5, gradient clipping at 1.0, warmup then cosine, loss
+normalized by the global number of target tokens. Sizes other than 7B use a larger learning rate
+(see LEARNING_RATES).
+
+Parallelism: one process, or under torchrun DDP by default (NCCL on GPU, gloo on CPU) or FSDP2 by
+`--fsdp` (fully_shard per block then the root; bf16 parameters with fp32 gradient reduction on
+GPU, fp32 on CPU). bf16 autocast on GPU, fp32 on CPU. `--compile` compiles each block;
+`--activation_checkpointing` recomputes each block's activations in the backward pass.
+
+Checkpoints (OUT/step_0001000/, written under a temporary name and renamed when complete):
+    config.json         dataclasses.asdict(ModelConfig): the architecture, rebuilt by ModelConfig(**json)
+    model.safetensors   olmpool.Transformer's state_dict, full fp32 tensors      (without --fsdp)
+    optimizer.pt        AdamW's state_dict, read with torch.load(weights_only=True) (without --fsdp)
+    dcp/                model and optimizer, sharded, via torch.distributed.checkpoint (with --fsdp)
+    train_state.json    step, tokens seen, loader position, the arguments, RNG states
+`--resume auto` continues from the newest complete checkpoint in --out (nothing there: a fresh
+start); `--init_from DIR` (or `hf:DIR`, through hf_interop.py) only takes a checkpoint's weights.
+SIGTERM finishes the step, saves a checkpoint and exits cleanly (give the scheduler's grace period
+room for one step and one save); a non-finite loss stops the run without saving. On a multi-node
+run --out must be on a filesystem every node sees. OUT/metrics.jsonl gets one line per step (loss,
+z_loss, lr, grad_norm, tokens_seen, tokens_per_s, mfu, peak_memory_gib, val_loss when measured); a
+resumed run appends, so steps after its checkpoint appear twice and the later line is the one that
+counts. On CPU, exact resume also needs the same thread count, which train_state.json records.
+
+Reused by extend.py: build_parser, model_config, setup_distributed, build_model, build_optimizer,
+lr_at, build_loaders, train_step, evaluate, save_checkpoint, load_checkpoint, check_architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import inspect
+import io
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import sys
+import time
+import tokenize
+import typing
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.utils.checkpoint
+
+import data
+import olmpool
+from olmpool import ModelConfig, Transformer
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_PRESET = "H_post_LQK_32kv_8k_11k_SWA"  # Olmo 3 7B's architecture, the OlmPool "H" family
+DEFAULT_SIZE = "tiny"  # trains on a laptop CPU in minutes
+# Peak learning rate by size. 7B: OlmPool's 3e-4. Smaller models tolerate, and need, larger steps
+# (the best rate falls roughly with width: GPT-3's table runs from 6e-4 at 125M to 1.2e-4 at 6.7B);
+# tiny's 3e-3 trains stably on the built-in corpus (loss 11.6 -> ~5.5 in the default 100 steps of
+# 512 tokens); the middle sizes are interpolations, still to be tuned.
+LEARNING_RATES = {"tiny": 3e-3, "20m": 1e-3, "150m": 6e-4, "1b": 4e-4, "7b": 3e-4}
+# Dense bf16 peak FLOP/s by GPU name (NVIDIA datasheets, SXM parts); anything else: --peak_flops.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Default global batch in sequences, by device: fixed, so that the data order never depends on the
+# world size (pass --batch_tokens to compare runs across devices).
+DEFAULT_SEQUENCES = {"cpu": 2, "cuda": 64}
+CHECKPOINT_PATTERN = re.compile(r"step_(\d+)$")
+
+
+class TrainError(ValueError):
+    """A problem with the user's run, flags or checkpoints; the message names it and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: every ModelConfig field is a flag, generated from the dataclass so they never drift
+
+
+def model_field_help() -> dict[str, str]:
+    """Each ModelConfig field's comment in olmpool.py, continuation lines included ({} if unreadable)."""
+    try:
+        source = inspect.getsource(ModelConfig)
+    except (OSError, TypeError):
+        return {}
+    names = {field.name for field in dataclasses.fields(ModelConfig)}
+    comments, field, last_row = {}, None, -1
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        row, column = token.start
+        starts_line = column == len(token.line) - len(token.line.lstrip())
+        if token.type == tokenize.NAME and starts_line:
+            # `name: type = default  # comment` declares a field; any other statement ends one.
+            field = token.string if token.string in names and token.line.split(":")[0].strip() == token.string else None
+            last_row = row
+        elif token.type == tokenize.COMMENT and field and row in (last_row, last_row + 1):
+            text = token.string.lstrip("#").strip()  # a comment on the field's line, or right below it
+            comments[field] = f"{comments[field]} {text}" if field in comments else text
+            last_row = row
+    return comments
+
+
+def parse_value(kind):
+    """A parser for one field's annotation: int, float, str, or `X | None` (the word "none")."""
+    options = typing.get_args(kind)
+    nullable = type(None) in options
+    base = next(o for o in options if o is not type(None)) if nullable else kind
+
+    def parse(text: str):
+        if nullable and text.lower() == "none":
+            return None
+        return base(text)
+
+    parse.__name__ = base.__name__ + (" or none" if nullable else "")  # argparse: "invalid int value"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group(
+        "model", f"the architecture: --preset at --size, then any field below (default {DEFAULT_PRESET} at "
+                 f"{DEFAULT_SIZE}; `python olmpool.py` lists the presets)")
+    model.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
+                       help="an OlmPool model (e.g. G_pre_8kv_8k_14k) or baseline (llama3_like, olmo3_like, qwen3_like)")
+    model.add_argument("--size", default=DEFAULT_SIZE, choices=list(olmpool.SIZES),
+                       help="the preset's switches at this size (default: %(default)s)")
+    model.add_argument("--gqa", type=int, metavar="N",
+                       help="grouped-query ratio n_heads / n_kv_heads: N query heads share each key/value head "
+                            "(mlp_hidden unchanged; OlmPool's presets widen it as kv heads shrink)")
+    model.add_argument("--swa", action="store_true",
+                       help="sliding-window attention at OlmPool's width (4096 at 7B, scaled like the preset: "
+                            "128 at tiny), 3 local : 1 global layers; --window W sets another width")
+    comments = model_field_help()
+    kinds = typing.get_type_hints(ModelConfig)
+    shown = olmpool.preset(DEFAULT_PRESET, DEFAULT_SIZE)
+    for field in dataclasses.fields(ModelConfig):
+        # olmpool names each string field's allowed values FIELD_NAMES (QK_NORMS, ...) or FIELD_NAME.
+        choices = getattr(olmpool, field.name.upper() + "S", None) or getattr(olmpool, field.name.upper(), None)
+        model.add_argument(f"--{field.name}", type=parse_value(kinds[field.name]), default=argparse.SUPPRESS,
+                           choices=choices if isinstance(choices, tuple) else None, metavar=field.name.upper(),
+                           help=f"{comments.get(field.name, '')} [default preset: {getattr(shown, field.name)!r}]")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--data", metavar="DIR", help="a folder made by `python data.py prepare` (default: the "
+                     "built-in corpus, prepared into data/builtin on first use)")
+    run.add_argument("--out", metavar="DIR", help="checkpoints and metrics.jsonl (default: runs/NAME)")
+    run.add_argument("--name", help="run name (default: from the preset, size and model flags)")
+    run.add_argument("--seed", type=int, default=0, help="weight init and data order (default: %(default)s)")
+    run.add_argument("--data_seed", type=int, help="data order only (default: --seed); keep it fixed across "
+                     "architectures so that they see the same tokens")
+    run.add_argument("--seq_len", type=int, help="tokens per sequence (default: the config's context_length)")
+    run.add_argument("--batch_tokens", type=int,
+                     help=f"global batch in tokens, a multiple of seq_len (default: {DEFAULT_SEQUENCES['cpu']} sequences "
+                          f"on CPU, so that `python train.py` takes minutes; {DEFAULT_SEQUENCES['cuda']} on GPU, which split "
+                          f"over up to 32 GPUs; OlmPool 7B: 4194304)")
+    run.add_argument("--micro_batch", type=int, default=2, help="sequences per device per forward pass; "
+                     "gradient accumulation makes up the rest of the global batch (default: %(default)s)")
+    run.add_argument("--steps", type=int, default=100, help="optimizer steps the schedule spans (default: %(default)s)")
+    run.add_argument("--stop_at", type=int, metavar="STEP", help="save and stop after this step, leaving the "
+                     "schedule as --steps plans it (for time-limited jobs)")
+    run.add_argument("--mask_documents", action="store_true", help="attend only within each document (doc_ids "
+                     "to the model; use --attention_backend flex at long seq_len)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="auto: the local GPU under torchrun, or cuda:0, else the CPU (default: %(default)s)")
+    run.add_argument("--threads", type=int, help="CPU threads per process (default: the cores not already busy, "
+                     "by the load average; a resumed run keeps its first run's number, so its sums match exactly)")
+    run.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
+    run.add_argument("--compile", action="store_true", help="torch.compile each block")
+    run.add_argument("--activation_checkpointing", action="store_true",
+                     help="recompute each block's activations in the backward pass: less memory, ~1/3 more compute")
+
+    recipe = parser.add_argument_group("optimizer and schedule (OlmPool's recipe)")
+    recipe.add_argument("--lr", type=float, help=f"peak learning rate (default by --size: {LEARNING_RATES})")
+    recipe.add_argument("--schedule", choices=("cosine", "linear", "wsd"), default="cosine",
+                        help="after warmup: cosine or linear decay to --min_lr_ratio, or wsd: constant, then a "
+                             "linear decay over the last --decay_fraction of the steps (default: %(default)s)")
+    recipe.add_argument("--warmup", type=int,
+                        help="linear warmup steps (default: OlmPool's 2000, or a tenth of --steps if fewer)")
+    recipe.add_argument("--min_lr_ratio", type=float, default=0.1, help="final lr / peak lr (default: %(default)s)")
+    recipe.add_argument("--decay_fraction", type=float, default=0.2,
+                        help="wsd: share of steps spent decaying (default: %(default)s)")
+    recipe.add_argument("--weight_decay", type=float, default=0.1,
+                        help="AdamW decay, not on embeddings and norms (default: %(default)s)")
+    recipe.add_argument("--beta1", type=float, default=0.9)
+    recipe.add_argument("--beta2", type=float, default=0.95)
+    recipe.add_argument("--eps", type=float, default=1e-8)
+    recipe.add_argument("--z_loss", type=float, default=1e-5, help="weight of logsumexp(logits)^2, which keeps the "
+                        "softmax normalizer near 1 (PaLM; default: %(default)s)")
+    recipe.add_argument("--grad_clip", type=float, default=1.0,
+                        help="clip the global gradient norm to this (default: %(default)s)")
+
+    checkpoints = parser.add_argument_group("checkpoints, evaluation and logging")
+    checkpoints.add_argument("--save_every", type=int, default=50,
+                             help="checkpoint every N steps (default: %(default)s; OlmPool: 1000)")
+    checkpoints.add_argument("--keep_checkpoints", type=int, default=3,
+                             help="keep the newest K, 0 keeps all (default: %(default)s)")
+    checkpoints.add_argument("--resume", metavar="auto|DIR",
+                             help="auto: the newest complete checkpoint in --out, if any; or a checkpoint folder")
+    checkpoints.add_argument("--init_from", metavar="DIR|hf:DIR",
+                             help="start from these weights (a checkpoint folder, or a Hugging Face folder via "
+                                  "hf_interop.py) with a fresh optimizer and step 0; a checkpoint found by --resume wins")
+    checkpoints.add_argument("--eval_every", type=int, default=50, help="validation loss every N steps and at the "
+                             "end; 0: never (default: %(default)s)")
+    checkpoints.add_argument("--eval_batches", type=int, default=4,
+                             help="global batches of the val split per evaluation (default: %(default)s)")
+    checkpoints.add_argument("--log_every", type=int, default=10,
+                             help="print a progress line every N steps (default: %(default)s)")
+    checkpoints.add_argument("--peak_flops", type=float, help="peak FLOP/s of one device for MFU (default: a table of "
+                             "GPUs; on CPU a matmul measured at start)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        model_config(args)  # fail now, with the flags' names, rather than after setting up
+    except (TrainError, ValueError) as error:
+        parser.error(str(error))
+    return args
+
+
+def model_config(args) -> ModelConfig:
+    """--preset at --size, then every model flag given explicitly, --swa and --gqa. A new --n_heads
+    keeps the preset's GQA ratio unless --gqa or --n_kv_heads says otherwise."""
+    fields = [field.name for field in dataclasses.fields(ModelConfig)]
+    overrides = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    base = olmpool.preset(args.preset, args.size)
+    if args.swa and "window" not in overrides:
+        overrides["window"] = 4096 // olmpool.SIZES[args.size]["shrink"]
+    n_heads = overrides.get("n_heads", base.n_heads)
+    if args.gqa is not None:
+        if "n_kv_heads" in overrides:
+            raise TrainError(f"--gqa {args.gqa} and --n_kv_heads {overrides['n_kv_heads']} both set the key/value "
+                             f"heads; give one of them")
+        valid = [n for n in range(1, n_heads + 1) if n_heads % n == 0]
+        if args.gqa not in valid:
+            raise TrainError(f"--gqa {args.gqa} does not divide n_heads={n_heads}; use one of {', '.join(map(str, valid))}")
+        overrides["n_kv_heads"] = n_heads // args.gqa
+    elif "n_heads" in overrides and "n_kv_heads" not in overrides:  # keep the preset's GQA ratio, a switch
+        overrides["n_kv_heads"] = max(1, n_heads // (base.n_heads // base.n_kv_heads))
+    return olmpool.preset(args.preset, args.size, **overrides)
+
+
+def run_name(args) -> str:
+    """preset-size plus each explicit model flag, so two ablations never share a folder by accident."""
+    parts = [args.preset, args.size]
+    parts += [f"gqa{args.gqa}"] if args.gqa is not None else []
+    parts += ["swa"] if args.swa else []
+    parts += [f"{field.name}={getattr(args, field.name)}" for field in dataclasses.fields(ModelConfig)
+              if hasattr(args, field.name)]
+    return "-".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous; plain python runs alone
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_distributed(device: str = "auto") -> Distributed:
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU), or run as one process."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise TrainError("--device cuda but torch sees no GPU; use --device cpu or auto")
+    if "RANK" not in os.environ:
+        return Distributed(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if use_cuda:
+        device_ = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device_)
+        dist.init_process_group("nccl", device_id=device_)
+    else:
+        device_ = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return Distributed(rank, local_rank, world_size, device_)
+
+
+def teardown_distributed(env: Distributed):
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: the same initial weights on any number of processes, then wrapped for parallelism
+
+
+def build_model(config: ModelConfig, args, env: Distributed) -> tuple[nn.Module, Transformer]:
+    """(the model to train, possibly wrapped; the olmpool.Transformer inside it).
+
+    Weights are drawn on the CPU by olmpool's seeded init before anything is sharded, so every
+    world size starts from identical weights. (At 7B each rank briefly holds a full fp32 copy on
+    the CPU, 30 GB; an init that fills DTensor shards directly would avoid it.)
+    """
+    model = Transformer(config, seed=args.seed)
+    if args.init_from:
+        load_initial_weights(model, args.init_from, config)
+    model.to(env.device)
+    # Order as in torchtitan: activation checkpointing, then compile, then sharding, all per block.
+    for block in model.layers:
+        if args.activation_checkpointing:
+            checkpoint_activations(block)
+        if args.compile:
+            block.compile()  # in place: parameter names, and so checkpoints, are unchanged
+    if args.fsdp:
+        if not dist.is_initialized():
+            raise TrainError("--fsdp needs a process group: launch with torchrun, e.g. "
+                             "`torchrun --nproc_per_node 1 train.py --fsdp ...`")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        if env.device.type == "cuda":  # bf16 compute and all-gathers, fp32 gradient reduction (torchtitan)
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:  # CPU: fp32 throughout
+            policy = MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm, LM head
+        return model, model
+    if env.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids), model
+    return model, model
+
+
+def checkpoint_activations(block: nn.Module):
+    """Recompute the block in backward instead of storing its activations; parameter names unchanged."""
+    forward = block.forward
+
+    def recomputing_forward(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = recomputing_forward
+
+
+def autocast(env: Distributed, args):
+    """bf16 autocast on GPU; under FSDP the MixedPrecisionPolicy casts instead. fp32 on CPU."""
+    if env.device.type == "cuda" and not args.fsdp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def build_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: none on embeddings (OLMo 2) and 1-D norm gains."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or name.endswith("embed.weight") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused: one kernel for all parameters, on GPU and CPU alike (4x the default on CPU).
+    return torch.optim.AdamW(groups, lr=peak_lr(args), betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
+
+
+def peak_lr(args) -> float:
+    return args.lr if args.lr is not None else LEARNING_RATES[args.size]
+
+
+def warmup_steps(args) -> int:
+    return args.warmup if args.warmup is not None else min(2000, max(1, args.steps // 10))
+
+
+def lr_at(step: int, args) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then args.schedule."""
+    lr, warmup, steps = peak_lr(args), warmup_steps(args), args.steps
+    lr_min = lr * args.min_lr_ratio
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if args.schedule == "wsd":  # warmup-stable-decay: decay only over the final stretch
+        decay_steps = max(1, round(args.decay_fraction * steps))
+        progress = max(0.0, (step - (steps - decay_steps)) / decay_steps)
+        return lr - (lr - lr_min) * min(progress, 1.0)
+    progress = min((step - warmup) / max(1, steps - warmup), 1.0)
+    if args.schedule == "linear":
+        return lr - (lr - lr_min) * progress
+    return lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the same global batches whatever the world size or architecture
+
+
+@dataclass
+class BatchPlan:
+    seq_len: int
+    sequences: int  # per global batch
+    micro_batch: int
+    accumulation: int  # micro-batches per device per step
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.seq_len
+
+
+def batch_plan(args, config: ModelConfig, world_size: int, device_type: str = "cpu") -> BatchPlan:
+    seq_len = args.seq_len or config.context_length
+    batch_tokens = args.batch_tokens or DEFAULT_SEQUENCES[device_type] * seq_len
+    if batch_tokens % seq_len:
+        raise TrainError(f"--batch_tokens {batch_tokens} is not a whole number of sequences of seq_len={seq_len}; "
+                         f"use a multiple of {seq_len}, e.g. {max(1, round(batch_tokens / seq_len)) * seq_len}")
+    sequences = batch_tokens // seq_len
+    per_step = world_size * args.micro_batch
+    if sequences % per_step:
+        raise TrainError(f"a global batch of {sequences} sequences ({batch_tokens} tokens / seq_len {seq_len}) does "
+                         f"not split into {world_size} processes x --micro_batch {args.micro_batch}; use --batch_tokens "
+                         f"a multiple of {per_step * seq_len}, or a --micro_batch that divides {sequences // world_size}"
+                         if sequences % world_size == 0 else
+                         f"a global batch of {sequences} sequences does not split over {world_size} processes; use "
+                         f"--batch_tokens a multiple of {per_step * seq_len}")
+    return BatchPlan(seq_len, sequences, args.micro_batch, sequences // per_step)
+
+
+def data_dir(args, env: Distributed) -> Path:
+    if args.data:
+        return Path(args.data)
+    if env.is_main:  # one process tokenizes; the others find it ready after the barrier
+        data.prepare_builtin_corpus()
+    env.barrier()
+    return data.prepare_builtin_corpus(progress=False)
+
+
+def build_loaders(args, plan: BatchPlan, env: Distributed, folder: Path):
+    """(train loader, val loader or None). The global batch, not the per-rank one, fixes the order."""
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    common = dict(seq_len=plan.seq_len, global_batch_size=plan.sequences, rank=env.rank, world_size=env.world_size,
+                  seed=seed, mask_documents=args.mask_documents)
+    train_loader = data.TokenLoader(folder, "train", **common)
+    val_loader = None
+    if args.eval_every:
+        try:
+            val_loader = data.TokenLoader(folder, "val", **common)
+        except data.DataError as error:
+            log(env, f"warning: no validation loss: {error}")
+    return train_loader, val_loader
+
+
+def micro_batches(batch: data.Batch, plan: BatchPlan, device) -> list[data.Batch]:
+    """This rank's rows of the global batch, in micro-batches of plan.micro_batch."""
+    size = plan.micro_batch
+    return [data.Batch(batch.inputs[i:i + size], batch.targets[i:i + size],
+                       None if batch.doc_ids is None else batch.doc_ids[i:i + size]).to(device)
+            for i in range(0, batch.inputs.shape[0], size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss and one optimizer step
+
+
+def loss_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and summed logsumexp^2 (the z-loss) over targets (B, T), in fp32.
+
+    One logsumexp serves both: cross-entropy = logsumexp(logits) - logits[target].
+    """
+    logits = logits.float()  # (B, T, V)
+    normalizer = torch.logsumexp(logits, dim=-1)  # (B, T)
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (normalizer - target_logits).sum(), normalizer.pow(2).sum()
+
+
+def forward(model, batch: data.Batch):
+    return model(batch.inputs, doc_ids=batch.doc_ids)
+
+
+def train_step(model, optimizer, batches: list[data.Batch], plan: BatchPlan, args, env: Distributed,
+               lr: float, stop_requested: bool) -> dict:
+    """Forward and backward over this rank's micro-batches; clip; step unless the loss is not finite.
+
+    The objective is (sum of cross-entropy + z_loss * sum of logsumexp^2) / (targets in the global
+    batch): every target counts once, however the batch is split (the loader never pads). DDP and
+    FSDP average gradients over ranks, so each rank's part is scaled up by the world size.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    global_targets = plan.tokens
+    scale = env.world_size / global_targets
+    ce_sum = torch.zeros((), device=env.device, dtype=torch.float64)
+    z_sum = torch.zeros((), device=env.device, dtype=torch.float64)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        # DDP: reduce gradients once, after the last micro-batch. FSDP reduces each one, which keeps
+        # gradients sharded between micro-batches (memory is why one uses FSDP).
+        sync = model.no_sync() if (not last and isinstance(model, nn.parallel.DistributedDataParallel)) \
+            else contextlib.nullcontext()
+        with sync:
+            with autocast(env, args):
+                logits = forward(model, batch)
+            ce, z = loss_sums(logits, batch.targets)
+            ((ce + args.z_loss * z) * scale).backward()
+        ce_sum += ce.detach().double()
+        z_sum += z.detach().double()
+    # One all-reduce carries the losses and whether any rank received SIGTERM.
+    totals = torch.stack([ce_sum, z_sum, torch.tensor(float(stop_requested), device=env.device, dtype=torch.float64)])
+    if env.world_size > 1:
+        dist.all_reduce(totals)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    loss, z_loss = (totals[0] / global_targets).item(), (totals[1] / global_targets).item()
+    grad_norm = grad_norm.item()
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:  # a non-finite step is never applied, so the weights stay those of the last good step
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "z_loss": z_loss, "grad_norm": grad_norm, "finite": finite, "stop": totals[2].item() > 0}
+
+
+@torch.no_grad()
+def evaluate(model, loader: data.TokenLoader, plan: BatchPlan, args, env: Distributed) -> float:
+    """Mean cross-entropy over the first --eval_batches global batches of the val split."""
+    model.eval()
+    ce_sum, targets = torch.zeros((), device=env.device, dtype=torch.float64), 0
+    for batch in loader.validation_batches(args.eval_batches):
+        for micro in micro_batches(batch, plan, env.device):
+            with autocast(env, args):
+                logits = forward(model, micro)
+            ce_sum += loss_sums(logits, micro.targets)[0].double()
+        targets += plan.tokens
+    if env.world_size > 1:
+        dist.all_reduce(ce_sum)
+    model.train()
+    return (ce_sum / targets).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Throughput: tokens/s, MFU, memory
+
+
+@functools.cache
+def cpu_matmul_flops() -> float:
+    """FLOP/s of an fp32 1024^3 matmul on this CPU: the best of a few, as MFU's denominator on CPU."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 1024**3 / (time.perf_counter() - start))
+    return best
+
+
+def peak_flops(args, env: Distributed) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, where the number came from)."""
+    if args.peak_flops:
+        return args.peak_flops, "--peak_flops"
+    if env.device.type == "cuda":
+        name = torch.cuda.get_device_name(env.device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value, f"{name} bf16 datasheet"
+        return None, f"unknown GPU {name}: pass --peak_flops for MFU"
+    value = cpu_matmul_flops()
+    return value, f"measured fp32 matmul, {value / 1e9:.0f} GFLOP/s"
+
+
+def peak_memory_gib(env: Distributed) -> float:
+    if env.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(env.device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+
+
+def log(env: Distributed, message: str):
+    if env.is_main:
+        print(message, flush=True)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def train(args) -> dict:
+    """Train as args say; returns {"losses": {step: loss}, "val_losses": {step: loss}, "checkpoint": path}."""
+    env = setup_distributed(args.device)
+    stop = {"requested": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
+    previous_threads = torch.get_num_threads()
+    try:
+        return _train(args, env, stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        torch.set_num_threads(previous_threads)
+        teardown_distributed(env)
+
+
+def cpu_threads(args, resume_dir: Path | None) -> int:
+    """Threads for CPU math. On a shared machine, OpenMP threads beyond the idle cores spin at every
+    barrier: with one core busy elsewhere, 2 threads ran the tiny model 3x slower than 1 here. The
+    count changes the order of float sums, so a resumed run reuses the count it started with."""
+    if args.threads:
+        return args.threads
+    if resume_dir and "threads" in (saved := json.loads((resume_dir / "train_state.json").read_text())):
+        return saved["threads"]
+    if "OMP_NUM_THREADS" in os.environ:  # set by the user, or by torchrun (1)
+        return torch.get_num_threads()
+    cores = torch.get_num_threads()  # torch's default: the physical cores
+    return max(1, min(cores, cores - round(os.getloadavg()[0])))
+
+
+def _train(args, env: Distributed, stop: dict) -> dict:
+    config = model_config(args)
+    plan = batch_plan(args, config, env.world_size, env.device.type)
+    out = Path(args.out or REPO_DIR / "runs" / (args.name or run_name(args)))
+    resume_dir = find_resume(args, out)
+    if env.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(args, resume_dir))
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls left outside bf16
+
+    model, inner = build_model(config, args, env)
+    optimizer = build_optimizer(model, args)
+    folder = data_dir(args, env)
+    train_loader, val_loader = build_loaders(args, plan, env, folder)
+    step, tokens_seen = 0, 0
+    if resume_dir:
+        step, tokens_seen = load_checkpoint(resume_dir, model, inner, optimizer, train_loader, args, env)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    meter = Meter(out, config, plan, args, env)
+    log(env, olmpool.describe(config))
+    log(env, f"data {folder}: {train_loader.n_tokens:,} train tokens, {train_loader.steps_per_epoch} steps per epoch")
+    features = [f"{torch.get_num_threads()} thread(s)" if env.device.type == "cpu" else "",
+                "FSDP" if args.fsdp else "DDP" if env.world_size > 1 else "", "compiled" if args.compile else "",
+                "activation checkpointing" if args.activation_checkpointing else ""]
+    log(env, f"batch: {plan.sequences} sequences of {plan.seq_len} = {plan.tokens:,} tokens per step = {env.world_size} "
+             f"process(es) x micro-batch {plan.micro_batch} x {plan.accumulation} accumulation; device {env.device}"
+             + "".join(f", {feature}" for feature in features if feature))
+    log(env, f"{args.steps} steps, lr {peak_lr(args):g} ({args.schedule}, {warmup_steps(args)} warmup), "
+             f"{meter.flops / 1e9:.3f} GFLOP/token, MFU vs {meter.peak_source}; out {out}"
+             + (f"; resumed from {resume_dir} at step {step}" if resume_dir else ""))
+
+    losses, val_losses, last_saved = {}, {}, resume_dir
+    last_step = min(args.steps, args.stop_at if args.stop_at is not None else args.steps)
+    start_time, first_step = time.perf_counter(), step + 1
+    stopping = False  # agreed by every rank through train_step's all-reduce, so all stop at one step
+    try:
+        while step < last_step and not stopping:
+            step_start = time.perf_counter()
+            lr = lr_at(step, args)
+            batches = micro_batches(train_loader.next_batch(), plan, env.device)
+            result = train_step(model, optimizer, batches, plan, args, env, lr, stop["requested"])
+            if not result["finite"]:
+                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+                raise TrainError(f"non-finite loss at step {step + 1} (loss {result['loss']}, grad norm "
+                                 f"{result['grad_norm']}); stopped without saving, {kept}. Lower --lr (now "
+                                 f"{lr:g} at this step) or lengthen --warmup, then --resume auto")
+            step += 1
+            tokens_seen += plan.tokens
+            stopping = result["stop"]
+            losses[step] = result["loss"]
+            record = meter.record(step, lr, result, tokens_seen, time.perf_counter() - step_start)
+            if val_loader is not None and (step % args.eval_every == 0 or step == last_step):
+                record["val_loss"] = val_losses[step] = evaluate(model, val_loader, plan, args, env)
+            meter.write(record, show=step % args.log_every == 0 or step in (first_step, last_step)
+                        or "val_loss" in record, steps_left=last_step - step)
+            if step % args.save_every == 0 or step == last_step or stopping:
+                last_saved = save_checkpoint(out, step, tokens_seen, model, inner, optimizer, train_loader, args, env)
+    finally:
+        meter.close()
+    if step >= last_step and not losses:
+        log(env, f"nothing to do: {resume_dir} is at step {step}, and this run stops at step {last_step}")
+    if stopping:
+        log(env, f"SIGTERM: saved {last_saved} at step {step}; continue with the same command and --resume auto")
+    if losses:
+        recent = [losses[s] for s in sorted(losses)[-10:]]
+        log(env, f"done: loss {losses[first_step]:.4f} at step {first_step} -> {losses[step]:.4f} at step {step} "
+                 f"(mean of the last {len(recent)}: {sum(recent) / len(recent):.4f}), "
+                 f"{time.perf_counter() - start_time:.0f}s; checkpoint {last_saved}")
+    return {"losses": losses, "val_losses": val_losses, "checkpoint": last_saved, "step": step, "out": out}
+
+
+class Meter:
+    """Per step: tokens/s, window-aware MFU, peak memory, ETA. Rank 0 appends a JSON line to
+    OUT/metrics.jsonl every step and prints a progress line when asked."""
+
+    def __init__(self, out: Path, config: ModelConfig, plan: BatchPlan, args, env: Distributed):
+        self.plan, self.env, self.steps = plan, env, args.steps
+        self.flops = olmpool.flops_per_token(config, plan.seq_len)  # counts only the keys a window lets in
+        self.peak, self.peak_source = peak_flops(args, env)
+        self.file = open(out / "metrics.jsonl", "a") if env.is_main else None
+        self.timed_from = None  # (time, step) at the end of the first step, which pays for warm-up and compiling
+
+    def record(self, step: int, lr: float, result: dict, tokens_seen: int, seconds: float) -> dict:
+        if self.timed_from is None:
+            self.timed_from = (time.perf_counter(), step)
+        tokens_per_s = self.plan.tokens / seconds
+        mfu = self.flops * tokens_per_s / (self.peak * self.env.world_size) if self.peak else None
+        return {"step": step, "loss": result["loss"], "z_loss": result["z_loss"], "lr": lr,
+                "grad_norm": result["grad_norm"], "tokens_seen": tokens_seen, "tokens_per_s": tokens_per_s,
+                "mfu": mfu, "peak_memory_gib": peak_memory_gib(self.env), "step_time_s": seconds}
+
+    def write(self, record: dict, show: bool, steps_left: int):
+        if not self.file:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if show:
+            timed_steps = record["step"] - self.timed_from[1]
+            eta = duration((time.perf_counter() - self.timed_from[0]) / timed_steps * steps_left) if timed_steps else "?"
+            mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+            val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            print(f"step {record['step']}/{self.steps} | loss {record['loss']:.4f}{val} | lr {record['lr']:.2e} | grad norm "
+                  f"{record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {mfu} | mem "
+                  f"{record['peak_memory_gib']:.2f} GiB | ETA {eta}", flush=True)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoints_in(out: Path) -> list[Path]:
+    """Complete checkpoints in out, oldest first: step_N folders whose train_state.json was written."""
+    found = [(int(m.group(1)), p) for p in out.glob("step_*") if (m := CHECKPOINT_PATTERN.match(p.name))
+             and (p / "train_state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume(args, out: Path) -> Path | None:
+    if args.resume is None:
+        existing = checkpoints_in(out) if out.is_dir() else []
+        if existing:
+            raise TrainError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue that run with "
+                             f"--resume auto, or start another with a different --out or --name")
+        return None
+    if args.resume == "auto":
+        existing = checkpoints_in(out) if out.is_dir() else []
+        return existing[-1] if existing else None
+    path = Path(args.resume)
+    if not (path / "train_state.json").is_file():
+        raise TrainError(f"--resume {path}: no {path / 'train_state.json'}, so not a complete checkpoint; "
+                         f"pass a step_N folder, or --resume auto")
+    return path
+
+
+def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transformer, optimizer,
+                    loader: data.TokenLoader, args, env: Distributed) -> Path:
+    """Write OUT/step_N atomically: everything goes into a temporary folder, renamed when complete."""
+    final = out / f"step_{step:07d}"
+    temporary = out / f".tmp_step_{step:07d}"
+    if env.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed mid-save
+        temporary.mkdir(parents=True)
+    env.barrier()
+    if args.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary / "dcp")
+    elif env.is_main:
+        from safetensors.torch import save_file
+
+        save_file({name: t.detach().cpu().contiguous() for name, t in inner.state_dict().items()},
+                  temporary / "model.safetensors", metadata={"format": "pt"})
+        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+    if env.is_main:
+        (temporary / "config.json").write_text(json.dumps(dataclasses.asdict(inner.config), indent=2) + "\n")
+        state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "fsdp": args.fsdp,
+                 "world_size": env.world_size, "threads": torch.get_num_threads(),
+                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                 "rng": rng_state(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (temporary / "train_state.json").write_text(json.dumps(state) + "\n")  # last: marks the folder complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        if args.keep_checkpoints > 0:
+            for old in checkpoints_in(out)[:-args.keep_checkpoints]:
+                shutil.rmtree(old)
+    env.barrier()
+    return final
+
+
+def check_architecture(path: Path, config: ModelConfig, allowed: tuple[str, ...] = ("attention_backend",)):
+    """Refuse a checkpoint whose config.json differs from config in any field but `allowed`."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise TrainError(f"{file} not found: {path} is not a train.py checkpoint folder")
+    defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
+    saved = defaults | json.loads(file.read_text())  # a field added since the save has its default
+    ours = dataclasses.asdict(config)
+    differing = [k for k in sorted(set(saved) | set(ours)) if k not in allowed and saved.get(k) != ours.get(k)]
+    if differing:
+        changes = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {ours.get(k)!r}" for k in differing)
+        flags = " ".join(f"--{k} {saved[k]}" for k in differing if k in saved)
+        raise TrainError(f"{file} is a different architecture ({changes}). Rerun with the checkpoint's flags "
+                         f"({flags}), or train this architecture in another --out")
+
+
+def load_checkpoint(path: Path, model, inner: Transformer, optimizer, loader: data.TokenLoader, args,
+                    env: Distributed) -> tuple[int, int]:
+    """Restore weights, optimizer, loader position and RNG from `path`; returns (step, tokens seen)."""
+    check_architecture(path, inner.config)
+    state = json.loads((path / "train_state.json").read_text())
+    if state["fsdp"] != bool(args.fsdp):
+        raise TrainError(f"{path} was saved {'with' if state['fsdp'] else 'without'} --fsdp; resume it the same way")
+    if args.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        saved = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(saved, checkpoint_id=path / "dcp")  # reshards to this world size
+        set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
+    else:
+        from safetensors.torch import load_file
+
+        inner.load_state_dict(load_file(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=env.device, weights_only=True))
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    return state["step"], state["tokens_seen"]
+
+
+# Fields a fresh run may change on top of another checkpoint's weights: how positions are encoded
+# and how far (what context extension changes), and the attention kernel.
+INIT_FROM_MAY_CHANGE = ("attention_backend", "context_length", "rope_theta", "rope_theta_local", "rope_scaling",
+                        "rope_factor", "rope_scaling_layers", "rope_original_context", "yarn_beta_fast",
+                        "yarn_beta_slow", "yarn_attention_factor", "llama3_low_freq_factor", "llama3_high_freq_factor")
+
+
+def load_initial_weights(model: Transformer, source: str, config: ModelConfig):
+    """--init_from: a train.py checkpoint folder (either layout), or hf:DIR through hf_interop.load_hf."""
+    if source.startswith("hf:"):
+        try:
+            import hf_interop
+        except ImportError:
+            raise TrainError(f"--init_from {source} needs hf_interop.py beside train.py to read Hugging Face "
+                             f"folders, and it is not there; convert the folder to a checkpoint elsewhere and "
+                             f"pass --init_from DIR") from None
+        try:
+            hf_model, summary = hf_interop.load_hf(source[3:])
+        except ValueError as error:  # hf_interop's errors name the file and the fix
+            raise TrainError(f"--init_from {source}: {error}") from None
+        differing = [k for k, v in dataclasses.asdict(hf_model.config).items()
+                     if k not in INIT_FROM_MAY_CHANGE and getattr(config, k) != v]
+        if differing:
+            flags = " ".join(f"--{k} {getattr(hf_model.config, k)}" for k in differing)
+            raise TrainError(f"{source[3:]}/config.json is a different architecture in {', '.join(differing)}; "
+                             f"rerun with {flags}\n{summary}")
+        model.load_state_dict(hf_model.state_dict())
+        return
+    path = Path(source)
+    check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(path / "model.safetensors"))
+    elif (path / "dcp").is_dir():  # an FSDP checkpoint: read its model part into full tensors
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": model.state_dict()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+            dcp.load(state, checkpoint_id=path / "dcp", no_dist=True)
+        model.load_state_dict(state["model"])
+    else:
+        raise TrainError(f"{path} holds neither model.safetensors nor dcp/; pass a step_N folder written by train.py")
+
+
+def rng_state() -> dict:
+    """Every generator's state as JSON lists. Training draws no random numbers today (no dropout; the
+    loader's order is seeded separately), but whatever is added later resumes exactly."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state().tolist(), "python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), position, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (TrainError, data.DataError) as error:
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank not in (None, '0') else ''}: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
