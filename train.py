@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "to the model; use --attention_backend flex at long seq_len)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="auto: the local GPU under torchrun, or cuda:0, else the CPU (default: %(default)s)")
-    run.add_argument("--threads", type=int, help="CPU threads per process (default: the cores not already busy, "
-                     "by the load average; a resumed run keeps its first run's number, so its sums match exactly)")
+    run.add_argument("--threads", type=int, help="CPU threads per process (default: torch's, the physical cores; "
+                     "fewer on a busy machine; a resumed run keeps its first run's number, so its sums match exactly)")
     run.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
     run.add_argument("--compile", action="store_true", help="torch.compile each block")
     run.add_argument("--activation_checkpointing", action="store_true",
@@ -224,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="checkpoint every N steps (default: %(default)s; OlmPool: 1000)")
     checkpoints.add_argument("--keep_checkpoints", type=int, default=3,
                              help="keep the newest K, 0 keeps all (default: %(default)s)")
-    checkpoints.add_argument("--resume", metavar="auto|DIR",
-                             help="auto: the newest complete checkpoint in --out, if any; or a checkpoint folder")
+    checkpoints.add_argument("--resume", metavar="auto|never|DIR", default="auto",
+                             help="auto: continue from the newest complete checkpoint in --out, if any, so the same "
+                                  "command resumes after preemption; never: refuse an --out that holds checkpoints; "
+                                  "or a checkpoint folder (default: %(default)s)")
     checkpoints.add_argument("--init_from", metavar="DIR|hf:DIR",
                              help="start from these weights (a checkpoint folder, or a Hugging Face folder via "
                                   "hf_interop.py) with a fresh optimizer and step 0; a checkpoint found by --resume wins")
@@ -635,17 +637,15 @@ def train(args) -> dict:
 
 
 def cpu_threads(args, resume_dir: Path | None) -> int:
-    """Threads for CPU math. On a shared machine, OpenMP threads beyond the idle cores spin at every
-    barrier: with one core busy elsewhere, 2 threads ran the tiny model 3x slower than 1 here. The
-    count changes the order of float sums, so a resumed run reuses the count it started with."""
+    """Threads for CPU math: --threads, else torch's default. The count changes the order of float
+    sums, so a resumed run reuses the count it started with. On a shared machine, threads beyond the
+    idle cores spin at every barrier (2 threads ran 3x slower than 1 with one core busy): pass
+    --threads there."""
     if args.threads:
         return args.threads
     if resume_dir and "threads" in (saved := json.loads((resume_dir / "train_state.json").read_text())):
         return saved["threads"]
-    if "OMP_NUM_THREADS" in os.environ:  # set by the user, or by torchrun (1)
-        return torch.get_num_threads()
-    cores = torch.get_num_threads()  # torch's default: the physical cores
-    return max(1, min(cores, cores - round(os.getloadavg()[0])))
+    return torch.get_num_threads()  # torch's default (physical cores), or OMP_NUM_THREADS (torchrun sets 1)
 
 
 def _train(args, env: Distributed, stop: dict) -> dict:
@@ -772,11 +772,11 @@ def checkpoints_in(out: Path) -> list[Path]:
 
 
 def find_resume(args, out: Path) -> Path | None:
-    if args.resume is None:
+    if args.resume == "never":
         existing = checkpoints_in(out) if out.is_dir() else []
         if existing:
             raise TrainError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue that run with "
-                             f"--resume auto, or start another with a different --out or --name")
+                             f"--resume auto (the default), or start another with a different --out or --name")
         return None
     if args.resume == "auto":
         existing = checkpoints_in(out) if out.is_dir() else []

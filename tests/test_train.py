@@ -316,9 +316,12 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_file_fields_
         run(corpus, out.parent / "fresh", "--init_from", str(checkpoint), "--d_model", "64")
 
 
-def test_an_output_folder_with_checkpoints_needs_resume(corpus, checkpoint):
+def test_the_same_command_again_resumes_and_resume_never_refuses(corpus, checkpoint):
+    again = run(corpus, checkpoint.parent, "--steps", str(json.loads(
+        (checkpoint / "train_state.json").read_text())["step"]))
+    assert again["losses"] == {}  # already at its last step: nothing to train
     with pytest.raises(train.TrainError, match="already holds checkpoints .* --resume auto"):
-        run(corpus, checkpoint.parent, "--steps", "2")
+        run(corpus, checkpoint.parent, "--steps", "2", "--resume", "never")
 
 
 def test_init_from_takes_the_weights_and_nothing_else(corpus, checkpoint, tmp_path):
