@@ -2,6 +2,8 @@
 
     python bench.py            # all three comparisons (about 5-10 minutes on 2 CPU cores)
     python bench.py --quick    # smaller lengths, fewer repeats: a smoke run
+    python bench.py --train_gpu    # GPU only: train.py's tokens/s and MFU, ~1B preset, 8K context,
+                                   # bf16 and torch.compile (one command, under 10 minutes)
 
 It prints, measured side by side in this one run:
 1. training-step tokens/s at T = 512, ours / HF (forward, loss, backward, AdamW step);
@@ -164,12 +166,40 @@ def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / timed(lambda: a @ b, repeats)
 
 
+def train_gpu(steps: int = 40) -> None:
+    """Runs train.py on a ~1B preset at 8K context with compile and bf16; prints median tokens/s
+    and MFU over the steps after compilation (train.py's own window-aware accounting)."""
+    import subprocess
+    import tempfile
+
+    if not torch.cuda.is_available():
+        sys.exit("bench.py --train_gpu needs a CUDA GPU; on CPU, `python bench.py` compares with transformers")
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "train.py", "--preset", "H_post_LQK_32kv_8k_11k_SWA", "--size", "1b",
+                   "--seq_len", "8192", "--micro_batch", "1", "--batch_tokens", str(8 * 8192), "--steps", str(steps),
+                   "--warmup", "5", "--compile", "--eval_every", "0", "--save_every", str(10 * steps),
+                   "--keep_checkpoints", "1", "--log_every", "5", "--out", out]
+        print(" ".join(command), flush=True)
+        subprocess.run(command, check=True)
+        with open(f"{out}/metrics.jsonl") as f:
+            records = [json.loads(line) for line in f]
+    settled = [r for r in records if r["step"] > 10]  # the first steps include compilation
+    tokens_s = statistics.median(r["tokens_per_s"] for r in settled)
+    mfu = statistics.median(r["mfu"] for r in settled if r["mfu"] is not None) if settled[0]["mfu"] else None
+    print(f"\n~1B (H_post_LQK_32kv_8k_11k_SWA, 1b), T=8192, bf16, compile, {torch.cuda.get_device_name()}: "
+          f"{tokens_s:,.0f} tokens/s, MFU {mfu:.1%} (goal >= 45% on an H100/H200)" if mfu else
+          f"{tokens_s:,.0f} tokens/s (unknown GPU peak: MFU n/a)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="lengths up to 4K and fewer repeats (a smoke run)")
     parser.add_argument("--window", type=int, default=256, help="sliding window of the prefill comparison")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--train_gpu", action="store_true", help="GPU: train.py tokens/s and MFU, ~1B at 8K context")
     args = parser.parse_args()
+    if args.train_gpu:
+        return train_gpu()
     try:
         import transformers  # noqa: F401
     except ImportError:
