@@ -64,13 +64,22 @@ def hf_model_from(model: olmpool.Transformer):
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of fn() over repeats, after one warm-up call."""
-    fn()
-    times = []
+    return timed_pair(fn, None, repeats)[0]
+
+
+def timed_pair(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of each function, calls alternating so that drift in the machine's speed
+    (other processes, clocks) falls on both alike; one warm-up call each."""
+    functions = [f for f in (first, second) if f is not None]
+    times = [[] for _ in functions]
+    for f in functions:
+        f()
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for f, record in zip(functions, times):
+            start = time.perf_counter()
+            f()
+            record.append(time.perf_counter() - start)
+    return tuple(statistics.median(t) for t in times) + (None,) * (2 - len(functions))
 
 
 def training_step(forward, params, tokens):
@@ -91,8 +100,8 @@ def compare_training(seq_len: int, batch: int, repeats: int) -> dict:
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # the same function before timing anything
         torch.testing.assert_close(model(tokens[:, :64]), hf(tokens[:, :64]).logits, rtol=1e-4, atol=1e-4)
-    ours = timed(training_step(model, model.parameters(), tokens), repeats)
-    theirs = timed(training_step(lambda t: hf(t).logits, hf.parameters(), tokens), repeats)
+    ours, theirs = timed_pair(training_step(model, model.parameters(), tokens),
+                              training_step(lambda t: hf(t).logits, hf.parameters(), tokens), repeats)
     n = batch * seq_len
     flops = olmpool.flops_per_token(model.config, seq_len) * n / ours
     return dict(ours_tokens_s=n / ours, hf_tokens_s=n / theirs, ratio=theirs / ours, ours_flops=flops)
@@ -209,7 +218,7 @@ def main():
     print(olmpool.describe(bench_config(args.window)), "\n")
     results = {}
 
-    repeats = 2 if args.quick else 5
+    repeats = 2 if args.quick else 10
     train = compare_training(seq_len=512, batch=4, repeats=repeats)
     results["training"] = train
     print(f"1. training step at T=512 (batch 4): ours {train['ours_tokens_s']:.0f} tokens/s, "
