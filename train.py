@@ -888,6 +888,8 @@ def load_initial_weights(model: Transformer, source: str, config: ModelConfig):
             raise TrainError(f"--init_from {source}: {error}") from None
         differing = [k for k, v in dataclasses.asdict(hf_model.config).items()
                      if k not in INIT_FROM_MAY_CHANGE and getattr(config, k) != v]
+        if hf_model.config.layer_windows == config.layer_windows:  # one pattern can have several spellings
+            differing = [k for k in differing if k not in ("window", "global_every")]
         if differing:
             flags = " ".join(f"--{k} {getattr(hf_model.config, k)}" for k in differing)
             raise TrainError(f"{source[3:]}/config.json is a different architecture in {', '.join(differing)}; "

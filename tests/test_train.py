@@ -389,3 +389,12 @@ def test_run_sh_sets_up_the_venv_and_runs_train():
     assert text.startswith("#!/usr/bin/env bash") and os.access(script, os.X_OK)
     assert "requirements.txt" in text and 'exec .venv/bin/python train.py "$@"' in text
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_init_from_an_exported_hugging_face_folder_takes_the_same_weights(checkpoint, tmp_path):
+    """The real round trip: our checkpoint out through hf_interop to Olmo3's format, and back in."""
+    hf_interop = pytest.importorskip("hf_interop")
+    hf_interop.export_hf(checkpoint, tmp_path / "hf")
+    args = train.parse_args([*SMALL, "--init_from", f"hf:{tmp_path / 'hf'}"])
+    model, inner = train.build_model(train.model_config(args), args, train.Distributed())
+    assert_same_weights(inner.state_dict(), weights(checkpoint))
