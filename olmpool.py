@@ -592,7 +592,8 @@ class KVCache:
 
     Global layers keep every position in a buffer allocated up front (max_length). Windowed layers
     keep only their last W - 1 keys, all a future query can see besides itself, so their memory is
-    O(W) whatever the length.
+    O(W) whatever the length. Attention over the cache runs through SDPA whatever the backend
+    (the `naive` backend keeps its explicit reference).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device=None, dtype=torch.float32):
