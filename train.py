@@ -825,6 +825,20 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transf
     return final
 
 
+def architecture_differences(saved: dict, config: ModelConfig, allowed: tuple[str, ...]) -> list[str]:
+    """ModelConfig fields (but `allowed`) where a saved config differs from config. One layer pattern
+    has several spellings (2 layers: global_every 2 or 4), so window and global_every count only
+    when the layers' windows differ."""
+    ours = dataclasses.asdict(config)
+    differing = [k for k in sorted(set(saved) | set(ours)) if k not in allowed and saved.get(k) != ours.get(k)]
+    try:
+        same_windows = ModelConfig(**(ours | {k: saved[k] for k in ("window", "global_every") if k in saved})
+                                   ).layer_windows == config.layer_windows
+    except (TypeError, ValueError):
+        same_windows = False
+    return [k for k in differing if not (same_windows and k in ("window", "global_every"))]
+
+
 def check_architecture(path: Path, config: ModelConfig, allowed: tuple[str, ...] = ("attention_backend",)):
     """Refuse a checkpoint whose config.json differs from config in any field but `allowed`."""
     file = path / "config.json"
@@ -833,7 +847,7 @@ def check_architecture(path: Path, config: ModelConfig, allowed: tuple[str, ...]
     defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
     saved = defaults | json.loads(file.read_text())  # a field added since the save has its default
     ours = dataclasses.asdict(config)
-    differing = [k for k in sorted(set(saved) | set(ours)) if k not in allowed and saved.get(k) != ours.get(k)]
+    differing = architecture_differences(saved, config, allowed)
     if differing:
         changes = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {ours.get(k)!r}" for k in differing)
         flags = " ".join(f"--{k} {saved[k]}" for k in differing if k in saved)
@@ -886,10 +900,7 @@ def load_initial_weights(model: Transformer, source: str, config: ModelConfig):
             hf_model, summary = hf_interop.load_hf(source[3:])
         except ValueError as error:  # hf_interop's errors name the file and the fix
             raise TrainError(f"--init_from {source}: {error}") from None
-        differing = [k for k, v in dataclasses.asdict(hf_model.config).items()
-                     if k not in INIT_FROM_MAY_CHANGE and getattr(config, k) != v]
-        if hf_model.config.layer_windows == config.layer_windows:  # one pattern can have several spellings
-            differing = [k for k in differing if k not in ("window", "global_every")]
+        differing = architecture_differences(dataclasses.asdict(hf_model.config), config, INIT_FROM_MAY_CHANGE)
         if differing:
             flags = " ".join(f"--{k} {getattr(hf_model.config, k)}" for k in differing)
             raise TrainError(f"{source[3:]}/config.json is a different architecture in {', '.join(differing)}; "
