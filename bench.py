@@ -36,28 +36,14 @@ def bench_config(window: int) -> olmpool.ModelConfig:
 
 
 def hf_model_from(model: olmpool.Transformer):
-    """The same weights in transformers' Olmo3ForCausalLM (mapped here, independently of hf_interop)."""
+    """The same weights in transformers' Olmo3ForCausalLM, through hf_interop's config and names."""
     from transformers import Olmo3Config, Olmo3ForCausalLM
 
-    c = model.config
-    hf_config = Olmo3Config(
-        vocab_size=c.vocab_size, eos_token_id=None, pad_token_id=None, hidden_size=c.d_model, intermediate_size=c.mlp_hidden,
-        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-        head_dim=c.head_dim, rms_norm_eps=c.norm_eps, sliding_window=c.window, max_position_embeddings=65536,
-        layer_types=["full_attention" if w is None else "sliding_attention" for w in c.layer_windows],
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, tie_word_embeddings=False,
-        attn_implementation="sdpa")
-    hf = Olmo3ForCausalLM(hf_config)
-    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
-    for i in range(c.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
-            names[f"{ours}attention.{proj}.weight"] = f"{theirs}self_attn.{proj}.weight"
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            names[f"{ours}mlp.{proj}.weight"] = f"{theirs}mlp.{proj}.weight"
-        names[f"{ours}attention_norm.weight"] = f"{theirs}post_attention_layernorm.weight"
-        names[f"{ours}mlp_norm.weight"] = f"{theirs}post_feedforward_layernorm.weight"
+    import hf_interop
+
+    hf_config = hf_interop.hf_config(model.config, "olmo3", torch.float32)
+    hf = Olmo3ForCausalLM(Olmo3Config(**hf_config, attn_implementation="sdpa"))
+    names = hf_interop.hf_names(model.config, "olmo")
     hf.load_state_dict({names[k]: v for k, v in model.state_dict().items()})
     return hf
 
