@@ -620,7 +620,7 @@ def load_model(directory, attention_backend: str | None = None) -> Transformer:
             state[name] = file.get_tensor(name)
     with torch.device("meta"):
         model = Transformer(config, seed=None)
-    expected = _shapes(config)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     for problem, keys in (("missing", sorted(set(expected) - set(state))),
                           ("unexpected", sorted(set(state) - set(expected)))):
         if keys:
