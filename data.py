@@ -145,6 +145,19 @@ def get_tokenizer():
     return Tokenizer(find_cl100k_file())
 
 
+COMPACT_VOCAB_FILE = "compact_vocab.json"  # in a data or checkpoint folder that uses a compact vocabulary
+
+
+def tokenizer_for(folder):
+    """The tokenizer a prepared data folder or a checkpoint folder was made with: the folder's
+    compact vocabulary (COMPACT_VOCAB_FILE) when it has one, else dolma2. Training, extension,
+    evaluation, generation and export all go through here so that they read the same mapping."""
+    if folder is not None and (Path(folder) / COMPACT_VOCAB_FILE).exists():
+        raise DataError(f"{folder} uses a compact vocabulary ({COMPACT_VOCAB_FILE}), which this version "
+                        f"cannot read yet")
+    return get_tokenizer()
+
+
 # -----------------------------------------------------------------------------
 # Shards: one file of uint32 tokens with a header and document starts
 
