@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -55,7 +56,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from olmpool import ModelConfig, Transformer, describe, rope_frequencies
+import data
+from olmpool import PRESETS, SIZES, ModelConfig, Transformer, describe, preset, rope_frequencies
 
 
 class CheckpointError(ValueError):
@@ -293,6 +295,7 @@ class Plan:
     notes: list[str]
     layout: str  # "1 file" | "N shards"
     stored_dtype: str
+    tokenizer: str = ""  # whether the folder's tokenizer.json gives dolma2's ids (tokenizer_check)
 
 
 def inspect_hf(directory, rope_theta: float | None = None, window: int | None = None,
@@ -477,7 +480,8 @@ def inspect_hf(directory, rope_theta: float | None = None, window: int | None = 
     _check_tensors(directory, cfg, config, names, files, headers, tied, notes)
     stored = headers[names["embed.weight"]][1]
     stored_dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(stored, stored)
-    return Plan(directory, model_type, config, names, files, tied, notes, layout, stored_dtype)
+    return Plan(directory, model_type, config, names, files, tied, notes, layout, stored_dtype,
+                tokenizer_check(directory))
 
 
 # The config.json keys each of our tensors' shape depends on, to name them when they disagree.
@@ -542,7 +546,8 @@ def _summary(plan: Plan, dtype: torch.dtype | None) -> str:
     header = (f"{plan.directory} (model_type '{plan.model_type}', {plan.layout}, stored {plan.stored_dtype}, "
               f"loaded {loaded})")
     notes = [f"  - {note}" for note in plan.notes] or ["  - none: everything read from config.json"]
-    return "\n".join([header, describe(plan.config), "assumptions and overrides:", *notes])
+    return "\n".join([header, describe(plan.config), "assumptions and overrides:", *notes,
+                      f"tokenizer: {plan.tokenizer}"])
 
 
 def summary(directory, **overrides) -> str:
@@ -743,17 +748,31 @@ def _differences(a: ModelConfig, b: ModelConfig) -> list[str]:
 
 
 def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None,
-              model_type: str | None = None) -> str:
-    """Write config.json + model.safetensors that stock transformers loads as the matching class.
+              model_type: str | None = None, tokenizer: bool | None = None) -> str:
+    """Write a folder the Hugging Face ecosystem runs as it is: config.json + model.safetensors for the
+    stock transformers class that computes the same function, the dolma2 tokenizer (tokenizer.json,
+    tokenizer_config.json), generation_config.json, and a model card (README.md).
 
-    Takes a Transformer or our checkpoint folder; dtype None keeps the model's. Returns a summary.
-    Raises, naming the nearest option, when no stock class computes the same function.
+    Takes a Transformer or our checkpoint folder; dtype None keeps the model's. tokenizer None writes the
+    tokenizer when the vocabulary holds dolma2's 100,278 ids (not for toy vocabularies); False never.
+    Returns a summary. Raises, naming the nearest option, when no stock class computes the same function,
+    and refuses a checkpoint with a compact vocabulary (its ids are not dolma2's).
     """
-    model = model_or_checkpoint_dir
+    model, source, train_state = model_or_checkpoint_dir, None, None
     if not isinstance(model, Transformer):
-        model = load_model(model_or_checkpoint_dir)
+        source = Path(model_or_checkpoint_dir)
+        refuse_compact_vocabulary(source)
+        model = load_model(source)
+        if (source / "train_state.json").is_file():
+            train_state = _read_json(source / "train_state.json", "re-save the checkpoint, or delete the file")
     config = model.config
     chosen = stock_model_type(config, model_type)
+    if tokenizer and config.vocab_size < data.VOCAB_SIZE:
+        raise CheckpointError(f"vocab_size {config.vocab_size} is smaller than dolma2's {data.VOCAB_SIZE} ids, so this "
+                              f"model was not trained with dolma2; export it without the tokenizer (tokenizer=False)")
+    with_tokenizer = config.vocab_size >= data.VOCAB_SIZE if tokenizer is None else tokenizer
+    if with_tokenizer:
+        dolma2_hf_tokenizer()  # built (or failed) before anything is written
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} is not empty; export into a new or empty folder, so that no stale "
@@ -762,14 +781,233 @@ def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None
     names = hf_names(config, "llama" if chosen in ("llama", "qwen3") else "olmo")
     state = {names[name]: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in model.state_dict().items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config(config, chosen, dtype), indent=2) + "\n")
+    hf = hf_config(config, chosen, dtype)
+    if with_tokenizer:  # so that tools reading only config.json (not generation_config.json) stop at EOS too
+        hf.update(eos_token_id=data.EOS_ID, pad_token_id=data.PAD_ID)
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    if with_tokenizer:
+        export_tokenizer(out_dir, model_max_length=config.context_length)
+        (out_dir / GENERATION_CONFIG).write_text(json.dumps(generation_config(), indent=2) + "\n")
+    card = model_card(config, chosen, str(source.resolve()) if source else None, train_state, with_tokenizer)
+    (out_dir / MODEL_CARD).write_text(card)
     # Read back what we wrote with the importer: the same function, or the mapping above has a bug.
     plan = inspect_hf(out_dir, attention_backend=config.attention_backend)
     differences = _differences(config, plan.config)
     if differences:
         raise AssertionError(f"export of {chosen} does not round-trip: {'; '.join(differences)}")
-    return f"wrote {out_dir} as {STOCK_CLASSES[chosen]} ({str(dtype).removeprefix('torch.')})\n{describe(plan.config)}"
+    if with_tokenizer and "gives dolma2's ids" not in plan.tokenizer:
+        raise AssertionError(f"the exported tokenizer does not round-trip: {plan.tokenizer}")
+    written = "config.json, model.safetensors, " + ("tokenizer.json, tokenizer_config.json, generation_config.json, "
+                                                    if with_tokenizer else "no tokenizer (toy vocabulary), ")
+    return (f"wrote {out_dir} as {STOCK_CLASSES[chosen]} ({str(dtype).removeprefix('torch.')}): {written}"
+            f"{MODEL_CARD}\n{describe(plan.config)}\ntokenizer: {plan.tokenizer}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The dolma2 tokenizer as Hugging Face files, and the model card
+#
+# tokenizer.json is written with the `tokenizers` library from the same cl100k_base file that
+# data.py's tiktoken tokenizer reads (data.find_cl100k_file, SHA-256 checked): the vocabulary is the
+# file's ranks, the split regex is data.CL100K_PATTERN, and dolma2's special tokens keep their ids.
+# Special-token text is special here, as every Hugging Face tokenizer treats it (and tiktoken's
+# encode(text, allowed_special="all")): "<|endoftext|>" in a string becomes id 100257. data.Tokenizer
+# .encode is ordinary encoding (a document must not forge a boundary), so the two agree exactly on
+# text without special-token strings, which is all text OlmPool trains on.
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# cl100k's split regex in tokenizers' regex dialect (Oniguruma, Ruby syntax), where `{1,3}+` is not possessive
+# but "one or more runs of 1-3 digits", which would keep "2026" whole where tiktoken splits "202", "6".
+# A greedy {1,3} ends its alternative, so it matches what the possessive one does.
+HF_SPLIT_PATTERN = data.CL100K_PATTERN.replace(r"\p{N}{1,3}+", r"\p{N}{1,3}")
+assert HF_SPLIT_PATTERN != data.CL100K_PATTERN, "data.CL100K_PATTERN changed: review HF_SPLIT_PATTERN"
+GENERATION_CONFIG = "generation_config.json"
+MODEL_CARD = "README.md"
+# What the tokenizer check in the import summary encodes: letters, digits, contractions, whitespace
+# runs, CRLF, non-Latin scripts, emoji, code, and every special token.
+TOKENIZER_PROBE = ("Hello world! It's 2026; they'll pay 1234567 €.\n\n\tdef f(x):  return x**2  \r\n"
+                   "  Ünïcödé 日本語のテキスト, русский текст, 😀👍🏽   trailing   \n" + "".join(data.SPECIAL_TOKENS))
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each of the 256 bytes as a printable character (the printable
+    Latin-1 bytes as themselves, the rest shifted past 255), which tokenizer.json's BPE vocabulary uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            characters[byte] = chr(byte)
+        else:
+            characters[byte] = chr(256 + shifted)
+            shifted += 1
+    return characters
+
+
+@functools.cache
+def dolma2_hf_tokenizer():
+    """dolma2 as a `tokenizers.Tokenizer`: byte-level BPE with cl100k's ranks as ids and merges.
+
+    tiktoken merges, at each step, the adjacent pair whose concatenation has the lowest rank, and
+    returns a piece that is itself a token whole. So every split of a token into two tokens is a
+    merge whose priority is the token's rank, and ignore_merges takes whole pieces as they are.
+    """
+    try:
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        raise CheckpointError("exporting the tokenizer needs the `tokenizers` package: `pip install tokenizers` "
+                              "(it comes with transformers), or export with tokenizer=False (--no_tokenizer)") from None
+    ranks = data.load_bpe_ranks(data.find_cl100k_file())
+    alphabet = _byte_to_unicode()
+    text = lambda token: "".join(alphabet[byte] for byte in token)  # noqa: E731
+    merges = []  # (rank of the merged token, rank of the left piece, rank of the right piece, left, right)
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort(key=lambda merge: merge[:3])
+    vocab = {text(token): rank for token, rank in ranks.items()} | data.SPECIAL_TOKENS
+    tokenizer = Tokenizer(models.BPE(vocab, [(text(left), text(right)) for *_, left, right in merges],
+                                     ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(HF_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    # Already in the vocabulary with dolma2's ids, so adding them only makes them special (matched whole).
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in data.SPECIAL_TOKENS])
+    return tokenizer
+
+
+def export_tokenizer(out_dir, model_max_length: int) -> None:
+    """Write tokenizer.json and tokenizer_config.json: dolma2 with EOS <|endoftext|> and pad <|pad|>, no BOS
+    (OlmPool's documents are separated by EOS alone), nothing added around the text."""
+    out_dir = Path(out_dir)
+    dolma2_hf_tokenizer().save(str(out_dir / "tokenizer.json"))
+    eos = {id_: token for token, id_ in data.SPECIAL_TOKENS.items()}[data.EOS_ID]
+    pad = {id_: token for token, id_ in data.SPECIAL_TOKENS.items()}[data.PAD_ID]
+    tokenizer_config = {
+        # The class that loads tokenizer.json as it is; a model-specific class (Qwen2Tokenizer for qwen3)
+        # could rebuild the pre-tokenizer from its own defaults.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None, "eos_token": eos, "pad_token": pad, "unk_token": None,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "added_tokens_decoder": {str(id_): {"content": token, "special": True, "lstrip": False, "rstrip": False,
+                                            "normalized": False, "single_word": False}
+                                 for token, id_ in sorted(data.SPECIAL_TOKENS.items(), key=lambda item: item[1])},
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def generation_config() -> dict:
+    """generation_config.json: stop at <|endoftext|>, pad with <|pad|>, greedy unless asked otherwise."""
+    return {"bos_token_id": None, "eos_token_id": data.EOS_ID, "pad_token_id": data.PAD_ID, "do_sample": False}
+
+
+def _matching_presets(config: ModelConfig) -> list[str]:
+    """`preset(name, size=...)` calls whose architecture (shapes, switches, window) equals config's; RoPE
+    and context length are left out, since extension changes them."""
+    fields = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden",
+              "norm_placement", "qk_norm", "norm_eps", "global_every")
+    found = []
+    for size in SIZES:
+        for name in PRESETS:
+            candidate = preset(name, size=size)
+            same_window = (candidate.window is None) == (config.window is None)
+            if same_window and all(getattr(candidate, f) == getattr(config, f) for f in fields):
+                found.append(f"preset('{name}', size='{size}')")
+    return found
+
+
+def model_card(config: ModelConfig, model_type: str, source: str | None = None,
+               train_state: dict | None = None, tokenizer: bool = True) -> str:
+    """README.md for an exported folder: the architecture switches, the matching presets, the
+    training and extension recipe (from the checkpoint's train_state.json when there is one), the source."""
+    switches = [
+        f"- block norm: {config.norm_placement} ({'x + f(norm(x)), Llama' if config.norm_placement == 'pre' else 'x + norm(f(x)), Olmo 2/3'})",
+        f"- QK norm: {config.qk_norm}",
+        f"- attention heads: {config.n_heads} query, {config.n_kv_heads} key/value"
+        + (" (GQA)" if config.n_kv_heads < config.n_heads else " (MHA)"),
+        "- sliding window: " + ("none, every layer global" if config.window is None else
+                                f"{config.window} tokens on {sum(w is not None for w in config.layer_windows)} of "
+                                f"{config.n_layers} layers" + (f" (every {config.global_every}th and the last global)"
+                                                               if config.global_every else " (none global)")),
+        f"- context length: {config.context_length}",
+        f"- RoPE: theta {config.rope_theta:g}" + (f", local {config.rope_theta_local:g}" if config.rope_theta_local else "")
+        + ("" if config.rope_scaling == "none" else f", {config.rope_scaling} x{config.rope_factor:g} on "
+           f"{config.rope_scaling_layers} layers from {config.original_context} tokens"),
+    ]
+    presets = _matching_presets(config)
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [olmpool]", "---", "",
+        f"# OlmPool model exported as {STOCK_CLASSES[model_type]}", "",
+        "An OlmPool (Ai2's study of attention choices for long-context extension) model, written by OlmPool's "
+        "`hf_interop.py export` as a stock transformers class that computes the same logits.", "",
+        "## Architecture", "", *switches, "", "```", describe(config), "```", "",
+        "Preset: " + (", ".join(presets) if presets else "none of OlmPool's presets has this architecture") + ".", "",
+        "## Tokenizer", "",
+        ("dolma2 (OLMo 2/3): cl100k_base BPE with <|endoftext|> = 100257 (EOS, ends every document), "
+         "<|pad|> = 100277, the FIM tokens and <|endofprompt|>; no BOS token. Special-token text in an input "
+         "string becomes the special id." if tokenizer else
+         "No tokenizer files were exported: encode text with the tokenizer this model was trained with."), "",
+        "## Training and extension", "",
+    ]
+    if train_state:
+        args = train_state.get("args", {})
+        lines += [f"step {train_state.get('step')}, {train_state.get('tokens_seen')} tokens seen, saved "
+                  f"{train_state.get('saved_at', 'at an unknown time')}. Arguments of the run:", "",
+                  "```json", json.dumps(args, indent=2, sort_keys=True), "```", ""]
+    else:
+        lines += ["No train_state.json beside the weights: the recipe is not recorded in the source checkpoint.", ""]
+    lines += ["## Source", "", f"{source or 'a Transformer in memory (no checkpoint folder)'}", ""]
+    return "\n".join(lines)
+
+
+def refuse_compact_vocabulary(checkpoint_dir) -> None:
+    """A checkpoint trained on a compact vocabulary (data.COMPACT_VOCAB_FILE) numbers its tokens its own way."""
+    path = Path(checkpoint_dir) / data.COMPACT_VOCAB_FILE
+    if path.exists():
+        raise CheckpointError(
+            f"{path}: this checkpoint uses a compact vocabulary, so its token ids are not dolma2's; exported with "
+            f"the dolma2 tokenizer it would read every text as the wrong tokens and give plausible garbage. Map its "
+            f"embedding and lm_head rows back to dolma2 ids (one row per dolma2 id) and export that checkpoint, "
+            f"or evaluate it with OlmPool's own tools, which read {data.COMPACT_VOCAB_FILE}")
+
+
+def tokenizer_check(directory) -> str:
+    """One line for the import summary: does the folder's tokenizer.json give dolma2's ids?"""
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        others = sorted(p.name for p in directory.glob("*") if p.name in ("tokenizer.model", "vocab.json",
+                                                                           "merges.txt", "tokenizer_config.json"))
+        return (f"no tokenizer.json{' (has ' + ', '.join(others) + ', not checked)' if others else ''}; OlmPool "
+                f"encodes with dolma2, right only if the model was trained with it")
+    try:
+        from tokenizers import Tokenizer
+        theirs = Tokenizer.from_file(str(path))
+    except ImportError:
+        return "tokenizer.json not checked: the `tokenizers` package is missing (pip install tokenizers)"
+    except Exception as error:  # tokenizers raises its own exception types for unreadable files
+        return f"tokenizer.json could not be read ({error}); not checked against dolma2"
+    dolma2 = data.get_tokenizer().encoding
+    wrong_specials = {token: theirs.token_to_id(token) for token, id_ in data.SPECIAL_TOKENS.items()
+                      if theirs.token_to_id(token) != id_}
+    got, want = theirs.encode(TOKENIZER_PROBE, add_special_tokens=False).ids, dolma2.encode(TOKENIZER_PROBE,
+                                                                                            allowed_special="all")
+    if not wrong_specials and got == want:
+        return (f"tokenizer.json gives dolma2's ids (checked on a {len(want)}-token probe text and the "
+                f"{len(data.SPECIAL_TOKENS)} special tokens)")
+    problems = []
+    if wrong_specials:
+        problems.append("special tokens " + ", ".join(f"{t} -> {i}" for t, i in wrong_specials.items())
+                        + " (dolma2: " + ", ".join(f"{data.SPECIAL_TOKENS[t]}" for t in wrong_specials) + ")")
+    if got != want:
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        problems.append(f"a probe text encodes differently from token {first} on ({got[first:first + 4]} vs "
+                        f"dolma2's {want[first:first + 4]})")
+    return (f"tokenizer.json DISAGREES with dolma2 ids: {'; '.join(problems)}. OlmPool's data, evaluation and "
+            f"generation use dolma2: fine-tune or evaluate this model with its own tokenizer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -809,10 +1047,13 @@ def main(argv: list[str] | None = None) -> None:
     out.add_argument("--dtype", choices=DTYPES, help="convert the weights (default: keep the stored dtype)")
     out.add_argument("--model_type", choices=STOCK_CLASSES, help="the class to write (default: the one that matches; "
                                                                   "olmo3 also fits post-norm models without windows)")
+    out.add_argument("--no_tokenizer", action="store_true", help="write no tokenizer files (default: the dolma2 "
+                                                                 "tokenizer, when the vocabulary holds its ids)")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            print(export_hf(args.checkpoint_dir, args.out, DTYPES.get(args.dtype), args.model_type))
+            print(export_hf(args.checkpoint_dir, args.out, DTYPES.get(args.dtype), args.model_type,
+                            tokenizer=False if args.no_tokenizer else None))
             return
         kwargs = dict(rope_theta=args.rope_theta, window=args.window, global_every=args.global_every,
                       norm_placement=args.norm_placement)
