@@ -5,11 +5,16 @@ folder, and export ours to the stock transformers class that computes the same f
 
     python hf_interop.py summary HF_DIR                          # what would load, and every assumption
     python hf_interop.py import HF_DIR --out CKPT_DIR [--rope_theta 8e6] [--window 4096] [--norm_placement post]
-    python hf_interop.py export CKPT_DIR --out HF_DIR [--dtype bfloat16] [--model_type olmo3]
+    python hf_interop.py export CKPT_DIR --out HF_DIR [--dtype bfloat16] [--model_type olmo3] [--no_tokenizer]
 
     from hf_interop import load_hf, export_hf
     model, summary = load_hf("path/to/hf_dir")                   # (Transformer, one-screen summary)
-    export_hf(model, "path/to/out")                              # config.json + model.safetensors
+    export_hf(model, "path/to/out")                              # a folder transformers, lm-eval, vLLM run as is
+
+An exported folder holds config.json, model.safetensors, the dolma2 tokenizer (tokenizer.json and
+tokenizer_config.json, built offline from the cl100k file data.py reads), generation_config.json and
+a model card (README.md). The import summary's `tokenizer:` line says whether a folder's tokenizer.json
+gives dolma2's ids.
 
 Which model_type means which switches (block norm, QK norm; everything else is read from config.json):
 
@@ -798,8 +803,9 @@ def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None
         raise AssertionError(f"export of {chosen} does not round-trip: {'; '.join(differences)}")
     if with_tokenizer and "gives dolma2's ids" not in plan.tokenizer:
         raise AssertionError(f"the exported tokenizer does not round-trip: {plan.tokenizer}")
-    written = "config.json, model.safetensors, " + ("tokenizer.json, tokenizer_config.json, generation_config.json, "
-                                                    if with_tokenizer else "no tokenizer (toy vocabulary), ")
+    written = "config.json, model.safetensors, " + (
+        "tokenizer.json, tokenizer_config.json, generation_config.json, " if with_tokenizer else
+        f"no tokenizer ({'toy vocabulary' if tokenizer is None else 'tokenizer=False'}), ")
     return (f"wrote {out_dir} as {STOCK_CLASSES[chosen]} ({str(dtype).removeprefix('torch.')}): {written}"
             f"{MODEL_CARD}\n{describe(plan.config)}\ntokenizer: {plan.tokenizer}")
 

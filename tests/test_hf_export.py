@@ -290,3 +290,10 @@ def test_import_summary_says_whether_the_tokenizer_gives_dolma2_ids(exported, tm
     bare = tmp_path / "bare"
     shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer*"))
     assert "tokenizer: no tokenizer.json; OlmPool encodes with dolma2" in summary(bare)
+
+
+def test_command_line_no_tokenizer_leaves_the_tokenizer_files_out(checkpoint, tmp_path, capsys):
+    hf_interop.main(["export", str(checkpoint), "--out", str(tmp_path / "hf"), "--no_tokenizer"])
+    assert "no tokenizer" in capsys.readouterr().out
+    assert not any((tmp_path / "hf" / name).exists() for name in (*hf_interop.TOKENIZER_FILES, "generation_config.json"))
+    assert "No tokenizer files were exported" in (tmp_path / "hf" / "README.md").read_text()
