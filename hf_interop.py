@@ -996,7 +996,10 @@ def tokenizer_check(directory) -> str:
         return "tokenizer.json not checked: the `tokenizers` package is missing (pip install tokenizers)"
     except Exception as error:  # tokenizers raises its own exception types for unreadable files
         return f"tokenizer.json could not be read ({error}); not checked against dolma2"
-    dolma2 = data.get_tokenizer().encoding
+    try:
+        dolma2 = data.get_tokenizer().encoding
+    except data.DataError as error:
+        return f"tokenizer.json not checked against dolma2: {error}"
     wrong_specials = {token: theirs.token_to_id(token) for token, id_ in data.SPECIAL_TOKENS.items()
                       if theirs.token_to_id(token) != id_}
     got, want = theirs.encode(TOKENIZER_PROBE, add_special_tokens=False).ids, dolma2.encode(TOKENIZER_PROBE,

@@ -238,7 +238,7 @@ def test_model_card_names_the_preset_the_recipe_and_the_source(checkpoint, tmp_p
 
 def test_compact_vocabulary_checkpoint_is_refused_naming_the_file_and_the_fix(checkpoint, tmp_path):
     compact = tmp_path / "compact"
-    shutil.copytree(checkpoint, compact)
+    shutil.copytree(checkpoint, compact, copy_function=os.link)
     (compact / data.COMPACT_VOCAB_FILE).write_text(json.dumps({"dolma2_ids": [0, 1, 2]}))
     with pytest.raises(CheckpointError, match=r"compact_vocab.json: .*compact vocabulary, so its token ids are not "
                                               r"dolma2's.*Map its embedding and lm_head rows back to dolma2 ids"):
@@ -254,11 +254,13 @@ def test_toy_vocabulary_exports_without_a_tokenizer_unless_asked(tmp_path):
         export_hf(model, tmp_path / "asked", tokenizer=True)
 
 
-def edit_tokenizer(folder, edit):
-    path = folder / "tokenizer.json"
-    tokenizer = json.loads(path.read_text())
+def with_edited_tokenizer(folder, copy, edit):
+    """A copy of folder (hard links, no 40 MB copy) whose tokenizer.json is edited: a new file, never the original."""
+    shutil.copytree(folder, copy, copy_function=os.link, ignore=shutil.ignore_patterns("tokenizer.json"))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
     edit(tokenizer)
-    path.write_text(json.dumps(tokenizer))
+    (copy / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return copy
 
 
 def swap_hello_and_world(tokenizer):
@@ -281,14 +283,11 @@ def test_import_summary_says_whether_the_tokenizer_gives_dolma2_ids(exported, tm
     for name, edit, message in [("words", swap_hello_and_world, r"probe text encodes differently from token 0 on "
                                                                 r"\(\[1917, 9906"),
                                 ("pad", move_pad, r"special tokens <\|pad\|> -> 100300 \(dolma2: 100277\)")]:
-        copy = tmp_path / name
-        shutil.copytree(folder, copy)
-        edit_tokenizer(copy, edit)
-        text = summary(copy)
+        text = summary(with_edited_tokenizer(folder, tmp_path / name, edit))
         assert "tokenizer: tokenizer.json DISAGREES with dolma2 ids" in text
         assert re.search(message, text), text
     bare = tmp_path / "bare"
-    shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    shutil.copytree(folder, bare, copy_function=os.link, ignore=shutil.ignore_patterns("tokenizer*"))
     assert "tokenizer: no tokenizer.json; OlmPool encodes with dolma2" in summary(bare)
 
 
