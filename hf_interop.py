@@ -815,7 +815,8 @@ def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None
 #
 # tokenizer.json is written with the `tokenizers` library from the same cl100k_base file that
 # data.py's tiktoken tokenizer reads (data.find_cl100k_file, SHA-256 checked): the vocabulary is the
-# file's ranks, the split regex is data.CL100K_PATTERN, and dolma2's special tokens keep their ids.
+# file's ranks, the split regex is data.CL100K_PATTERN (in tokenizers' dialect, HF_SPLIT_PATTERN), and
+# dolma2's special tokens keep their ids.
 # Special-token text is special here, as every Hugging Face tokenizer treats it (and tiktoken's
 # encode(text, allowed_special="all")): "<|endoftext|>" in a string becomes id 100257. data.Tokenizer
 # .encode is ordinary encoding (a document must not forge a boundary), so the two agree exactly on
@@ -862,7 +863,11 @@ def dolma2_hf_tokenizer():
     except ImportError:
         raise CheckpointError("exporting the tokenizer needs the `tokenizers` package: `pip install tokenizers` "
                               "(it comes with transformers), or export with tokenizer=False (--no_tokenizer)") from None
-    ranks = data.load_bpe_ranks(data.find_cl100k_file())
+    try:
+        ranks = data.load_bpe_ranks(data.find_cl100k_file())
+    except (data.DataError, OSError) as error:
+        raise CheckpointError(f"cannot build the dolma2 tokenizer: {error}; or export with tokenizer=False "
+                              f"(--no_tokenizer)") from None
     alphabet = _byte_to_unicode()
     text = lambda token: "".join(alphabet[byte] for byte in token)  # noqa: E731
     merges = []  # (rank of the merged token, rank of the left piece, rank of the right piece, left, right)

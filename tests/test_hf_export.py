@@ -246,6 +246,12 @@ def test_compact_vocabulary_checkpoint_is_refused_naming_the_file_and_the_fix(ch
     assert not (tmp_path / "hf").exists()
 
 
+def test_missing_cl100k_file_is_named_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv(data.BPE_FILE_ENV, str(tmp_path / "nowhere.tiktoken"))
+    with pytest.raises(CheckpointError, match=r"cannot build the dolma2 tokenizer: .*nowhere.tiktoken.*--no_tokenizer"):
+        hf_interop.dolma2_hf_tokenizer.__wrapped__()  # uncached: the module's tokenizer may be built already
+
+
 def test_toy_vocabulary_exports_without_a_tokenizer_unless_asked(tmp_path):
     model = Transformer(preset(PRESET, size="tiny", vocab_size=97, **TINY))
     text = export_hf(model, tmp_path / "toy")
