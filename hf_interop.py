@@ -833,7 +833,8 @@ MODEL_CARD = "README.md"
 # What the tokenizer check in the import summary encodes: letters, digits, contractions, whitespace
 # runs, CRLF, non-Latin scripts, emoji, code, and every special token.
 TOKENIZER_PROBE = ("Hello world! It's 2026; they'll pay 1234567 €.\n\n\tdef f(x):  return x**2  \r\n"
-                   "  Ünïcödé 日本語のテキスト, русский текст, 😀👍🏽   trailing   \n" + "".join(data.SPECIAL_TOKENS))
+                   "  Ünïcödé 日本語のテキスト, русский текст, 😀👍🏽   trailing   \n"
+                   + "".join(data.SPECIAL_TOKENS))
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -934,20 +935,20 @@ def model_card(config: ModelConfig, model_type: str, source: str | None = None,
                train_state: dict | None = None, tokenizer: bool = True) -> str:
     """README.md for an exported folder: the architecture switches, the matching presets, the
     training and extension recipe (from the checkpoint's train_state.json when there is one), the source."""
-    switches = [
-        f"- block norm: {config.norm_placement} ({'x + f(norm(x)), Llama' if config.norm_placement == 'pre' else 'x + norm(f(x)), Olmo 2/3'})",
-        f"- QK norm: {config.qk_norm}",
-        f"- attention heads: {config.n_heads} query, {config.n_kv_heads} key/value"
-        + (" (GQA)" if config.n_kv_heads < config.n_heads else " (MHA)"),
-        "- sliding window: " + ("none, every layer global" if config.window is None else
-                                f"{config.window} tokens on {sum(w is not None for w in config.layer_windows)} of "
-                                f"{config.n_layers} layers" + (f" (every {config.global_every}th and the last global)"
-                                                               if config.global_every else " (none global)")),
-        f"- context length: {config.context_length}",
-        f"- RoPE: theta {config.rope_theta:g}" + (f", local {config.rope_theta_local:g}" if config.rope_theta_local else "")
-        + ("" if config.rope_scaling == "none" else f", {config.rope_scaling} x{config.rope_factor:g} on "
-           f"{config.rope_scaling_layers} layers from {config.original_context} tokens"),
-    ]
+    block = "x + f(norm(x)), as Llama" if config.norm_placement == "pre" else "x + norm(f(x)), as Olmo 2/3"
+    heads = "GQA" if config.n_kv_heads < config.n_heads else "MHA"
+    window = "none, every layer global"
+    if config.window is not None:
+        local = sum(w is not None for w in config.layer_windows)
+        pattern = f"every {config.global_every}th and the last global" if config.global_every else "none global"
+        window = f"{config.window} tokens on {local} of {config.n_layers} layers ({pattern})"
+    rope = f"theta {config.rope_theta:g}" + (f", local {config.rope_theta_local:g}" if config.rope_theta_local else "")
+    if config.rope_scaling != "none":
+        rope += (f", {config.rope_scaling} x{config.rope_factor:g} on {config.rope_scaling_layers} layers from "
+                 f"{config.original_context} tokens")
+    switches = [f"- block norm: {config.norm_placement} ({block})", f"- QK norm: {config.qk_norm}",
+                f"- attention heads: {config.n_heads} query, {config.n_kv_heads} key/value ({heads})",
+                f"- sliding window: {window}", f"- context length: {config.context_length}", f"- RoPE: {rope}"]
     presets = _matching_presets(config)
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [olmpool]", "---", "",
