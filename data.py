@@ -368,10 +368,15 @@ def find_input_files(inputs):
 def read_documents(files, sources, strict=True):
     """Yield (source record, document text, input bytes consumed); append a record per file to sources."""
     for path in files:
+        try:
+            f = open(path, "rb")
+        except OSError as error:
+            raise DataError(f"{path} cannot be read ({error.strerror}); fix its permissions or leave it out "
+                            f"of the inputs") from None
         record = {"path": str(path), "bytes": path.stat().st_size, "sha256": None, "documents": 0}
         sources.append(record)
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
+        with f:
             if path.suffix == ".jsonl":
                 for line_number, line in enumerate(f, 1):
                     digest.update(line)

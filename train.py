@@ -30,16 +30,20 @@ Parallelism: one process, or under torchrun DDP by default (NCCL on GPU, gloo on
 GPU, fp32 on CPU). bf16 autocast on GPU, fp32 on CPU. `--compile` compiles each block;
 `--activation_checkpointing` recomputes each block's activations in the backward pass.
 
-Checkpoints (OUT/step_0001000/, written under a temporary name and renamed when complete):
+Checkpoints (OUT/step_0001000/, written under a temporary name, fsynced, renamed when complete):
     config.json         dataclasses.asdict(ModelConfig): the architecture, rebuilt by ModelConfig(**json)
-    model.safetensors   olmpool.Transformer's state_dict, full fp32 tensors      (without --fsdp)
+    model.safetensors   olmpool.Transformer's state_dict, full fp32 tensors (with --fsdp: gathered on rank 0)
     optimizer.pt        AdamW's state_dict, read with torch.load(weights_only=True) (without --fsdp)
     dcp/                model and optimizer, sharded, via torch.distributed.checkpoint (with --fsdp)
-    train_state.json    step, tokens seen, loader position, the arguments, RNG states
-`--resume auto` continues from the newest complete checkpoint in --out (nothing there: a fresh
-start); `--init_from DIR` (or `hf:DIR`, through hf_interop.py) only takes a checkpoint's weights.
-SIGTERM finishes the step, saves a checkpoint and exits cleanly (give the scheduler's grace period
-room for one step and one save); a non-finite loss stops the run without saving. On a multi-node
+    train_state.json    step, tokens seen, loader position, the arguments, RNG states, every file's size
+`--resume auto` continues from the newest intact checkpoint in --out (nothing there: a fresh
+start), skipping damaged ones with a warning; resuming an older one moves the newer ones aside to
+OUT/abandoned/. `--init_from DIR` (or `hf:DIR`, through hf_interop.py) only takes a checkpoint's
+weights, from model.safetensors: nothing from another person's folder is unpickled (DCP's metadata
+is a pickle, so only --resume, for one's own runs, reads dcp/). SIGTERM finishes the step, saves a
+checkpoint and exits with status 143 (give the scheduler's grace period room for one step and one
+save); a non-finite loss or gradient norm stops the run without saving. Every flag is checked
+before any work (validate_run_args, check_run_fits, check_vocabulary_fits_data). On a multi-node
 run --out must be on a filesystem every node sees. OUT/metrics.jsonl gets one line per step (loss,
 z_loss, lr, grad_norm, tokens_seen, tokens_per_s, mfu, peak_memory_gib, val_loss when measured); a
 resumed run appends, so steps after its checkpoint appear twice and the later line is the one that
@@ -292,6 +296,8 @@ def validate_run_args(args):
         value = getattr(args, name, None)
         if value is not None and not ok(value):  # nan fails every comparison, so it is refused too
             raise TrainError(f"--{name} {value} must be {wanted}; e.g. --{name} {example}")
+    if getattr(args, "out", None) and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise TrainError(f"--out {args.out} is a file; pass a folder for checkpoints and metrics.jsonl")
     resume = getattr(args, "resume", "auto")
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise TrainError(f"--resume {resume} is neither auto, never, nor a folder; pass a step_N folder written "
@@ -516,12 +522,13 @@ def default_micro_batch(sequences: int, world_size: int) -> int:
 
 
 def activation_estimate(config: ModelConfig, plan: BatchPlan, args, device_type: str) -> dict[str, float]:
-    """Bytes one process holds for one micro-batch's backward pass, by part: a rough lower estimate
-    that only has to tell "fits" from "cannot fit". The logits dominate small models at long
-    sequences: (micro_batch, seq_len, vocab) in fp32, kept with their softmax gradient and a copy."""
+    """Bytes one process must hold for one micro-batch's backward pass, by part: an estimate from
+    below (weights, optimizer and temporaries come on top), so that a refusal is sure. The logits
+    dominate small models at long sequences: loss_sums makes them (micro_batch, seq_len, vocab) in
+    fp32, and the backward pass a gradient of the same size."""
     B, T = plan.micro_batch, plan.seq_len
     element = 2 if device_type == "cuda" else 4  # bf16 autocast on GPU, fp32 on CPU
-    parts = {"logits": 3 * B * T * config.vocab_size * 4}
+    parts = {"logits": 2 * B * T * config.vocab_size * 4}
     # Per layer, roughly: the residual, norms, q/k/v, attention output and the MLP's three widths.
     per_layer = B * T * (6 * config.d_model + 2 * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
                          + 3 * config.mlp_hidden) * element
@@ -553,9 +560,12 @@ def check_run_fits(config: ModelConfig, plan: BatchPlan, args, env: Distributed)
     available, where = device_memory_bytes(env)
     if sum(parts.values()) > available:
         detail = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in parts.items())
-        raise TrainError(f"--seq_len {plan.seq_len} with --micro_batch {plan.micro_batch} needs about "
+        raise TrainError(f"--seq_len {plan.seq_len} with --micro_batch {plan.micro_batch} needs at least "
                          f"{sum(parts.values()) / 2**30:.0f} GiB of activations per process ({detail} GiB), but "
                          f"{where}; lower --micro_batch (accumulation keeps the global batch) or --seq_len")
+    if args.warmup is not None and args.warmup >= args.steps:
+        log(env, f"note: --warmup {args.warmup} >= --steps {args.steps}: the learning rate rises for the whole run "
+                 f"and never decays")
     if config.window is not None and config.window >= plan.seq_len:
         log(env, f"note: window {config.window} >= seq_len {plan.seq_len}: every layer sees the whole sequence, so "
                  f"this run trains the local layers as global ones (the window acts beyond {config.window} tokens)")

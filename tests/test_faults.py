@@ -125,7 +125,7 @@ BAD_FLAGS = [  # (flags, what the message must say)
     (["--resume", "no/such/folder"], "--resume no/such/folder is neither auto, never, nor a folder"),
     # Refused once the model and the data are known, still before any step:
     (["--vocab_size", "32000"], "--vocab_size 32000 is too small for"),
-    (["--seq_len", "1000000", "--batch_tokens", "2000000"], "--seq_len 1000000 with --micro_batch 2 needs about"),
+    (["--seq_len", "1000000", "--batch_tokens", "2000000"], "--seq_len 1000000 with --micro_batch 2 needs at least"),
 ]
 
 
