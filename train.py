@@ -940,19 +940,20 @@ CHECKPOINT_KEYS = ("step", "tokens_seen", "loader", "fsdp", "rng")
 def checkpoint_problem(path: Path) -> str | None:
     """What is damaged in a checkpoint folder, naming the file (None: intact). Cheap: the JSON files
     parse, every file has the size train_state.json recorded at save time (older checkpoints: the
-    weights' and optimizer's files exist), and model.safetensors' header covers the file."""
+    weights' and optimizer's files exist), and model.safetensors' header covers the file. (Whether
+    config.json is this run's architecture is check_architecture's question.)"""
     state_file, config_file = path / "train_state.json", path / "config.json"
-    try:
-        state = json.loads(state_file.read_text())
-        assert isinstance(state, dict) and all(key in state for key in CHECKPOINT_KEYS), \
-            f"not a train state (needs {', '.join(CHECKPOINT_KEYS)})"
-    except (OSError, UnicodeDecodeError, ValueError, AssertionError) as error:
-        return f"{state_file} is unreadable ({error})"
-    try:
-        defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
-        ModelConfig(**(defaults | json.loads(config_file.read_text())))
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:
-        return f"{config_file} is unreadable ({error})"
+    parsed = {}
+    for file in (state_file, config_file):
+        try:
+            parsed[file] = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            return f"{file} is unreadable ({error})"
+    state, config = parsed[state_file], parsed[config_file]
+    if not isinstance(state, dict) or not all(key in state for key in CHECKPOINT_KEYS):
+        return f"{state_file} is not a train state (it needs {', '.join(CHECKPOINT_KEYS)})"
+    if not isinstance(config, dict):
+        return f"{config_file} is not a config (a JSON object of ModelConfig fields)"
     expected = state.get("files") or {name: None for name in (
         ["dcp/.metadata"] if state["fsdp"] else ["model.safetensors", "optimizer.pt"])}
     for name, size in expected.items():
@@ -985,8 +986,13 @@ def set_aside_other_branch(out: Path, resume_dir: Path | None, env: Distributed)
                     key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
     env.barrier()  # every rank has chosen resume_dir before anything moves
     if others and env.is_main:
-        aside = out / ABANDONED_FOLDER / time.strftime("%Y%m%dT%H%M%S")
-        aside.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = out / ABANDONED_FOLDER / stamp
+        for attempt in range(1, 1000):  # two rollbacks within a second get two folders
+            if not aside.exists():
+                break
+            aside = out / ABANDONED_FOLDER / f"{stamp}_{attempt}"
+        aside.mkdir(parents=True)
         for path in others:
             os.replace(path, aside / path.name)
         warn(f"rollback to {resume_dir}: moved {', '.join(p.name for p in others)} (the abandoned branch) to "
@@ -1006,9 +1012,7 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transf
     env.barrier()
     if args.fsdp:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary / "dcp")
@@ -1108,6 +1112,7 @@ def load_checkpoint(path: Path, model, inner: Transformer, optimizer, loader: da
         dcp.load(saved, checkpoint_id=path / "dcp")  # reshards to this world size
         set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
     else:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         file = path / "model.safetensors"
@@ -1115,7 +1120,7 @@ def load_checkpoint(path: Path, model, inner: Transformer, optimizer, loader: da
             inner.load_state_dict(load_file(file))
             file = path / "optimizer.pt"  # one's own run's file, and still never unpickled beyond tensors
             optimizer.load_state_dict(torch.load(file, map_location=env.device, weights_only=True))
-        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
             raise TrainError(f"{file} is damaged ({str(error).splitlines()[0]}); resume another checkpoint "
                              f"with --resume DIR, or move {path} away and use --resume auto") from None
     loader.load_state_dict(state["loader"])
