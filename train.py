@@ -774,7 +774,7 @@ def _train(args, env: Distributed, stop: dict) -> dict:
     check_run_fits(config, plan, args, env)
     out = Path(args.out or REPO_DIR / "runs" / (args.name or run_name(args)))
     resume_dir = find_resume(args, out)
-    set_aside_other_branch(out, resume_dir, env)
+    resume_dir = set_aside_other_branch(out, resume_dir, env)
     if env.device.type == "cpu":
         torch.set_num_threads(cpu_threads(args, resume_dir))
     if env.device.type == "cuda":
@@ -973,12 +973,13 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def set_aside_other_branch(out: Path, resume_dir: Path | None, env: Distributed):
+def set_aside_other_branch(out: Path, resume_dir: Path | None, env: Distributed) -> Path | None:
     """A rollback (resuming a checkpoint older than the newest in out) starts a new branch: move the
     other branch's checkpoints (every one at or after the resumed step but the resumed one) to
-    OUT/abandoned/TIME/, so that pruning never deletes the new branch and --resume auto follows it."""
+    OUT/abandoned/TIME/, so that pruning never deletes the new branch and --resume auto follows it.
+    A checkpoint resumed from OUT/abandoned/ moves back into out. Returns where resume_dir now is."""
     if resume_dir is None or not out.is_dir():
-        return
+        return resume_dir
     resumed_step = int(json.loads((resume_dir / "train_state.json").read_text())["step"])
     # Complete or not (a save would overwrite an incomplete one), sorted by step.
     others = sorted((p for p in out.glob("step_*") if (m := CHECKPOINT_PATTERN.match(p.name))
@@ -997,7 +998,13 @@ def set_aside_other_branch(out: Path, resume_dir: Path | None, env: Distributed)
             os.replace(path, aside / path.name)
         warn(f"rollback to {resume_dir}: moved {', '.join(p.name for p in others)} (the abandoned branch) to "
              f"{aside}; nothing was deleted")
+    back = out / resume_dir.name
+    returning = (out / ABANDONED_FOLDER).resolve() in resume_dir.resolve().parents
+    if returning and env.is_main:  # back to a branch set aside earlier: auto must find it in out
+        os.replace(resume_dir, back)
+        warn(f"moved {resume_dir} back to {back}, the branch this run continues")
     env.barrier()
+    return back if returning else resume_dir
 
 
 def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transformer, optimizer,

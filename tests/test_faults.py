@@ -98,6 +98,11 @@ def test_a_rollback_moves_the_abandoned_branch_aside_and_auto_continues_the_chos
     reference = run(corpus, tmp_path / "reference", *branch, "--resume", str(tmp_path / "copy_of_step_2"),
                     "--stop_at", "6")
     assert_same_weights(weights(resumed["checkpoint"]), weights(reference["checkpoint"]))
+    # And back to the first branch: its step 6 returns to out, the second branch's step 6 goes aside.
+    run(corpus, out, "--steps", "8", "--save_every", "2", "--resume", str(aside / "step_0000006"), "--stop_at", "6")
+    assert step_names(out) == ["step_0000004", "step_0000006"]  # (the second branch pruned step 2)
+    assert_same_weights(weights(out / "step_0000006"), old["step_0000006"])
+    assert len(list((out / train.ABANDONED_FOLDER).glob("*/step_0000006"))) == 1  # the second branch's
 
 
 # ----------------------------------------------------------------------------------------------
