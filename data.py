@@ -4,6 +4,7 @@ resumable loader for train.py and extend.py.
 
     python data.py prepare corpus.jsonl notes/ 'books/**/*.txt' --out data/mine
     python data.py builtin                  # the default corpus, into data/builtin
+    python data.py verify data/mine         # every shard against the manifest's SHA-256s
     python train.py --data data/mine        # (train.py reads the folder with TokenLoader)
 
 Tokenizer. OLMo 2/3, and so OlmPool, use "dolma2": OpenAI's cl100k_base BPE with its special
@@ -25,7 +26,9 @@ Output of `prepare`: DIR/train_000000.bin ..., DIR/val_000000.bin ..., and DIR/m
                     uint64 token count, uint64 document count
     uint64[document count]   where each document starts in the shard's tokens
     uint32[token count]      the tokens; each document ends with <|endoftext|>
-Documents never cross shards. Shards are written to a temporary name and renamed into place.
+Documents never cross shards. A prepare builds the whole folder aside and swaps it in when
+complete, so a failed prepare leaves an existing folder as it was; it refuses an --out holding
+files it did not write.
 
 Built-in corpus (`builtin`, and `python train.py` with no data): text every Python installation
 ships, so a tiny model can learn something without a download: the prose of pydoc's help topics
@@ -46,6 +49,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import struct
 import sys
 import sysconfig
@@ -172,6 +176,7 @@ class Shard:
     path: Path
     tokens: np.ndarray      # (n_tokens,) uint32, memory-mapped
     doc_starts: np.ndarray  # (n_documents,) uint64, index into tokens where each document begins
+    max_token_id: int = -1  # the largest id in tokens, when read_shard checked them (-1: not checked or empty)
 
 
 def write_shard(path, tokens, doc_starts):
@@ -223,11 +228,12 @@ def read_shard(path, check_vocab=True):
 
     doc_starts = mapped("<u8", HEADER.size, n_documents)
     tokens = mapped("<u4", HEADER.size + 8 * n_documents, n_tokens)
-    if check_vocab and n_tokens and tokens.max() >= VOCAB_SIZE:  # one pass at memory speed
+    max_token_id = int(tokens.max()) if check_vocab and n_tokens else -1  # one pass at memory speed
+    if max_token_id >= VOCAB_SIZE:
         position = int(np.argmax(tokens >= VOCAB_SIZE))
         raise DataError(f"{path} holds token id {tokens[position]} at position {position}, beyond the "
                         f"vocabulary of {VOCAB_SIZE}: the file is corrupt or came from another tokenizer; {PREPARE_FIX}")
-    return Shard(path, tokens, doc_starts)
+    return Shard(path, tokens, doc_starts, max_token_id)
 
 
 class ShardWriter:
@@ -303,6 +309,35 @@ def read_manifest(data_dir):
     return manifest
 
 
+def verify(data_dir):
+    """Check every shard of a prepared folder against its manifest: present, the listed size, a valid
+    header, and the listed SHA-256 (a full read). Returns the problems found, each naming the file;
+    [] means the folder is intact. (The loader checks sizes and headers, not hashes: it must start fast.)"""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    problems = []
+    for split, record in manifest["splits"].items():
+        for shard in record["shards"]:
+            path = data_dir / shard["file"]
+            if not path.is_file():
+                problems.append(f"{path} is missing ({split} shard listed in {MANIFEST})")
+                continue
+            try:
+                read_shard(path, check_vocab=False)
+            except DataError as error:
+                problems.append(str(error))
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            if digest.hexdigest() != shard["sha256"]:
+                problems.append(f"{path} has SHA-256 {digest.hexdigest()}, but {MANIFEST} lists {shard['sha256']}: "
+                                f"the file changed after prepare (disk or copy damage, or an edit); copy it again "
+                                f"or {PREPARE_FIX}")
+    return problems
+
+
 # -----------------------------------------------------------------------------
 # prepare: text files, folders, globs and JSONL -> train/val shards
 
@@ -333,10 +368,15 @@ def find_input_files(inputs):
 def read_documents(files, sources, strict=True):
     """Yield (source record, document text, input bytes consumed); append a record per file to sources."""
     for path in files:
+        try:
+            f = open(path, "rb")
+        except OSError as error:
+            raise DataError(f"{path} cannot be read ({error.strerror}); fix its permissions or leave it out "
+                            f"of the inputs") from None
         record = {"path": str(path), "bytes": path.stat().st_size, "sha256": None, "documents": 0}
         sources.append(record)
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
+        with f:
             if path.suffix == ".jsonl":
                 for line_number, line in enumerate(f, 1):
                     digest.update(line)
@@ -357,6 +397,11 @@ def read_documents(files, sources, strict=True):
 
 
 def jsonl_text(path, line_number, line):
+    try:
+        line = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}:{line_number} is not UTF-8 (byte {error.start} of the line, {line[error.start:error.start + 4]!r}); "
+                        f"convert the file to UTF-8, or drop the line") from None
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:
@@ -414,35 +459,73 @@ def tokenized(documents):
     yield from encoded(batch)
 
 
+# What prepare writes into a folder; any other file there is the user's, and prepare will not replace it.
+PREPARED_FILE_PATTERNS = (MANIFEST, "train_*.bin", "val_*.bin", COMPACT_VOCAB_FILE, ".*")
+
+
+def check_prepare_target(out_dir):
+    """Refuse an --out that holds files prepare did not write: prepare replaces the whole folder."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file, not a folder; pass a new or empty folder")
+    foreign = sorted(p.name for p in out_dir.iterdir() if not any(p.match(pattern) for pattern in PREPARED_FILE_PATTERNS))
+    if foreign:
+        raise DataError(f"--out {out_dir} holds files prepare did not write ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}), and prepare replaces the whole folder; pass a new "
+                        f"or empty folder")
+
+
+def replace_folder(new, old):
+    """Put the folder new where old is: two renames, so old stays whole until new is complete."""
+    if not old.exists():
+        os.replace(new, old)
+        return
+    retired = old.parent / f".{old.name}.replaced-{os.getpid()}"
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(old, retired)
+    os.replace(new, old)
+    shutil.rmtree(retired)
+
+
 def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_bytes,
-                 max_tokens=None, progress=True, **details):
-    """Tokenize documents into out_dir's shards and manifest; stop after max_tokens if given."""
+                 max_tokens=None, progress=True, extra_files=None, **details):
+    """Tokenize documents into out_dir's shards and manifest; stop after max_tokens if given.
+
+    The folder is built aside (a hidden sibling) and swapped in only when complete, so a prepare
+    that fails leaves an existing out_dir exactly as it was. extra_files ({name: text}) are written
+    into the new folder before the swap."""
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val_fraction {val_fraction} must be in [0, 1), e.g. 0.005")
     if shard_tokens < 1:
         raise DataError(f"--shard_tokens {shard_tokens} must be positive, e.g. {DEFAULT_SHARD_TOKENS}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest lands, the folder reads as unprepared
-    writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in ("train", "val")}
-    meter = Progress(total_bytes, progress)
-    for source, text, n_bytes, ids in tokenized(documents):
-        writers["val" if is_val_document(text, val_fraction) else "train"].add_document(ids)
-        source["documents"] += 1
-        meter.update(n_bytes, len(ids) + 1)
-        if max_tokens and meter.tokens >= max_tokens:
-            break
-    if meter.tokens == 0:
-        names = ", ".join(s["path"] for s in sources[:5]) + (", ..." if len(sources) > 5 else "")
-        raise DataError(f"empty corpus: no document with any text in {len(sources)} input file(s) ({names}); "
-                        f"check the inputs (JSONL documents go in a \"text\" field)")
-    splits = {split: writer.close() for split, writer in writers.items()}
-    manifest = write_manifest(out_dir, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
-                              max_tokens=max_tokens, sources=sources, **details)
-    listed = {shard["file"] for split in splits.values() for shard in split["shards"]}
-    for stale in [*out_dir.glob("train_*.bin"), *out_dir.glob("val_*.bin")]:
-        if stale.name not in listed:  # left by an earlier prepare into the same folder
-            stale.unlink()
+    check_prepare_target(out_dir)
+    building = out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)  # left by a prepare of this process id that was killed
+    building.mkdir(parents=True)
+    try:
+        writers = {split: ShardWriter(building, split, shard_tokens) for split in ("train", "val")}
+        meter = Progress(total_bytes, progress)
+        for source, text, n_bytes, ids in tokenized(documents):
+            writers["val" if is_val_document(text, val_fraction) else "train"].add_document(ids)
+            source["documents"] += 1
+            meter.update(n_bytes, len(ids) + 1)
+            if max_tokens and meter.tokens >= max_tokens:
+                break
+        if meter.tokens == 0:
+            names = ", ".join(s["path"] for s in sources[:5]) + (", ..." if len(sources) > 5 else "")
+            raise DataError(f"empty corpus: no document with any text in {len(sources)} input file(s) ({names}); "
+                            f"check the inputs (JSONL documents go in a \"text\" field)")
+        splits = {split: writer.close() for split, writer in writers.items()}
+        manifest = write_manifest(building, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
+                                  max_tokens=max_tokens, sources=sources, **details)
+        for name, text in (extra_files or {}).items():
+            (building / name).write_text(text)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    replace_folder(building, out_dir)
     seconds = max(time.monotonic() - meter.start, 1e-6)
     if progress:
         print(f"prepared {out_dir}: {splits['train']['tokens']:,} train tokens ({splits['train']['documents']:,} documents), "
@@ -545,7 +628,9 @@ class TokenLoader:
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.seed, self.mask_documents = seed, mask_documents
         records = manifest["splits"][split]["shards"]
-        self.shards = [read_shard(self.data_dir / r["file"]).tokens for r in records]
+        shards = [read_shard(self.data_dir / r["file"]) for r in records]
+        self.shards = [shard.tokens for shard in shards]
+        self.max_token_id = max((shard.max_token_id for shard in shards), default=-1)  # train.py checks the vocab
         for record, tokens in zip(records, self.shards):
             if tokens.size != record["tokens"]:
                 raise DataError(f"{self.data_dir / record['file']} holds {tokens.size} tokens, but {MANIFEST} "
@@ -646,11 +731,21 @@ def main(argv=None):
                                   description="Prepare the built-in corpus, or reuse it if already prepared the same way.")
     builtin.add_argument("--out", default=str(DEFAULT_BUILTIN_DIR), metavar="DIR", help="output folder (default: %(default)s)")
     builtin.add_argument("--max_tokens", type=int, default=BUILTIN_MAX_TOKENS, help="stop after this many tokens (default: %(default)s)")
+    check = commands.add_parser("verify", help="check every shard of a prepared folder against its manifest's SHA-256s",
+                                description="Read every shard of DIR and compare it with manifest.json: presence, "
+                                            "size, header and SHA-256. Exit status 0 if all match, 1 otherwise.")
+    check.add_argument("folder", metavar="DIR", help="a folder made by `python data.py prepare`")
     parser.epilog = "\n".join(f"--- python data.py {name} ---\n{sub.format_help()}" for name, sub in commands.choices.items())
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
             prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens, progress=not args.quiet)
+        elif args.command == "verify":
+            problems = verify(args.folder)
+            if problems:
+                parser.exit(1, "".join(f"error: {problem}\n" for problem in problems))
+            shards = sum(len(split["shards"]) for split in read_manifest(args.folder)["splits"].values())
+            print(f"{args.folder}: all {shards} shard(s) match {MANIFEST} (size, header, SHA-256)")
         else:
             prepare_builtin_corpus(args.out, args.max_tokens)
             print(f"built-in corpus ready in {args.out}", file=sys.stderr)

@@ -30,16 +30,20 @@ Parallelism: one process, or under torchrun DDP by default (NCCL on GPU, gloo on
 GPU, fp32 on CPU). bf16 autocast on GPU, fp32 on CPU. `--compile` compiles each block;
 `--activation_checkpointing` recomputes each block's activations in the backward pass.
 
-Checkpoints (OUT/step_0001000/, written under a temporary name and renamed when complete):
+Checkpoints (OUT/step_0001000/, written under a temporary name, fsynced, renamed when complete):
     config.json         dataclasses.asdict(ModelConfig): the architecture, rebuilt by ModelConfig(**json)
-    model.safetensors   olmpool.Transformer's state_dict, full fp32 tensors      (without --fsdp)
+    model.safetensors   olmpool.Transformer's state_dict, full fp32 tensors (with --fsdp: gathered on rank 0)
     optimizer.pt        AdamW's state_dict, read with torch.load(weights_only=True) (without --fsdp)
     dcp/                model and optimizer, sharded, via torch.distributed.checkpoint (with --fsdp)
-    train_state.json    step, tokens seen, loader position, the arguments, RNG states
-`--resume auto` continues from the newest complete checkpoint in --out (nothing there: a fresh
-start); `--init_from DIR` (or `hf:DIR`, through hf_interop.py) only takes a checkpoint's weights.
-SIGTERM finishes the step, saves a checkpoint and exits cleanly (give the scheduler's grace period
-room for one step and one save); a non-finite loss stops the run without saving. On a multi-node
+    train_state.json    step, tokens seen, loader position, the arguments, RNG states, every file's size
+`--resume auto` continues from the newest intact checkpoint in --out (nothing there: a fresh
+start), skipping damaged ones with a warning; resuming an older one moves the newer ones aside to
+OUT/abandoned/. `--init_from DIR` (or `hf:DIR`, through hf_interop.py) only takes a checkpoint's
+weights, from model.safetensors: nothing from another person's folder is unpickled (DCP's metadata
+is a pickle, so only --resume, for one's own runs, reads dcp/). SIGTERM finishes the step, saves a
+checkpoint and exits with status 143 (give the scheduler's grace period room for one step and one
+save); a non-finite loss or gradient norm stops the run without saving. Every flag is checked
+before any work (validate_run_args, check_run_fits, check_vocabulary_fits_data). On a multi-node
 run --out must be on a filesystem every node sees. OUT/metrics.jsonl gets one line per step (loss,
 z_loss, lr, grad_norm, tokens_seen, tokens_per_s, mfu, peak_memory_gib, val_loss when measured); a
 resumed run appends, so steps after its checkpoint appear twice and the later line is the one that
@@ -60,6 +64,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import resource
@@ -69,7 +74,6 @@ import sys
 import time
 import tokenize
 import typing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +101,10 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # world size (pass --batch_tokens to compare runs across devices).
 DEFAULT_SEQUENCES = {"cpu": 2, "cuda": 64}
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)$")
+# Exit status after SIGTERM once the checkpoint is saved: 128 + SIGTERM, what a shell reports for a
+# process ended by SIGTERM, so a scheduler tells "preempted, saved, resume me" (143) from "finished" (0).
+PREEMPTED_EXIT_STATUS = 143
+ABANDONED_FOLDER = "abandoned"  # OUT/abandoned/TIME/step_N: checkpoints of a branch given up by a rollback
 
 
 class TrainError(ValueError):
@@ -183,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"global batch in tokens, a multiple of seq_len (default: {DEFAULT_SEQUENCES['cpu']} sequences "
                           f"on CPU, so that `python train.py` takes minutes; {DEFAULT_SEQUENCES['cuda']} on GPU, which split "
                           f"over up to 32 GPUs; OlmPool 7B: 4194304)")
-    run.add_argument("--micro_batch", type=int, default=2, help="sequences per device per forward pass; "
-                     "gradient accumulation makes up the rest of the global batch (default: %(default)s)")
+    run.add_argument("--micro_batch", type=int, help="sequences per device per forward pass; gradient "
+                     "accumulation makes up the rest of the global batch (default: 2 if it divides each process's "
+                     "share of the global batch, else 1, so that any world size dividing the batch runs)")
     run.add_argument("--steps", type=int, default=100, help="optimizer steps the schedule spans (default: %(default)s)")
     run.add_argument("--stop_at", type=int, metavar="STEP", help="save and stop after this step, leaving the "
                      "schedule as --steps plans it (for time-limited jobs)")
@@ -227,10 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_argument("--resume", metavar="auto|never|DIR", default="auto",
                              help="auto: continue from the newest complete checkpoint in --out, if any, so the same "
                                   "command resumes after preemption; never: refuse an --out that holds checkpoints; "
-                                  "or a checkpoint folder (default: %(default)s)")
+                                  "or a checkpoint folder (default: %(default)s). Resuming a checkpoint older than "
+                                  "the newest in --out is a rollback: the newer ones (another branch) move to "
+                                  "OUT/abandoned/TIME/, never deleted, so --resume auto then continues the branch "
+                                  "resumed; a damaged checkpoint is skipped by auto (with a warning) and refused "
+                                  "by name")
     checkpoints.add_argument("--init_from", metavar="DIR|hf:DIR",
-                             help="start from these weights (a checkpoint folder, or a Hugging Face folder via "
-                                  "hf_interop.py) with a fresh optimizer and step 0; a checkpoint found by --resume wins")
+                             help="start from these weights (a checkpoint folder's model.safetensors, or a Hugging "
+                                  "Face folder via hf_interop.py) with a fresh optimizer and step 0; a checkpoint found "
+                                  "by --resume wins. Only safetensors are read: nothing here is unpickled")
     checkpoints.add_argument("--eval_every", type=int, default=50, help="validation loss every N steps and at the "
                              "end; 0: never (default: %(default)s)")
     checkpoints.add_argument("--eval_batches", type=int, default=4,
@@ -246,10 +260,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        validate_run_args(args)
         model_config(args)  # fail now, with the flags' names, rather than after setting up
     except (TrainError, ValueError) as error:
         parser.error(str(error))
     return args
+
+
+# Run flags and the values they take: (flag, test, what the test asks, an example). A flag that is
+# None was not given and takes its default. Checked before any work, so a bad value never trains,
+# never writes a checkpoint and never fails halfway through a run.
+RUN_FLAG_RULES = [
+    *[(name, lambda v: v >= 1, "a positive integer", example) for name, example in (
+        ("micro_batch", 1), ("batch_tokens", 4096), ("seq_len", 256), ("steps", 100), ("stop_at", 50),
+        ("save_every", 50), ("log_every", 10), ("eval_batches", 4), ("threads", 1))],
+    *[(name, lambda v: v >= 0, "a non-negative integer", example) for name, example in (
+        ("eval_every", 50), ("keep_checkpoints", 3), ("warmup", 2000), ("seed", 0), ("data_seed", 0))],
+    ("lr", lambda v: 0 < v < math.inf, "a positive finite number", 3e-4),
+    ("grad_clip", lambda v: v > 0, "positive (inf: no clipping)", 1.0),
+    ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]", 0.1),
+    ("decay_fraction", lambda v: 0 < v <= 1, "in (0, 1]", 0.2),
+    ("weight_decay", lambda v: 0 <= v < math.inf, "a non-negative finite number", 0.1),
+    ("beta1", lambda v: 0 <= v < 1, "in [0, 1)", 0.9),
+    ("beta2", lambda v: 0 <= v < 1, "in [0, 1)", 0.95),
+    ("eps", lambda v: 0 < v < math.inf, "a positive finite number", 1e-8),
+    ("z_loss", lambda v: 0 <= v < math.inf, "a non-negative finite number", 1e-5),
+    ("peak_flops", lambda v: 0 < v < math.inf, "a positive finite number of FLOP/s", 989e12),
+]
+
+
+def validate_run_args(args):
+    """Refuse any run flag outside its range, naming the value and a valid one (TrainError). Checks
+    that need the model or the data are in check_run_fits (memory) and check_vocabulary_fits_data."""
+    for name, ok, wanted, example in RUN_FLAG_RULES:
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):  # nan fails every comparison, so it is refused too
+            raise TrainError(f"--{name} {value} must be {wanted}; e.g. --{name} {example}")
+    if getattr(args, "out", None) and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise TrainError(f"--out {args.out} is a file; pass a folder for checkpoints and metrics.jsonl")
+    resume = getattr(args, "resume", "auto")
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        raise TrainError(f"--resume {resume} is neither auto, never, nor a folder; pass a step_N folder written "
+                         f"by train.py, or --resume auto")
 
 
 def model_config(args) -> ModelConfig:
@@ -450,15 +502,81 @@ def batch_plan(args, config: ModelConfig, world_size: int, device_type: str = "c
         raise TrainError(f"--batch_tokens {batch_tokens} is not a whole number of sequences of seq_len={seq_len}; "
                          f"use a multiple of {seq_len}, e.g. {max(1, round(batch_tokens / seq_len)) * seq_len}")
     sequences = batch_tokens // seq_len
-    per_step = world_size * args.micro_batch
+    micro_batch = args.micro_batch if args.micro_batch is not None else default_micro_batch(sequences, world_size)
+    per_step = world_size * micro_batch
     if sequences % per_step:
         raise TrainError(f"a global batch of {sequences} sequences ({batch_tokens} tokens / seq_len {seq_len}) does "
-                         f"not split into {world_size} processes x --micro_batch {args.micro_batch}; use --batch_tokens "
+                         f"not split into {world_size} processes x --micro_batch {micro_batch}; use --batch_tokens "
                          f"a multiple of {per_step * seq_len}, or a --micro_batch that divides {sequences // world_size}"
                          if sequences % world_size == 0 else
                          f"a global batch of {sequences} sequences does not split over {world_size} processes; use "
                          f"--batch_tokens a multiple of {per_step * seq_len}")
-    return BatchPlan(seq_len, sequences, args.micro_batch, sequences // per_step)
+    return BatchPlan(seq_len, sequences, micro_batch, sequences // per_step)
+
+
+def default_micro_batch(sequences: int, world_size: int) -> int:
+    """2 when it divides each process's share of the global batch, else 1: the default never stops a
+    world size that divides the batch (2 CPU processes share the CPU default of 2 sequences)."""
+    share = sequences // world_size if sequences % world_size == 0 else sequences
+    return 2 if share % 2 == 0 else 1
+
+
+def activation_estimate(config: ModelConfig, plan: BatchPlan, args, device_type: str) -> dict[str, float]:
+    """Bytes one process must hold for one micro-batch's backward pass, by part: an estimate from
+    below (weights, optimizer and temporaries come on top), so that a refusal is sure. The logits
+    dominate small models at long sequences: loss_sums makes them (micro_batch, seq_len, vocab) in
+    fp32, and the backward pass a gradient of the same size."""
+    B, T = plan.micro_batch, plan.seq_len
+    element = 2 if device_type == "cuda" else 4  # bf16 autocast on GPU, fp32 on CPU
+    parts = {"logits": 2 * B * T * config.vocab_size * 4}
+    # Per layer, roughly: the residual, norms, q/k/v, attention output and the MLP's three widths.
+    per_layer = B * T * (6 * config.d_model + 2 * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+                         + 3 * config.mlp_hidden) * element
+    stored_layers = 1 if args.activation_checkpointing else config.n_layers
+    parts["layers"] = stored_layers * per_layer + (config.n_layers * B * T * config.d_model * element
+                                                   if args.activation_checkpointing else 0)
+    dense_scores = config.attention_backend == "naive" or (args.mask_documents and config.attention_backend == "sdpa")
+    if dense_scores:  # a (T, T) mask or score matrix per head and layer
+        parts["attention scores"] = stored_layers * B * config.n_heads * T * T * 4
+    return parts
+
+
+def device_memory_bytes(env: Distributed) -> tuple[int, str]:
+    """(bytes one process may use, what the number is)."""
+    if env.device.type == "cuda":
+        total = torch.cuda.get_device_properties(env.device).total_memory
+        return total, f"{torch.cuda.get_device_name(env.device)} has {total / 2**30:.0f} GiB"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return total // local, f"this machine has {total / 2**30:.0f} GiB of memory" + (
+        f", {total / local / 2**30:.0f} GiB for each of its {local} processes" if local > 1 else "")
+
+
+def check_run_fits(config: ModelConfig, plan: BatchPlan, args, env: Distributed):
+    """Refuse, before building anything, a micro-batch whose activations alone exceed the device's
+    memory (a sure out-of-memory, or hours of swapping), with the estimate; note a window no shorter
+    than the sequence once (allowed: its local layers then attend like global ones)."""
+    parts = activation_estimate(config, plan, args, env.device.type)
+    available, where = device_memory_bytes(env)
+    if sum(parts.values()) > available:
+        detail = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in parts.items())
+        raise TrainError(f"--seq_len {plan.seq_len} with --micro_batch {plan.micro_batch} needs at least "
+                         f"{sum(parts.values()) / 2**30:.0f} GiB of activations per process ({detail} GiB), but "
+                         f"{where}; lower --micro_batch (accumulation keeps the global batch) or --seq_len")
+    if args.warmup is not None and args.warmup >= args.steps:
+        log(env, f"note: --warmup {args.warmup} >= --steps {args.steps}: the learning rate rises for the whole run "
+                 f"and never decays")
+    if config.window is not None and config.window >= plan.seq_len:
+        log(env, f"note: window {config.window} >= seq_len {plan.seq_len}: every layer sees the whole sequence, so "
+                 f"this run trains the local layers as global ones (the window acts beyond {config.window} tokens)")
+
+
+def check_vocabulary_fits_data(config: ModelConfig, loaders, folder: Path):
+    """Refuse data whose token ids the embedding has no row for (an IndexError deep in the model)."""
+    largest = max(loader.max_token_id for loader in loaders if loader is not None)
+    if largest >= config.vocab_size:
+        raise TrainError(f"--vocab_size {config.vocab_size} is too small for {folder}, whose largest token id is "
+                         f"{largest}; use --vocab_size {largest + 1} or more (the presets' 100352 fits dolma2)")
 
 
 def data_dir(args, env: Distributed) -> Path:
@@ -623,7 +741,9 @@ def duration(seconds: float) -> str:
 
 
 def train(args) -> dict:
-    """Train as args say; returns {"losses": {step: loss}, "val_losses": {step: loss}, "checkpoint": path}."""
+    """Train as args say; returns {"losses": {step: loss}, "val_losses": {step: loss}, "checkpoint": path,
+    "preempted": whether SIGTERM stopped it (after saving)}."""
+    validate_run_args(args)  # again, for callers that build args without parse_args
     env = setup_distributed(args.device)
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
@@ -651,8 +771,10 @@ def cpu_threads(args, resume_dir: Path | None) -> int:
 def _train(args, env: Distributed, stop: dict) -> dict:
     config = model_config(args)
     plan = batch_plan(args, config, env.world_size, env.device.type)
+    check_run_fits(config, plan, args, env)
     out = Path(args.out or REPO_DIR / "runs" / (args.name or run_name(args)))
     resume_dir = find_resume(args, out)
+    resume_dir = set_aside_other_branch(out, resume_dir, env)
     if env.device.type == "cpu":
         torch.set_num_threads(cpu_threads(args, resume_dir))
     if env.device.type == "cuda":
@@ -662,6 +784,7 @@ def _train(args, env: Distributed, stop: dict) -> dict:
     optimizer = build_optimizer(model, args)
     folder = data_dir(args, env)
     train_loader, val_loader = build_loaders(args, plan, env, folder)
+    check_vocabulary_fits_data(config, (train_loader, val_loader), folder)
     step, tokens_seen = 0, 0
     if resume_dir:
         step, tokens_seen = load_checkpoint(resume_dir, model, inner, optimizer, train_loader, args, env)
@@ -693,7 +816,8 @@ def _train(args, env: Distributed, stop: dict) -> dict:
             result = train_step(model, optimizer, batches, plan, args, env, lr, stop["requested"])
             if not result["finite"]:
                 kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
-                raise TrainError(f"non-finite loss at step {step + 1} (loss {result['loss']}, grad norm "
+                quantity = "loss" if not math.isfinite(result["loss"]) else "gradient norm"
+                raise TrainError(f"non-finite {quantity} at step {step + 1} (loss {result['loss']}, grad norm "
                                  f"{result['grad_norm']}); stopped without saving, {kept}. Lower --lr (now "
                                  f"{lr:g} at this step) or lengthen --warmup, then --resume auto")
             step += 1
@@ -712,13 +836,15 @@ def _train(args, env: Distributed, stop: dict) -> dict:
     if step >= last_step and not losses:
         log(env, f"nothing to do: {resume_dir} is at step {step}, and this run stops at step {last_step}")
     if stopping:
-        log(env, f"SIGTERM: saved {last_saved} at step {step}; continue with the same command and --resume auto")
+        log(env, f"SIGTERM: saved {last_saved} at step {step}; continue with the same command and --resume auto "
+                 f"(exit status {PREEMPTED_EXIT_STATUS})")
     if losses:
         recent = [losses[s] for s in sorted(losses)[-10:]]
         log(env, f"done: loss {losses[first_step]:.4f} at step {first_step} -> {losses[step]:.4f} at step {step} "
                  f"(mean of the last {len(recent)}: {sum(recent) / len(recent):.4f}), "
                  f"{time.perf_counter() - start_time:.0f}s; checkpoint {last_saved}")
-    return {"losses": losses, "val_losses": val_losses, "checkpoint": last_saved, "step": step, "out": out}
+    return {"losses": losses, "val_losses": val_losses, "checkpoint": last_saved, "step": step, "out": out,
+            "preempted": stopping}
 
 
 class Meter:
@@ -780,17 +906,111 @@ def find_resume(args, out: Path) -> Path | None:
         return None
     if args.resume == "auto":
         existing = checkpoints_in(out) if out.is_dir() else []
-        return existing[-1] if existing else None
+        damage = []
+        for path in reversed(existing):  # the newest intact one; damaged ones are named and skipped
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            damage.append(problem)
+            warn(f"warning: skipping damaged checkpoint {path.name}: {problem}")
+        if damage:
+            raise TrainError(f"every checkpoint in {out} is damaged ({'; '.join(damage)}); move the folder "
+                             f"away to start afresh, or pass another --out")
+        return None
     path = Path(args.resume)
     if not (path / "train_state.json").is_file():
         raise TrainError(f"--resume {path}: no {path / 'train_state.json'}, so not a complete checkpoint; "
                          f"pass a step_N folder, or --resume auto")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TrainError(f"--resume {path} is damaged: {problem}; pass another step_N folder, or --resume auto "
+                         f"(which takes the newest intact checkpoint in --out)")
     return path
+
+
+def warn(message: str):
+    """Print a warning once per run (rank 0, or a process outside torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+CHECKPOINT_KEYS = ("step", "tokens_seen", "loader", "fsdp", "rng")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is damaged in a checkpoint folder, naming the file (None: intact). Cheap: the JSON files
+    parse, every file has the size train_state.json recorded at save time (older checkpoints: the
+    weights' and optimizer's files exist), and model.safetensors' header covers the file. (Whether
+    config.json is this run's architecture is check_architecture's question.)"""
+    state_file, config_file = path / "train_state.json", path / "config.json"
+    parsed = {}
+    for file in (state_file, config_file):
+        try:
+            parsed[file] = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            return f"{file} is unreadable ({error})"
+    state, config = parsed[state_file], parsed[config_file]
+    if not isinstance(state, dict) or not all(key in state for key in CHECKPOINT_KEYS):
+        return f"{state_file} is not a train state (it needs {', '.join(CHECKPOINT_KEYS)})"
+    if not isinstance(config, dict):
+        return f"{config_file} is not a config (a JSON object of ModelConfig fields)"
+    expected = state.get("files") or {name: None for name in (
+        ["dcp/.metadata"] if state["fsdp"] else ["model.safetensors", "optimizer.pt"])}
+    for name, size in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if size is not None and file.stat().st_size != size:
+            return f"{file} has {file.stat().st_size} bytes, but {size} were written (truncated or overwritten)"
+    if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path / "model.safetensors", "pt"):
+                pass
+        except Exception as error:  # safetensors raises its own error type for any bad header
+            return f"{path / 'model.safetensors'} is unreadable ({error})"
+    return None
+
+
+def set_aside_other_branch(out: Path, resume_dir: Path | None, env: Distributed) -> Path | None:
+    """A rollback (resuming a checkpoint older than the newest in out) starts a new branch: move the
+    other branch's checkpoints (every one at or after the resumed step but the resumed one) to
+    OUT/abandoned/TIME/, so that pruning never deletes the new branch and --resume auto follows it.
+    A checkpoint resumed from OUT/abandoned/ moves back into out. Returns where resume_dir now is."""
+    if resume_dir is None or not out.is_dir():
+        return resume_dir
+    resumed_step = int(json.loads((resume_dir / "train_state.json").read_text())["step"])
+    # Complete or not (a save would overwrite an incomplete one), sorted by step.
+    others = sorted((p for p in out.glob("step_*") if (m := CHECKPOINT_PATTERN.match(p.name))
+                     and int(m.group(1)) >= resumed_step and p.resolve() != resume_dir.resolve()),
+                    key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+    env.barrier()  # every rank has chosen resume_dir before anything moves
+    if others and env.is_main:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = out / ABANDONED_FOLDER / stamp
+        for attempt in range(1, 1000):  # two rollbacks within a second get two folders
+            if not aside.exists():
+                break
+            aside = out / ABANDONED_FOLDER / f"{stamp}_{attempt}"
+        aside.mkdir(parents=True)
+        for path in others:
+            os.replace(path, aside / path.name)
+        warn(f"rollback to {resume_dir}: moved {', '.join(p.name for p in others)} (the abandoned branch) to "
+             f"{aside}; nothing was deleted")
+    back = out / resume_dir.name
+    returning = (out / ABANDONED_FOLDER).resolve() in resume_dir.resolve().parents
+    if returning and env.is_main:  # back to a branch set aside earlier: auto must find it in out
+        os.replace(resume_dir, back)
+        warn(f"moved {resume_dir} back to {back}, the branch this run continues")
+    env.barrier()
+    return back if returning else resume_dir
 
 
 def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transformer, optimizer,
                     loader: data.TokenLoader, args, env: Distributed) -> Path:
-    """Write OUT/step_N atomically: everything goes into a temporary folder, renamed when complete."""
+    """Write OUT/step_N atomically: everything goes into a temporary folder, fsynced, renamed when
+    complete. train_state.json, written last, records every other file's size, which resume checks."""
     final = out / f"step_{step:07d}"
     temporary = out / f".tmp_step_{step:07d}"
     if env.is_main:
@@ -799,10 +1019,19 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transf
     env.barrier()
     if args.fsdp:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary / "dcp")
+        # The weights again, gathered into full tensors on rank 0, in safetensors: a file anyone can
+        # load without unpickling (DCP's metadata is a pickle), for --init_from and hf_interop.
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.is_main:
+            from safetensors.torch import save_file
+
+            save_file({name: t.contiguous() for name, t in full.items()}, temporary / "model.safetensors",
+                      metadata={"format": "pt"})
+        del full
     elif env.is_main:
         from safetensors.torch import save_file
 
@@ -811,18 +1040,33 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transf
         torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
     if env.is_main:
         (temporary / "config.json").write_text(json.dumps(dataclasses.asdict(inner.config), indent=2) + "\n")
+        files = {str(p.relative_to(temporary)): p.stat().st_size for p in sorted(temporary.rglob("*")) if p.is_file()}
         state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "fsdp": args.fsdp,
                  "world_size": env.world_size, "threads": torch.get_num_threads(),
                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                 "rng": rng_state(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                 "rng": rng_state(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
         (temporary / "train_state.json").write_text(json.dumps(state) + "\n")  # last: marks the folder complete
+        fsync_tree(temporary)  # on disk before the rename, so a power cut never leaves a renamed, empty file
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
+        fsync_tree(out, files=False)  # the rename itself
         if args.keep_checkpoints > 0:
             for old in checkpoints_in(out)[:-args.keep_checkpoints]:
                 shutil.rmtree(old)
     env.barrier()
     return final
+
+
+def fsync_tree(folder: Path, files: bool = True):
+    """fsync every file under folder (if files) and every folder, so that what was written is on disk."""
+    inside = sorted(folder.rglob("*")) if files else []
+    paths = [p for p in inside if p.is_file()] + [p for p in inside if p.is_dir()] + [folder]
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def architecture_differences(saved: dict, config: ModelConfig, allowed: tuple[str, ...]) -> list[str]:
@@ -845,7 +1089,11 @@ def check_architecture(path: Path, config: ModelConfig, allowed: tuple[str, ...]
     if not file.is_file():
         raise TrainError(f"{file} not found: {path} is not a train.py checkpoint folder")
     defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
-    saved = defaults | json.loads(file.read_text())  # a field added since the save has its default
+    try:
+        saved = defaults | json.loads(file.read_text())  # a field added since the save has its default
+    except (UnicodeDecodeError, ValueError, TypeError) as error:
+        raise TrainError(f"{file} is not a config written by train.py ({error}); pass an intact checkpoint "
+                         f"folder") from None
     ours = dataclasses.asdict(config)
     differing = architecture_differences(saved, config, allowed)
     if differing:
@@ -871,10 +1119,17 @@ def load_checkpoint(path: Path, model, inner: Transformer, optimizer, loader: da
         dcp.load(saved, checkpoint_id=path / "dcp")  # reshards to this world size
         set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
     else:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        inner.load_state_dict(load_file(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=env.device, weights_only=True))
+        file = path / "model.safetensors"
+        try:
+            inner.load_state_dict(load_file(file))
+            file = path / "optimizer.pt"  # one's own run's file, and still never unpickled beyond tensors
+            optimizer.load_state_dict(torch.load(file, map_location=env.device, weights_only=True))
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
+            raise TrainError(f"{file} is damaged ({str(error).splitlines()[0]}); resume another checkpoint "
+                             f"with --resume DIR, or move {path} away and use --resume auto") from None
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     return state["step"], state["tokens_seen"]
@@ -909,20 +1164,24 @@ def load_initial_weights(model: Transformer, source: str, config: ModelConfig):
         return
     path = Path(source)
     check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    file = path / "model.safetensors"
+    # Only safetensors: --init_from reads other people's folders, and DCP's .metadata (like any
+    # torch.save file) is a pickle, which can run code when loaded.
+    if not file.is_file():
+        only_dcp = (path / "dcp").is_dir()
+        raise TrainError(f"{path} has no model.safetensors" + (
+            " (only dcp/, an FSDP checkpoint from before train.py wrote model.safetensors beside it). --init_from "
+            "reads weights from safetensors only, since DCP's metadata is a pickle that can run code. If the run "
+            "is your own, resume it under torchrun with --fsdp --resume DIR for one more step (the new checkpoint "
+            "has model.safetensors), then pass that" if only_dcp else
+            "; pass a step_N folder written by train.py, or hf:DIR for a Hugging Face folder"))
+    from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(path / "model.safetensors"))
-    elif (path / "dcp").is_dir():  # an FSDP checkpoint: read its model part into full tensors
-        import torch.distributed.checkpoint as dcp
-
-        state = {"model": model.state_dict()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
-            dcp.load(state, checkpoint_id=path / "dcp", no_dist=True)
-        model.load_state_dict(state["model"])
-    else:
-        raise TrainError(f"{path} holds neither model.safetensors nor dcp/; pass a step_N folder written by train.py")
+    try:
+        weights = load_file(file)
+    except Exception as error:  # safetensors raises its own error type for any bad file
+        raise TrainError(f"{file} is unreadable ({error}); pass an intact checkpoint folder") from None
+    model.load_state_dict(weights)
 
 
 def rng_state() -> dict:
@@ -950,11 +1209,13 @@ def set_rng_state(state: dict):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        summary = train(args)
     except (TrainError, data.DataError) as error:
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank not in (None, '0') else ''}: {error}", file=sys.stderr)
         sys.exit(1)
+    if summary["preempted"]:  # saved, but not finished: a scheduler should requeue, not call it done
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":
