@@ -87,14 +87,30 @@ def _visible(q_idx, k_idx, T, W):
 
 
 @triton.jit
-def _load_rows(base, rows, T, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
-    """Rows `rows` of a dense (T, HEAD_DIM) matrix; with MASKED, rows at or past T read as zeros."""
-    ptrs = base + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+def _head(base, batch, head, stride_batch, stride_head):
+    """Pointer to the (T, HEAD_DIM) matrix of one (batch, head); int64 since B * H * T * D can pass 2^31."""
+    return base + tl.cast(batch, tl.int64) * stride_batch + tl.cast(head, tl.int64) * stride_head
+
+
+@triton.jit
+def _load_rows(base, rows, T, stride_t, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """Rows `rows` of a (T, HEAD_DIM) matrix whose rows are stride_t apart (H * D for the model's
+    (B, T, H, D) layout, D for a contiguous (B, H, T, D) one); with MASKED, rows at or past T read as zeros.
+    The kernels take row strides as constexprs: a run-time row stride costs enough registers to spill
+    (kernels_report.py: 16-68 B in four forward configs on sm_90a), a compile-time one costs a compile per layout."""
+    ptrs = base + rows[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
     if MASKED:
         x = tl.load(ptrs, mask=rows[:, None] < T, other=0.0)
     else:
         x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _store_rows(base, rows, T, stride_t, x, HEAD_DIM: tl.constexpr):
+    """Store x into rows `rows` < T of a (T, HEAD_DIM) matrix whose rows are stride_t apart."""
+    ptrs = base + rows[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows[:, None] < T)
 
 
 @triton.jit
@@ -111,21 +127,23 @@ def _load_vector(base, idx, T, MASKED: tl.constexpr):
 # Forward
 
 @triton.jit
-def _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, hi, T, W, qk_scale,
+def _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, hi, T, W, qk_scale, stride_kt, stride_vt,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 MASKED: tl.constexpr):
-    """Online softmax over the key blocks starting in [lo, hi). Scores are in log2 units."""
+    """Online softmax over the key blocks starting in [lo, hi). The running max m_i is in log2 units
+    (scaled scores); the row max is taken on the raw scores, so scaling and subtracting it is one FMA,
+    as in Triton's fused-attention tutorial."""
     for n in range(lo, hi, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, T, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
-        v = _load_rows(V, offs_n, T, HEAD_DIM, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        k = _load_rows(K, offs_n, T, stride_kt, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
+        v = _load_rows(V, offs_n, T, stride_vt, HEAD_DIM, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw scores (BLOCK_M, BLOCK_N)
         if MASKED:
             s = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, W), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # max commutes with the positive scale
         # At the window's edge a row can see no key of this block yet: exp2(-inf - -inf) would be NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * qk_scale - m_safe[:, None])  # one FMA per score
         alpha = tl.exp2(m_i - m_safe)  # rescales what was summed under the old running max
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -136,36 +154,36 @@ def _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, hi, T, W, qk_scale,
 
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, VISITS, qk_scale, T, W, H, GROUP,
+              stride_qb, stride_qh, stride_qt: tl.constexpr, stride_kb, stride_kh, stride_kt: tl.constexpr,
+              stride_vb, stride_vh, stride_vt: tl.constexpr, stride_ob, stride_oh, stride_ot: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)  # batch * H + query head
     batch, head = bh // H, bh % H
-    kv_bh = batch * (H // GROUP) + head // GROUP  # batch * H_kv + kv head: GQA by indexing, not copying
-    q_off = bh.to(tl.int64) * T * HEAD_DIM  # int64: B * H * T * D can pass 2^31
-    kv_off = kv_bh.to(tl.int64) * T * HEAD_DIM
+    kv_head = head // GROUP  # GQA by indexing, not copying
+    K = _head(K, batch, kv_head, stride_kb, stride_kh)
+    V = _head(V, batch, kv_head, stride_vb, stride_vh)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q + q_off, offs_m, T, HEAD_DIM, True)  # (BLOCK_M, HEAD_DIM)
+    q = _load_rows(_head(Q, batch, head, stride_qb, stride_qh), offs_m, T, stride_qt, HEAD_DIM, True)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scores
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - running max)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scaled scores
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(scaled score - running max)
     visits = 0
 
     # Window edge, interior (no mask), then diagonal and ragged tail.
     lo, mid_lo, mid_hi, hi = _key_blocks(m0, T, W, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K + kv_off, V + kv_off, offs_m, lo, mid_lo,
-                                        T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
-    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K + kv_off, V + kv_off, offs_m, mid_lo, mid_hi,
-                                        T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, False)
-    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K + kv_off, V + kv_off, offs_m, mid_hi, hi,
-                                        T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, mid_lo, T, W, qk_scale,
+                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, mid_lo, mid_hi, T, W, qk_scale,
+                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, False)
+    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, mid_hi, hi, T, W, qk_scale,
+                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
 
     # Every query row < T sees at least itself; only the rows past T (never stored) can end with l_i = 0.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    o_ptrs = O + q_off + offs_m[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    _store_rows(_head(O, batch, head, stride_ob, stride_oh), offs_m, T, stride_ot, acc / l_safe[:, None], HEAD_DIM)
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=offs_m < T)  # log2 units
     if COUNT_VISITS:
         tl.store(VISITS + bh * tl.num_programs(0) + tl.program_id(0), visits)
@@ -175,30 +193,33 @@ def _attn_fwd(Q, K, V, O, LSE, VISITS, qk_scale, T, W, H, GROUP,
 # Backward: delta preprocess, dK/dV, dQ
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta(O, DO, DELTA, T, H, stride_ob, stride_oh, stride_ot: tl.constexpr,
+                    stride_dob, stride_doh, stride_dot: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d O_id * dO_id, the row term of the softmax backward: dS = P * (dP - delta)."""
     bh = tl.program_id(1)
+    batch, head = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    off = bh.to(tl.int64) * T * HEAD_DIM
-    o = _load_rows(O + off, offs_m, T, HEAD_DIM, True).to(tl.float32)
-    do = _load_rows(DO + off, offs_m, T, HEAD_DIM, True).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+    o = _load_rows(_head(O, batch, head, stride_ob, stride_oh), offs_m, T, stride_ot, HEAD_DIM, True)
+    do = _load_rows(_head(DO, batch, head, stride_dob, stride_doh), offs_m, T, stride_dot, HEAD_DIM, True)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+             mask=offs_m < T)
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, visits, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, W, qk_scale,
+def _dkdv_blocks(dk, dv, visits, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, W, qk_scale, stride_qt, stride_dot,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  MASKED: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi) of one query head.
     Works on transposed scores (keys along rows) so the results land in dK and dV's own layout."""
     for m in range(lo, hi, BLOCK_M):
         offs_m = m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, offs_m, T, HEAD_DIM, MASKED)  # (BLOCK_M, HEAD_DIM)
-        do = _load_rows(DO, offs_m, T, HEAD_DIM, MASKED)
+        q = _load_rows(Q, offs_m, T, stride_qt, HEAD_DIM, MASKED)  # (BLOCK_M, HEAD_DIM)
+        do = _load_rows(DO, offs_m, T, stride_dot, HEAD_DIM, MASKED)
         lse = _load_vector(LSE, offs_m, T, MASKED)
         delta = _load_vector(DELTA, offs_m, T, MASKED)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse[None, :])  # the forward's probabilities, from its saved logsumexp
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # raw scores, transposed (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])  # the forward's probabilities, from its logsumexp: one FMA
         if MASKED:
             p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], T, W), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # dV = P^T dO
@@ -211,6 +232,9 @@ def _dkdv_blocks(dk, dv, visits, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, W, 
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VISITS, qk_scale, sm_scale, T, W, H, GROUP,
+                   stride_qb, stride_qh, stride_qt: tl.constexpr, stride_kb, stride_kh, stride_kt: tl.constexpr,
+                   stride_vb, stride_vh, stride_vt: tl.constexpr, stride_dob, stride_doh, stride_dot: tl.constexpr,
+                   stride_dkb, stride_dkh, stride_dkt: tl.constexpr, stride_dvb, stride_dvh, stride_dvt: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
@@ -218,11 +242,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VISITS, qk_scale, sm_scale, 
     H_KV = H // GROUP
     batch = kv_bh // H_KV
     kv_head = kv_bh % H_KV
-    kv_off = kv_bh.to(tl.int64) * T * HEAD_DIM
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + kv_off, offs_n, T, HEAD_DIM, True)  # (BLOCK_N, HEAD_DIM)
-    v = _load_rows(V + kv_off, offs_n, T, HEAD_DIM, True)
+    k = _load_rows(_head(K, batch, kv_head, stride_kb, stride_kh), offs_n, T, stride_kt, HEAD_DIM, True)
+    v = _load_rows(_head(V, batch, kv_head, stride_vb, stride_vh), offs_n, T, stride_vt, HEAD_DIM, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     visits = 0
@@ -230,35 +253,36 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VISITS, qk_scale, sm_scale, 
     lo, mid_lo, mid_hi, hi = _query_blocks(n0, T, W, BLOCK_M, BLOCK_N)
     # The query heads sharing this kv head add into the same dK, dV: summed here, so no atomics are needed.
     for head in range(kv_head * GROUP, (kv_head + 1) * GROUP):
-        bh = batch * H + head
-        q_off = bh.to(tl.int64) * T * HEAD_DIM
-        row_off = bh.to(tl.int64) * T
-        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, Q + q_off, DO + q_off, LSE + row_off, DELTA + row_off,
-                                      offs_n, lo, mid_lo, T, W, qk_scale, HEAD_DIM, BLOCK_M, DOT_PRECISION, True)
-        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, Q + q_off, DO + q_off, LSE + row_off, DELTA + row_off,
-                                      offs_n, mid_lo, mid_hi, T, W, qk_scale, HEAD_DIM, BLOCK_M, DOT_PRECISION,
-                                      False)
-        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, Q + q_off, DO + q_off, LSE + row_off, DELTA + row_off,
-                                      offs_n, mid_hi, hi, T, W, qk_scale, HEAD_DIM, BLOCK_M, DOT_PRECISION, True)
+        q_head = _head(Q, batch, head, stride_qb, stride_qh)
+        do_head = _head(DO, batch, head, stride_dob, stride_doh)
+        row_off = (tl.cast(batch, tl.int64) * H + head) * T
+        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, q_head, do_head, LSE + row_off, DELTA + row_off,
+                                      offs_n, lo, mid_lo, T, W, qk_scale, stride_qt, stride_dot,
+                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, True)
+        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, q_head, do_head, LSE + row_off, DELTA + row_off,
+                                      offs_n, mid_lo, mid_hi, T, W, qk_scale, stride_qt, stride_dot,
+                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, False)
+        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, q_head, do_head, LSE + row_off, DELTA + row_off,
+                                      offs_n, mid_hi, hi, T, W, qk_scale, stride_qt, stride_dot,
+                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, True)
 
-    out_ptrs = kv_off + offs_n[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < T)
-    tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
+    _store_rows(_head(DK, batch, kv_head, stride_dkb, stride_dkh), offs_n, T, stride_dkt, dk * sm_scale, HEAD_DIM)
+    _store_rows(_head(DV, batch, kv_head, stride_dvb, stride_dvh), offs_n, T, stride_dvt, dv, HEAD_DIM)
     if COUNT_VISITS:
         tl.store(VISITS + kv_bh * tl.num_programs(0) + tl.program_id(0), visits)
 
 
 @triton.jit
-def _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, hi, T, W, qk_scale,
+def _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, hi, T, W, qk_scale, stride_kt, stride_vt,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                MASKED: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks starting in [lo, hi)."""
     for n in range(lo, hi, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, T, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
-        v = _load_rows(V, offs_n, T, HEAD_DIM, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse[:, None])
+        k = _load_rows(K, offs_n, T, stride_kt, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
+        v = _load_rows(V, offs_n, T, stride_vt, HEAD_DIM, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw scores (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s * qk_scale - lse[:, None])  # one FMA per score
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, W), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -270,33 +294,34 @@ def _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, hi, T, W, qk_sca
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, VISITS, qk_scale, sm_scale, T, W, H, GROUP,
+                 stride_qb, stride_qh, stride_qt: tl.constexpr, stride_kb, stride_kh, stride_kt: tl.constexpr,
+                 stride_vb, stride_vh, stride_vt: tl.constexpr, stride_dob, stride_doh, stride_dot: tl.constexpr,
+                 stride_dqb, stride_dqh, stride_dqt: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)  # batch * H + query head
     batch, head = bh // H, bh % H
-    kv_bh = batch * (H // GROUP) + head // GROUP
-    q_off = bh.to(tl.int64) * T * HEAD_DIM
-    kv_off = kv_bh.to(tl.int64) * T * HEAD_DIM
+    K = _head(K, batch, head // GROUP, stride_kb, stride_kh)
+    V = _head(V, batch, head // GROUP, stride_vb, stride_vh)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q + q_off, offs_m, T, HEAD_DIM, True)
-    do = _load_rows(DO + q_off, offs_m, T, HEAD_DIM, True)
+    q = _load_rows(_head(Q, batch, head, stride_qb, stride_qh), offs_m, T, stride_qt, HEAD_DIM, True)
+    do = _load_rows(_head(DO, batch, head, stride_dob, stride_doh), offs_m, T, stride_dot, HEAD_DIM, True)
     lse = _load_vector(LSE + bh.to(tl.int64) * T, offs_m, T, True)
     delta = _load_vector(DELTA + bh.to(tl.int64) * T, offs_m, T, True)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     visits = 0
 
     lo, mid_lo, mid_hi, hi = _key_blocks(m0, T, W, BLOCK_M, BLOCK_N)  # the forward's blocks
-    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K + kv_off, V + kv_off, offs_m, lo, mid_lo,
-                            T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
-    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K + kv_off, V + kv_off, offs_m, mid_lo, mid_hi,
-                            T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, False)
-    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K + kv_off, V + kv_off, offs_m, mid_hi, hi,
-                            T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, mid_lo, T, W, qk_scale,
+                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, mid_lo, mid_hi, T, W, qk_scale,
+                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, False)
+    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, mid_hi, hi, T, W, qk_scale,
+                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
 
-    dq_ptrs = DQ + q_off + offs_m[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
+    _store_rows(_head(DQ, batch, head, stride_dqb, stride_dqh), offs_m, T, stride_dqt, dq * sm_scale, HEAD_DIM)
     if COUNT_VISITS:
         tl.store(VISITS + bh * tl.num_programs(0) + tl.program_id(0), visits)
 
@@ -304,8 +329,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, VISITS, qk_scale, sm_scale, T, W, 
 # -----------------------------------------------------------------------------
 # Launching: fixed blocks on the interpreter or when asked for, autotuned otherwise on a GPU
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Few on purpose: each is compiled and timed once per shape.
-# Small blocks waste less at the window's edge (useful work per visited block is about W / (W + BLOCK_M)).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), fitted to Hopper (sm_90a, 228 KB shared memory per SM) by
+# `python kernels_report.py`, which compiles each offline and reports registers, spills and shared memory.
+# Few on purpose: each is compiled and timed once per autotune key. Small blocks waste less at the window's
+# edge (useful work per visited block is about W / (W + BLOCK_M)).
 _GPU_CONFIGS = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
     "dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],  # BLOCK_N keys per program
@@ -332,6 +359,15 @@ def _max_tile(dtype, head_dim):
     return 64 * 64 if head_dim > 128 else 128 * 128
 
 
+def _run(kernel, grid, args, kwargs):
+    """Launch through torch.library.wrap_triton, so that torch.compile traces the kernel inside the ops below.
+    The interpreter cannot run on the fake tensors torch.compile traces with, and wrap_triton leaves
+    interpreted kernels unwrapped: there, tracing gets the outputs' shapes and strides only."""
+    if _INTERPRET and any(isinstance(a, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(a) for a in args):
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
 def _launch(name, T, batch_heads, block_m, block_n, max_tile, args, constexprs):
     """Run kernel `name` on a grid (row blocks, batch_heads). The forward and dQ kernels tile the
     queries (BLOCK_M rows per program); dK/dV tiles the keys (BLOCK_N rows)."""
@@ -339,13 +375,14 @@ def _launch(name, T, batch_heads, block_m, block_n, max_tile, args, constexprs):
     on_gpu = not _INTERPRET
     if on_gpu and block_m is None and block_n is None:
         grid = lambda meta: (triton.cdiv(T, meta[tile]), batch_heads)
-        _autotuned(name, max_tile)[grid](*args, **constexprs)
+        _run(_autotuned(name, max_tile), grid, args, constexprs)
         return
     default = _GPU_DEFAULT_BLOCK if on_gpu else _INTERPRETER_BLOCK
     blocks = {"BLOCK_M": block_m or default, "BLOCK_N": block_n or default}
-    launch_options = {"num_warps": 4 if blocks["BLOCK_M"] * blocks["BLOCK_N"] <= 64 * 64 else 8} if on_gpu else {}
+    # The tutorial's rule: 8 warps only for 128 x 128 tiles and up.
+    launch_options = {"num_warps": 8 if blocks["BLOCK_M"] * blocks["BLOCK_N"] >= 128 * 128 else 4} if on_gpu else {}
     grid = (triton.cdiv(T, blocks[tile]), batch_heads)
-    _KERNELS[name][grid](*args, **blocks, **constexprs, **launch_options)
+    _run(_KERNELS[name], grid, args, {**blocks, **constexprs, **launch_options})
 
 
 def _dot_precision(dtype):
@@ -353,13 +390,28 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _strides(x):
+    """(batch, head, row) strides of a (B, H, T, D) tensor; its head dim must be dense."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _rows_addressable(x):
+    """x as the kernels can read it: head dim dense, and row offsets (row * stride) within int32.
+    Any (B, H, T, D) tensor that is a transpose of a contiguous (B, T, H, D) one passes as it is, uncopied."""
+    T = x.shape[2]
+    if x.stride(3) != 1 or abs(x.stride(2)) * (T + 256) >= 2**31 or x.stride(2) < 0:
+        return x.contiguous()
+    return x
+
+
 def _forward(q, k, v, W, block_m, block_n, visits=None):
     B, H, T, D = q.shape
     group = H // k.shape[1]
-    o = torch.empty_like(q)
+    o = torch.empty_like(q)  # q's layout when q is dense: (B, T, H, D) memory stays (B, T, H, D)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     sm_scale = 1.0 / math.sqrt(D)
-    args = (q, k, v, o, lse, visits, sm_scale * _LOG2E, T, W, H, group)
+    args = (q, k, v, o, lse, visits, sm_scale * _LOG2E, T, W, H, group,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o))
     constexprs = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), COUNT_VISITS=visits is not None)
     _launch("fwd", T, B * H, block_m, block_n, _max_tile(q.dtype, D), args, constexprs)
     return o, lse
@@ -370,35 +422,57 @@ def _backward(do, q, k, v, o, lse, W, block_m, block_n, visits_dkdv=None, visits
     H_kv = k.shape[1]
     group = H // H_kv
     sm_scale = 1.0 / math.sqrt(D)
+    do = _rows_addressable(do)
     delta = torch.empty_like(lse)
     delta_block = block_m or (64 if not _INTERPRET else _INTERPRETER_BLOCK)
-    _attn_bwd_delta[(triton.cdiv(T, delta_block), B * H)](o, do, delta, T, HEAD_DIM=D, BLOCK_M=delta_block)
+    _run(_attn_bwd_delta, (triton.cdiv(T, delta_block), B * H), (o, do, delta, T, H, *_strides(o), *_strides(do)),
+         dict(HEAD_DIM=D, BLOCK_M=delta_block))
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     shared = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype))
     _launch("dkdv", T, B * H_kv, block_m, block_n, _max_tile(q.dtype, D),
-            (q, k, v, do, lse, delta, dk, dv, visits_dkdv, sm_scale * _LOG2E, sm_scale, T, W, H, group),
+            (q, k, v, do, lse, delta, dk, dv, visits_dkdv, sm_scale * _LOG2E, sm_scale, T, W, H, group,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv)),
             dict(shared, COUNT_VISITS=visits_dkdv is not None))
     _launch("dq", T, B * H, block_m, block_n, _max_tile(q.dtype, D),
-            (q, k, v, do, lse, delta, dq, visits_dq, sm_scale * _LOG2E, sm_scale, T, W, H, group),
+            (q, k, v, do, lse, delta, dq, visits_dq, sm_scale * _LOG2E, sm_scale, T, W, H, group,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq)),
             dict(shared, COUNT_VISITS=visits_dq is not None))
     return dq, dk, dv
 
 
-class _SlidingWindowAttention(torch.autograd.Function):
+# torch.library.triton_op makes the kernels custom operators that torch.compile traces into (the kernels
+# appear in its graph), where a torch.autograd.Function around raw launches would break the graph.
 
-    @staticmethod
-    def forward(ctx, q, k, v, W, block_m, block_n):
-        o, lse = _forward(q, k, v, W, block_m, block_n)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.config = (W, block_m, block_n)
-        return o
+@torch.library.triton_op("olmpool::sliding_window_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block_m: int | None,
+                block_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, logsumexp in log2 units (B, H, T) fp32) of sliding-window attention; window already <= T."""
+    return _forward(q, k, v, window, block_m, block_n)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, *ctx.config)
-        return dq, dk, dv, None, None, None
+
+@torch.library.triton_op("olmpool::sliding_window_attention_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, window: int, block_m: int | None,
+                 block_n: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) for the upstream gradient grad_out of the forward's out."""
+    return _backward(grad_out, q, k, v, out, lse, window, block_m, block_n)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, window, block_m, block_n = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.config = (window, block_m, block_n)
+
+
+def _gradients(ctx, grad_out, grad_lse):
+    # The logsumexp is an auxiliary output: the public function never returns it, so grad_lse is unused.
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, *ctx.config)
+    return dq, dk, dv, None, None, None
+
+
+_forward_op.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 # -----------------------------------------------------------------------------
@@ -454,7 +528,8 @@ def sliding_window_attention(q, k, v, window: int | None = None, block_m: int | 
     """
     _check_inputs(q, k, v, window, block_m, block_n)
     W = _effective_window(q.shape[2], window)
-    return _SlidingWindowAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), W, block_m, block_n)
+    q, k, v = (_rows_addressable(x) for x in (q, k, v))  # no copy for the model's transposed (B, T, H, D) views
+    return _forward_op(q, k, v, W, block_m, block_n)[0]
 
 
 def visited_key_blocks(T: int, window: int | None, block_m: int, block_n: int) -> int:
