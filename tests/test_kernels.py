@@ -288,3 +288,21 @@ def test_mixed_dtypes_raise_a_clear_error():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="must share one dtype"):
         sliding_window_attention(q, q.half(), q.half())
+
+
+# -----------------------------------------------------------------------------
+# The benchmark's check at the timed shape can fail
+
+def test_benchmark_check_passes_the_kernel_and_fails_a_window_off_by_one():
+    # bench_kernels.check_at_shape compares float64 slabs with results computed on the whole sequence;
+    # a kernel with a wrong window must fail it, or the timed shapes are not really checked.
+    import bench_kernels
+    T, W = 72, 20  # slabs of W + 16 queries: the start (0..35) and the end (36..71)
+    q, k, v, grad_out = random_qkv(1, 4, 2, T, 16, dtype=torch.float16)
+    passed, lines = bench_kernels.check_at_shape(lambda *x: sliding_window_attention(*x, window=W),
+                                                 q, k, v, grad_out, W, margin=16)
+    assert passed, "\n".join(lines)
+    assert len(lines) == 8  # two slabs, four tensors each
+    passed, _ = bench_kernels.check_at_shape(lambda *x: sliding_window_attention(*x, window=W + 1),
+                                             q, k, v, grad_out, W, margin=16)
+    assert not passed
