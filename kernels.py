@@ -329,13 +329,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, VISITS, qk_scale, sm_scale, T, W, 
 # -----------------------------------------------------------------------------
 # Launching: fixed blocks on the interpreter or when asked for, autotuned otherwise on a GPU
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), fitted to Hopper (sm_90a, 228 KB shared memory per SM) by
-# `python kernels_report.py`, which compiles each offline and reports registers, spills and shared memory.
-# Few on purpose: each is compiled and timed once per autotune key. Small blocks waste less at the window's
-# edge (useful work per visited block is about W / (W + BLOCK_M)).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), fitted to Hopper (sm_90a: 227 KB of shared memory a block, 255
+# registers a thread) by `python kernels_report.py`, which compiles each offline with the triton the CUDA torch
+# wheel pins (3.7.1) and reports registers, spills and shared memory: none of these spills. Few on purpose:
+# each is compiled and timed once per autotune key. Small blocks waste less at the window's edge (useful work
+# per visited block is about W / (W + BLOCK_M)). dK/dV keeps four (BLOCK_N, HEAD_DIM) tiles live (k, v and
+# their fp32 gradients): only 8 warps with small query blocks fit them without spilling.
 _GPU_CONFIGS = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
-    "dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],  # BLOCK_N keys per program
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "dkdv": [(16, 128, 8, 3), (32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 3)],  # BLOCK_N keys per program
     "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],  # BLOCK_M queries per program
 }
 _GPU_DEFAULT_BLOCK = 64  # the other block size when only one of block_m, block_n is given
@@ -348,7 +350,7 @@ def _autotuned(name, max_tile):
     Built on first GPU use: autotune needs a driver."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in _GPU_CONFIGS[name] if bm * bn <= max_tile]
-    return triton.autotune(configs, key=["T", "W", "GROUP", "HEAD_DIM"])(_KERNELS[name])
+    return triton.autotune(configs, key=["T", "W", "GROUP", "HEAD_DIM", "stride_qt", "stride_kt"])(_KERNELS[name])
 
 
 def _max_tile(dtype, head_dim):
@@ -441,17 +443,30 @@ def _backward(do, q, k, v, o, lse, W, block_m, block_n, visits_dkdv=None, visits
     return dq, dk, dv
 
 
-# torch.library.triton_op makes the kernels custom operators that torch.compile traces into (the kernels
-# appear in its graph), where a torch.autograd.Function around raw launches would break the graph.
+def _custom_op(name):
+    """Register fn as the custom operator olmpool::name, which torch.compile traces without a graph break.
+    On a GPU it is a torch.library.triton_op: torch.compile sees the kernels themselves (wrap_triton) and can
+    schedule them. The interpreter cannot run on the fake tensors tracing uses, and wrap_triton leaves
+    interpreted kernels unwrapped, so a triton_op there would trace into a graph without its kernels (garbage
+    outputs, measured); under TRITON_INTERPRET the same function is an opaque torch.library.custom_op instead,
+    with itself as the fake (shapes and strides only: _run skips the kernels on fake tensors)."""
+    def register(fn):
+        if not _INTERPRET:
+            return torch.library.triton_op(f"olmpool::{name}", fn, mutates_args=())
+        op = torch.library.custom_op(f"olmpool::{name}", fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+    return register
 
-@torch.library.triton_op("olmpool::sliding_window_attention_forward", mutates_args=())
+
+@_custom_op("sliding_window_attention_forward")
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block_m: int | None,
                 block_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, logsumexp in log2 units (B, H, T) fp32) of sliding-window attention; window already <= T."""
     return _forward(q, k, v, window, block_m, block_n)
 
 
-@torch.library.triton_op("olmpool::sliding_window_attention_backward", mutates_args=())
+@_custom_op("sliding_window_attention_backward")
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, window: int, block_m: int | None,
                  block_n: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
