@@ -114,6 +114,30 @@ def _store_rows(base, rows, T, stride_t, x, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _row_source(base, T, stride_t: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """What _load_tile reads BLOCK-row tiles from: the (T, HEAD_DIM) matrix at base, as a pointer or, with
+    USE_TMA, as a tensor descriptor (Hopper's bulk tensor copy engine; rows past T read as zeros)."""
+    if USE_TMA:
+        source = tl.make_tensor_descriptor(base, shape=[T, HEAD_DIM], strides=[stride_t, 1],
+                                           block_shape=[BLOCK, HEAD_DIM])
+    else:
+        source = base
+    return source
+
+
+@triton.jit
+def _load_tile(source, start, T, stride_t: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+               MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows start .. start + BLOCK - 1 of a _row_source; rows at or past T read as zeros where MASKED."""
+    if USE_TMA:
+        x = source.load([start, 0])
+    else:
+        x = _load_rows(source, start + tl.arange(0, BLOCK), T, stride_t, HEAD_DIM, MASKED)
+    return x
+
+
+@triton.jit
 def _load_vector(base, idx, T, MASKED: tl.constexpr):
     """Entries `idx` of a length-T vector; with MASKED, entries at or past T read as zeros."""
     if MASKED:
@@ -129,14 +153,14 @@ def _load_vector(base, idx, T, MASKED: tl.constexpr):
 @triton.jit
 def _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, hi, T, W, qk_scale, stride_kt, stride_vt,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                MASKED: tl.constexpr):
+                MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over the key blocks starting in [lo, hi). The running max m_i is in log2 units
     (scaled scores); the row max is taken on the raw scores, so scaling and subtracting it is one FMA,
     as in Triton's fused-attention tutorial."""
     for n in range(lo, hi, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, T, stride_kt, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
-        v = _load_rows(V, offs_n, T, stride_vt, HEAD_DIM, MASKED)
+        k = _load_tile(K, n, T, stride_kt, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)  # (BLOCK_N, HEAD_DIM)
+        v = _load_tile(V, n, T, stride_vt, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw scores (BLOCK_M, BLOCK_N)
         if MASKED:
             s = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, W), s, float("-inf"))
@@ -157,16 +181,17 @@ def _attn_fwd(Q, K, V, O, LSE, VISITS, qk_scale, T, W, H, GROUP,
               stride_qb, stride_qh, stride_qt: tl.constexpr, stride_kb, stride_kh, stride_kt: tl.constexpr,
               stride_vb, stride_vh, stride_vt: tl.constexpr, stride_ob, stride_oh, stride_ot: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, USE_TMA: tl.constexpr = False):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)  # batch * H + query head
     batch, head = bh // H, bh % H
     kv_head = head // GROUP  # GQA by indexing, not copying
-    K = _head(K, batch, kv_head, stride_kb, stride_kh)
-    V = _head(V, batch, kv_head, stride_vb, stride_vh)
+    K = _row_source(_head(K, batch, kv_head, stride_kb, stride_kh), T, stride_kt, HEAD_DIM, BLOCK_N, USE_TMA)
+    V = _row_source(_head(V, batch, kv_head, stride_vb, stride_vh), T, stride_vt, HEAD_DIM, BLOCK_N, USE_TMA)
+    Q = _row_source(_head(Q, batch, head, stride_qb, stride_qh), T, stride_qt, HEAD_DIM, BLOCK_M, USE_TMA)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(_head(Q, batch, head, stride_qb, stride_qh), offs_m, T, stride_qt, HEAD_DIM, True)
+    q = _load_tile(Q, m0, T, stride_qt, HEAD_DIM, BLOCK_M, True, USE_TMA)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scaled scores
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(scaled score - running max)
@@ -175,11 +200,11 @@ def _attn_fwd(Q, K, V, O, LSE, VISITS, qk_scale, T, W, H, GROUP,
     # Window edge, interior (no mask), then diagonal and ragged tail.
     lo, mid_lo, mid_hi, hi = _key_blocks(m0, T, W, BLOCK_M, BLOCK_N)
     acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, mid_lo, T, W, qk_scale,
-                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True, USE_TMA)
     acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, mid_lo, mid_hi, T, W, qk_scale,
-                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, False)
+                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, False, USE_TMA)
     acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, mid_hi, hi, T, W, qk_scale,
-                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True, USE_TMA)
 
     # Every query row < T sees at least itself; only the rows past T (never stored) can end with l_i = 0.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -350,7 +375,8 @@ def _autotuned(name, max_tile):
     Built on first GPU use: autotune needs a driver."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in _GPU_CONFIGS[name] if bm * bn <= max_tile]
-    return triton.autotune(configs, key=["T", "W", "GROUP", "HEAD_DIM", "stride_qt", "stride_kt"])(_KERNELS[name])
+    key = ["T", "W", "GROUP", "HEAD_DIM", "stride_qt", "stride_kt"] + (["USE_TMA"] if name == "fwd" else [])
+    return triton.autotune(configs, key=key)(_KERNELS[name])
 
 
 def _max_tile(dtype, head_dim):
@@ -406,15 +432,24 @@ def _rows_addressable(x):
     return x
 
 
-def _forward(q, k, v, W, block_m, block_n, visits=None):
+@functools.cache
+def _allocate_descriptor_memory_with_torch():
+    """Tensor descriptors made inside a kernel live in global memory that Triton asks its allocator for."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+def _forward(q, k, v, W, block_m, block_n, visits=None, use_tma=False):
     B, H, T, D = q.shape
+    if use_tma and not _INTERPRET:
+        _allocate_descriptor_memory_with_torch()
     group = H // k.shape[1]
     o = torch.empty_like(q)  # q's layout when q is dense: (B, T, H, D) memory stays (B, T, H, D)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     sm_scale = 1.0 / math.sqrt(D)
     args = (q, k, v, o, lse, visits, sm_scale * _LOG2E, T, W, H, group,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o))
-    constexprs = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), COUNT_VISITS=visits is not None)
+    constexprs = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), COUNT_VISITS=visits is not None,
+                      USE_TMA=use_tma)
     _launch("fwd", T, B * H, block_m, block_n, _max_tile(q.dtype, D), args, constexprs)
     return o, lse
 
@@ -461,9 +496,9 @@ def _custom_op(name):
 
 @_custom_op("sliding_window_attention_forward")
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block_m: int | None,
-                block_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                block_n: int | None, use_tma: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, logsumexp in log2 units (B, H, T) fp32) of sliding-window attention; window already <= T."""
-    return _forward(q, k, v, window, block_m, block_n)
+    return _forward(q, k, v, window, block_m, block_n, use_tma=use_tma)
 
 
 @_custom_op("sliding_window_attention_backward")
@@ -475,7 +510,7 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, window, block_m, block_n = inputs
+    q, k, v, window, block_m, block_n, _ = inputs  # the backward kernels load with pointers, TMA or not
     ctx.save_for_backward(q, k, v, *output)
     ctx.config = (window, block_m, block_n)
 
@@ -484,7 +519,7 @@ def _gradients(ctx, grad_out, grad_lse):
     # The logsumexp is an auxiliary output: the public function never returns it, so grad_lse is unused.
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, *ctx.config)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _forward_op.register_autograd(_gradients, setup_context=_save_for_backward)
@@ -534,17 +569,19 @@ def _effective_window(T, window):
 
 
 def sliding_window_attention(q, k, v, window: int | None = None, block_m: int | None = None,
-                             block_n: int | None = None) -> torch.Tensor:
+                             block_n: int | None = None, use_tma: bool = False) -> torch.Tensor:
     """Causal attention where query i sees keys i - window < j <= i; differentiable.
 
     q: (B, H, T, D); k, v: (B, H_kv, T, D) with H % H_kv == 0. Returns (B, H, T, D) in q's dtype.
     block_m, block_n override the query and key block sizes (powers of two >= 16); by default they are
     autotuned on a GPU (64 for the one not given when only one is) and 16 on the interpreter.
+    use_tma loads the forward's q, k, v tiles through tensor descriptors (Hopper's bulk tensor copy engine)
+    instead of pointers: same arithmetic, same results; off by default until a GPU run says it is faster.
     """
     _check_inputs(q, k, v, window, block_m, block_n)
     W = _effective_window(q.shape[2], window)
     q, k, v = (_rows_addressable(x) for x in (q, k, v))  # no copy for the model's transposed (B, T, H, D) views
-    return _forward_op(q, k, v, W, block_m, block_n)[0]
+    return _forward_op(q, k, v, W, block_m, block_n, bool(use_tma))[0]
 
 
 def visited_key_blocks(T: int, window: int | None, block_m: int, block_n: int) -> int:

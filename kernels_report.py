@@ -58,6 +58,8 @@ def parse_args():
     parser.add_argument("--heads", type=int, default=32, help="query heads H (row strides of the bthd layout)")
     parser.add_argument("--kernels", nargs="+", default=["fwd", "dkdv", "dq"], choices=["fwd", "dkdv", "dq"])
     parser.add_argument("--candidates", action="store_true", help="also compile the candidate configs")
+    parser.add_argument("--tma", action="store_true",
+                        help="the forward with tensor-descriptor loads (use_tma=True); dK/dV and dQ have none")
     parser.add_argument("--config", action="append", default=[], metavar="KERNEL:BM,BN,WARPS,STAGES",
                         help="an extra config to compile, e.g. fwd:128,128,8,3 (repeatable)")
     args = parser.parse_args()
@@ -83,13 +85,13 @@ def row_strides(layout, head_dim, heads, group):
             "dkt": kv_rows, "dvt": kv_rows}
 
 
-def signature_and_constants(fn, dtype, head_dim, group, block_m, block_n, strides):
+def signature_and_constants(fn, dtype, head_dim, group, block_m, block_n, strides, use_tma):
     """The argument types and constants a GPU launch of `fn` would compile with, and the arguments that the
     launcher would mark divisible by 16 (16-byte aligned pointers; T, W, H and strides in the benchmark)."""
     signature, constants, divisible = {}, {}, []
     given = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, COUNT_VISITS=False, VISITS=None,
                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-    given.update({f"stride_{name}": value for name, value in strides.items()})
+    given.update({f"stride_{name}": value for name, value in strides.items()}, USE_TMA=use_tma)
     for name in fn.arg_names:
         if name in given:
             signature[name], constants[name] = "constexpr", given[name]
@@ -116,7 +118,7 @@ def compile_report(name, config, args):
     fn = kernels._KERNELS[name]
     strides = row_strides(args.layout, args.head_dim, args.heads, args.group)
     signature, constants, divisible = signature_and_constants(fn, args.dtype, args.head_dim, args.group,
-                                                              block_m, block_n, strides)
+                                                              block_m, block_n, strides, args.tma)
     attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     target = GPUTarget("cuda", args.arch, 32)
@@ -134,6 +136,7 @@ def compile_report(name, config, args):
         registers=found(r"Used (\d+) registers"), spill_stores=found(r"(\d+) bytes spill stores"),
         spill_loads=found(r"(\d+) bytes spill loads"), stack=found(r"(\d+) bytes stack frame"),
         shared=compiled.metadata.shared, wgmma=compiled.asm["ptx"].count("wgmma.mma_async"),
+        bulk_loads=compiled.asm["ptx"].count("cp.async.bulk.tensor"),
         seconds=time.perf_counter() - started)
 
 
@@ -160,7 +163,8 @@ def main():
     plan += [(name, config, "extra") for name, config in args.extra]
     limit = MAX_SHARED_BYTES.get(args.arch, 227 * 1024)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dim {args.head_dim}, "
-          f"group {args.group}, {args.layout} layout: {len(plan)} configs", flush=True)
+          f"group {args.group}, {args.layout} layout{', forward with TMA loads' if args.tma else ''}: "
+          f"{len(plan)} configs", flush=True)
 
     rows, worst = [], 0
     for name, config, kind in plan:
@@ -173,7 +177,7 @@ def main():
             print(f"  {name} {config}: {message}", flush=True)
             continue
         spills = report["spill_stores"] + report["spill_loads"]
-        verdict = "ok"
+        verdict = "ok" if report["registers"] >= 0 else "NO PTXAS REPORT"  # never call unparsed output clean
         if spills > 0:
             verdict = "SPILLS"
         if report["shared"] > limit:
@@ -185,15 +189,17 @@ def main():
               f"{report['shared'] // 1024} KB shared, {report['seconds']:.1f} s", flush=True)
 
     print(f"\n{'kernel':<6} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'list':<9} {'regs':>4} "
-          f"{'spill st/ld B':>13} {'stack B':>7} {'shared KB':>9} {'wgmma':>5}  verdict")
+          f"{'spill st/ld B':>13} {'stack B':>7} {'shared KB':>9} {'wgmma':>5} {'TMA':>3}  verdict")
     for name, (block_m, block_n, warps, stages), kind, report, verdict in rows:
         if report is None:
             print(f"{name:<6} {block_m:>4} {block_n:>4} {warps:>5} {stages:>6} {kind:<9} {verdict}")
             continue
         spill = f"{report['spill_stores']}/{report['spill_loads']}"
         print(f"{name:<6} {block_m:>4} {block_n:>4} {warps:>5} {stages:>6} {kind:<9} {report['registers']:>4} "
-              f"{spill:>13} {report['stack']:>7} {report['shared'] / 1024:>9.1f} {report['wgmma']:>5}  {verdict}")
-    print(f"shared memory limit per block {limit // 1024} KB; wgmma = Hopper tensor-core instructions in the PTX")
+              f"{spill:>13} {report['stack']:>7} {report['shared'] / 1024:>9.1f} {report['wgmma']:>5} "
+              f"{report['bulk_loads']:>3}  {verdict}")
+    print(f"shared memory limit per block {limit // 1024} KB; wgmma: Hopper tensor-core instructions in the PTX; "
+          f"TMA: bulk tensor loads (cp.async.bulk.tensor) in the PTX")
     sys.exit(worst)
 
 
