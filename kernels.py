@@ -9,8 +9,18 @@ Semantics. Query i attends to the keys j with i - W < j <= i: W keys, itself inc
 The softmax scale is 1/sqrt(D). H must be a multiple of H_kv: query head h reads kv head h // (H // H_kv),
 by indexing, never by copying K and V. The output has q's dtype; every sum runs in fp32.
 
-Layout. Inputs are made contiguous, so each (batch, head) is a dense (T, D) matrix. One program owns a
-block of BLOCK_M query rows (forward, dQ) or BLOCK_N key rows (dK/dV) of one head.
+Layout. Each (batch, head) is a (T, D) matrix with dense rows, read where it lies: the model's (B, T, H, D)
+projections viewed as (B, H, T, D) are not copied, and outputs and gradients keep their inputs' layout. Row
+strides are compile-time constants (one compile per layout); only a head dim that is not dense forces a copy.
+One program owns a block of BLOCK_M query rows (forward, dQ) or BLOCK_N key rows (dK/dV) of one head.
+
+Softmax as in Triton's fused-attention tutorial: the running max is taken on raw scores, so scaling a score
+and subtracting the max is one FMA before exp2. With use_tma=True the forward loads its tiles through tensor
+descriptors (Hopper's bulk tensor copy engine) instead of pointers.
+
+torch.compile: the forward and the backward are custom operators (`torch.library.triton_op` on a GPU, whose
+kernels torch.compile sees and schedules), with autograd registered on them, so a compiled model keeps one
+graph through attention.
 
 What is skipped. The query block [m0, m0 + BLOCK_M) visits only the key blocks from
 max(m0 - W + 1, 0) rounded down to BLOCK_N up to min(m0 + BLOCK_M, T): at most
@@ -32,7 +42,9 @@ Runs on CUDA GPUs (autotuned block sizes) and on CPU tensors under the Triton in
 (TRITON_INTERPRET=1 set before this module is imported; fixed 16 x 16 blocks; fp32 and fp16 only, since
 the interpreter's bf16 is broken). Head dim must be a power of two from 16 to 256 on both: tl.arange needs
 a power of two and 16-bit tl.dot on the GPU needs at least 16. Written for triton 3.7 (the CUDA torch wheel's
-pin) and 3.9 (tested here): plain pointer arithmetic, no block pointers (removed in 3.9).
+pin) and 3.9 (tested here): pointer arithmetic or tensor descriptors, no block pointers (removed in 3.9).
+`python kernels_report.py` compiles every GPU config offline for sm_90a and reports registers, spills and
+shared memory.
 """
 
 import functools
