@@ -20,7 +20,7 @@ and autotuning. TFLOP/s counts only the (query, key) pairs a sliding window keep
 forward = 4 * B * H * D * sum_i min(i + 1, W), forward + backward = 3.5 x forward. SDPA does the full causal
 work, so its TFLOP/s in these units shows what the window saves, not its hardware throughput.
 "Nx" is a method's time over the fastest peer's time for that shape and pass (our two variants, pointer loads
-and tensor-descriptor (TMA) loads in the forward, are not each other's peers).
+and tensor-descriptor (TMA) loads, are not each other's peers).
 The run starts no new shape after --budget-s seconds (compiles and autotuning included) and lists what it
 skipped and why; its table comes last. Without a CUDA GPU it says so and exits with code 2; exit code 1 if a
 check failed.

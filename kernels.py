@@ -15,7 +15,7 @@ strides are compile-time constants (one compile per layout); only a head dim tha
 One program owns a block of BLOCK_M query rows (forward, dQ) or BLOCK_N key rows (dK/dV) of one head.
 
 Softmax as in Triton's fused-attention tutorial: the running max is taken on raw scores, so scaling a score
-and subtracting the max is one FMA before exp2. With use_tma=True the forward loads its tiles through tensor
+and subtracting the max is one FMA before exp2. With use_tma=True the kernels load their tiles through tensor
 descriptors (Hopper's bulk tensor copy engine) instead of pointers.
 
 torch.compile: the forward and the backward are custom operators (`torch.library.triton_op` on a GPU, whose
@@ -246,13 +246,13 @@ def _attn_bwd_delta(O, DO, DELTA, T, H, stride_ob, stride_oh, stride_ot: tl.cons
 @triton.jit
 def _dkdv_blocks(dk, dv, visits, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, W, qk_scale, stride_qt, stride_dot,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi) of one query head.
     Works on transposed scores (keys along rows) so the results land in dK and dV's own layout."""
     for m in range(lo, hi, BLOCK_M):
         offs_m = m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, offs_m, T, stride_qt, HEAD_DIM, MASKED)  # (BLOCK_M, HEAD_DIM)
-        do = _load_rows(DO, offs_m, T, stride_dot, HEAD_DIM, MASKED)
+        q = _load_tile(Q, m, T, stride_qt, HEAD_DIM, BLOCK_M, MASKED, USE_TMA)  # (BLOCK_M, HEAD_DIM)
+        do = _load_tile(DO, m, T, stride_dot, HEAD_DIM, BLOCK_M, MASKED, USE_TMA)
         lse = _load_vector(LSE, offs_m, T, MASKED)
         delta = _load_vector(DELTA, offs_m, T, MASKED)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # raw scores, transposed (BLOCK_N, BLOCK_M)
@@ -273,7 +273,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VISITS, qk_scale, sm_scale, 
                    stride_vb, stride_vh, stride_vt: tl.constexpr, stride_dob, stride_doh, stride_dot: tl.constexpr,
                    stride_dkb, stride_dkh, stride_dkt: tl.constexpr, stride_dvb, stride_dvh, stride_dvt: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, USE_TMA: tl.constexpr = False):
     n0 = tl.program_id(0) * BLOCK_N
     kv_bh = tl.program_id(1)  # batch * H_kv + kv head
     H_KV = H // GROUP
@@ -281,8 +281,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VISITS, qk_scale, sm_scale, 
     kv_head = kv_bh % H_KV
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_rows(_head(K, batch, kv_head, stride_kb, stride_kh), offs_n, T, stride_kt, HEAD_DIM, True)
-    v = _load_rows(_head(V, batch, kv_head, stride_vb, stride_vh), offs_n, T, stride_vt, HEAD_DIM, True)
+    K = _row_source(_head(K, batch, kv_head, stride_kb, stride_kh), T, stride_kt, HEAD_DIM, BLOCK_N, USE_TMA)
+    V = _row_source(_head(V, batch, kv_head, stride_vb, stride_vh), T, stride_vt, HEAD_DIM, BLOCK_N, USE_TMA)
+    k = _load_tile(K, n0, T, stride_kt, HEAD_DIM, BLOCK_N, True, USE_TMA)  # (BLOCK_N, HEAD_DIM)
+    v = _load_tile(V, n0, T, stride_vt, HEAD_DIM, BLOCK_N, True, USE_TMA)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     visits = 0
@@ -290,18 +292,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VISITS, qk_scale, sm_scale, 
     lo, mid_lo, mid_hi, hi = _query_blocks(n0, T, W, BLOCK_M, BLOCK_N)
     # The query heads sharing this kv head add into the same dK, dV: summed here, so no atomics are needed.
     for head in range(kv_head * GROUP, (kv_head + 1) * GROUP):
-        q_head = _head(Q, batch, head, stride_qb, stride_qh)
-        do_head = _head(DO, batch, head, stride_dob, stride_doh)
+        q_head = _row_source(_head(Q, batch, head, stride_qb, stride_qh), T, stride_qt, HEAD_DIM, BLOCK_M, USE_TMA)
+        do_head = _row_source(_head(DO, batch, head, stride_dob, stride_doh), T, stride_dot, HEAD_DIM, BLOCK_M,
+                              USE_TMA)
         row_off = (tl.cast(batch, tl.int64) * H + head) * T
         dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, q_head, do_head, LSE + row_off, DELTA + row_off,
                                       offs_n, lo, mid_lo, T, W, qk_scale, stride_qt, stride_dot,
-                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, True)
+                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, True, USE_TMA)
         dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, q_head, do_head, LSE + row_off, DELTA + row_off,
                                       offs_n, mid_lo, mid_hi, T, W, qk_scale, stride_qt, stride_dot,
-                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, False)
+                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, False, USE_TMA)
         dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, q_head, do_head, LSE + row_off, DELTA + row_off,
                                       offs_n, mid_hi, hi, T, W, qk_scale, stride_qt, stride_dot,
-                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, True)
+                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, True, USE_TMA)
 
     _store_rows(_head(DK, batch, kv_head, stride_dkb, stride_dkh), offs_n, T, stride_dkt, dk * sm_scale, HEAD_DIM)
     _store_rows(_head(DV, batch, kv_head, stride_dvb, stride_dvh), offs_n, T, stride_dvt, dv, HEAD_DIM)
@@ -312,12 +315,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VISITS, qk_scale, sm_scale, 
 @triton.jit
 def _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, hi, T, W, qk_scale, stride_kt, stride_vt,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               MASKED: tl.constexpr):
+               MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks starting in [lo, hi)."""
     for n in range(lo, hi, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, T, stride_kt, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
-        v = _load_rows(V, offs_n, T, stride_vt, HEAD_DIM, MASKED)
+        k = _load_tile(K, n, T, stride_kt, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)  # (BLOCK_N, HEAD_DIM)
+        v = _load_tile(V, n, T, stride_vt, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw scores (BLOCK_M, BLOCK_N)
         p = tl.exp2(s * qk_scale - lse[:, None])  # one FMA per score
         if MASKED:
@@ -335,16 +338,18 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, VISITS, qk_scale, sm_scale, T, W, 
                  stride_vb, stride_vh, stride_vt: tl.constexpr, stride_dob, stride_doh, stride_dot: tl.constexpr,
                  stride_dqb, stride_dqh, stride_dqt: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, USE_TMA: tl.constexpr = False):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)  # batch * H + query head
     batch, head = bh // H, bh % H
-    K = _head(K, batch, head // GROUP, stride_kb, stride_kh)
-    V = _head(V, batch, head // GROUP, stride_vb, stride_vh)
+    K = _row_source(_head(K, batch, head // GROUP, stride_kb, stride_kh), T, stride_kt, HEAD_DIM, BLOCK_N, USE_TMA)
+    V = _row_source(_head(V, batch, head // GROUP, stride_vb, stride_vh), T, stride_vt, HEAD_DIM, BLOCK_N, USE_TMA)
+    Q = _row_source(_head(Q, batch, head, stride_qb, stride_qh), T, stride_qt, HEAD_DIM, BLOCK_M, USE_TMA)
+    DO = _row_source(_head(DO, batch, head, stride_dob, stride_doh), T, stride_dot, HEAD_DIM, BLOCK_M, USE_TMA)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(_head(Q, batch, head, stride_qb, stride_qh), offs_m, T, stride_qt, HEAD_DIM, True)
-    do = _load_rows(_head(DO, batch, head, stride_dob, stride_doh), offs_m, T, stride_dot, HEAD_DIM, True)
+    q = _load_tile(Q, m0, T, stride_qt, HEAD_DIM, BLOCK_M, True, USE_TMA)
+    do = _load_tile(DO, m0, T, stride_dot, HEAD_DIM, BLOCK_M, True, USE_TMA)
     lse = _load_vector(LSE + bh.to(tl.int64) * T, offs_m, T, True)
     delta = _load_vector(DELTA + bh.to(tl.int64) * T, offs_m, T, True)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -352,11 +357,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, VISITS, qk_scale, sm_scale, T, W, 
 
     lo, mid_lo, mid_hi, hi = _key_blocks(m0, T, W, BLOCK_M, BLOCK_N)  # the forward's blocks
     dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, mid_lo, T, W, qk_scale,
-                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True, USE_TMA)
     dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, mid_lo, mid_hi, T, W, qk_scale,
-                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, False)
+                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, False, USE_TMA)
     dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, mid_hi, hi, T, W, qk_scale,
-                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True, USE_TMA)
 
     _store_rows(_head(DQ, batch, head, stride_dqb, stride_dqh), offs_m, T, stride_dqt, dq * sm_scale, HEAD_DIM)
     if COUNT_VISITS:
@@ -387,7 +392,7 @@ def _autotuned(name, max_tile):
     Built on first GPU use: autotune needs a driver."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in _GPU_CONFIGS[name] if bm * bn <= max_tile]
-    key = ["T", "W", "GROUP", "HEAD_DIM", "stride_qt", "stride_kt"] + (["USE_TMA"] if name == "fwd" else [])
+    key = ["T", "W", "GROUP", "HEAD_DIM", "stride_qt", "stride_kt", "USE_TMA"]
     return triton.autotune(configs, key=key)(_KERNELS[name])
 
 
@@ -466,8 +471,10 @@ def _forward(q, k, v, W, block_m, block_n, visits=None, use_tma=False):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, W, block_m, block_n, visits_dkdv=None, visits_dq=None):
+def _backward(do, q, k, v, o, lse, W, block_m, block_n, visits_dkdv=None, visits_dq=None, use_tma=False):
     B, H, T, D = q.shape
+    if use_tma and not _INTERPRET:
+        _allocate_descriptor_memory_with_torch()
     H_kv = k.shape[1]
     group = H // H_kv
     sm_scale = 1.0 / math.sqrt(D)
@@ -478,7 +485,7 @@ def _backward(do, q, k, v, o, lse, W, block_m, block_n, visits_dkdv=None, visits
          dict(HEAD_DIM=D, BLOCK_M=delta_block))
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    shared = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype))
+    shared = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma)
     _launch("dkdv", T, B * H_kv, block_m, block_n, _max_tile(q.dtype, D),
             (q, k, v, do, lse, delta, dk, dv, visits_dkdv, sm_scale * _LOG2E, sm_scale, T, W, H, group,
              *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv)),
@@ -515,16 +522,16 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, 
 
 @_custom_op("sliding_window_attention_backward")
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, window: int, block_m: int | None,
-                 block_n: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, window: int, block_m: int | None, block_n: int | None,
+                 use_tma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for the upstream gradient grad_out of the forward's out."""
-    return _backward(grad_out, q, k, v, out, lse, window, block_m, block_n)
+    return _backward(grad_out, q, k, v, out, lse, window, block_m, block_n, use_tma=use_tma)
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, window, block_m, block_n, _ = inputs  # the backward kernels load with pointers, TMA or not
+    q, k, v, window, block_m, block_n, use_tma = inputs
     ctx.save_for_backward(q, k, v, *output)
-    ctx.config = (window, block_m, block_n)
+    ctx.config = (window, block_m, block_n, use_tma)
 
 
 def _gradients(ctx, grad_out, grad_lse):
@@ -587,8 +594,8 @@ def sliding_window_attention(q, k, v, window: int | None = None, block_m: int | 
     q: (B, H, T, D); k, v: (B, H_kv, T, D) with H % H_kv == 0. Returns (B, H, T, D) in q's dtype.
     block_m, block_n override the query and key block sizes (powers of two >= 16); by default they are
     autotuned on a GPU (64 for the one not given when only one is) and 16 on the interpreter.
-    use_tma loads the forward's q, k, v tiles through tensor descriptors (Hopper's bulk tensor copy engine)
-    instead of pointers: same arithmetic, same results; off by default until a GPU run says it is faster.
+    use_tma loads the q, k, v, dO tiles of all three kernels through tensor descriptors (Hopper's bulk tensor
+    copy engine) instead of pointers: same arithmetic, same results; off until a GPU run says it is faster.
     """
     _check_inputs(q, k, v, window, block_m, block_n)
     W = _effective_window(q.shape[2], window)

@@ -26,6 +26,7 @@ import time
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernels_report.py compiles for a GPU: unset TRITON_INTERPRET (the interpreter replaces compilation)")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -59,7 +60,7 @@ def parse_args():
     parser.add_argument("--kernels", nargs="+", default=["fwd", "dkdv", "dq"], choices=["fwd", "dkdv", "dq"])
     parser.add_argument("--candidates", action="store_true", help="also compile the candidate configs")
     parser.add_argument("--tma", action="store_true",
-                        help="the forward with tensor-descriptor loads (use_tma=True); dK/dV and dQ have none")
+                        help="the kernels with tensor-descriptor loads (use_tma=True)")
     parser.add_argument("--config", action="append", default=[], metavar="KERNEL:BM,BN,WARPS,STAGES",
                         help="an extra config to compile, e.g. fwd:128,128,8,3 (repeatable)")
     args = parser.parse_args()
@@ -156,14 +157,18 @@ def run_ptxas(ptx, arch):
 
 def main():
     args = parse_args()
-    plan = [(name, config, "default") for name in args.kernels for config in kernels._GPU_CONFIGS[name]]
+    # The configs a launch autotunes over: the default list less the tiles too big for this dtype and head dim.
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    max_tile = kernels._max_tile(torch_dtype, args.head_dim)
+    plan = [(name, config, "default") for name in args.kernels for config in kernels._GPU_CONFIGS[name]
+            if config[0] * config[1] <= max_tile]
     if args.candidates:
         plan += [(name, config, "candidate") for name in args.kernels for config in CANDIDATES[name]
                  if config not in kernels._GPU_CONFIGS[name]]
     plan += [(name, config, "extra") for name, config in args.extra]
     limit = MAX_SHARED_BYTES.get(args.arch, 227 * 1024)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dim {args.head_dim}, "
-          f"group {args.group}, {args.layout} layout{', forward with TMA loads' if args.tma else ''}: "
+          f"group {args.group}, {args.layout} layout{', TMA loads' if args.tma else ''}: "
           f"{len(plan)} configs", flush=True)
 
     rows, worst = [], 0

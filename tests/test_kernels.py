@@ -191,7 +191,7 @@ def test_non_contiguous_inputs_give_the_same_result():
 
 @pytest.mark.parametrize("T, window, H_kv", [(45, 7, 2), (33, None, 1)])
 def test_tensor_descriptor_loads_give_the_pointer_loads_results(T, window, H_kv):
-    # use_tma changes only how tiles reach the forward kernel (rows past T read as zeros either way), so
+    # use_tma changes only how tiles reach the three kernels (rows past T read as zeros either way), so
     # outputs and gradients equal the float64-tested pointer path exactly; strided (model layout) inputs.
     q, k, v, grad_out = random_qkv(1, 2, H_kv, T, 16, dtype=torch.float16)
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
@@ -254,7 +254,7 @@ with FakeTensorMode():  # fake CUDA tensors need no GPU
 
 def forward_and_backward(q, k, v):
     out, lse = kernels._forward_op(q, k, v, 16, None, None, use_tma)
-    return kernels._backward_op(out, q, k, v, out, lse, 16, None, None)
+    return kernels._backward_op(out, q, k, v, out, lse, 16, None, None, use_tma)
 
 for use_tma in (False, True):
     graph = make_fx(dispatch_functionalize(forward_and_backward), tracing_mode="fake")(q, k, k)
