@@ -46,7 +46,7 @@ def parse_args():
     parser.add_argument("--head-dim", type=int, default=128, help="head dim D")
     parser.add_argument("--window", type=int, default=4096, help="window W: query i sees keys i - W < j <= i")
     parser.add_argument("--no-tma", action="store_true",
-                        help="time ours with pointer loads only (the TMA variant compiles its own configs per kv group)")
+                        help="time ours with pointer loads only (the TMA variant compiles its own configs)")
     parser.add_argument("--reps", type=int, default=20, help="timed runs per measurement (median reported)")
     parser.add_argument("--budget-s", type=float, default=450.0,
                         help="start no new shape after this many seconds (compiles and autotuning included)")
