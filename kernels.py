@@ -600,6 +600,11 @@ def sliding_window_attention(q, k, v, window: int | None = None, block_m: int | 
     _check_inputs(q, k, v, window, block_m, block_n)
     W = _effective_window(q.shape[2], window)
     q, k, v = (_rows_addressable(x) for x in (q, k, v))  # no copy for the model's transposed (B, T, H, D) views
+    if use_tma:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.data_ptr() % 16 or any(stride * x.element_size() % 16 for stride in x.stride()[:3]):
+                raise ValueError(f"use_tma=True needs {name} 16-byte aligned with strides of 16-byte multiples "
+                                 f"(tensor descriptors); got strides {x.stride()}: pass use_tma=False")
     return _forward_op(q, k, v, W, block_m, block_n, bool(use_tma))[0]
 
 

@@ -374,6 +374,12 @@ def test_invalid_inputs_raise_clear_errors(shapes, kwargs, message):
         sliding_window_attention(q, k, v, **kwargs)
 
 
+def test_tensor_descriptors_refuse_misaligned_inputs():
+    q = torch.randn(1, 2, 8, 17, device=DEVICE)[..., 1:]  # head dim 16, but rows 17 floats apart
+    with pytest.raises(ValueError, match="use_tma=True needs q 16-byte aligned"):
+        sliding_window_attention(q, q, q, use_tma=True)
+
+
 def test_mixed_dtypes_raise_a_clear_error():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="must share one dtype"):
