@@ -109,7 +109,7 @@ def _load_rows(base, rows, T, stride_t, HEAD_DIM: tl.constexpr, MASKED: tl.const
     """Rows `rows` of a (T, HEAD_DIM) matrix whose rows are stride_t apart (H * D for the model's
     (B, T, H, D) layout, D for a contiguous (B, H, T, D) one); with MASKED, rows at or past T read as zeros.
     The kernels take row strides as constexprs: a run-time row stride costs enough registers to spill
-    (kernels_report.py: 16-68 B in four forward configs on sm_90a), a compile-time one costs a compile per layout."""
+    (kernels_report.py, triton 3.9: 16-68 B in four forward configs), a compile-time one a compile per layout."""
     ptrs = base + rows[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
     if MASKED:
         x = tl.load(ptrs, mask=rows[:, None] < T, other=0.0)
