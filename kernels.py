@@ -9,8 +9,18 @@ Semantics. Query i attends to the keys j with i - W < j <= i: W keys, itself inc
 The softmax scale is 1/sqrt(D). H must be a multiple of H_kv: query head h reads kv head h // (H // H_kv),
 by indexing, never by copying K and V. The output has q's dtype; every sum runs in fp32.
 
-Layout. Inputs are made contiguous, so each (batch, head) is a dense (T, D) matrix. One program owns a
-block of BLOCK_M query rows (forward, dQ) or BLOCK_N key rows (dK/dV) of one head.
+Layout. Each (batch, head) is a (T, D) matrix with dense rows, read where it lies: the model's (B, T, H, D)
+projections viewed as (B, H, T, D) are not copied, and outputs and gradients keep their inputs' layout. Row
+strides are compile-time constants (one compile per layout); only a head dim that is not dense forces a copy.
+One program owns a block of BLOCK_M query rows (forward, dQ) or BLOCK_N key rows (dK/dV) of one head.
+
+Softmax as in Triton's fused-attention tutorial: the running max is taken on raw scores, so scaling a score
+and subtracting the max is one FMA before exp2. With use_tma=True the kernels load their tiles through tensor
+descriptors (Hopper's bulk tensor copy engine) instead of pointers.
+
+torch.compile: the forward and the backward are custom operators (`torch.library.triton_op` on a GPU, whose
+kernels torch.compile sees and schedules), with autograd registered on them, so a compiled model keeps one
+graph through attention.
 
 What is skipped. The query block [m0, m0 + BLOCK_M) visits only the key blocks from
 max(m0 - W + 1, 0) rounded down to BLOCK_N up to min(m0 + BLOCK_M, T): at most
@@ -32,7 +42,9 @@ Runs on CUDA GPUs (autotuned block sizes) and on CPU tensors under the Triton in
 (TRITON_INTERPRET=1 set before this module is imported; fixed 16 x 16 blocks; fp32 and fp16 only, since
 the interpreter's bf16 is broken). Head dim must be a power of two from 16 to 256 on both: tl.arange needs
 a power of two and 16-bit tl.dot on the GPU needs at least 16. Written for triton 3.7 (the CUDA torch wheel's
-pin) and 3.9 (tested here): plain pointer arithmetic, no block pointers (removed in 3.9).
+pin) and 3.9 (tested here): pointer arithmetic or tensor descriptors, no block pointers (removed in 3.9).
+`python kernels_report.py` compiles every GPU config offline for sm_90a and reports registers, spills and
+shared memory.
 """
 
 import functools
@@ -87,13 +99,53 @@ def _visible(q_idx, k_idx, T, W):
 
 
 @triton.jit
-def _load_rows(base, rows, T, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
-    """Rows `rows` of a dense (T, HEAD_DIM) matrix; with MASKED, rows at or past T read as zeros."""
-    ptrs = base + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+def _head(base, batch, head, stride_batch, stride_head):
+    """Pointer to the (T, HEAD_DIM) matrix of one (batch, head); int64 since B * H * T * D can pass 2^31."""
+    return base + tl.cast(batch, tl.int64) * stride_batch + tl.cast(head, tl.int64) * stride_head
+
+
+@triton.jit
+def _load_rows(base, rows, T, stride_t, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """Rows `rows` of a (T, HEAD_DIM) matrix whose rows are stride_t apart (H * D for the model's
+    (B, T, H, D) layout, D for a contiguous (B, H, T, D) one); with MASKED, rows at or past T read as zeros.
+    The kernels take row strides as constexprs: a run-time row stride costs enough registers to spill
+    (kernels_report.py, triton 3.9: 16-68 B in four forward configs), a compile-time one a compile per layout."""
+    ptrs = base + rows[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
     if MASKED:
         x = tl.load(ptrs, mask=rows[:, None] < T, other=0.0)
     else:
         x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_rows(base, rows, T, stride_t, x, HEAD_DIM: tl.constexpr):
+    """Store x into rows `rows` < T of a (T, HEAD_DIM) matrix whose rows are stride_t apart."""
+    ptrs = base + rows[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows[:, None] < T)
+
+
+@triton.jit
+def _row_source(base, T, stride_t: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """What _load_tile reads BLOCK-row tiles from: the (T, HEAD_DIM) matrix at base, as a pointer or, with
+    USE_TMA, as a tensor descriptor (Hopper's bulk tensor copy engine; rows past T read as zeros)."""
+    if USE_TMA:
+        source = tl.make_tensor_descriptor(base, shape=[T, HEAD_DIM], strides=[stride_t, 1],
+                                           block_shape=[BLOCK, HEAD_DIM])
+    else:
+        source = base
+    return source
+
+
+@triton.jit
+def _load_tile(source, start, T, stride_t: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+               MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows start .. start + BLOCK - 1 of a _row_source; rows at or past T read as zeros where MASKED."""
+    if USE_TMA:
+        x = source.load([start, 0])
+    else:
+        x = _load_rows(source, start + tl.arange(0, BLOCK), T, stride_t, HEAD_DIM, MASKED)
     return x
 
 
@@ -111,21 +163,23 @@ def _load_vector(base, idx, T, MASKED: tl.constexpr):
 # Forward
 
 @triton.jit
-def _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, hi, T, W, qk_scale,
+def _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, hi, T, W, qk_scale, stride_kt, stride_vt,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                MASKED: tl.constexpr):
-    """Online softmax over the key blocks starting in [lo, hi). Scores are in log2 units."""
+                MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Online softmax over the key blocks starting in [lo, hi). The running max m_i is in log2 units
+    (scaled scores); the row max is taken on the raw scores, so scaling and subtracting it is one FMA,
+    as in Triton's fused-attention tutorial."""
     for n in range(lo, hi, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, T, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
-        v = _load_rows(V, offs_n, T, HEAD_DIM, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        k = _load_tile(K, n, T, stride_kt, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)  # (BLOCK_N, HEAD_DIM)
+        v = _load_tile(V, n, T, stride_vt, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw scores (BLOCK_M, BLOCK_N)
         if MASKED:
             s = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, W), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # max commutes with the positive scale
         # At the window's edge a row can see no key of this block yet: exp2(-inf - -inf) would be NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * qk_scale - m_safe[:, None])  # one FMA per score
         alpha = tl.exp2(m_i - m_safe)  # rescales what was summed under the old running max
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -136,36 +190,37 @@ def _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, hi, T, W, qk_scale,
 
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, VISITS, qk_scale, T, W, H, GROUP,
+              stride_qb, stride_qh, stride_qt: tl.constexpr, stride_kb, stride_kh, stride_kt: tl.constexpr,
+              stride_vb, stride_vh, stride_vt: tl.constexpr, stride_ob, stride_oh, stride_ot: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, USE_TMA: tl.constexpr = False):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)  # batch * H + query head
     batch, head = bh // H, bh % H
-    kv_bh = batch * (H // GROUP) + head // GROUP  # batch * H_kv + kv head: GQA by indexing, not copying
-    q_off = bh.to(tl.int64) * T * HEAD_DIM  # int64: B * H * T * D can pass 2^31
-    kv_off = kv_bh.to(tl.int64) * T * HEAD_DIM
+    kv_head = head // GROUP  # GQA by indexing, not copying
+    K = _row_source(_head(K, batch, kv_head, stride_kb, stride_kh), T, stride_kt, HEAD_DIM, BLOCK_N, USE_TMA)
+    V = _row_source(_head(V, batch, kv_head, stride_vb, stride_vh), T, stride_vt, HEAD_DIM, BLOCK_N, USE_TMA)
+    Q = _row_source(_head(Q, batch, head, stride_qb, stride_qh), T, stride_qt, HEAD_DIM, BLOCK_M, USE_TMA)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q + q_off, offs_m, T, HEAD_DIM, True)  # (BLOCK_M, HEAD_DIM)
+    q = _load_tile(Q, m0, T, stride_qt, HEAD_DIM, BLOCK_M, True, USE_TMA)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scores
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - running max)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scaled scores
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(scaled score - running max)
     visits = 0
 
     # Window edge, interior (no mask), then diagonal and ragged tail.
     lo, mid_lo, mid_hi, hi = _key_blocks(m0, T, W, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K + kv_off, V + kv_off, offs_m, lo, mid_lo,
-                                        T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
-    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K + kv_off, V + kv_off, offs_m, mid_lo, mid_hi,
-                                        T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, False)
-    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K + kv_off, V + kv_off, offs_m, mid_hi, hi,
-                                        T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, lo, mid_lo, T, W, qk_scale,
+                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True, USE_TMA)
+    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, mid_lo, mid_hi, T, W, qk_scale,
+                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, False, USE_TMA)
+    acc, m_i, l_i, visits = _fwd_blocks(acc, m_i, l_i, visits, q, K, V, offs_m, mid_hi, hi, T, W, qk_scale,
+                                        stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True, USE_TMA)
 
     # Every query row < T sees at least itself; only the rows past T (never stored) can end with l_i = 0.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    o_ptrs = O + q_off + offs_m[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    _store_rows(_head(O, batch, head, stride_ob, stride_oh), offs_m, T, stride_ot, acc / l_safe[:, None], HEAD_DIM)
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=offs_m < T)  # log2 units
     if COUNT_VISITS:
         tl.store(VISITS + bh * tl.num_programs(0) + tl.program_id(0), visits)
@@ -175,30 +230,33 @@ def _attn_fwd(Q, K, V, O, LSE, VISITS, qk_scale, T, W, H, GROUP,
 # Backward: delta preprocess, dK/dV, dQ
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta(O, DO, DELTA, T, H, stride_ob, stride_oh, stride_ot: tl.constexpr,
+                    stride_dob, stride_doh, stride_dot: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d O_id * dO_id, the row term of the softmax backward: dS = P * (dP - delta)."""
     bh = tl.program_id(1)
+    batch, head = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    off = bh.to(tl.int64) * T * HEAD_DIM
-    o = _load_rows(O + off, offs_m, T, HEAD_DIM, True).to(tl.float32)
-    do = _load_rows(DO + off, offs_m, T, HEAD_DIM, True).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+    o = _load_rows(_head(O, batch, head, stride_ob, stride_oh), offs_m, T, stride_ot, HEAD_DIM, True)
+    do = _load_rows(_head(DO, batch, head, stride_dob, stride_doh), offs_m, T, stride_dot, HEAD_DIM, True)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+             mask=offs_m < T)
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, visits, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, W, qk_scale,
+def _dkdv_blocks(dk, dv, visits, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, W, qk_scale, stride_qt, stride_dot,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks starting in [lo, hi) of one query head.
     Works on transposed scores (keys along rows) so the results land in dK and dV's own layout."""
     for m in range(lo, hi, BLOCK_M):
         offs_m = m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, offs_m, T, HEAD_DIM, MASKED)  # (BLOCK_M, HEAD_DIM)
-        do = _load_rows(DO, offs_m, T, HEAD_DIM, MASKED)
+        q = _load_tile(Q, m, T, stride_qt, HEAD_DIM, BLOCK_M, MASKED, USE_TMA)  # (BLOCK_M, HEAD_DIM)
+        do = _load_tile(DO, m, T, stride_dot, HEAD_DIM, BLOCK_M, MASKED, USE_TMA)
         lse = _load_vector(LSE, offs_m, T, MASKED)
         delta = _load_vector(DELTA, offs_m, T, MASKED)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse[None, :])  # the forward's probabilities, from its saved logsumexp
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # raw scores, transposed (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])  # the forward's probabilities, from its logsumexp: one FMA
         if MASKED:
             p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], T, W), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # dV = P^T dO
@@ -211,18 +269,22 @@ def _dkdv_blocks(dk, dv, visits, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, W, 
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VISITS, qk_scale, sm_scale, T, W, H, GROUP,
+                   stride_qb, stride_qh, stride_qt: tl.constexpr, stride_kb, stride_kh, stride_kt: tl.constexpr,
+                   stride_vb, stride_vh, stride_vt: tl.constexpr, stride_dob, stride_doh, stride_dot: tl.constexpr,
+                   stride_dkb, stride_dkh, stride_dkt: tl.constexpr, stride_dvb, stride_dvh, stride_dvt: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, USE_TMA: tl.constexpr = False):
     n0 = tl.program_id(0) * BLOCK_N
     kv_bh = tl.program_id(1)  # batch * H_kv + kv head
     H_KV = H // GROUP
     batch = kv_bh // H_KV
     kv_head = kv_bh % H_KV
-    kv_off = kv_bh.to(tl.int64) * T * HEAD_DIM
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + kv_off, offs_n, T, HEAD_DIM, True)  # (BLOCK_N, HEAD_DIM)
-    v = _load_rows(V + kv_off, offs_n, T, HEAD_DIM, True)
+    K = _row_source(_head(K, batch, kv_head, stride_kb, stride_kh), T, stride_kt, HEAD_DIM, BLOCK_N, USE_TMA)
+    V = _row_source(_head(V, batch, kv_head, stride_vb, stride_vh), T, stride_vt, HEAD_DIM, BLOCK_N, USE_TMA)
+    k = _load_tile(K, n0, T, stride_kt, HEAD_DIM, BLOCK_N, True, USE_TMA)  # (BLOCK_N, HEAD_DIM)
+    v = _load_tile(V, n0, T, stride_vt, HEAD_DIM, BLOCK_N, True, USE_TMA)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     visits = 0
@@ -230,35 +292,37 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VISITS, qk_scale, sm_scale, 
     lo, mid_lo, mid_hi, hi = _query_blocks(n0, T, W, BLOCK_M, BLOCK_N)
     # The query heads sharing this kv head add into the same dK, dV: summed here, so no atomics are needed.
     for head in range(kv_head * GROUP, (kv_head + 1) * GROUP):
-        bh = batch * H + head
-        q_off = bh.to(tl.int64) * T * HEAD_DIM
-        row_off = bh.to(tl.int64) * T
-        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, Q + q_off, DO + q_off, LSE + row_off, DELTA + row_off,
-                                      offs_n, lo, mid_lo, T, W, qk_scale, HEAD_DIM, BLOCK_M, DOT_PRECISION, True)
-        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, Q + q_off, DO + q_off, LSE + row_off, DELTA + row_off,
-                                      offs_n, mid_lo, mid_hi, T, W, qk_scale, HEAD_DIM, BLOCK_M, DOT_PRECISION,
-                                      False)
-        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, Q + q_off, DO + q_off, LSE + row_off, DELTA + row_off,
-                                      offs_n, mid_hi, hi, T, W, qk_scale, HEAD_DIM, BLOCK_M, DOT_PRECISION, True)
+        q_head = _row_source(_head(Q, batch, head, stride_qb, stride_qh), T, stride_qt, HEAD_DIM, BLOCK_M, USE_TMA)
+        do_head = _row_source(_head(DO, batch, head, stride_dob, stride_doh), T, stride_dot, HEAD_DIM, BLOCK_M,
+                              USE_TMA)
+        row_off = (tl.cast(batch, tl.int64) * H + head) * T
+        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, q_head, do_head, LSE + row_off, DELTA + row_off,
+                                      offs_n, lo, mid_lo, T, W, qk_scale, stride_qt, stride_dot,
+                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, True, USE_TMA)
+        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, q_head, do_head, LSE + row_off, DELTA + row_off,
+                                      offs_n, mid_lo, mid_hi, T, W, qk_scale, stride_qt, stride_dot,
+                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, False, USE_TMA)
+        dk, dv, visits = _dkdv_blocks(dk, dv, visits, k, v, q_head, do_head, LSE + row_off, DELTA + row_off,
+                                      offs_n, mid_hi, hi, T, W, qk_scale, stride_qt, stride_dot,
+                                      HEAD_DIM, BLOCK_M, DOT_PRECISION, True, USE_TMA)
 
-    out_ptrs = kv_off + offs_n[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < T)
-    tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
+    _store_rows(_head(DK, batch, kv_head, stride_dkb, stride_dkh), offs_n, T, stride_dkt, dk * sm_scale, HEAD_DIM)
+    _store_rows(_head(DV, batch, kv_head, stride_dvb, stride_dvh), offs_n, T, stride_dvt, dv, HEAD_DIM)
     if COUNT_VISITS:
         tl.store(VISITS + kv_bh * tl.num_programs(0) + tl.program_id(0), visits)
 
 
 @triton.jit
-def _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, hi, T, W, qk_scale,
+def _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, hi, T, W, qk_scale, stride_kt, stride_vt,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               MASKED: tl.constexpr):
+               MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks starting in [lo, hi)."""
     for n in range(lo, hi, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, T, HEAD_DIM, MASKED)  # (BLOCK_N, HEAD_DIM)
-        v = _load_rows(V, offs_n, T, HEAD_DIM, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse[:, None])
+        k = _load_tile(K, n, T, stride_kt, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)  # (BLOCK_N, HEAD_DIM)
+        v = _load_tile(V, n, T, stride_vt, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw scores (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s * qk_scale - lse[:, None])  # one FMA per score
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, W), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -270,33 +334,36 @@ def _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, hi, T, W, qk_sca
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, VISITS, qk_scale, sm_scale, T, W, H, GROUP,
+                 stride_qb, stride_qh, stride_qt: tl.constexpr, stride_kb, stride_kh, stride_kt: tl.constexpr,
+                 stride_vb, stride_vh, stride_vt: tl.constexpr, stride_dob, stride_doh, stride_dot: tl.constexpr,
+                 stride_dqb, stride_dqh, stride_dqt: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, USE_TMA: tl.constexpr = False):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)  # batch * H + query head
     batch, head = bh // H, bh % H
-    kv_bh = batch * (H // GROUP) + head // GROUP
-    q_off = bh.to(tl.int64) * T * HEAD_DIM
-    kv_off = kv_bh.to(tl.int64) * T * HEAD_DIM
+    K = _row_source(_head(K, batch, head // GROUP, stride_kb, stride_kh), T, stride_kt, HEAD_DIM, BLOCK_N, USE_TMA)
+    V = _row_source(_head(V, batch, head // GROUP, stride_vb, stride_vh), T, stride_vt, HEAD_DIM, BLOCK_N, USE_TMA)
+    Q = _row_source(_head(Q, batch, head, stride_qb, stride_qh), T, stride_qt, HEAD_DIM, BLOCK_M, USE_TMA)
+    DO = _row_source(_head(DO, batch, head, stride_dob, stride_doh), T, stride_dot, HEAD_DIM, BLOCK_M, USE_TMA)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q + q_off, offs_m, T, HEAD_DIM, True)
-    do = _load_rows(DO + q_off, offs_m, T, HEAD_DIM, True)
+    q = _load_tile(Q, m0, T, stride_qt, HEAD_DIM, BLOCK_M, True, USE_TMA)
+    do = _load_tile(DO, m0, T, stride_dot, HEAD_DIM, BLOCK_M, True, USE_TMA)
     lse = _load_vector(LSE + bh.to(tl.int64) * T, offs_m, T, True)
     delta = _load_vector(DELTA + bh.to(tl.int64) * T, offs_m, T, True)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     visits = 0
 
     lo, mid_lo, mid_hi, hi = _key_blocks(m0, T, W, BLOCK_M, BLOCK_N)  # the forward's blocks
-    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K + kv_off, V + kv_off, offs_m, lo, mid_lo,
-                            T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
-    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K + kv_off, V + kv_off, offs_m, mid_lo, mid_hi,
-                            T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, False)
-    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K + kv_off, V + kv_off, offs_m, mid_hi, hi,
-                            T, W, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION, True)
+    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, lo, mid_lo, T, W, qk_scale,
+                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True, USE_TMA)
+    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, mid_lo, mid_hi, T, W, qk_scale,
+                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, False, USE_TMA)
+    dq, visits = _dq_blocks(dq, visits, q, do, lse, delta, K, V, offs_m, mid_hi, hi, T, W, qk_scale,
+                            stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_PRECISION, True, USE_TMA)
 
-    dq_ptrs = DQ + q_off + offs_m[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
+    _store_rows(_head(DQ, batch, head, stride_dqb, stride_dqh), offs_m, T, stride_dqt, dq * sm_scale, HEAD_DIM)
     if COUNT_VISITS:
         tl.store(VISITS + bh * tl.num_programs(0) + tl.program_id(0), visits)
 
@@ -304,11 +371,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, VISITS, qk_scale, sm_scale, T, W, 
 # -----------------------------------------------------------------------------
 # Launching: fixed blocks on the interpreter or when asked for, autotuned otherwise on a GPU
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Few on purpose: each is compiled and timed once per shape.
-# Small blocks waste less at the window's edge (useful work per visited block is about W / (W + BLOCK_M)).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), fitted to Hopper (sm_90a: 227 KB of shared memory a block, 255
+# registers a thread) by `python kernels_report.py`, which compiles each offline with the triton the CUDA torch
+# wheel pins (3.7.1) and reports registers, spills and shared memory: none of these spills. Few on purpose:
+# each is compiled and timed once per autotune key. Small blocks waste less at the window's edge (useful work
+# per visited block is about W / (W + BLOCK_M)). dK/dV keeps four (BLOCK_N, HEAD_DIM) tiles live (k, v and
+# their fp32 gradients): only 8 warps with small query blocks fit them without spilling.
 _GPU_CONFIGS = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
-    "dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],  # BLOCK_N keys per program
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "dkdv": [(16, 128, 8, 3), (32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 3)],  # BLOCK_N keys per program
     "dq": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],  # BLOCK_M queries per program
 }
 _GPU_DEFAULT_BLOCK = 64  # the other block size when only one of block_m, block_n is given
@@ -321,7 +392,8 @@ def _autotuned(name, max_tile):
     Built on first GPU use: autotune needs a driver."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in _GPU_CONFIGS[name] if bm * bn <= max_tile]
-    return triton.autotune(configs, key=["T", "W", "GROUP", "HEAD_DIM"])(_KERNELS[name])
+    key = ["T", "W", "GROUP", "HEAD_DIM", "stride_qt", "stride_kt", "USE_TMA"]
+    return triton.autotune(configs, key=key)(_KERNELS[name])
 
 
 def _max_tile(dtype, head_dim):
@@ -332,6 +404,15 @@ def _max_tile(dtype, head_dim):
     return 64 * 64 if head_dim > 128 else 128 * 128
 
 
+def _run(kernel, grid, args, kwargs):
+    """Launch through torch.library.wrap_triton, so that torch.compile traces the kernel inside the ops below.
+    The interpreter cannot run on the fake tensors torch.compile traces with, and wrap_triton leaves
+    interpreted kernels unwrapped: there, tracing gets the outputs' shapes and strides only."""
+    if _INTERPRET and any(isinstance(a, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(a) for a in args):
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
 def _launch(name, T, batch_heads, block_m, block_n, max_tile, args, constexprs):
     """Run kernel `name` on a grid (row blocks, batch_heads). The forward and dQ kernels tile the
     queries (BLOCK_M rows per program); dK/dV tiles the keys (BLOCK_N rows)."""
@@ -339,13 +420,14 @@ def _launch(name, T, batch_heads, block_m, block_n, max_tile, args, constexprs):
     on_gpu = not _INTERPRET
     if on_gpu and block_m is None and block_n is None:
         grid = lambda meta: (triton.cdiv(T, meta[tile]), batch_heads)
-        _autotuned(name, max_tile)[grid](*args, **constexprs)
+        _run(_autotuned(name, max_tile), grid, args, constexprs)
         return
     default = _GPU_DEFAULT_BLOCK if on_gpu else _INTERPRETER_BLOCK
     blocks = {"BLOCK_M": block_m or default, "BLOCK_N": block_n or default}
-    launch_options = {"num_warps": 4 if blocks["BLOCK_M"] * blocks["BLOCK_N"] <= 64 * 64 else 8} if on_gpu else {}
+    # The tutorial's rule: 8 warps only for 128 x 128 tiles and up.
+    launch_options = {"num_warps": 8 if blocks["BLOCK_M"] * blocks["BLOCK_N"] >= 128 * 128 else 4} if on_gpu else {}
     grid = (triton.cdiv(T, blocks[tile]), batch_heads)
-    _KERNELS[name][grid](*args, **blocks, **constexprs, **launch_options)
+    _run(_KERNELS[name], grid, args, {**blocks, **constexprs, **launch_options})
 
 
 def _dot_precision(dtype):
@@ -353,52 +435,113 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _forward(q, k, v, W, block_m, block_n, visits=None):
+def _strides(x):
+    """(batch, head, row) strides of a (B, H, T, D) tensor; its head dim must be dense."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _rows_addressable(x):
+    """x as the kernels can read it: head dim dense, and row offsets (row * stride) within int32.
+    Any (B, H, T, D) tensor that is a transpose of a contiguous (B, T, H, D) one passes as it is, uncopied."""
+    T = x.shape[2]
+    if x.stride(3) != 1 or abs(x.stride(2)) * (T + 256) >= 2**31 or x.stride(2) < 0:
+        return x.contiguous()
+    return x
+
+
+@functools.cache
+def _allocate_descriptor_memory_with_torch():
+    """Tensor descriptors made inside a kernel live in global memory that Triton asks its allocator for."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+def _forward(q, k, v, W, block_m, block_n, visits=None, use_tma=False):
     B, H, T, D = q.shape
+    if use_tma and not _INTERPRET:
+        _allocate_descriptor_memory_with_torch()
     group = H // k.shape[1]
-    o = torch.empty_like(q)
+    o = torch.empty_like(q)  # q's layout when q is dense: (B, T, H, D) memory stays (B, T, H, D)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     sm_scale = 1.0 / math.sqrt(D)
-    args = (q, k, v, o, lse, visits, sm_scale * _LOG2E, T, W, H, group)
-    constexprs = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), COUNT_VISITS=visits is not None)
+    args = (q, k, v, o, lse, visits, sm_scale * _LOG2E, T, W, H, group,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o))
+    constexprs = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), COUNT_VISITS=visits is not None,
+                      USE_TMA=use_tma)
     _launch("fwd", T, B * H, block_m, block_n, _max_tile(q.dtype, D), args, constexprs)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, W, block_m, block_n, visits_dkdv=None, visits_dq=None):
+def _backward(do, q, k, v, o, lse, W, block_m, block_n, visits_dkdv=None, visits_dq=None, use_tma=False):
     B, H, T, D = q.shape
+    if use_tma and not _INTERPRET:
+        _allocate_descriptor_memory_with_torch()
     H_kv = k.shape[1]
     group = H // H_kv
     sm_scale = 1.0 / math.sqrt(D)
+    do = _rows_addressable(do)
     delta = torch.empty_like(lse)
     delta_block = block_m or (64 if not _INTERPRET else _INTERPRETER_BLOCK)
-    _attn_bwd_delta[(triton.cdiv(T, delta_block), B * H)](o, do, delta, T, HEAD_DIM=D, BLOCK_M=delta_block)
+    _run(_attn_bwd_delta, (triton.cdiv(T, delta_block), B * H), (o, do, delta, T, H, *_strides(o), *_strides(do)),
+         dict(HEAD_DIM=D, BLOCK_M=delta_block))
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    shared = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype))
+    shared = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma)
     _launch("dkdv", T, B * H_kv, block_m, block_n, _max_tile(q.dtype, D),
-            (q, k, v, do, lse, delta, dk, dv, visits_dkdv, sm_scale * _LOG2E, sm_scale, T, W, H, group),
+            (q, k, v, do, lse, delta, dk, dv, visits_dkdv, sm_scale * _LOG2E, sm_scale, T, W, H, group,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv)),
             dict(shared, COUNT_VISITS=visits_dkdv is not None))
     _launch("dq", T, B * H, block_m, block_n, _max_tile(q.dtype, D),
-            (q, k, v, do, lse, delta, dq, visits_dq, sm_scale * _LOG2E, sm_scale, T, W, H, group),
+            (q, k, v, do, lse, delta, dq, visits_dq, sm_scale * _LOG2E, sm_scale, T, W, H, group,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq)),
             dict(shared, COUNT_VISITS=visits_dq is not None))
     return dq, dk, dv
 
 
-class _SlidingWindowAttention(torch.autograd.Function):
+def _custom_op(name):
+    """Register fn as the custom operator olmpool::name, which torch.compile traces without a graph break.
+    On a GPU it is a torch.library.triton_op: torch.compile sees the kernels themselves (wrap_triton) and can
+    schedule them. The interpreter cannot run on the fake tensors tracing uses, and wrap_triton leaves
+    interpreted kernels unwrapped, so a triton_op there would trace into a graph without its kernels (garbage
+    outputs, measured); under TRITON_INTERPRET the same function is an opaque torch.library.custom_op instead,
+    with itself as the fake (shapes and strides only: _run skips the kernels on fake tensors)."""
+    def register(fn):
+        if not _INTERPRET:
+            return torch.library.triton_op(f"olmpool::{name}", fn, mutates_args=())
+        op = torch.library.custom_op(f"olmpool::{name}", fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+    return register
 
-    @staticmethod
-    def forward(ctx, q, k, v, W, block_m, block_n):
-        o, lse = _forward(q, k, v, W, block_m, block_n)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.config = (W, block_m, block_n)
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, *ctx.config)
-        return dq, dk, dv, None, None, None
+@_custom_op("sliding_window_attention_forward")
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block_m: int | None,
+                block_n: int | None, use_tma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, logsumexp in log2 units (B, H, T) fp32) of sliding-window attention; window already <= T."""
+    return _forward(q, k, v, window, block_m, block_n, use_tma=use_tma)
+
+
+@_custom_op("sliding_window_attention_backward")
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, window: int, block_m: int | None, block_n: int | None,
+                 use_tma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) for the upstream gradient grad_out of the forward's out."""
+    return _backward(grad_out, q, k, v, out, lse, window, block_m, block_n, use_tma=use_tma)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, window, block_m, block_n, use_tma = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.config = (window, block_m, block_n, use_tma)
+
+
+def _gradients(ctx, grad_out, grad_lse):
+    # The logsumexp is an auxiliary output: the public function never returns it, so grad_lse is unused.
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, *ctx.config)
+    return dq, dk, dv, None, None, None, None
+
+
+_forward_op.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 # -----------------------------------------------------------------------------
@@ -445,16 +588,24 @@ def _effective_window(T, window):
 
 
 def sliding_window_attention(q, k, v, window: int | None = None, block_m: int | None = None,
-                             block_n: int | None = None) -> torch.Tensor:
+                             block_n: int | None = None, use_tma: bool = False) -> torch.Tensor:
     """Causal attention where query i sees keys i - window < j <= i; differentiable.
 
     q: (B, H, T, D); k, v: (B, H_kv, T, D) with H % H_kv == 0. Returns (B, H, T, D) in q's dtype.
     block_m, block_n override the query and key block sizes (powers of two >= 16); by default they are
     autotuned on a GPU (64 for the one not given when only one is) and 16 on the interpreter.
+    use_tma loads the q, k, v, dO tiles of all three kernels through tensor descriptors (Hopper's bulk tensor
+    copy engine) instead of pointers: same arithmetic, same results; off until a GPU run says it is faster.
     """
     _check_inputs(q, k, v, window, block_m, block_n)
     W = _effective_window(q.shape[2], window)
-    return _SlidingWindowAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), W, block_m, block_n)
+    q, k, v = (_rows_addressable(x) for x in (q, k, v))  # no copy for the model's transposed (B, T, H, D) views
+    if use_tma:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.data_ptr() % 16 or any(stride * x.element_size() % 16 for stride in x.stride()[:3]):
+                raise ValueError(f"use_tma=True needs {name} 16-byte aligned with strides of 16-byte multiples "
+                                 f"(tensor descriptors); got strides {x.stride()}: pass use_tma=False")
+    return _forward_op(q, k, v, W, block_m, block_n, bool(use_tma))[0]
 
 
 def visited_key_blocks(T: int, window: int | None, block_m: int, block_n: int) -> int:

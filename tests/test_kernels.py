@@ -189,6 +189,96 @@ def test_non_contiguous_inputs_give_the_same_result():
         torch.testing.assert_close(value, reference, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("T, window, H_kv", [(45, 7, 2), (33, None, 1)])
+def test_tensor_descriptor_loads_give_the_pointer_loads_results(T, window, H_kv):
+    # use_tma changes only how tiles reach the three kernels (rows past T read as zeros either way), so
+    # outputs and gradients equal the float64-tested pointer path exactly; strided (model layout) inputs.
+    q, k, v, grad_out = random_qkv(1, 2, H_kv, T, 16, dtype=torch.float16)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    pointers = outputs_and_grads(lambda *x: sliding_window_attention(*x, window=window), q, k, v, grad_out)
+    descriptors = outputs_and_grads(lambda *x: sliding_window_attention(*x, window=window, use_tma=True),
+                                    q, k, v, grad_out)
+    for name, value, reference in zip(("out", "dq", "dk", "dv"), descriptors, pointers):
+        torch.testing.assert_close(value, reference, rtol=0, atol=0, msg=name)
+
+
+class AtenCallRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ATen ops called outside the kernels' custom operators (whose insides it does not see)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_model_layout_is_read_in_place_and_kept_for_outputs_and_gradients():
+    # Olmpool's Attention hands over (B, T, H, D) projections viewed as (B, H, T, D). Copying them to
+    # (B, H, T, D) memory costs a pass over q, k, v per layer; the output in (B, T, H, D) memory makes the
+    # model's transpose back a free view.
+    q, k, v, grad_out = random_qkv(1, 4, 2, 24, 16)
+    model_layout = [x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    with AtenCallRecorder() as recorder:
+        out = sliding_window_attention(*model_layout, window=5)
+    copies = [call for call in recorder.calls if any(op in call for op in ("clone", "copy", "contiguous"))]
+    assert copies == [] and any("olmpool" in call for call in recorder.calls), recorder.calls
+    assert out.transpose(1, 2).is_contiguous()
+    grads = torch.autograd.grad(out, model_layout, grad_out.transpose(1, 2).contiguous().transpose(1, 2))
+    assert [g.stride() for g in grads] == [x.stride() for x in model_layout]  # saved inputs were not copied
+
+
+def test_torch_compile_traces_forward_and_backward_in_one_graph_with_eager_results():
+    # fullgraph=True raises on any graph break. On CPU the interpreter's kernels are opaque custom ops and
+    # aot_eager is the backend; on a GPU inductor compiles the graph around the Triton kernels.
+    q, k, v, grad_out = random_qkv(1, 4, 2, 40, 16)
+    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    compiled = torch.compile(lambda *x: sliding_window_attention(*x, window=9), fullgraph=True, backend=backend)
+    expected = outputs_and_grads(lambda *x: sliding_window_attention(*x, window=9), q, k, v, grad_out)
+    actual = outputs_and_grads(compiled, q, k, v, grad_out)
+    for name, value, reference in zip(("out", "dq", "dk", "dv"), actual, expected):
+        torch.testing.assert_close(value, reference, rtol=0, atol=0, msg=name)
+
+
+GPU_TRACE_SCRIPT = """
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+import kernels
+assert not kernels._INTERPRET
+with FakeTensorMode():  # fake CUDA tensors need no GPU
+    q = torch.empty(1, 4, 64, 16, device="cuda", dtype=torch.bfloat16)
+    k = torch.empty(1, 2, 64, 16, device="cuda", dtype=torch.bfloat16)
+
+def forward_and_backward(q, k, v):
+    out, lse = kernels._forward_op(q, k, v, 16, None, None, use_tma)
+    return kernels._backward_op(out, q, k, v, out, lse, 16, None, None, use_tma)
+
+for use_tma in (False, True):
+    graph = make_fx(dispatch_functionalize(forward_and_backward), tracing_mode="fake")(q, k, k)
+    print(" ".join(str(node.target) for node in graph.graph.nodes))
+"""
+
+
+def test_gpu_custom_ops_trace_into_their_four_triton_kernels():
+    # What torch.compile's AOTAutograd does with the GPU build of the ops (torch.library.triton_op), traced
+    # here with fake CUDA tensors in a process without the interpreter: the graph must hold the kernels
+    # themselves (forward, delta, dK/dV, dQ), not an opaque call that inductor cannot schedule; with either
+    # kind of load in the forward.
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    result = subprocess.run([sys.executable, "-c", GPU_TRACE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    targets = result.stdout.split()
+    assert targets.count("triton_kernel_wrapper_functional") == 2 * 4, result.stdout  # pointer and TMA loads
+    assert not any("olmpool" in target for target in targets), result.stdout
+
+
 # -----------------------------------------------------------------------------
 # Nothing past T, nothing from the future
 
@@ -284,7 +374,31 @@ def test_invalid_inputs_raise_clear_errors(shapes, kwargs, message):
         sliding_window_attention(q, k, v, **kwargs)
 
 
+def test_tensor_descriptors_refuse_misaligned_inputs():
+    q = torch.randn(1, 2, 8, 17, device=DEVICE)[..., 1:]  # head dim 16, but rows 17 floats apart
+    with pytest.raises(ValueError, match="use_tma=True needs q 16-byte aligned"):
+        sliding_window_attention(q, q, q, use_tma=True)
+
+
 def test_mixed_dtypes_raise_a_clear_error():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="must share one dtype"):
         sliding_window_attention(q, q.half(), q.half())
+
+
+# -----------------------------------------------------------------------------
+# The benchmark's check at the timed shape can fail
+
+def test_benchmark_check_passes_the_kernel_and_fails_a_window_off_by_one():
+    # bench_kernels.check_at_shape compares float64 slabs with results computed on the whole sequence;
+    # a kernel with a wrong window must fail it, or the timed shapes are not really checked.
+    import bench_kernels
+    T, W = 72, 20  # slabs of W + 16 queries: the start (0..35) and the end (36..71)
+    q, k, v, grad_out = random_qkv(1, 4, 2, T, 16, dtype=torch.float16)
+    passed, lines = bench_kernels.check_at_shape(lambda *x: sliding_window_attention(*x, window=W),
+                                                 q, k, v, grad_out, W, margin=16)
+    assert passed, "\n".join(lines)
+    assert len(lines) == 8  # two slabs, four tensors each
+    passed, _ = bench_kernels.check_at_shape(lambda *x: sliding_window_attention(*x, window=W + 1),
+                                             q, k, v, grad_out, W, margin=16)
+    assert not passed
