@@ -795,6 +795,24 @@ def compact_folder(source_dir, vocab_size, out_dir=None, progress=True):
     return out_dir
 
 
+def folder_in_vocab(folder, compact_vocab=None, progress=True):
+    """The folder to train on for --compact_vocab: None, the folder as it is; 0, it must be dolma2;
+    N, it must be compact with N ids, or be dolma2 and get compacted into FOLDER_vN (reused after)."""
+    folder = Path(folder)
+    if compact_vocab is None:
+        return folder
+    path = folder / COMPACT_VOCAB_FILE
+    if not path.is_file():
+        return compact_folder(folder, compact_vocab, progress=progress) if compact_vocab else folder
+    vocab = read_compact_vocab(path)
+    if compact_vocab == vocab.get("requested_vocab_size", vocab["vocab_size"]):
+        return folder
+    build = "the dolma2 folder it was built from" if compact_vocab == 0 else \
+        f"--compact_vocab {vocab.get('requested_vocab_size', vocab['vocab_size'])}, or the dolma2 folder it was built from"
+    raise DataError(f"--compact_vocab {compact_vocab} asks for {'dolma2' if compact_vocab == 0 else f'{compact_vocab} ids'}, "
+                    f"but {folder} holds a compact vocabulary of {vocab['vocab_size']:,} ids ({path}); pass {build}")
+
+
 def vocabulary_name(folder):
     """(a description naming the file, the mapping hash or None for dolma2) of a data or checkpoint folder."""
     path = Path(folder) / COMPACT_VOCAB_FILE

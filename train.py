@@ -36,17 +36,26 @@ Checkpoints (OUT/step_0001000/, written under a temporary name and renamed when 
     optimizer.pt        AdamW's state_dict, read with torch.load(weights_only=True) (without --fsdp)
     dcp/                model and optimizer, sharded, via torch.distributed.checkpoint (with --fsdp)
     train_state.json    step, tokens seen, loader position, the arguments, RNG states
+    compact_vocab.json  the data's compact vocabulary, when it has one (data.tokenizer_for reads it)
 `--resume auto` continues from the newest complete checkpoint in --out (nothing there: a fresh
 start); `--init_from DIR` (or `hf:DIR`, through hf_interop.py) only takes a checkpoint's weights.
 SIGTERM finishes the step, saves a checkpoint and exits cleanly (give the scheduler's grace period
 room for one step and one save); a non-finite loss stops the run without saving. On a multi-node
 run --out must be on a filesystem every node sees. OUT/metrics.jsonl gets one line per step (loss,
-z_loss, lr, grad_norm, tokens_seen, tokens_per_s, mfu, peak_memory_gib, val_loss when measured); a
+z_loss, lr, grad_norm, tokens_seen, tokens_per_s, mfu, peak_memory_gib, and when measured val_loss and
+val_bits_per_byte); a
 resumed run appends, so steps after its checkpoint appear twice and the later line is the one that
 counts. On CPU, exact resume also needs the same thread count, which train_state.json records.
 
+Vocabulary. The tiny size on the built-in corpus trains on a compact vocabulary (--compact_vocab,
+data.py's "Compact vocabulary": 8192 ids, the bytes, EOS/pad and the corpus's most frequent dolma2
+tokens; lossless), since dolma2's 100,352-row LM head is ~93% of a tiny model's FLOPs. Then seq_len
+and tokens count compact tokens, and losses are nats per compact token; val_bits_per_byte compares
+across vocabularies. Other sizes, and --data folders, keep their own vocabulary (dolma2 unless the
+folder was prepared with --compact_vocab). A checkpoint refuses data in another vocabulary.
+
 Reused by extend.py: build_parser, model_config, setup_distributed, build_model, build_optimizer,
-lr_at, build_loaders, train_step, evaluate, save_checkpoint, load_checkpoint, check_architecture.
+lr_at, build_loaders, train_step, evaluate (evaluate_losses), save_checkpoint, load_checkpoint, check_architecture.
 """
 
 from __future__ import annotations
@@ -96,6 +105,10 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Default global batch in sequences, by device: fixed, so that the data order never depends on the
 # world size (pass --batch_tokens to compare runs across devices).
 DEFAULT_SEQUENCES = {"cpu": 2, "cuda": 64}
+# Compact vocabulary by size, for the built-in corpus (0: dolma2). 8192 ids keep 95% of its dolma2
+# tokens whole and train ~10x the bytes of text per second of the full vocabulary at tiny
+# (`python bench.py --vocab`); published sizes keep dolma2, as OlmPool does.
+COMPACT_VOCAB_BY_SIZE = {"tiny": 8192}
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)$")
 
 
@@ -173,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--data", metavar="DIR", help="a folder made by `python data.py prepare` (default: the "
                      "built-in corpus, prepared into data/builtin on first use)")
+    run.add_argument("--compact_vocab", type=int, metavar="N",
+                     help="train on a compact vocabulary of N ids built from the data's train split (bytes, EOS/pad, "
+                          "its most frequent dolma2 tokens; lossless): seq_len and losses then count compact tokens, "
+                          "and val is also reported in bits per byte. 0: dolma2. With --data, a dolma2 folder is "
+                          f"compacted into DIR_vN (default: {COMPACT_VOCAB_BY_SIZE} on the built-in corpus, else dolma2; "
+                          "with --data, the folder's own vocabulary)")
     run.add_argument("--out", metavar="DIR", help="checkpoints and metrics.jsonl (default: runs/NAME)")
     run.add_argument("--name", help="run name (default: from the preset, size and model flags)")
     run.add_argument("--seed", type=int, default=0, help="weight init and data order (default: %(default)s)")
@@ -271,7 +290,25 @@ def model_config(args) -> ModelConfig:
         overrides["n_kv_heads"] = n_heads // args.gqa
     elif "n_heads" in overrides and "n_kv_heads" not in overrides:  # keep the preset's GQA ratio, a switch
         overrides["n_kv_heads"] = max(1, n_heads // (base.n_heads // base.n_kv_heads))
+    if "vocab_size" not in overrides and (vocab := data_vocab_size(args)):  # the model's vocabulary is the data's
+        overrides["vocab_size"] = data.padded_vocab_size(vocab)
     return olmpool.preset(args.preset, args.size, **overrides)
+
+
+def compact_vocab_size(args) -> int | None:
+    """--compact_vocab, else its default: COMPACT_VOCAB_BY_SIZE on the built-in corpus, and None (the
+    folder's own vocabulary) with --data."""
+    if getattr(args, "compact_vocab", None) is not None:
+        return args.compact_vocab
+    return None if getattr(args, "data", None) else COMPACT_VOCAB_BY_SIZE.get(args.size, 0)
+
+
+def data_vocab_size(args) -> int | None:
+    """Ids of the compact vocabulary this run's data will use, or None for dolma2 (the preset's)."""
+    requested = compact_vocab_size(args)
+    if getattr(args, "data", None) and (Path(args.data) / data.COMPACT_VOCAB_FILE).is_file():
+        return data.read_compact_vocab(Path(args.data) / data.COMPACT_VOCAB_FILE)["vocab_size"]
+    return requested or None  # a folder about to be compacted holds at most `requested` ids
 
 
 def run_name(args) -> str:
@@ -462,12 +499,26 @@ def batch_plan(args, config: ModelConfig, world_size: int, device_type: str = "c
 
 
 def data_dir(args, env: Distributed) -> Path:
-    if args.data:
-        return Path(args.data)
+    """The data folder, in the vocabulary --compact_vocab asks for (built on first use)."""
+    def prepared(progress: bool) -> Path:
+        if args.data:
+            return data.folder_in_vocab(args.data, args.compact_vocab, progress=progress)
+        return data.prepare_builtin_corpus(progress=progress, compact_vocab=compact_vocab_size(args))
     if env.is_main:  # one process tokenizes; the others find it ready after the barrier
-        data.prepare_builtin_corpus()
+        prepared(progress=True)
     env.barrier()
-    return data.prepare_builtin_corpus(progress=False)
+    return prepared(progress=False)
+
+
+def check_vocabulary(args, config: ModelConfig, folder: Path, resume_dir: Path | None):
+    """The model must cover the data's ids, and a checkpoint must come from data in the same vocabulary."""
+    in_use = data.read_manifest(folder)["tokenizer"]["vocab_size"]
+    if config.vocab_size < in_use:
+        raise TrainError(f"--vocab_size {config.vocab_size} is smaller than the {in_use:,} ids of {folder}'s vocabulary; "
+                         f"leave --vocab_size out (it follows the data) or give at least {data.padded_vocab_size(in_use)}")
+    for checkpoint in (resume_dir, args.init_from):
+        if checkpoint and not str(checkpoint).startswith("hf:"):
+            data.check_same_vocabulary(checkpoint, folder)
 
 
 def build_loaders(args, plan: BatchPlan, env: Distributed, folder: Path):
@@ -555,21 +606,32 @@ def train_step(model, optimizer, batches: list[data.Batch], plan: BatchPlan, arg
     return {"loss": loss, "z_loss": z_loss, "grad_norm": grad_norm, "finite": finite, "stop": totals[2].item() > 0}
 
 
-@torch.no_grad()
 def evaluate(model, loader: data.TokenLoader, plan: BatchPlan, args, env: Distributed) -> float:
     """Mean cross-entropy over the first --eval_batches global batches of the val split."""
+    return evaluate_losses(model, loader, plan, args, env)["val_loss"]
+
+
+@torch.no_grad()
+def evaluate_losses(model, loader: data.TokenLoader, plan: BatchPlan, args, env: Distributed) -> dict:
+    """Over the first --eval_batches global batches of the val split: val_loss, the mean cross-entropy
+    in nats per token of the data's vocabulary, and val_bits_per_byte, the same sum over the UTF-8
+    bytes of text its targets stand for (data.bits_per_byte), which compares across vocabularies."""
     model.eval()
-    ce_sum, targets = torch.zeros((), device=env.device, dtype=torch.float64), 0
+    byte_lengths = torch.from_numpy(data.tokenizer_for(loader.data_dir).byte_lengths)
+    sums = torch.zeros(2, device=env.device, dtype=torch.float64)  # nats, bytes of this rank's targets
+    targets = 0
     for batch in loader.validation_batches(args.eval_batches):
+        sums[1] += byte_lengths[batch.targets].sum().item()
         for micro in micro_batches(batch, plan, env.device):
             with autocast(env, args):
                 logits = forward(model, micro)
-            ce_sum += loss_sums(logits, micro.targets)[0].double()
+            sums[0] += loss_sums(logits, micro.targets)[0].double()
         targets += plan.tokens
     if env.world_size > 1:
-        dist.all_reduce(ce_sum)
+        dist.all_reduce(sums)
     model.train()
-    return (ce_sum / targets).item()
+    nats, n_bytes = sums.tolist()
+    return {"val_loss": nats / targets, "val_bits_per_byte": data.bits_per_byte(nats, n_bytes)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,9 +720,10 @@ def _train(args, env: Distributed, stop: dict) -> dict:
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls left outside bf16
 
+    folder = data_dir(args, env)
+    check_vocabulary(args, config, folder, resume_dir)  # before any weights are loaded
     model, inner = build_model(config, args, env)
     optimizer = build_optimizer(model, args)
-    folder = data_dir(args, env)
     train_loader, val_loader = build_loaders(args, plan, env, folder)
     step, tokens_seen = 0, 0
     if resume_dir:
@@ -670,7 +733,8 @@ def _train(args, env: Distributed, stop: dict) -> dict:
 
     meter = Meter(out, config, plan, args, env)
     log(env, olmpool.describe(config))
-    log(env, f"data {folder}: {train_loader.n_tokens:,} train tokens, {train_loader.steps_per_epoch} steps per epoch")
+    log(env, f"data {folder}: {train_loader.n_tokens:,} train tokens ({data.read_manifest(folder)['tokenizer']['name']}, "
+             f"model vocab {config.vocab_size:,}), {train_loader.steps_per_epoch} steps per epoch")
     features = [f"{torch.get_num_threads()} thread(s)" if env.device.type == "cpu" else "",
                 "FSDP" if args.fsdp else "DDP" if env.world_size > 1 else "", "compiled" if args.compile else "",
                 "activation checkpointing" if args.activation_checkpointing else ""]
@@ -702,7 +766,8 @@ def _train(args, env: Distributed, stop: dict) -> dict:
             losses[step] = result["loss"]
             record = meter.record(step, lr, result, tokens_seen, time.perf_counter() - step_start)
             if val_loader is not None and (step % args.eval_every == 0 or step == last_step):
-                record["val_loss"] = val_losses[step] = evaluate(model, val_loader, plan, args, env)
+                record.update(evaluate_losses(model, val_loader, plan, args, env))
+                val_losses[step] = record["val_loss"]
             meter.write(record, show=step % args.log_every == 0 or step in (first_step, last_step)
                         or "val_loss" in record, steps_left=last_step - step)
             if step % args.save_every == 0 or step == last_step or stopping:
@@ -750,7 +815,7 @@ class Meter:
             timed_steps = record["step"] - self.timed_from[1]
             eta = duration((time.perf_counter() - self.timed_from[0]) / timed_steps * steps_left) if timed_steps else "?"
             mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
-            val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            val = f" | val {record['val_loss']:.4f} ({record['val_bits_per_byte']:.3f} bits/byte)" if "val_loss" in record else ""
             print(f"step {record['step']}/{self.steps} | loss {record['loss']:.4f}{val} | lr {record['lr']:.2e} | grad norm "
                   f"{record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {mfu} | mem "
                   f"{record['peak_memory_gib']:.2f} GiB | ETA {eta}", flush=True)
@@ -811,6 +876,7 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transf
         torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
     if env.is_main:
         (temporary / "config.json").write_text(json.dumps(dataclasses.asdict(inner.config), indent=2) + "\n")
+        data.copy_vocabulary(loader.data_dir, temporary)  # the checkpoint names its tokenizer
         state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "fsdp": args.fsdp,
                  "world_size": env.world_size, "threads": torch.get_num_threads(),
                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
