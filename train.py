@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train on a compact vocabulary of N ids built from the data's train split (bytes, EOS/pad, "
                           "its most frequent dolma2 tokens; lossless): seq_len and losses then count compact tokens, "
                           "and val is also reported in bits per byte. 0: dolma2. With --data, a dolma2 folder is "
-                          f"compacted into DIR_vN (default: {COMPACT_VOCAB_BY_SIZE} on the built-in corpus, else dolma2; "
-                          "with --data, the folder's own vocabulary)")
+                          f"compacted into DIR_vN (default: {COMPACT_VOCAB_BY_SIZE} on the built-in corpus, else 0; "
+                          "with --data, the folder's own vocabulary; with --init_from, the checkpoint's)")
     run.add_argument("--out", metavar="DIR", help="checkpoints and metrics.jsonl (default: runs/NAME)")
     run.add_argument("--name", help="run name (default: from the preset, size and model flags)")
     run.add_argument("--seed", type=int, default=0, help="weight init and data order (default: %(default)s)")
@@ -296,11 +296,20 @@ def model_config(args) -> ModelConfig:
 
 
 def compact_vocab_size(args) -> int | None:
-    """--compact_vocab, else its default: COMPACT_VOCAB_BY_SIZE on the built-in corpus, and None (the
-    folder's own vocabulary) with --data."""
+    """--compact_vocab, else its default: None (the folder's own vocabulary) with --data; with
+    --init_from, the vocabulary of the weights (a Hugging Face folder's: dolma2); else
+    COMPACT_VOCAB_BY_SIZE on the built-in corpus."""
     if getattr(args, "compact_vocab", None) is not None:
         return args.compact_vocab
-    return None if getattr(args, "data", None) else COMPACT_VOCAB_BY_SIZE.get(args.size, 0)
+    if getattr(args, "data", None):
+        return None
+    if init_from := getattr(args, "init_from", None):
+        path = Path(init_from) / data.COMPACT_VOCAB_FILE
+        if init_from.startswith("hf:") or not path.is_file():
+            return 0
+        vocab = data.read_compact_vocab(path)
+        return vocab.get("requested_vocab_size", vocab["vocab_size"])
+    return COMPACT_VOCAB_BY_SIZE.get(args.size, 0)
 
 
 def data_vocab_size(args) -> int | None:
