@@ -226,14 +226,32 @@ def vocab_worker(folder: str, steps: int, threads: int, profile: bool, queue):
                   peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   parameters_m=sum(p.numel() for p in model.parameters()) / 1e6)
     if profile:  # where the time goes, over a few more steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler:
             for i in range(2 + steps, 5 + steps):
                 step(i)
-        events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
+        events = [e for e in profiler.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 0]
         total = sum(e.self_cpu_time_total for e in events)
         result["profile"] = [(e.key, e.self_cpu_time_total / total) for e in
-                             sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]]
+                             sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]]
+        stages = {}
+        for e in events:
+            stage = vocab_stage(e.key, e.input_shapes, config.vocab_size)
+            stages[stage] = stages.get(stage, 0) + e.self_cpu_time_total / total
+        result["stages"] = sorted(stages.items(), key=lambda item: -item[1])
     queue.put(result)
+
+
+def vocab_stage(op: str, input_shapes, vocab_size: int) -> str:
+    """Which part of a training step an op belongs to, by its name and the shapes it worked on."""
+    if any(vocab_size in shape for shape in input_shapes if isinstance(shape, (list, tuple))):
+        return "LM head, embedding and loss (tensors with a vocab-size axis)"
+    if "adam" in op.lower() or "zero_grad" in op or "clip" in op.lower() or op in ("aten::_foreach_norm", "aten::linalg_vector_norm"):
+        return "optimizer, gradient clipping"
+    if "scaled_dot_product" in op:
+        return "attention (SDPA)"
+    if op in ("aten::mm", "aten::addmm", "aten::bmm"):
+        return "other matmuls (QKV, output, MLP)"
+    return "other: norms, RoPE, activations, copies"
 
 
 def compare_vocabularies(vocab_sizes: list[int], steps: int, rounds: int, threads: int) -> dict:
@@ -259,7 +277,8 @@ def compare_vocabularies(vocab_sizes: list[int], steps: int, rounds: int, thread
     for name, measured in runs.items():
         middle = sorted(measured, key=lambda r: r["bytes_s"])[len(measured) // 2]
         results[name] = middle | {"peak_gib": max(r["peak_gib"] for r in measured),
-                                  "profile": next((r["profile"] for r in measured if "profile" in r), None)}
+                                  "profile": next((r["profile"] for r in measured if "profile" in r), None),
+                                  "stages": next((r["stages"] for r in measured if "stages" in r), None)}
     return results
 
 
@@ -275,7 +294,10 @@ def print_vocabularies(results: dict, steps: int, rounds: int, threads: int):
     print("   goal: compact bytes/s >= 5x dolma2's at the tiny size")
     profiled = next(((name, r["profile"]) for name, r in results.items() if r.get("profile")), None)
     if profiled:
-        print(f"\nwhere the time goes ({profiled[0]}, self CPU time of 3 profiled steps, top ops):")
+        print(f"\nwhere the time goes ({profiled[0]}, self CPU time of 3 profiled steps), by part:")
+        for key, share in results[profiled[0]]["stages"]:
+            print(f"   {share:6.1%}  {key}")
+        print("and by op:")
         for key, share in profiled[1]:
             print(f"   {share:6.1%}  {key}")
 

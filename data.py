@@ -5,6 +5,9 @@ resumable loader for train.py and extend.py.
     python data.py prepare corpus.jsonl notes/ 'books/**/*.txt' --out data/mine
     python data.py builtin                  # the default corpus, into data/builtin
     python train.py --data data/mine        # (train.py reads the folder with TokenLoader)
+    python data.py prepare corpus.jsonl --out data/mine --compact_vocab 8192   # a compact vocabulary
+    python data.py compact data/mine --vocab_size 8192   # the same from a dolma2 folder: data/mine_v8192
+    python data.py builtin --compact_vocab 8192           # also data/builtin_v8192: what `python train.py` uses
 
 Tokenizer. OLMo 2/3, and so OlmPool, use "dolma2": OpenAI's cl100k_base BPE with its special
 tokens plus a pad token, 100,278 ids (the model pads its embedding to 100,352):
@@ -31,6 +34,12 @@ Built-in corpus (`builtin`, and `python train.py` with no data): text every Pyth
 ships, so a tiny model can learn something without a download: the prose of pydoc's help topics
 (pydoc_data/topics.py) followed by the standard library's .py sources (docstrings and code,
 without test folders), in sorted path order, up to --max_tokens (about 3M tokens on Python 3.11).
+
+Compact vocabulary (the section of that name below). A folder may instead hold its corpus in a
+small vocabulary of its own, COMPACT_VOCAB_FILE: the 256 bytes, EOS and pad, and the most frequent
+dolma2 tokens of its train split; any other dolma2 token is spelled as its bytes, so nothing is
+lost. Its shards hold compact ids, its manifest names the mapping (mapping_sha256), and
+tokenizer_for(folder) returns the tokenizer of a data or checkpoint folder.
 
 Loader. TokenLoader cuts the concatenated token stream of a split into windows of seq_len+1
 tokens starting every seq_len tokens, shuffles their order with a seeded permutation per epoch,

@@ -315,6 +315,8 @@ def compact_vocab_size(args) -> int | None:
 def data_vocab_size(args) -> int | None:
     """Ids of the compact vocabulary this run's data will use, or None for dolma2 (the preset's)."""
     requested = compact_vocab_size(args)
+    if requested:
+        data.check_compact_vocab_size(requested)  # at parse time, naming the minimum
     if getattr(args, "data", None) and (Path(args.data) / data.COMPACT_VOCAB_FILE).is_file():
         return data.read_compact_vocab(Path(args.data) / data.COMPACT_VOCAB_FILE)["vocab_size"]
     return requested or None  # a folder about to be compacted holds at most `requested` ids
