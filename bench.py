@@ -254,6 +254,20 @@ def vocab_stage(op: str, input_shapes, vocab_size: int) -> str:
     return "other: norms, RoPE, activations, copies"
 
 
+def corpus_bytes_per_token(folder: str) -> float:
+    """UTF-8 bytes of text per token over the whole train split (the timed steps see a sample of it)."""
+    from pathlib import Path
+
+    import data
+
+    manifest = data.read_manifest(folder)
+    byte_lengths, n_bytes, n_tokens = data.tokenizer_for(folder).byte_lengths, 0, 0
+    for record in manifest["splits"]["train"]["shards"]:
+        tokens = data.read_shard(Path(folder) / record["file"], vocab_size=manifest["tokenizer"]["vocab_size"]).tokens
+        n_bytes, n_tokens = n_bytes + int(byte_lengths[tokens].sum()), n_tokens + tokens.size
+    return n_bytes / n_tokens
+
+
 def compare_vocabularies(vocab_sizes: list[int], steps: int, rounds: int, threads: int) -> dict:
     """Tiny training tokens/s, bytes/s and peak memory: dolma2 against each compact vocabulary, on
     the built-in corpus. Rounds alternate the configurations so that drift in the machine's speed
@@ -276,6 +290,7 @@ def compare_vocabularies(vocab_sizes: list[int], steps: int, rounds: int, thread
     results = {}
     for name, measured in runs.items():
         middle = sorted(measured, key=lambda r: r["bytes_s"])[len(measured) // 2]
+        middle["corpus_bytes_per_token"] = corpus_bytes_per_token(folders[name])
         results[name] = middle | {"peak_gib": max(r["peak_gib"] for r in measured),
                                   "profile": next((r["profile"] for r in measured if "profile" in r), None),
                                   "stages": next((r["stages"] for r in measured if "stages" in r), None)}
@@ -287,11 +302,14 @@ def print_vocabularies(results: dict, steps: int, rounds: int, threads: int):
     print(f"tiny (H_post_LQK_32kv_8k_11k_SWA), built-in corpus, 512 tokens/step, {threads} thread(s), median of {rounds} "
           f"rounds of {steps} steps, each run in a fresh process")
     print(f"{'vocabulary':>14} {'model vocab':>11} {'params M':>8} {'GFLOP/tok':>9} {'tokens/s':>9} {'bytes/tok':>9} "
-          f"{'bytes/s':>9} {'bytes/s x':>9} {'peak GiB':>8}")
+          f"{'bytes/s':>9} {'bytes/s x':>9} {'peak GiB':>8} {'corpus bytes/tok':>16} {'x at corpus mix':>15}")
     for name, r in results.items():
+        at_corpus_mix = r["tokens_s"] * r["corpus_bytes_per_token"] / (full["tokens_s"] * full["corpus_bytes_per_token"])
         print(f"{name:>14} {r['vocab']:>11,} {r['parameters_m']:>8.1f} {r['gflop_per_token']:>9.4f} {r['tokens_s']:>9,.0f} "
-              f"{r['bytes_per_token']:>9.2f} {r['bytes_s']:>9,.0f} {r['bytes_s'] / full['bytes_s']:>8.2f}x {r['peak_gib']:>8.2f}")
-    print("   goal: compact bytes/s >= 5x dolma2's at the tiny size")
+              f"{r['bytes_per_token']:>9.2f} {r['bytes_s']:>9,.0f} {r['bytes_s'] / full['bytes_s']:>8.2f}x {r['peak_gib']:>8.2f} "
+              f"{r['corpus_bytes_per_token']:>16.2f} {at_corpus_mix:>14.2f}x")
+    print("   bytes/s: bytes of text the timed steps' targets stand for; x at corpus mix: tokens/s ratio x the train\n"
+          "   split's bytes per token, as over a whole epoch. Goal: compact >= 5x dolma2's bytes/s at the tiny size")
     profiled = next(((name, r["profile"]) for name, r in results.items() if r.get("profile")), None)
     if profiled:
         print(f"\nwhere the time goes ({profiled[0]}, self CPU time of 3 profiled steps), by part:")

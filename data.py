@@ -839,8 +839,8 @@ def check_same_vocabulary(checkpoint_dir, data_dir):
     ours, our_hash = vocabulary_name(data_dir)
     if saved_hash != our_hash:
         raise DataError(f"{checkpoint_dir} was trained on {saved}, but the data {data_dir} uses {ours}: the same ids "
-                        f"would mean other text. Use the data the checkpoint was trained on (or one compacted with "
-                        f"its {COMPACT_VOCAB_FILE}), or start a fresh run")
+                        f"would mean other text. Use the data the checkpoint was trained on (train.py: --data FOLDER, "
+                        f"or --compact_vocab 0 for dolma2's built-in corpus), or start a fresh run in another --out")
 
 
 def copy_vocabulary(data_dir, checkpoint_dir):

@@ -327,6 +327,7 @@ def run_name(args) -> str:
     parts = [args.preset, args.size]
     parts += [f"gqa{args.gqa}"] if args.gqa is not None else []
     parts += ["swa"] if args.swa else []
+    parts += [f"vocab{args.compact_vocab}"] if getattr(args, "compact_vocab", None) is not None else []
     parts += [f"{field.name}={getattr(args, field.name)}" for field in dataclasses.fields(ModelConfig)
               if hasattr(args, field.name)]
     return "-".join(parts)
