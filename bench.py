@@ -4,6 +4,8 @@
     python bench.py --quick    # smaller lengths, fewer repeats: a smoke run
     python bench.py --train_gpu    # GPU only: train.py's tokens/s and MFU, ~1B preset, 8K context,
                                    # bf16 and torch.compile (one command, under 10 minutes)
+    python bench.py --vocab        # tiny training on the built-in corpus: compact vocabulary vs
+                                   # dolma2, tokens/s, bytes of text/s and peak memory (~2 minutes)
 
 It prints, measured side by side in this one run:
 1. training-step tokens/s at T = 512, ours / HF (forward, loss, backward, AdamW step);
@@ -186,15 +188,162 @@ def train_gpu(steps: int = 40) -> None:
           f"{tokens_s:,.0f} tokens/s (unknown GPU peak: MFU n/a)")
 
 
+def vocab_worker(folder: str, steps: int, threads: int, profile: bool, queue):
+    """Runs in a fresh process (so that its peak memory is its own): train.py's tiny default on one
+    data folder, its model vocabulary following the folder's; times `steps` optimizer steps after
+    two warm-up steps and counts the UTF-8 bytes of text the trained-on targets stand for."""
+    import resource
+    from pathlib import Path
+
+    import data
+    import train
+
+    args = train.parse_args(["--data", folder, "--threads", str(threads), "--steps", "1000", "--eval_every", "0"])
+    torch.set_num_threads(threads)
+    config = train.model_config(args)
+    env = train.Distributed()
+    plan = train.batch_plan(args, config, 1, "cpu")
+    model, _ = train.build_model(config, args, env)
+    optimizer = train.build_optimizer(model, args)
+    loader, _ = train.build_loaders(args, plan, env, Path(folder))
+    byte_lengths = data.tokenizer_for(folder).byte_lengths
+
+    def step(i: int) -> tuple[int, float]:
+        batch = loader.next_batch()
+        result = train.train_step(model, optimizer, train.micro_batches(batch, plan, env.device), plan, args, env,
+                                  train.lr_at(i, args), False)
+        return int(byte_lengths[batch.targets.numpy()].sum()), result["loss"]
+
+    for i in range(2):  # warm-up: first-call allocations stay out of the timing
+        step(i)
+    n_bytes, start = 0, time.perf_counter()
+    for i in range(2, 2 + steps):
+        n_bytes += step(i)[0]
+    seconds = time.perf_counter() - start
+    tokens = steps * plan.tokens
+    result = dict(vocab=config.vocab_size, tokens_s=tokens / seconds, bytes_s=n_bytes / seconds,
+                  bytes_per_token=n_bytes / tokens, gflop_per_token=olmpool.flops_per_token(config, plan.seq_len) / 1e9,
+                  peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  parameters_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    if profile:  # where the time goes, over a few more steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler:
+            for i in range(2 + steps, 5 + steps):
+                step(i)
+        events = [e for e in profiler.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events)
+        result["profile"] = [(e.key, e.self_cpu_time_total / total) for e in
+                             sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]]
+        stages = {}
+        for e in events:
+            stage = vocab_stage(e.key, e.input_shapes, config.vocab_size)
+            stages[stage] = stages.get(stage, 0) + e.self_cpu_time_total / total
+        result["stages"] = sorted(stages.items(), key=lambda item: -item[1])
+    queue.put(result)
+
+
+def vocab_stage(op: str, input_shapes, vocab_size: int) -> str:
+    """Which part of a training step an op belongs to, by its name and the shapes it worked on."""
+    if any(vocab_size in shape for shape in input_shapes if isinstance(shape, (list, tuple))):
+        return "LM head, embedding and loss (tensors with a vocab-size axis)"
+    if "adam" in op.lower() or "zero_grad" in op or "clip" in op.lower() or op in ("aten::_foreach_norm", "aten::linalg_vector_norm"):
+        return "optimizer, gradient clipping"
+    if "scaled_dot_product" in op:
+        return "attention (SDPA)"
+    if op in ("aten::mm", "aten::addmm", "aten::bmm"):
+        return "other matmuls (QKV, output, MLP)"
+    return "other: norms, RoPE, activations, copies"
+
+
+def corpus_bytes_per_token(folder: str) -> float:
+    """UTF-8 bytes of text per token over the whole train split (the timed steps see a sample of it)."""
+    from pathlib import Path
+
+    import data
+
+    manifest = data.read_manifest(folder)
+    byte_lengths, n_bytes, n_tokens = data.tokenizer_for(folder).byte_lengths, 0, 0
+    for record in manifest["splits"]["train"]["shards"]:
+        tokens = data.read_shard(Path(folder) / record["file"], vocab_size=manifest["tokenizer"]["vocab_size"]).tokens
+        n_bytes, n_tokens = n_bytes + int(byte_lengths[tokens].sum()), n_tokens + tokens.size
+    return n_bytes / n_tokens
+
+
+def compare_vocabularies(vocab_sizes: list[int], steps: int, rounds: int, threads: int) -> dict:
+    """Tiny training tokens/s, bytes/s and peak memory: dolma2 against each compact vocabulary, on
+    the built-in corpus. Rounds alternate the configurations so that drift in the machine's speed
+    falls on all alike; the median round counts."""
+    import data
+
+    folders = {"dolma2": str(data.prepare_builtin_corpus())}
+    for size in vocab_sizes:
+        folders[f"compact {size}"] = str(data.prepare_builtin_corpus(compact_vocab=size))
+    context = mp.get_context("spawn")
+    runs = {name: [] for name in folders}
+    for round_ in range(rounds):
+        for name, folder in folders.items():
+            queue = context.Queue()
+            profile = round_ == rounds - 1 and name == f"compact {vocab_sizes[0]}"
+            process = context.Process(target=vocab_worker, args=(folder, steps, threads, profile, queue))
+            process.start()
+            runs[name].append(queue.get())
+            process.join()
+    results = {}
+    for name, measured in runs.items():
+        middle = sorted(measured, key=lambda r: r["bytes_s"])[len(measured) // 2]
+        middle["corpus_bytes_per_token"] = corpus_bytes_per_token(folders[name])
+        results[name] = middle | {"peak_gib": max(r["peak_gib"] for r in measured),
+                                  "profile": next((r["profile"] for r in measured if "profile" in r), None),
+                                  "stages": next((r["stages"] for r in measured if "stages" in r), None)}
+    return results
+
+
+def print_vocabularies(results: dict, steps: int, rounds: int, threads: int):
+    full = results["dolma2"]
+    print(f"tiny (H_post_LQK_32kv_8k_11k_SWA), built-in corpus, 512 tokens/step, {threads} thread(s), median of {rounds} "
+          f"rounds of {steps} steps, each run in a fresh process")
+    print(f"{'vocabulary':>14} {'model vocab':>11} {'params M':>8} {'GFLOP/tok':>9} {'tokens/s':>9} {'bytes/tok':>9} "
+          f"{'bytes/s':>9} {'bytes/s x':>9} {'peak GiB':>8} {'corpus bytes/tok':>16} {'x at corpus mix':>15}")
+    for name, r in results.items():
+        at_corpus_mix = r["tokens_s"] * r["corpus_bytes_per_token"] / (full["tokens_s"] * full["corpus_bytes_per_token"])
+        print(f"{name:>14} {r['vocab']:>11,} {r['parameters_m']:>8.1f} {r['gflop_per_token']:>9.4f} {r['tokens_s']:>9,.0f} "
+              f"{r['bytes_per_token']:>9.2f} {r['bytes_s']:>9,.0f} {r['bytes_s'] / full['bytes_s']:>8.2f}x {r['peak_gib']:>8.2f} "
+              f"{r['corpus_bytes_per_token']:>16.2f} {at_corpus_mix:>14.2f}x")
+    print("   bytes/s: bytes of text the timed steps' targets stand for; x at corpus mix: tokens/s ratio x the train\n"
+          "   split's bytes per token, as over a whole epoch. Goal: compact >= 5x dolma2's bytes/s at the tiny size")
+    profiled = next(((name, r["profile"]) for name, r in results.items() if r.get("profile")), None)
+    if profiled:
+        print(f"\nwhere the time goes ({profiled[0]}, self CPU time of 3 profiled steps), by part:")
+        for key, share in results[profiled[0]]["stages"]:
+            print(f"   {share:6.1%}  {key}")
+        print("and by op:")
+        for key, share in profiled[1]:
+            print(f"   {share:6.1%}  {key}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="lengths up to 4K and fewer repeats (a smoke run)")
     parser.add_argument("--window", type=int, default=256, help="sliding window of the prefill comparison")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--train_gpu", action="store_true", help="GPU: train.py tokens/s and MFU, ~1B at 8K context")
+    parser.add_argument("--vocab", action="store_true", help="CPU: tiny training, compact vocabulary vs dolma2 "
+                        "(tokens/s, bytes of text/s, peak memory)")
+    parser.add_argument("--vocab_sizes", type=int, nargs="+", default=[8192], metavar="N",
+                        help="--vocab: compact vocabularies to compare with dolma2 (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10, help="--vocab: timed steps per run (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="--vocab: alternating rounds (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="--vocab: CPU threads (default: %(default)s, "
+                        "for a shared machine)")
     args = parser.parse_args()
     if args.train_gpu:
         return train_gpu()
+    if args.vocab:
+        results = compare_vocabularies(args.vocab_sizes, args.steps, 2 if args.quick else args.rounds, args.threads)
+        print_vocabularies(results, args.steps, 2 if args.quick else args.rounds, args.threads)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     try:
         import transformers  # noqa: F401
     except ImportError:

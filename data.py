@@ -6,6 +6,9 @@ resumable loader for train.py and extend.py.
     python data.py builtin                  # the default corpus, into data/builtin
     python data.py verify data/mine         # every shard against the manifest's SHA-256s
     python train.py --data data/mine        # (train.py reads the folder with TokenLoader)
+    python data.py prepare corpus.jsonl --out data/mine --compact_vocab 8192   # a compact vocabulary
+    python data.py compact data/mine --vocab_size 8192   # the same from a dolma2 folder: data/mine_v8192
+    python data.py builtin --compact_vocab 8192           # also data/builtin_v8192: what `python train.py` uses
 
 Tokenizer. OLMo 2/3, and so OlmPool, use "dolma2": OpenAI's cl100k_base BPE with its special
 tokens plus a pad token, 100,278 ids (the model pads its embedding to 100,352):
@@ -35,6 +38,12 @@ ships, so a tiny model can learn something without a download: the prose of pydo
 (pydoc_data/topics.py) followed by the standard library's .py sources (docstrings and code,
 without test folders), in sorted path order, up to --max_tokens (about 3M tokens on Python 3.11).
 
+Compact vocabulary (the section of that name below). A folder may instead hold its corpus in a
+small vocabulary of its own, COMPACT_VOCAB_FILE: the 256 bytes, EOS and pad, and the most frequent
+dolma2 tokens of its train split; any other dolma2 token is spelled as its bytes, so nothing is
+lost. Its shards hold compact ids, its manifest names the mapping (mapping_sha256), and
+tokenizer_for(folder) returns the tokenizer of a data or checkpoint folder.
+
 Loader. TokenLoader cuts the concatenated token stream of a split into windows of seq_len+1
 tokens starting every seq_len tokens, shuffles their order with a seeded permutation per epoch,
 and serves global batch s = windows [s*G, (s+1)*G) of that order; rank r takes rows r, r+W,
@@ -48,6 +57,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -121,15 +131,22 @@ class Tokenizer:
     """dolma2 = cl100k_base + the special tokens above, on tiktoken's fast BPE."""
 
     name = "dolma2"
+    vocab_size, eos_id, pad_id = VOCAB_SIZE, EOS_ID, PAD_ID
 
     def __init__(self, bpe_file):
         self.bpe_file = Path(bpe_file)
+        ranks = load_bpe_ranks(bpe_file)
         # No explicit_n_vocab: cl100k leaves ids 100256 and 100261-100275 unused, so the
         # 100,278 ids are not all assigned.
-        self.encoding = tiktoken.Encoding("dolma2", pat_str=CL100K_PATTERN,
-                                          mergeable_ranks=load_bpe_ranks(bpe_file),
+        self.encoding = tiktoken.Encoding("dolma2", pat_str=CL100K_PATTERN, mergeable_ranks=ranks,
                                           special_tokens=SPECIAL_TOKENS)
         assert self.encoding.n_vocab == VOCAB_SIZE
+        # The text bytes each id stands for: none for special and unused ids, which mark structure,
+        # not text. The compact vocabulary and bits per byte are built on these.
+        self.id_bytes = [b""] * VOCAB_SIZE
+        for token, rank in ranks.items():
+            self.id_bytes[rank] = token
+        self.byte_lengths = np.array([len(token) for token in self.id_bytes], dtype=np.int64)
 
     def encode(self, text):
         # Ordinary encoding: a document that contains the text "<|endoftext|>" must not be able
@@ -157,8 +174,8 @@ def tokenizer_for(folder):
     compact vocabulary (COMPACT_VOCAB_FILE) when it has one, else dolma2. Training, extension,
     evaluation, generation and export all go through here so that they read the same mapping."""
     if folder is not None and (Path(folder) / COMPACT_VOCAB_FILE).exists():
-        raise DataError(f"{folder} uses a compact vocabulary ({COMPACT_VOCAB_FILE}), which this version "
-                        f"cannot read yet")
+        vocab = read_compact_vocab(Path(folder) / COMPACT_VOCAB_FILE)
+        return compact_tokenizer(tuple(vocab["dolma2_ids"]))
     return get_tokenizer()
 
 
@@ -179,14 +196,14 @@ class Shard:
     max_token_id: int = -1  # the largest id in tokens, when read_shard checked them (-1: not checked or empty)
 
 
-def write_shard(path, tokens, doc_starts):
+def write_shard(path, tokens, doc_starts, vocab_size=VOCAB_SIZE):
     """Write a shard atomically (temporary name, then rename) and return its SHA-256."""
     path = Path(path)
     tokens = np.ascontiguousarray(tokens, dtype="<u4")
     doc_starts = np.ascontiguousarray(doc_starts, dtype="<u8")
-    if tokens.size and tokens.max() >= VOCAB_SIZE:
-        raise DataError(f"refusing to write {path}: token id {tokens.max()} is beyond the vocabulary of {VOCAB_SIZE}")
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, VOCAB_SIZE, tokens.size, doc_starts.size)
+    if tokens.size and tokens.max() >= vocab_size:
+        raise DataError(f"refusing to write {path}: token id {tokens.max()} is beyond the vocabulary of {vocab_size}")
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, vocab_size, tokens.size, doc_starts.size)
     digest = hashlib.sha256()
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(temporary, "wb") as f:
@@ -199,8 +216,10 @@ def write_shard(path, tokens, doc_starts):
     return digest.hexdigest()
 
 
-def read_shard(path, check_vocab=True):
-    """Memory-map a shard after checking its header, its size and (by default) its token ids."""
+def read_shard(path, check_vocab=True, vocab_size=VOCAB_SIZE):
+    """Memory-map a shard after checking its header, its size and (by default) its token ids
+    against vocab_size (dolma2's, or the folder's compact vocabulary's)."""
+    expected_vocab = vocab_size
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -214,8 +233,9 @@ def read_shard(path, check_vocab=True):
     if version != FORMAT_VERSION:
         raise DataError(f"{path} has shard format version {version}, but this data.py reads version "
                         f"{FORMAT_VERSION}; use the data.py that wrote it, or {PREPARE_FIX}")
-    if vocab_size != VOCAB_SIZE:
-        raise DataError(f"{path} was made for a vocabulary of {vocab_size} ids, not dolma2's {VOCAB_SIZE}; {PREPARE_FIX}")
+    if vocab_size != expected_vocab:
+        raise DataError(f"{path} was made for a vocabulary of {vocab_size} ids, not the {expected_vocab} "
+                        f"{'of dolma2' if expected_vocab == VOCAB_SIZE else 'its folder names'}; {PREPARE_FIX}")
     expected = HEADER.size + 8 * n_documents + 4 * n_tokens
     if size != expected:
         problem = "truncated" if size < expected else "longer than its header says"
@@ -229,10 +249,10 @@ def read_shard(path, check_vocab=True):
     doc_starts = mapped("<u8", HEADER.size, n_documents)
     tokens = mapped("<u4", HEADER.size + 8 * n_documents, n_tokens)
     max_token_id = int(tokens.max()) if check_vocab and n_tokens else -1  # one pass at memory speed
-    if max_token_id >= VOCAB_SIZE:
-        position = int(np.argmax(tokens >= VOCAB_SIZE))
+    if max_token_id >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
         raise DataError(f"{path} holds token id {tokens[position]} at position {position}, beyond the "
-                        f"vocabulary of {VOCAB_SIZE}: the file is corrupt or came from another tokenizer; {PREPARE_FIX}")
+                        f"vocabulary of {vocab_size}: the file is corrupt or came from another tokenizer; {PREPARE_FIX}")
     return Shard(path, tokens, doc_starts, max_token_id)
 
 
@@ -279,13 +299,17 @@ MANIFEST = "manifest.json"
 FORMAT_NAME = "olmpool-token-shards"
 
 
-def write_manifest(out_dir, splits, **details):
-    """Write DIR/manifest.json atomically; splits maps a split name to ShardWriter.close()."""
+DOLMA2_RECORD = {"name": "dolma2", "bpe": "cl100k_base", "bpe_sha256": CL100K_SHA256,
+                 "vocab_size": VOCAB_SIZE, "eos_id": EOS_ID, "pad_id": PAD_ID}
+
+
+def write_manifest(out_dir, splits, tokenizer=None, **details):
+    """Write DIR/manifest.json atomically; splits maps a split name to ShardWriter.close(); tokenizer
+    is dolma2's record unless given (a compact vocabulary's, CompactTokenizer.manifest_record())."""
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "tokenizer": {"name": "dolma2", "bpe": "cl100k_base", "bpe_sha256": CL100K_SHA256,
-                      "vocab_size": VOCAB_SIZE, "eos_id": EOS_ID, "pad_id": PAD_ID},
+        "tokenizer": tokenizer or DOLMA2_RECORD,
         "splits": splits,
         **details,
     }
@@ -304,8 +328,11 @@ def read_manifest(data_dir):
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} is not a version-{FORMAT_VERSION} {FORMAT_NAME} manifest; {PREPARE_FIX}")
-    if manifest["tokenizer"]["bpe_sha256"] != CL100K_SHA256 or manifest["tokenizer"]["vocab_size"] != VOCAB_SIZE:
-        raise DataError(f"{path} was made with another tokenizer ({manifest['tokenizer']}); {PREPARE_FIX}")
+    tokenizer = manifest["tokenizer"]
+    if tokenizer.get("vocab_file"):  # a compact vocabulary: its file must be there and be the one named
+        check_compact_record(Path(data_dir), tokenizer)
+    elif tokenizer["bpe_sha256"] != CL100K_SHA256 or tokenizer["vocab_size"] != VOCAB_SIZE:
+        raise DataError(f"{path} was made with another tokenizer ({tokenizer}); {PREPARE_FIX}")
     return manifest
 
 
@@ -323,7 +350,7 @@ def verify(data_dir):
                 problems.append(f"{path} is missing ({split} shard listed in {MANIFEST})")
                 continue
             try:
-                read_shard(path, check_vocab=False)
+                read_shard(path, check_vocab=False, vocab_size=manifest["tokenizer"]["vocab_size"])
             except DataError as error:
                 problems.append(str(error))
                 continue
@@ -537,10 +564,22 @@ def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_
     return manifest
 
 
-def prepare(inputs, out_dir, val_fraction=0.005, shard_tokens=DEFAULT_SHARD_TOKENS, progress=True):
-    """Tokenize text files, folders, globs and JSONL into out_dir; return the manifest."""
+def prepare(inputs, out_dir, val_fraction=0.005, shard_tokens=DEFAULT_SHARD_TOKENS, progress=True, compact_vocab=0):
+    """Tokenize text files, folders, globs and JSONL into out_dir; return the manifest. With
+    compact_vocab N, out_dir gets the corpus in a compact vocabulary of N ids built from its train
+    split (through a dolma2 folder beside it, removed after)."""
     files = find_input_files(inputs)
     sources = []
+    if compact_vocab:
+        check_compact_vocab_size(compact_vocab)  # before the long part
+        dolma2_dir = Path(out_dir).with_name(f".{Path(out_dir).name}.dolma2.tmp{os.getpid()}")
+        try:
+            write_corpus(read_documents(files, sources), dolma2_dir, val_fraction, shard_tokens, sources,
+                         total_bytes=sum(f.stat().st_size for f in files), progress=progress)
+            compact_folder(dolma2_dir, compact_vocab, out_dir, progress=progress)
+        finally:
+            shutil.rmtree(dolma2_dir, ignore_errors=True)
+        return read_manifest(out_dir)
     return write_corpus(read_documents(files, sources), out_dir, val_fraction, shard_tokens, sources,
                         total_bytes=sum(f.stat().st_size for f in files), progress=progress)
 
@@ -577,9 +616,12 @@ def builtin_documents(stdlib, sources):
     yield from read_documents([p for p in builtin_python_files(stdlib) if p != topics_file], sources, strict=False)
 
 
-def prepare_builtin_corpus(out_dir=DEFAULT_BUILTIN_DIR, max_tokens=BUILTIN_MAX_TOKENS, progress=True):
-    """Prepare the built-in corpus into out_dir, or reuse it if it was prepared the same way."""
+def prepare_builtin_corpus(out_dir=DEFAULT_BUILTIN_DIR, max_tokens=BUILTIN_MAX_TOKENS, progress=True, compact_vocab=0):
+    """Prepare the built-in corpus into out_dir, or reuse it if it was prepared the same way. With
+    compact_vocab N, also its compact-vocabulary copy OUT_vN (compact_folder), and return that."""
     out_dir = Path(out_dir)
+    if compact_vocab:
+        return compact_folder(prepare_builtin_corpus(out_dir, max_tokens, progress), compact_vocab, progress=progress)
     recipe = {"recipe": BUILTIN_RECIPE, "python": sys.version.split()[0],
               "stdlib": sysconfig.get_paths()["stdlib"], "max_tokens": max_tokens}
     try:
@@ -595,6 +637,317 @@ def prepare_builtin_corpus(out_dir=DEFAULT_BUILTIN_DIR, max_tokens=BUILTIN_MAX_T
     write_corpus(builtin_documents(stdlib, sources), out_dir, BUILTIN_VAL_FRACTION, DEFAULT_SHARD_TOKENS, sources,
                  total_bytes=total_bytes, max_tokens=max_tokens, progress=progress, builtin=recipe)
     return out_dir
+
+
+# -----------------------------------------------------------------------------
+# Compact vocabulary: a corpus's own small vocabulary on top of dolma2, lossless
+#
+# At the tiny size the LM head over dolma2's 100,352 ids is ~93% of the FLOPs and most of the
+# memory traffic. A compact vocabulary keeps the N most useful ids for one corpus:
+#     ids 0-255    the bytes 0x00-0xFF (dolma2's single-byte tokens land here too)
+#     256, 257     <|endoftext|> and <|pad|>
+#     258 ...      the most frequent other dolma2 ids of the folder's TRAINING split, most frequent
+#                  first (ties: the lower dolma2 id), so that N = 258 + how many were kept
+# Encoding is dolma2's BPE, then each id in the table becomes its compact id and any other id is
+# written as its bytes through the byte tokens. Decoding joins the bytes and decodes UTF-8 once at
+# the end, so text -> compact ids -> text is the identity (a token may hold part of a character).
+# The mapping is COMPACT_VOCAB_FILE in the data folder and in every checkpoint trained on it;
+# `mapping_sha256` names it, and a checkpoint refuses data whose mapping differs.
+
+COMPACT_FORMAT = "olmpool-compact-vocab"
+COMPACT_EOS_ID, COMPACT_PAD_ID = 256, 257
+FIRST_FREQUENT_ID = 258
+MIN_COMPACT_VOCAB = 512
+COMPACT_FIX = "rebuild it with `python data.py compact DOLMA2_FOLDER --vocab_size N`"
+
+
+def padded_vocab_size(vocab_size, multiple=128):
+    """The model's embedding rows for a vocabulary: a multiple of 128 (as dolma2's 100,278 -> 100,352)."""
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+def mapping_sha256(dolma2_ids):
+    """Names a compact mapping: equal hashes, equal tokenization. Independent of where or when it was built."""
+    canonical = {"base": "dolma2", "bpe_sha256": CL100K_SHA256, "layout": 1, "dolma2_ids": [int(i) for i in dolma2_ids]}
+    return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()
+
+
+def read_compact_vocab(path):
+    """A COMPACT_VOCAB_FILE's contents, after checking that it is one and is self-consistent."""
+    path = Path(path)
+    try:
+        vocab = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read the compact vocabulary {path} ({error}); copy it again from the data "
+                        f"folder it came from, or {COMPACT_FIX}") from None
+    if not isinstance(vocab, dict) or vocab.get("format") != COMPACT_FORMAT or vocab.get("version") != 1:
+        raise DataError(f"{path} is not a version-1 {COMPACT_FORMAT} file; {COMPACT_FIX}")
+    if vocab.get("base_bpe_sha256") != CL100K_SHA256:
+        raise DataError(f"{path} extends another BPE than dolma2's cl100k_base; {COMPACT_FIX}")
+    ids = vocab.get("dolma2_ids")
+    if (not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < VOCAB_SIZE for i in ids)
+            or vocab.get("vocab_size") != FIRST_FREQUENT_ID + len(ids) or vocab.get("mapping_sha256") != mapping_sha256(ids)):
+        raise DataError(f"{path} is damaged: its dolma2_ids, vocab_size and mapping_sha256 disagree (edited by "
+                        f"hand?); copy it again from the data folder it came from, or {COMPACT_FIX}")
+    return vocab
+
+
+class CompactTokenizer:
+    """A compact vocabulary (see above) over dolma2; the same interface as Tokenizer."""
+
+    def __init__(self, dolma2_ids, base=None):
+        base = base or get_tokenizer()
+        ids = np.asarray(dolma2_ids, dtype=np.int64)
+        single_bytes = np.array([base.encoding.encode_single_token(bytes([b])) for b in range(256)])
+        problems = set(ids.tolist()) & (set(single_bytes.tolist()) | set(SPECIAL_TOKENS.values()))
+        if len(set(ids.tolist())) != ids.size or problems or not all(base.id_bytes[i] for i in ids):
+            raise DataError(f"a compact vocabulary lists each multi-byte dolma2 token at most once; these ids are "
+                            f"repeated, special, single bytes or unassigned: {sorted(problems)[:10]}; {COMPACT_FIX}")
+        self.base, self.dolma2_ids = base, ids
+        self.vocab_size = FIRST_FREQUENT_ID + ids.size
+        self.eos_id, self.pad_id = COMPACT_EOS_ID, COMPACT_PAD_ID
+        self.name = f"dolma2-compact-{self.vocab_size}"
+        self.mapping_sha256 = mapping_sha256(ids)
+        # What each compact id decodes to; specials decode to their names, as dolma2's do.
+        self.token_bytes = [bytes([b]) for b in range(256)] + [b"<|endoftext|>", b"<|pad|>"] + [base.id_bytes[i] for i in ids]
+        # Text bytes per compact id, for bits per byte: specials stand for none.
+        self.byte_lengths = np.array([len(t) for t in self.token_bytes], dtype=np.int64)
+        self.byte_lengths[[COMPACT_EOS_ID, COMPACT_PAD_ID]] = 0
+        # dolma2 id -> compact id, or -1 for ids written as their bytes.
+        self.from_dolma2 = np.full(VOCAB_SIZE, -1, dtype=np.int64)
+        self.from_dolma2[single_bytes] = np.arange(256)
+        self.from_dolma2[[EOS_ID, PAD_ID]] = [COMPACT_EOS_ID, COMPACT_PAD_ID]
+        self.from_dolma2[ids] = np.arange(FIRST_FREQUENT_ID, self.vocab_size)
+        # All dolma2 tokens' bytes in one array, to spell out unlisted ids without a Python loop.
+        self._all_bytes = np.frombuffer(b"".join(base.id_bytes), dtype=np.uint8)
+        self._byte_offsets = np.cumsum(base.byte_lengths) - base.byte_lengths
+
+    def convert(self, dolma2_ids):
+        """(compact ids, where each dolma2 token's first compact id lands) for an array of dolma2 ids."""
+        dolma2_ids = np.asarray(dolma2_ids, dtype=np.int64)
+        compact = self.from_dolma2[dolma2_ids]
+        listed = compact >= 0
+        counts = np.where(listed, 1, self.base.byte_lengths[dolma2_ids])  # compact tokens per dolma2 token
+        starts = np.cumsum(counts) - counts
+        out = np.empty(int(counts.sum()), dtype=np.int64)
+        out[starts[listed]] = compact[listed]
+        spelled = np.flatnonzero(~listed)  # dolma2 tokens written byte by byte
+        lengths = counts[spelled]
+        token = np.repeat(np.arange(spelled.size), lengths)  # for each output byte: which spelled token
+        within = np.arange(token.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[starts[spelled][token] + within] = self._all_bytes[self._byte_offsets[dolma2_ids[spelled]][token] + within]
+        return out, starts
+
+    def encode(self, text):
+        return self.convert(self.base.encode(text))[0].tolist()
+
+    def encode_batch(self, texts):
+        return [self.convert(ids)[0].tolist() for ids in self.base.encode_batch(texts)]
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        beyond = [i for i in ids if not 0 <= i < self.vocab_size]
+        if beyond:
+            raise DataError(f"token id {beyond[0]} is outside the compact vocabulary of {self.vocab_size} ids (a padded "
+                            f"embedding row?); keep sampling below vocab_size, e.g. logits[..., {self.vocab_size}:] = -inf")
+        # errors="replace", as tiktoken decodes dolma2: only bytes that are not UTF-8 become U+FFFD.
+        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    def manifest_record(self):
+        return {"name": self.name, "base": "dolma2", "bpe": "cl100k_base", "bpe_sha256": CL100K_SHA256,
+                "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "vocab_file": COMPACT_VOCAB_FILE, "mapping_sha256": self.mapping_sha256}
+
+
+@functools.lru_cache(maxsize=8)
+def compact_tokenizer(dolma2_ids):
+    """One CompactTokenizer per mapping (dolma2_ids as a tuple), shared by everything that reads it."""
+    return CompactTokenizer(dolma2_ids)
+
+
+def check_compact_record(folder, record):
+    """A manifest's tokenizer record against the folder's COMPACT_VOCAB_FILE."""
+    path = folder / record["vocab_file"]
+    if not path.is_file():
+        raise DataError(f"{folder / MANIFEST} says its shards use the compact vocabulary {path}, which is missing; "
+                        f"copy it back, or rebuild the folder ({COMPACT_FIX})")
+    vocab = read_compact_vocab(path)
+    if vocab["mapping_sha256"] != record.get("mapping_sha256") or vocab["vocab_size"] != record.get("vocab_size"):
+        raise DataError(f"{path} (mapping {vocab['mapping_sha256'][:12]}) is not the vocabulary the shards of {folder} "
+                        f"were written with (mapping {str(record.get('mapping_sha256'))[:12]}); the folder mixes two "
+                        f"builds: {COMPACT_FIX}")
+
+
+def train_token_counts(folder):
+    """How often each dolma2 id occurs in the train split of a dolma2 folder (uint32 shards, chunked)."""
+    manifest = read_manifest(folder)
+    counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
+    for record in manifest["splits"]["train"]["shards"]:
+        tokens = read_shard(Path(folder) / record["file"]).tokens
+        for start in range(0, tokens.size, 1 << 24):
+            counts += np.bincount(tokens[start:start + (1 << 24)], minlength=VOCAB_SIZE)
+    return counts
+
+
+def check_compact_vocab_size(vocab_size):
+    if vocab_size < MIN_COMPACT_VOCAB:
+        raise DataError(f"a compact vocabulary of {vocab_size} ids is too small: it needs {FIRST_FREQUENT_ID} for bytes "
+                        f"and specials; use at least {MIN_COMPACT_VOCAB}, e.g. 8192 (or 0 for dolma2)")
+    if vocab_size >= VOCAB_SIZE:
+        raise DataError(f"a compact vocabulary of {vocab_size} ids is no smaller than dolma2's {VOCAB_SIZE}; "
+                        f"use fewer (e.g. 8192), or dolma2 itself (0)")
+
+
+def build_compact_vocab(folder, vocab_size):
+    """The COMPACT_VOCAB_FILE contents for a dolma2 folder: its train split's most frequent ids. The
+    same train split always gives the same file."""
+    check_compact_vocab_size(vocab_size)
+    base = get_tokenizer()
+    counts = train_token_counts(folder)
+    text_counts = counts.copy()
+    text_counts[list(SPECIAL_TOKENS.values())] = 0  # EOS ends documents: structure, always in the vocabulary
+    candidates = text_counts.copy()
+    candidates[base.byte_lengths <= 1] = 0  # single bytes are ids 0-255 already
+    order = np.lexsort((np.arange(VOCAB_SIZE), -candidates))  # most frequent first, then the lower id
+    chosen = order[:vocab_size - FIRST_FREQUENT_ID]
+    chosen = chosen[candidates[chosen] > 0]  # a small corpus may fill fewer slots: the vocabulary is then smaller
+    covered = text_counts[base.byte_lengths == 1].sum() + candidates[chosen].sum()
+    ids = [int(i) for i in chosen]
+    return {"format": COMPACT_FORMAT, "version": 1, "base": "dolma2", "base_bpe_sha256": CL100K_SHA256,
+            "vocab_size": FIRST_FREQUENT_ID + len(ids), "requested_vocab_size": vocab_size,
+            "layout": "0-255: bytes 0x00-0xFF; 256: <|endoftext|>; 257: <|pad|>; 258+i: dolma2 id dolma2_ids[i]",
+            "mapping_sha256": mapping_sha256(ids),
+            "train_tokens": int(text_counts.sum()), "distinct_train_ids": int((text_counts > 0).sum()),
+            "train_coverage": float(covered / max(text_counts.sum(), 1)),  # share of dolma2 train tokens kept whole
+            "dolma2_ids": ids}
+
+
+def write_json_atomically(path, value):
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def shards_fingerprint(manifest):
+    return hashlib.sha256(json.dumps([s["sha256"] for split in sorted(manifest["splits"])
+                                      for s in manifest["splits"][split]["shards"]]).encode()).hexdigest()
+
+
+def compact_folder(source_dir, vocab_size, out_dir=None, progress=True):
+    """Build (or reuse) the compact-vocabulary copy of a dolma2 folder: OUT/COMPACT_VOCAB_FILE from the
+    train split, and every shard of every split rewritten in compact ids. Returns OUT (default SOURCE_vN)."""
+    source_dir = Path(source_dir)
+    out_dir = Path(out_dir) if out_dir else source_dir.with_name(f"{source_dir.name}_v{vocab_size}")
+    source = read_manifest(source_dir)
+    if source["tokenizer"].get("vocab_file"):
+        raise DataError(f"{source_dir} already uses a compact vocabulary; build one from the dolma2 folder it came from")
+    origin = {"folder": str(source_dir), "shards_sha256": shards_fingerprint(source), "requested_vocab_size": vocab_size}
+    try:
+        manifest = read_manifest(out_dir)
+        if manifest.get("compact_of", {}).get("shards_sha256") == origin["shards_sha256"] and \
+                manifest["compact_of"].get("requested_vocab_size") == vocab_size and all(
+                (out_dir / s["file"]).is_file() and (out_dir / s["file"]).stat().st_size == s["bytes"]
+                for split in manifest["splits"].values() for s in split["shards"]):
+            return out_dir
+    except (DataError, OSError, KeyError, json.JSONDecodeError):
+        pass  # missing, partial or from other data: build it
+    start = time.monotonic()
+    vocab = build_compact_vocab(source_dir, vocab_size)
+    tokenizer = compact_tokenizer(tuple(vocab["dolma2_ids"]))
+    check_prepare_target(out_dir)
+    final_dir, out_dir = out_dir, out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # built aside and swapped in, as write_corpus does
+    out_dir.mkdir(parents=True)
+    try:
+        splits, manifest = write_compact_shards(source, source_dir, out_dir, vocab, tokenizer, origin)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    replace_folder(out_dir, final_dir)
+    if progress:
+        train_split = splits["train"]
+        print(f"compact vocabulary {final_dir / COMPACT_VOCAB_FILE}: {tokenizer.vocab_size:,} ids keep "
+              f"{vocab['train_coverage']:.1%} of {source_dir}'s {vocab['distinct_train_ids']:,} distinct train ids' "
+              f"tokens whole; {train_split['tokens']:,} train tokens (dolma2: {source['splits']['train']['tokens']:,}), "
+              f"{train_split['text_bytes'] / max(train_split['tokens'], 1):.2f} bytes of text per token; "
+              f"{time.monotonic() - start:.1f}s", file=sys.stderr)
+    return final_dir
+
+
+def write_compact_shards(source, source_dir, out_dir, vocab, tokenizer, origin):
+    """Write the vocabulary file, every shard of source rewritten in compact ids, and the manifest into
+    out_dir; returns (splits, manifest)."""
+    write_json_atomically(out_dir / COMPACT_VOCAB_FILE, vocab)
+    splits = {}
+    for split, record in source["splits"].items():
+        shards, text_bytes = [], 0
+        for shard_record in record["shards"]:
+            shard = read_shard(source_dir / shard_record["file"])
+            tokens, starts = tokenizer.convert(shard.tokens)
+            doc_starts = starts[shard.doc_starts.astype(np.int64)] if shard.doc_starts.size else shard.doc_starts
+            sha256 = write_shard(out_dir / shard_record["file"], tokens, doc_starts, vocab_size=tokenizer.vocab_size)
+            text_bytes += int(tokenizer.byte_lengths[tokens].sum())
+            shards.append({"file": shard_record["file"], "tokens": int(tokens.size), "documents": int(doc_starts.size),
+                           "bytes": (out_dir / shard_record["file"]).stat().st_size, "sha256": sha256})
+        splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": record["documents"],
+                         "shards": shards, "text_bytes": text_bytes}
+    details = {k: v for k, v in source.items() if k not in ("format", "format_version", "tokenizer", "splits")}
+    manifest = write_manifest(out_dir, splits, tokenizer=tokenizer.manifest_record(), **(details | {"compact_of": origin}))
+    return splits, manifest
+
+
+def folder_in_vocab(folder, compact_vocab=None, progress=True):
+    """The folder to train on for --compact_vocab: None, the folder as it is; 0, it must be dolma2;
+    N, it must be compact with N ids, or be dolma2 and get compacted into FOLDER_vN (reused after)."""
+    folder = Path(folder)
+    if compact_vocab is None:
+        return folder
+    path = folder / COMPACT_VOCAB_FILE
+    if not path.is_file():
+        return compact_folder(folder, compact_vocab, progress=progress) if compact_vocab else folder
+    vocab = read_compact_vocab(path)
+    if compact_vocab == vocab.get("requested_vocab_size", vocab["vocab_size"]):
+        return folder
+    build = "the dolma2 folder it was built from" if compact_vocab == 0 else \
+        f"--compact_vocab {vocab.get('requested_vocab_size', vocab['vocab_size'])}, or the dolma2 folder it was built from"
+    raise DataError(f"--compact_vocab {compact_vocab} asks for {'dolma2' if compact_vocab == 0 else f'{compact_vocab} ids'}, "
+                    f"but {folder} holds a compact vocabulary of {vocab['vocab_size']:,} ids ({path}); pass {build}")
+
+
+def vocabulary_name(folder):
+    """(a description naming the file, the mapping hash or None for dolma2) of a data or checkpoint folder."""
+    path = Path(folder) / COMPACT_VOCAB_FILE
+    if not path.exists():
+        return f"dolma2 (no {COMPACT_VOCAB_FILE} in {folder})", None
+    vocab = read_compact_vocab(path)
+    return f"the compact vocabulary {path} ({vocab['vocab_size']:,} ids, mapping {vocab['mapping_sha256'][:12]})", \
+        vocab["mapping_sha256"]
+
+
+def check_same_vocabulary(checkpoint_dir, data_dir):
+    """Refuse to train or evaluate a checkpoint on data tokenized with another mapping: its ids would
+    mean other text. Names both files."""
+    saved, saved_hash = vocabulary_name(checkpoint_dir)
+    ours, our_hash = vocabulary_name(data_dir)
+    if saved_hash != our_hash:
+        raise DataError(f"{checkpoint_dir} was trained on {saved}, but the data {data_dir} uses {ours}: the same ids "
+                        f"would mean other text. Use the data the checkpoint was trained on (train.py: --data FOLDER, "
+                        f"or --compact_vocab 0 for dolma2's built-in corpus), or start a fresh run in another --out")
+
+
+def copy_vocabulary(data_dir, checkpoint_dir):
+    """Put the data's COMPACT_VOCAB_FILE (if any) into a checkpoint folder, so the checkpoint names its tokenizer."""
+    path = Path(data_dir) / COMPACT_VOCAB_FILE
+    if path.exists():
+        shutil.copyfile(path, Path(checkpoint_dir) / COMPACT_VOCAB_FILE)
+
+
+def bits_per_byte(nats, n_bytes):
+    """Summed cross-entropy (nats) over targets -> bits per byte of the text they stand for: comparable
+    across vocabularies. = nats per token x tokens / bytes / ln 2; specials count no bytes."""
+    if n_bytes <= 0:
+        return float("nan")
+    return float(nats) / (math.log(2) * n_bytes)
 
 
 # -----------------------------------------------------------------------------
@@ -628,7 +981,8 @@ class TokenLoader:
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.seed, self.mask_documents = seed, mask_documents
         records = manifest["splits"][split]["shards"]
-        shards = [read_shard(self.data_dir / r["file"]) for r in records]
+        self.vocab_size, self.eos_id = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eos_id"]
+        shards = [read_shard(self.data_dir / r["file"], vocab_size=self.vocab_size) for r in records]
         self.shards = [shard.tokens for shard in shards]
         self.max_token_id = max((shard.max_token_id for shard in shards), default=-1)  # train.py checks the vocab
         for record, tokens in zip(records, self.shards):
@@ -668,7 +1022,7 @@ class TokenLoader:
         if self.mask_documents:
             # A position's document is the count of EOS before it in the row: the EOS belongs to
             # the document it ends, the token after it starts the next.
-            ends = rows[:, :-1] == EOS_ID
+            ends = rows[:, :-1] == self.eos_id
             doc_ids = np.zeros(ends.shape, dtype=np.int32)
             doc_ids[:, 1:] = np.cumsum(ends[:, :-1], axis=1)
             batch.doc_ids = torch.from_numpy(doc_ids)
@@ -727,6 +1081,9 @@ def main(argv=None):
     prep.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                       help=f"tokens per shard file, at document boundaries (default: {DEFAULT_SHARD_TOKENS:,})")
     prep.add_argument("--quiet", action="store_true", help="no progress (tokens/s, ETA) or summary on stderr; warnings still print")
+    compact_help = ("write the shards in a compact vocabulary of N ids: bytes, specials and the most frequent dolma2 "
+                    "tokens of the train split; lossless, and ~10x faster at the tiny size (default: 0, dolma2)")
+    prep.add_argument("--compact_vocab", type=int, default=0, metavar="N", help=compact_help)
     builtin = commands.add_parser("builtin", help="prepare the built-in corpus (text that ships with Python)",
                                   description="Prepare the built-in corpus, or reuse it if already prepared the same way.")
     builtin.add_argument("--out", default=str(DEFAULT_BUILTIN_DIR), metavar="DIR", help="output folder (default: %(default)s)")
@@ -735,20 +1092,34 @@ def main(argv=None):
                                 description="Read every shard of DIR and compare it with manifest.json: presence, "
                                             "size, header and SHA-256. Exit status 0 if all match, 1 otherwise.")
     check.add_argument("folder", metavar="DIR", help="a folder made by `python data.py prepare`")
+    builtin.add_argument("--compact_vocab", type=int, default=0, metavar="N",
+                         help="also write its compact-vocabulary copy into OUT_vN (what `python train.py` trains on: 8192)")
+    compact = commands.add_parser("compact", help="copy a dolma2 folder into a compact vocabulary built from its train split",
+                                  description="Build SOURCE's compact vocabulary (COMPACT_VOCAB_FILE) and rewrite its "
+                                              "shards in it, into --out (default SOURCE_vN); reused if already built.")
+    compact.add_argument("source", metavar="SOURCE", help="a folder made by `python data.py prepare` (dolma2)")
+    compact.add_argument("--vocab_size", type=int, default=8192, metavar="N",
+                         help="ids in the compact vocabulary, bytes and specials included (default: %(default)s)")
+    compact.add_argument("--out", metavar="DIR", help="output folder (default: SOURCE_vN)")
+    compact.add_argument("--quiet", action="store_true", help="no summary on stderr")
     parser.epilog = "\n".join(f"--- python data.py {name} ---\n{sub.format_help()}" for name, sub in commands.choices.items())
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
-            prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens, progress=not args.quiet)
+            prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens, progress=not args.quiet,
+                    compact_vocab=args.compact_vocab)
         elif args.command == "verify":
             problems = verify(args.folder)
             if problems:
                 parser.exit(1, "".join(f"error: {problem}\n" for problem in problems))
             shards = sum(len(split["shards"]) for split in read_manifest(args.folder)["splits"].values())
             print(f"{args.folder}: all {shards} shard(s) match {MANIFEST} (size, header, SHA-256)")
+        elif args.command == "compact":
+            out = compact_folder(args.source, args.vocab_size, args.out, progress=not args.quiet)
+            print(f"compact copy ready in {out}", file=sys.stderr)
         else:
-            prepare_builtin_corpus(args.out, args.max_tokens)
-            print(f"built-in corpus ready in {args.out}", file=sys.stderr)
+            out = prepare_builtin_corpus(args.out, args.max_tokens, compact_vocab=args.compact_vocab)
+            print(f"built-in corpus ready in {out}", file=sys.stderr)
     except DataError as error:
         parser.exit(1, f"error: {error}\n")
 

@@ -36,6 +36,7 @@ Checkpoints (OUT/step_0001000/, written under a temporary name, fsynced, renamed
     optimizer.pt        AdamW's state_dict, read with torch.load(weights_only=True) (without --fsdp)
     dcp/                model and optimizer, sharded, via torch.distributed.checkpoint (with --fsdp)
     train_state.json    step, tokens seen, loader position, the arguments, RNG states, every file's size
+    compact_vocab.json  the data's compact vocabulary, when it has one (data.tokenizer_for reads it)
 `--resume auto` continues from the newest intact checkpoint in --out (nothing there: a fresh
 start), skipping damaged ones with a warning; resuming an older one moves the newer ones aside to
 OUT/abandoned/. `--init_from DIR` (or `hf:DIR`, through hf_interop.py) only takes a checkpoint's
@@ -45,12 +46,20 @@ checkpoint and exits with status 143 (give the scheduler's grace period room for
 save); a non-finite loss or gradient norm stops the run without saving. Every flag is checked
 before any work (validate_run_args, check_run_fits, check_vocabulary_fits_data). On a multi-node
 run --out must be on a filesystem every node sees. OUT/metrics.jsonl gets one line per step (loss,
-z_loss, lr, grad_norm, tokens_seen, tokens_per_s, mfu, peak_memory_gib, val_loss when measured); a
+z_loss, lr, grad_norm, tokens_seen, tokens_per_s, mfu, peak_memory_gib, and when measured val_loss and
+val_bits_per_byte); a
 resumed run appends, so steps after its checkpoint appear twice and the later line is the one that
 counts. On CPU, exact resume also needs the same thread count, which train_state.json records.
 
+Vocabulary. The tiny size on the built-in corpus trains on a compact vocabulary (--compact_vocab,
+data.py's "Compact vocabulary": 8192 ids, the bytes, EOS/pad and the corpus's most frequent dolma2
+tokens; lossless), since dolma2's 100,352-row LM head is ~93% of a tiny model's FLOPs. Then seq_len
+and tokens count compact tokens, and losses are nats per compact token; val_bits_per_byte compares
+across vocabularies. Other sizes, and --data folders, keep their own vocabulary (dolma2 unless the
+folder was prepared with --compact_vocab). A checkpoint refuses data in another vocabulary.
+
 Reused by extend.py: build_parser, model_config, setup_distributed, build_model, build_optimizer,
-lr_at, build_loaders, train_step, evaluate, save_checkpoint, load_checkpoint, check_architecture.
+lr_at, build_loaders, train_step, evaluate (evaluate_losses), save_checkpoint, load_checkpoint, check_architecture.
 """
 
 from __future__ import annotations
@@ -93,13 +102,18 @@ DEFAULT_SIZE = "tiny"  # trains on a laptop CPU in minutes
 # Peak learning rate by size. 7B: OlmPool's 3e-4. Smaller models tolerate, and need, larger steps
 # (the best rate falls roughly with width: GPT-3's table runs from 6e-4 at 125M to 1.2e-4 at 6.7B);
 # tiny's 3e-3 trains stably on the built-in corpus (loss 11.6 -> ~5.5 in the default 100 steps of
-# 512 tokens); the middle sizes are interpolations, still to be tuned.
+# 512 tokens on dolma2; 9.0 -> ~6.1 on the compact 8192 vocabulary, val 3.3 bits/byte); the middle
+# sizes are interpolations, still to be tuned.
 LEARNING_RATES = {"tiny": 3e-3, "20m": 1e-3, "150m": 6e-4, "1b": 4e-4, "7b": 3e-4}
 # Dense bf16 peak FLOP/s by GPU name (NVIDIA datasheets, SXM parts); anything else: --peak_flops.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Default global batch in sequences, by device: fixed, so that the data order never depends on the
 # world size (pass --batch_tokens to compare runs across devices).
 DEFAULT_SEQUENCES = {"cpu": 2, "cuda": 64}
+# Compact vocabulary by size, for the built-in corpus (0: dolma2). 8192 ids keep 95% of its dolma2
+# tokens whole and train ~10x the bytes of text per second of the full vocabulary at tiny
+# (`python bench.py --vocab`); published sizes keep dolma2, as OlmPool does.
+COMPACT_VOCAB_BY_SIZE = {"tiny": 8192}
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)$")
 # Exit status after SIGTERM once the checkpoint is saved: 128 + SIGTERM, what a shell reports for a
 # process ended by SIGTERM, so a scheduler tells "preempted, saved, resume me" (143) from "finished" (0).
@@ -181,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--data", metavar="DIR", help="a folder made by `python data.py prepare` (default: the "
                      "built-in corpus, prepared into data/builtin on first use)")
+    run.add_argument("--compact_vocab", type=int, metavar="N",
+                     help="train on a compact vocabulary of N ids built from the data's train split (bytes, EOS/pad, "
+                          "its most frequent dolma2 tokens; lossless): seq_len and losses then count compact tokens, "
+                          "and val is also reported in bits per byte. 0: dolma2. With --data, a dolma2 folder is "
+                          f"compacted into DIR_vN (default: {COMPACT_VOCAB_BY_SIZE} on the built-in corpus, else 0; "
+                          "with --data, the folder's own vocabulary; with --init_from, the checkpoint's)")
     run.add_argument("--out", metavar="DIR", help="checkpoints and metrics.jsonl (default: runs/NAME)")
     run.add_argument("--name", help="run name (default: from the preset, size and model flags)")
     run.add_argument("--seed", type=int, default=0, help="weight init and data order (default: %(default)s)")
@@ -323,7 +343,36 @@ def model_config(args) -> ModelConfig:
         overrides["n_kv_heads"] = n_heads // args.gqa
     elif "n_heads" in overrides and "n_kv_heads" not in overrides:  # keep the preset's GQA ratio, a switch
         overrides["n_kv_heads"] = max(1, n_heads // (base.n_heads // base.n_kv_heads))
+    if "vocab_size" not in overrides and (vocab := data_vocab_size(args)):  # the model's vocabulary is the data's
+        overrides["vocab_size"] = data.padded_vocab_size(vocab)
     return olmpool.preset(args.preset, args.size, **overrides)
+
+
+def compact_vocab_size(args) -> int | None:
+    """--compact_vocab, else its default: None (the folder's own vocabulary) with --data; with
+    --init_from, the vocabulary of the weights (a Hugging Face folder's: dolma2); else
+    COMPACT_VOCAB_BY_SIZE on the built-in corpus."""
+    if getattr(args, "compact_vocab", None) is not None:
+        return args.compact_vocab
+    if getattr(args, "data", None):
+        return None
+    if init_from := getattr(args, "init_from", None):
+        path = Path(init_from) / data.COMPACT_VOCAB_FILE
+        if init_from.startswith("hf:") or not path.is_file():
+            return 0
+        vocab = data.read_compact_vocab(path)
+        return vocab.get("requested_vocab_size", vocab["vocab_size"])
+    return COMPACT_VOCAB_BY_SIZE.get(args.size, 0)
+
+
+def data_vocab_size(args) -> int | None:
+    """Ids of the compact vocabulary this run's data will use, or None for dolma2 (the preset's)."""
+    requested = compact_vocab_size(args)
+    if requested:
+        data.check_compact_vocab_size(requested)  # at parse time, naming the minimum
+    if getattr(args, "data", None) and (Path(args.data) / data.COMPACT_VOCAB_FILE).is_file():
+        return data.read_compact_vocab(Path(args.data) / data.COMPACT_VOCAB_FILE)["vocab_size"]
+    return requested or None  # a folder about to be compacted holds at most `requested` ids
 
 
 def run_name(args) -> str:
@@ -331,6 +380,7 @@ def run_name(args) -> str:
     parts = [args.preset, args.size]
     parts += [f"gqa{args.gqa}"] if args.gqa is not None else []
     parts += ["swa"] if args.swa else []
+    parts += [f"vocab{args.compact_vocab}"] if getattr(args, "compact_vocab", None) is not None else []
     parts += [f"{field.name}={getattr(args, field.name)}" for field in dataclasses.fields(ModelConfig)
               if hasattr(args, field.name)]
     return "-".join(parts)
@@ -580,12 +630,26 @@ def check_vocabulary_fits_data(config: ModelConfig, loaders, folder: Path):
 
 
 def data_dir(args, env: Distributed) -> Path:
-    if args.data:
-        return Path(args.data)
+    """The data folder, in the vocabulary --compact_vocab asks for (built on first use)."""
+    def prepared(progress: bool) -> Path:
+        if args.data:
+            return data.folder_in_vocab(args.data, args.compact_vocab, progress=progress)
+        return data.prepare_builtin_corpus(progress=progress, compact_vocab=compact_vocab_size(args))
     if env.is_main:  # one process tokenizes; the others find it ready after the barrier
-        data.prepare_builtin_corpus()
+        prepared(progress=True)
     env.barrier()
-    return data.prepare_builtin_corpus(progress=False)
+    return prepared(progress=False)
+
+
+def check_vocabulary(args, config: ModelConfig, folder: Path, resume_dir: Path | None):
+    """The model must cover the data's ids, and a checkpoint must come from data in the same vocabulary."""
+    in_use = data.read_manifest(folder)["tokenizer"]["vocab_size"]
+    if config.vocab_size < in_use:
+        raise TrainError(f"--vocab_size {config.vocab_size} is smaller than the {in_use:,} ids of {folder}'s vocabulary; "
+                         f"leave --vocab_size out (it follows the data) or give at least {data.padded_vocab_size(in_use)}")
+    for checkpoint in (resume_dir, args.init_from):
+        if checkpoint and not str(checkpoint).startswith("hf:"):
+            data.check_same_vocabulary(checkpoint, folder)
 
 
 def build_loaders(args, plan: BatchPlan, env: Distributed, folder: Path):
@@ -673,21 +737,32 @@ def train_step(model, optimizer, batches: list[data.Batch], plan: BatchPlan, arg
     return {"loss": loss, "z_loss": z_loss, "grad_norm": grad_norm, "finite": finite, "stop": totals[2].item() > 0}
 
 
-@torch.no_grad()
 def evaluate(model, loader: data.TokenLoader, plan: BatchPlan, args, env: Distributed) -> float:
     """Mean cross-entropy over the first --eval_batches global batches of the val split."""
+    return evaluate_losses(model, loader, plan, args, env)["val_loss"]
+
+
+@torch.no_grad()
+def evaluate_losses(model, loader: data.TokenLoader, plan: BatchPlan, args, env: Distributed) -> dict:
+    """Over the first --eval_batches global batches of the val split: val_loss, the mean cross-entropy
+    in nats per token of the data's vocabulary, and val_bits_per_byte, the same sum over the UTF-8
+    bytes of text its targets stand for (data.bits_per_byte), which compares across vocabularies."""
     model.eval()
-    ce_sum, targets = torch.zeros((), device=env.device, dtype=torch.float64), 0
+    byte_lengths = torch.from_numpy(data.tokenizer_for(loader.data_dir).byte_lengths)
+    sums = torch.zeros(2, device=env.device, dtype=torch.float64)  # nats, bytes of this rank's targets
+    targets = 0
     for batch in loader.validation_batches(args.eval_batches):
+        sums[1] += byte_lengths[batch.targets].sum().item()
         for micro in micro_batches(batch, plan, env.device):
             with autocast(env, args):
                 logits = forward(model, micro)
-            ce_sum += loss_sums(logits, micro.targets)[0].double()
+            sums[0] += loss_sums(logits, micro.targets)[0].double()
         targets += plan.tokens
     if env.world_size > 1:
-        dist.all_reduce(ce_sum)
+        dist.all_reduce(sums)
     model.train()
-    return (ce_sum / targets).item()
+    nats, n_bytes = sums.tolist()
+    return {"val_loss": nats / targets, "val_bits_per_byte": data.bits_per_byte(nats, n_bytes)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,9 +855,10 @@ def _train(args, env: Distributed, stop: dict) -> dict:
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls left outside bf16
 
+    folder = data_dir(args, env)
+    check_vocabulary(args, config, folder, resume_dir)  # before any weights are loaded
     model, inner = build_model(config, args, env)
     optimizer = build_optimizer(model, args)
-    folder = data_dir(args, env)
     train_loader, val_loader = build_loaders(args, plan, env, folder)
     check_vocabulary_fits_data(config, (train_loader, val_loader), folder)
     step, tokens_seen = 0, 0
@@ -793,7 +869,8 @@ def _train(args, env: Distributed, stop: dict) -> dict:
 
     meter = Meter(out, config, plan, args, env)
     log(env, olmpool.describe(config))
-    log(env, f"data {folder}: {train_loader.n_tokens:,} train tokens, {train_loader.steps_per_epoch} steps per epoch")
+    log(env, f"data {folder}: {train_loader.n_tokens:,} train tokens ({data.read_manifest(folder)['tokenizer']['name']}, "
+             f"model vocab {config.vocab_size:,}), {train_loader.steps_per_epoch} steps per epoch")
     features = [f"{torch.get_num_threads()} thread(s)" if env.device.type == "cpu" else "",
                 "FSDP" if args.fsdp else "DDP" if env.world_size > 1 else "", "compiled" if args.compile else "",
                 "activation checkpointing" if args.activation_checkpointing else ""]
@@ -826,7 +903,8 @@ def _train(args, env: Distributed, stop: dict) -> dict:
             losses[step] = result["loss"]
             record = meter.record(step, lr, result, tokens_seen, time.perf_counter() - step_start)
             if val_loader is not None and (step % args.eval_every == 0 or step == last_step):
-                record["val_loss"] = val_losses[step] = evaluate(model, val_loader, plan, args, env)
+                record.update(evaluate_losses(model, val_loader, plan, args, env))
+                val_losses[step] = record["val_loss"]
             meter.write(record, show=step % args.log_every == 0 or step in (first_step, last_step)
                         or "val_loss" in record, steps_left=last_step - step)
             if step % args.save_every == 0 or step == last_step or stopping:
@@ -876,7 +954,7 @@ class Meter:
             timed_steps = record["step"] - self.timed_from[1]
             eta = duration((time.perf_counter() - self.timed_from[0]) / timed_steps * steps_left) if timed_steps else "?"
             mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
-            val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            val = f" | val {record['val_loss']:.4f} ({record['val_bits_per_byte']:.3f} bits/byte)" if "val_loss" in record else ""
             print(f"step {record['step']}/{self.steps} | loss {record['loss']:.4f}{val} | lr {record['lr']:.2e} | grad norm "
                   f"{record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {mfu} | mem "
                   f"{record['peak_memory_gib']:.2f} GiB | ETA {eta}", flush=True)
@@ -1040,6 +1118,7 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transf
         torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
     if env.is_main:
         (temporary / "config.json").write_text(json.dumps(dataclasses.asdict(inner.config), indent=2) + "\n")
+        data.copy_vocabulary(loader.data_dir, temporary)  # the checkpoint names its tokenizer
         files = {str(p.relative_to(temporary)): p.stat().st_size for p in sorted(temporary.rglob("*")) if p.is_file()}
         state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "fsdp": args.fsdp,
                  "world_size": env.world_size, "threads": torch.get_num_threads(),
