@@ -193,7 +193,6 @@ class Shard:
     path: Path
     tokens: np.ndarray      # (n_tokens,) uint32, memory-mapped
     doc_starts: np.ndarray  # (n_documents,) uint64, index into tokens where each document begins
-    max_token_id: int = -1  # the largest id in tokens, when read_shard checked them (-1: not checked or empty)
 
 
 def write_shard(path, tokens, doc_starts, vocab_size=VOCAB_SIZE):
@@ -248,12 +247,11 @@ def read_shard(path, check_vocab=True, vocab_size=VOCAB_SIZE):
 
     doc_starts = mapped("<u8", HEADER.size, n_documents)
     tokens = mapped("<u4", HEADER.size + 8 * n_documents, n_tokens)
-    max_token_id = int(tokens.max()) if check_vocab and n_tokens else -1  # one pass at memory speed
-    if max_token_id >= vocab_size:
+    if check_vocab and n_tokens and tokens.max() >= vocab_size:  # one pass at memory speed
         position = int(np.argmax(tokens >= vocab_size))
         raise DataError(f"{path} holds token id {tokens[position]} at position {position}, beyond the "
                         f"vocabulary of {vocab_size}: the file is corrupt or came from another tokenizer; {PREPARE_FIX}")
-    return Shard(path, tokens, doc_starts, max_token_id)
+    return Shard(path, tokens, doc_starts)
 
 
 class ShardWriter:
@@ -982,9 +980,7 @@ class TokenLoader:
         self.seed, self.mask_documents = seed, mask_documents
         records = manifest["splits"][split]["shards"]
         self.vocab_size, self.eos_id = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eos_id"]
-        shards = [read_shard(self.data_dir / r["file"], vocab_size=self.vocab_size) for r in records]
-        self.shards = [shard.tokens for shard in shards]
-        self.max_token_id = max((shard.max_token_id for shard in shards), default=-1)  # train.py checks the vocab
+        self.shards = [read_shard(self.data_dir / r["file"], vocab_size=self.vocab_size).tokens for r in records]
         for record, tokens in zip(records, self.shards):
             if tokens.size != record["tokens"]:
                 raise DataError(f"{self.data_dir / record['file']} holds {tokens.size} tokens, but {MANIFEST} "

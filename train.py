@@ -44,7 +44,7 @@ weights, from model.safetensors: nothing from another person's folder is unpickl
 is a pickle, so only --resume, for one's own runs, reads dcp/). SIGTERM finishes the step, saves a
 checkpoint and exits with status 143 (give the scheduler's grace period room for one step and one
 save); a non-finite loss or gradient norm stops the run without saving. Every flag is checked
-before any work (validate_run_args, check_run_fits, check_vocabulary_fits_data). On a multi-node
+before any work (validate_run_args, check_run_fits, check_vocabulary). On a multi-node
 run --out must be on a filesystem every node sees. OUT/metrics.jsonl gets one line per step (loss,
 z_loss, lr, grad_norm, tokens_seen, tokens_per_s, mfu, peak_memory_gib, and when measured val_loss and
 val_bits_per_byte); a
@@ -311,7 +311,7 @@ RUN_FLAG_RULES = [
 
 def validate_run_args(args):
     """Refuse any run flag outside its range, naming the value and a valid one (TrainError). Checks
-    that need the model or the data are in check_run_fits (memory) and check_vocabulary_fits_data."""
+    that need the model or the data are in check_run_fits (memory) and check_vocabulary."""
     for name, ok, wanted, example in RUN_FLAG_RULES:
         value = getattr(args, name, None)
         if value is not None and not ok(value):  # nan fails every comparison, so it is refused too
@@ -621,14 +621,6 @@ def check_run_fits(config: ModelConfig, plan: BatchPlan, args, env: Distributed)
                  f"this run trains the local layers as global ones (the window acts beyond {config.window} tokens)")
 
 
-def check_vocabulary_fits_data(config: ModelConfig, loaders, folder: Path):
-    """Refuse data whose token ids the embedding has no row for (an IndexError deep in the model)."""
-    largest = max(loader.max_token_id for loader in loaders if loader is not None)
-    if largest >= config.vocab_size:
-        raise TrainError(f"--vocab_size {config.vocab_size} is too small for {folder}, whose largest token id is "
-                         f"{largest}; use --vocab_size {largest + 1} or more (the presets' 100352 fits dolma2)")
-
-
 def data_dir(args, env: Distributed) -> Path:
     """The data folder, in the vocabulary --compact_vocab asks for (built on first use)."""
     def prepared(progress: bool) -> Path:
@@ -860,7 +852,6 @@ def _train(args, env: Distributed, stop: dict) -> dict:
     model, inner = build_model(config, args, env)
     optimizer = build_optimizer(model, args)
     train_loader, val_loader = build_loaders(args, plan, env, folder)
-    check_vocabulary_fits_data(config, (train_loader, val_loader), folder)
     step, tokens_seen = 0, 0
     if resume_dir:
         step, tokens_seen = load_checkpoint(resume_dir, model, inner, optimizer, train_loader, args, env)
