@@ -274,3 +274,18 @@ def test_checkpoint_and_its_hf_export_score_identically_and_rerun_resumes(tmp_pa
     assert again["recall"]["ours"] == results["recall"]["ours"]
     table = ev.before_after_table(again, ["ours", "exported"], [256, 512], ["niah_single_1"])
     assert "\n| ours |" in table and "\n| exported |" in table and "LongPPL @ 512" in table
+
+
+def test_per_length_means_and_the_effective_length_follow_ruler():
+    means = {"a/4096": 90.0, "b/4096": 95.0, "a/8192": 80.0, "b/8192": 90.0, "a/16384": 88.0, "b/16384": 86.0}
+    results = {"recall": {"m": {key: {"mean": value, "n": 2} for key, value in means.items()}}}
+    summary = ev.recall_summary(results, "m", ["a", "b"], [4096, 8192, 16384])
+    assert summary["per_length"] == {4096: 92.5, 8192: 85.0, 16384: 87.0}  # 85.0 is not above 85.6
+    assert summary["mean"] == pytest.approx((92.5 + 85.0 + 87.0) / 3)
+    assert summary["effective_length"] == 16384  # the longest length above 85.6
+
+
+def test_confidence_interval_is_the_normal_approximation():
+    mean, half_width = ev.mean_ci([0.0, 100.0, 100.0, 100.0])
+    assert mean == 75.0 and half_width == pytest.approx(1.96 * 50.0 / 2)
+    assert ev.mean_ci([100.0]) == (100.0, None)
