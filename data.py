@@ -1036,10 +1036,14 @@ class TokenLoader:
         return batch
 
     def validation_batches(self, max_batches=None):
-        """The same batches on every call: windows in stream order, no shuffle, loader state untouched."""
-        n = self.steps_per_epoch if max_batches is None else min(max_batches, self.steps_per_epoch)
+        """The same batches on every call: windows in stream order, no shuffle, loader state untouched.
+        max_batches of them are spread evenly over the whole split (batch i of n starts i/n of the way
+        in), so that a few batches stand for all of it rather than for the documents that happen to
+        come first (the built-in corpus starts with short pydoc topics)."""
+        total = self.steps_per_epoch
+        n = total if max_batches is None else min(max_batches, total)
         G = self.global_batch_size
-        for step in range(n):
+        for step in (i * total // n for i in range(n)):
             yield self._batch(np.arange(step * G, (step + 1) * G))
 
     def state_dict(self):

@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_argument("--eval_every", type=int, default=50, help="validation loss every N steps and at the "
                              "end; 0: never (default: %(default)s)")
     checkpoints.add_argument("--eval_batches", type=int, default=4,
-                             help="global batches of the val split per evaluation (default: %(default)s)")
+                             help="global batches of the val split per evaluation, spread evenly over it (default: %(default)s)")
     checkpoints.add_argument("--log_every", type=int, default=10,
                              help="print a progress line every N steps (default: %(default)s)")
     checkpoints.add_argument("--peak_flops", type=float, help="peak FLOP/s of one device for MFU (default: a table of "
@@ -736,7 +736,7 @@ def evaluate(model, loader: data.TokenLoader, plan: BatchPlan, args, env: Distri
 
 @torch.no_grad()
 def evaluate_losses(model, loader: data.TokenLoader, plan: BatchPlan, args, env: Distributed) -> dict:
-    """Over the first --eval_batches global batches of the val split: val_loss, the mean cross-entropy
+    """Over --eval_batches global batches spread over the val split: val_loss, the mean cross-entropy
     in nats per token of the data's vocabulary, and val_bits_per_byte, the same sum over the UTF-8
     bytes of text its targets stand for (data.bits_per_byte), which compares across vocabularies."""
     model.eval()

@@ -447,6 +447,15 @@ def test_validation_batches_are_the_same_on_every_call_and_leave_the_state_alone
     assert first[0].inputs[1].tolist() == stream[16:32]  # in stream order, no shuffle
 
 
+def test_a_few_validation_batches_are_spread_over_the_whole_split(token_folder):
+    loader = data.TokenLoader(token_folder, "train", seq_len=16, global_batch_size=2)
+    every = list(loader.validation_batches())
+    assert len(every) == loader.steps_per_epoch >= 4
+    picked = list(loader.validation_batches(2))
+    middle = loader.steps_per_epoch // 2
+    assert same_batches(picked, [every[0], every[middle]])
+
+
 def test_global_batch_that_does_not_split_over_the_world_size_is_refused(token_folder):
     with pytest.raises(data.DataError, match="multiple of 4"):
         data.TokenLoader(token_folder, "train", seq_len=16, global_batch_size=6, world_size=4)
