@@ -29,8 +29,9 @@ warmup 200 steps to 2.9952e-4 then linear decay to 0, AdamW as in pretraining wi
 
 Sizes scale as in train.py: a size divides lengths by its shrink factor (tiny 32, 20m 8, 150m 4,
 1b and 7b 1), so the default sequence is 65,536 / shrink; batch (64 sequences) and steps (2385)
-stay, so the token budget shrinks with the length. The peak learning rate is train.py's rate for
-the size times OlmPool's extension/pretraining ratio (2.9952e-4 / 3e-4). On CPU, where the point
+stay, so the token budget shrinks with the length. The peak learning rate is the rate the source
+ended pretraining at times OlmPool's extension/pretraining ratio (2.9952e-4 / 3e-4): OlmPool never
+decayed its pretraining rate, so its extension continued at it. On CPU, where the point
 is a demonstration in minutes, the defaults are 4x the source's pretraining length, 2 sequences
 per batch and 60 steps.
 
@@ -152,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = (f"the extended length (default: {EXTENSION_TRAINING['seq_len']:,} divided by the size's "
                            f"shrink; on CPU {CPU_DEMO['length_factor']}x the source's pretraining length)")
         elif action.dest == "lr":
-            action.help = (f"peak learning rate (default: train.py's rate for the size x "
-                           f"{EXTENSION_TRAINING['lr']} / {EXTENSION_TRAINING['pretraining_lr']}, OlmPool's ratio)")
+            action.help = (f"peak learning rate (default: the source's last learning rate x "
+                           f"{EXTENSION_TRAINING['lr']} / {EXTENSION_TRAINING['pretraining_lr']}, OlmPool's ratio; "
+                           f"train.py's rate for the size if unknown)")
         elif action.dest == "warmup":
             action.help = f"warmup steps (default: OlmPool's {EXTENSION_TRAINING['warmup']}, or a tenth of --steps if fewer)"
         elif action.dest == "micro_batch":
@@ -203,6 +205,19 @@ def size_of(config: ModelConfig, state: dict) -> str:
     return next((name for name, shape in olmpool.SIZES.items() if shape["d_model"] == config.d_model), "7b")
 
 
+def source_final_lr(state: dict, size: str) -> float:
+    """The learning rate of the source's last step (train_state.json's arguments), else train.py's
+    peak rate for the size. OlmPool's pretraining never decayed (stopped at ~140B tokens of a
+    trillions-long cosine), so its extension's 2.9952e-4 continues at the rate pretraining ended."""
+    saved = state.get("args")
+    if saved and state.get("step"):
+        try:
+            return train.lr_at(state["step"] - 1, argparse.Namespace(**saved))
+        except (AttributeError, TypeError, KeyError):
+            pass  # a checkpoint from an older train.py: fall back
+    return train.LEARNING_RATES[size]
+
+
 def resolve(args, source_config: ModelConfig, source_state: dict, device_type: str) -> ModelConfig:
     """Fill the recipe's defaults into args (in place) and return the extended ModelConfig."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig) if hasattr(args, f.name)}
@@ -219,7 +234,7 @@ def resolve(args, source_config: ModelConfig, source_state: dict, device_type: s
     if args.warmup is None:
         args.warmup = min(EXTENSION_TRAINING["warmup"], max(1, args.steps // 10))
     if args.lr is None:
-        args.lr = train.LEARNING_RATES[args.size] * EXTENSION_TRAINING["lr"] / EXTENSION_TRAINING["pretraining_lr"]
+        args.lr = source_final_lr(source_state, args.size) * EXTENSION_TRAINING["lr"] / EXTENSION_TRAINING["pretraining_lr"]
     if args.rope_theta_target is not None and "rope_factor" not in given:
         given["rope_factor"] = args.rope_theta_target / source_config.rope_theta
     try:
