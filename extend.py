@@ -235,6 +235,9 @@ def resolve(args, source_config: ModelConfig, source_state: dict, device_type: s
         args.warmup = min(EXTENSION_TRAINING["warmup"], max(1, args.steps // 10))
     if args.lr is None:
         args.lr = source_final_lr(source_state, args.size) * EXTENSION_TRAINING["lr"] / EXTENSION_TRAINING["pretraining_lr"]
+    if args.rope_theta_target is not None and RECIPES[args.recipe].rope_scaling != "abf":
+        raise TrainError(f"--rope_theta_target applies to the ABF recipes (olmpool, olmpool_global), not "
+                         f"{args.recipe}; use --rope_factor there")
     if args.rope_theta_target is not None and "rope_factor" not in given:
         given["rope_factor"] = args.rope_theta_target / source_config.rope_theta
     try:
