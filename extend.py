@@ -33,7 +33,7 @@ stay, so the token budget shrinks with the length. The peak learning rate is the
 ended pretraining at times OlmPool's extension/pretraining ratio (2.9952e-4 / 3e-4): OlmPool never
 decayed its pretraining rate, so its extension continued at it. On CPU, where the point
 is a demonstration in minutes, the defaults are 4x the source's pretraining length, 2 sequences
-per batch and 60 steps.
+per batch and 25 steps (as many tokens as the default `python train.py`).
 
 The extended checkpoint is a train.py checkpoint: config.json carries the new context_length and
 RoPE fields, train_state.json adds "extension" (recipe, source, source step, lengths), and the
@@ -88,8 +88,10 @@ RECIPES = {
 # OlmPool's extension training at 7B (cookbook): 64K tokens, 64 sequences (4,194,304 tokens) per
 # step, 10B tokens = 2385 steps, warmup 200 to 2.9952e-4 then linear to 0.
 EXTENSION_TRAINING = dict(seq_len=65_536, sequences=64, steps=2385, warmup=200, lr=2.9952e-4, pretraining_lr=3e-4)
-# The CPU demo: `python extend.py` after `python train.py` in a few minutes.
-CPU_DEMO = dict(length_factor=4, sequences=2, steps=30)
+# The CPU demo: `python extend.py` after `python train.py` in a few minutes. 25 steps of 2 x 1024
+# tokens are the 51,200 tokens of the default pretraining (100 steps of 2 x 256), so it takes about
+# as long (the tiny model's cost per token is mostly its LM head, whatever the length).
+CPU_DEMO = dict(length_factor=4, sequences=2, steps=25)
 ROPE_FIELDS = ("rope_scaling", "rope_factor", "rope_scaling_layers", "rope_original_context", "yarn_beta_fast",
                "yarn_beta_slow")
 
