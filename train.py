@@ -341,7 +341,8 @@ def build_model(config: ModelConfig, args, env: Distributed) -> tuple[nn.Module,
 
     Weights are drawn on the CPU by olmpool's seeded init, so every world size starts from identical
     weights. With --fsdp the model is built on the meta device, sharded, and then each rank fills
-    its shards one parameter at a time (fill_shards): no rank ever holds a full copy (30 GB at 7B).
+    its shards one parameter at a time (fill_shards): no rank holds more than one full parameter at
+    once (the 1.6 GB embedding at 7B), rather than a full fp32 copy of the model (30 GB).
     """
     on_meta = bool(args.fsdp)
     with torch.device("meta") if on_meta else contextlib.nullcontext():
