@@ -46,7 +46,10 @@ resumed run appends, so steps after its checkpoint appear twice and the later li
 counts. On CPU, exact resume also needs the same thread count, which train_state.json records.
 
 Reused by extend.py: build_parser, model_config, setup_distributed, build_model, build_optimizer,
-lr_at, build_loaders, train_step, evaluate, save_checkpoint, load_checkpoint, check_architecture.
+lr_at, build_loaders, train_step, evaluate, save_checkpoint, load_checkpoint, check_architecture,
+and train(args, make_loaders=..., checkpoint_extras=...), its two hooks (the long-document mix; the
+recipe in train_state.json). The loss is chunked over positions (ChunkedCrossEntropy, --loss_chunk),
+so full (tokens x vocabulary) fp32 logits never exist.
 """
 
 from __future__ import annotations
