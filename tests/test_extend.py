@@ -7,7 +7,6 @@ transformers, the memory plan against a measurement, and a short extension on CP
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
