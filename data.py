@@ -658,5 +658,185 @@ def main(argv=None):
         parser.exit(1, f"error: {error}\n")
 
 
+# -----------------------------------------------------------------------------
+# The long-document mix: what context extension trains on (extend.py)
+
+class LongDocumentMix:
+    """Batches of seq_len (T) tokens for context extension, sampled by document, packed, masked.
+
+    OlmPool's extension data (../shared/reference/olmpool.md, from the cookbook): two thirds of the
+    tokens from long documents, of those 75% between T/2 and T tokens and 25% between T/8 and T/2,
+    and one third short pretraining-style text. Here every document of a prepared folder is cut into
+    pieces of at most T tokens (a 3T document gives three pieces of T), and each piece falls in one
+    bucket by its length:
+        long    T/2 <= length <= T     1/2 of the tokens  (2/3 x 75%)
+        medium  T/8 <= length <  T/2   1/6                (2/3 x 25%)
+        short   length < T/8           1/3
+    Each next piece comes from the bucket furthest below its share of the tokens served so far (so
+    the shares hold to within one piece at any point), in a seeded order per bucket that is
+    reshuffled each time the bucket runs out (a repeat, counted). Pieces are packed end to end into
+    rows of T+1 tokens (neighbouring rows share one token, as in TokenLoader; a piece that does not
+    fit continues in the next row), and doc_ids mark the pieces, so attention stays within each.
+
+    Like TokenLoader, global batch s and rank r's rows (r, r+W, ...) depend only on the data, T, the
+    global batch size and the seed, and state_dict() resumes to the piece and the token within it.
+    A bucket with no piece gives its share to the others in proportion, said in describe(); with no
+    piece of T/8 tokens or more there is nothing long to learn from, and the mix refuses.
+    """
+
+    BUCKETS = ("long", "medium", "short")
+    SHARES = (2 / 3 * 0.75, 2 / 3 * 0.25, 1 / 3)
+
+    def __init__(self, data_dir, split, seq_len, global_batch_size, rank=0, world_size=1, seed=0,
+                 planned_tokens=None):
+        if global_batch_size % world_size:
+            raise DataError(f"global batch of {global_batch_size} sequences does not split over world size "
+                            f"{world_size}; use a global batch that is a multiple of {world_size}")
+        if seq_len < 8:
+            raise DataError(f"seq_len={seq_len} is too short for a long-document mix (its buckets are T/8 and T/2)")
+        manifest = read_manifest(data_dir)
+        if split not in manifest["splits"]:
+            raise DataError(f"{data_dir} has no split {split!r}; it has {sorted(manifest['splits'])}")
+        self.data_dir, self.split, self.seq_len = Path(data_dir), split, seq_len
+        self.global_batch_size, self.rank, self.world_size, self.seed = global_batch_size, rank, world_size, seed
+        self.mask_documents = True
+        records = manifest["splits"][split]["shards"]
+        shards = [read_shard(self.data_dir / r["file"]) for r in records]
+        self.shards = [shard.tokens for shard in shards]
+        self.fingerprint = hashlib.sha256(json.dumps([r["sha256"] for r in records]).encode()).hexdigest()[:16]
+        # Pieces: every document cut into runs of at most T tokens, as (shard, start, length).
+        shard_ids, starts, lengths = [], [], []
+        for index, shard in enumerate(shards):
+            doc_starts = shard.doc_starts.astype(np.int64)
+            doc_lengths = np.diff(np.append(doc_starts, shard.tokens.size))
+            n_pieces = -(-doc_lengths // seq_len)  # ceil
+            first = np.repeat(doc_starts, n_pieces)
+            within = np.arange(n_pieces.sum()) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+            piece_start = first + within * seq_len
+            piece_length = np.minimum(seq_len, np.repeat(doc_starts + doc_lengths, n_pieces) - piece_start)
+            shard_ids.append(np.full(piece_start.size, index, dtype=np.int64))
+            starts.append(piece_start)
+            lengths.append(piece_length)
+        self.piece_shard = np.concatenate(shard_ids) if shard_ids else np.empty(0, np.int64)
+        self.piece_start = np.concatenate(starts) if starts else np.empty(0, np.int64)
+        self.piece_length = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
+        self.n_tokens = int(self.piece_length.sum())
+        bucket = np.where(self.piece_length >= seq_len / 2, 0, np.where(self.piece_length >= seq_len / 8, 1, 2))
+        self.bucket_pieces = [np.flatnonzero(bucket == b) for b in range(3)]
+        self.bucket_tokens = [int(self.piece_length[ids].sum()) for ids in self.bucket_pieces]
+        if not self.bucket_pieces[0].size and not self.bucket_pieces[1].size:
+            raise DataError(f"{data_dir} split {split!r} has no document of {seq_len // 8} tokens or more (T/8 of "
+                            f"seq_len={seq_len}), so no long-document mix; prepare long texts with `python data.py "
+                            f"prepare my_long_texts/ --out data/long` and pass --data data/long, or a shorter seq_len")
+        present = [share if self.bucket_pieces[b].size else 0.0 for b, share in enumerate(self.SHARES)]
+        self.shares = [share / sum(present) for share in present]
+        self.steps_per_epoch = max(1, self.n_tokens // (global_batch_size * seq_len))
+        self.planned_tokens = planned_tokens
+        self._state = self._initial_state()
+
+    def _initial_state(self):
+        return {"served": [0, 0, 0], "position": [[0, 0] for _ in self.BUCKETS],  # per bucket: (pass, index)
+                "piece": None, "offset": 0, "step": 0}  # the piece in progress and the offset within it
+
+    @property
+    def epoch(self):  # TokenLoader's name, for logs: full passes over the long bucket
+        return self._state["position"][0][0]
+
+    def _order(self, bucket, repeat):
+        return np.random.default_rng([self.seed, bucket, repeat]).permutation(self.bucket_pieces[bucket])
+
+    def _next_piece(self, state):
+        deficits = [share * (sum(state["served"]) + 1) - served if share else -np.inf
+                    for share, served in zip(self.shares, state["served"])]
+        bucket = int(np.argmax(deficits))
+        repeat, index = state["position"][bucket]
+        piece = int(self._order(bucket, repeat)[index])
+        index += 1
+        if index == self.bucket_pieces[bucket].size:  # the bucket ran out: a reshuffled repeat
+            repeat, index = repeat + 1, 0
+        state["position"][bucket] = [repeat, index]
+        state["served"][bucket] += int(self.piece_length[piece])
+        return piece
+
+    def _rows(self, state, count):
+        """The next `count` rows as lists of (piece, offset, length) segments; advances state."""
+        rows = []
+        for _ in range(count):
+            if state["piece"] is None:
+                state["piece"], state["offset"] = self._next_piece(state), 0
+            segments, needed = [], self.seq_len + 1
+            piece, offset = state["piece"], state["offset"]
+            while True:
+                take = min(int(self.piece_length[piece]) - offset, needed)
+                segments.append((piece, offset, take))
+                needed -= take
+                if not needed:
+                    break
+                piece, offset = self._next_piece(state), 0
+            state["piece"], state["offset"] = piece, offset + take - 1  # the last token starts the next row
+            rows.append(segments)
+        return rows
+
+    def _batch(self, rows):
+        tokens = np.empty((len(rows), self.seq_len + 1), dtype=np.int64)
+        doc_ids = np.empty((len(rows), self.seq_len + 1), dtype=np.int32)
+        for i, segments in enumerate(rows):
+            at = 0
+            for doc, (piece, offset, length) in enumerate(segments):
+                start = int(self.piece_start[piece]) + offset
+                tokens[i, at:at + length] = self.shards[int(self.piece_shard[piece])][start:start + length]
+                doc_ids[i, at:at + length] = doc
+                at += length
+        return Batch(torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy()),
+                     torch.from_numpy(doc_ids[:, :-1].copy()))
+
+    def next_batch_segments(self):
+        """The next global batch as segments (all ranks' rows), advancing the state: for tests and counts."""
+        rows = self._rows(self._state, self.global_batch_size)
+        self._state["step"] += 1
+        return rows
+
+    def next_batch(self):
+        return self._batch(self.next_batch_segments()[self.rank::self.world_size])
+
+    def validation_batches(self, max_batches=None):
+        """The same batches on every call (the mix from its start), loader state untouched."""
+        state = self._initial_state()
+        for _ in range(self.steps_per_epoch if max_batches is None else max_batches):
+            yield self._batch(self._rows(state, self.global_batch_size)[self.rank::self.world_size])
+
+    def describe(self) -> str:
+        """Pieces and tokens per bucket, the shares used, and what repeats or falls back."""
+        T = self.seq_len
+        ranges = (f"{T // 2}-{T}", f"{T // 8}-{T // 2 - 1}", f"1-{T // 8 - 1}")
+        lines = [f"long-document mix of {self.data_dir} ({self.split}), documents cut into pieces of at most {T} tokens:"]
+        for b, name in enumerate(self.BUCKETS):
+            pieces, tokens = self.bucket_pieces[b].size, self.bucket_tokens[b]
+            line = (f"  {name:6s} {ranges[b]:>13s} tokens: {pieces:,} pieces, {tokens:,} tokens; target share "
+                    f"{self.SHARES[b]:.1%}, used {self.shares[b]:.1%}")
+            if not pieces:
+                line += " (none: its share goes to the other buckets)"
+            elif self.planned_tokens:
+                repeats = self.planned_tokens * self.shares[b] / tokens
+                line += (f"; the run serves it {repeats:.1f} times (repeated, reshuffled each time)" if repeats > 1
+                         else f"; the run serves {repeats:.0%} of it")
+            lines.append(line)
+        return "\n".join(lines)
+
+    def state_dict(self):
+        return {"kind": "long_document_mix", "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
+                "global_batch_size": self.global_batch_size, "data_fingerprint": self.fingerprint,
+                **json.loads(json.dumps(self._state))}
+
+    def load_state_dict(self, state):
+        current = self.state_dict()
+        for key in ("kind", "data_fingerprint", "split", "seq_len", "global_batch_size", "seed"):
+            if state.get(key) != current[key]:
+                raise DataError(f"cannot resume the long-document mix: the saved state has {key}={state.get(key)!r} "
+                                f"but this loader has {current[key]!r} (data {self.data_dir}); resume with the same "
+                                f"data folder, seq_len, global batch size and seed, or start a fresh run")
+        self._state = {key: json.loads(json.dumps(state[key])) for key in self._initial_state()}
+
+
 if __name__ == "__main__":
     main()

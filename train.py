@@ -68,6 +68,7 @@ import signal
 import sys
 import time
 import tokenize
+import types
 import typing
 import warnings
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # world size (pass --batch_tokens to compare runs across devices).
 DEFAULT_SEQUENCES = {"cpu": 2, "cuda": 64}
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)$")
+LOSS_CHUNK = 4096  # positions per cross-entropy chunk: at most 4096 x 100,352 fp32 logits (1.6 GB) at once
 
 
 class TrainError(ValueError):
@@ -198,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile each block")
     run.add_argument("--activation_checkpointing", action="store_true",
                      help="recompute each block's activations in the backward pass: less memory, ~1/3 more compute")
+    run.add_argument("--loss_chunk", type=int, default=LOSS_CHUNK, metavar="POSITIONS",
+                     help="cross-entropy over this many positions at a time, so (tokens x vocabulary) fp32 logits "
+                          "never exist at once (default: %(default)s; results do not depend on it)")
 
     recipe = parser.add_argument_group("optimizer and schedule (OlmPool's recipe)")
     recipe.add_argument("--lr", type=float, help=f"peak learning rate (default by --size: {LEARNING_RATES})")
@@ -334,14 +339,17 @@ def teardown_distributed(env: Distributed):
 def build_model(config: ModelConfig, args, env: Distributed) -> tuple[nn.Module, Transformer]:
     """(the model to train, possibly wrapped; the olmpool.Transformer inside it).
 
-    Weights are drawn on the CPU by olmpool's seeded init before anything is sharded, so every
-    world size starts from identical weights. (At 7B each rank briefly holds a full fp32 copy on
-    the CPU, 30 GB; an init that fills DTensor shards directly would avoid it.)
+    Weights are drawn on the CPU by olmpool's seeded init, so every world size starts from identical
+    weights. With --fsdp the model is built on the meta device, sharded, and then each rank fills
+    its shards one parameter at a time (fill_shards): no rank ever holds a full copy (30 GB at 7B).
     """
-    model = Transformer(config, seed=args.seed)
-    if args.init_from:
-        load_initial_weights(model, args.init_from, config)
-    model.to(env.device)
+    on_meta = bool(args.fsdp)
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = Transformer(config, seed=None if on_meta else args.seed)
+    if not on_meta:
+        if args.init_from:
+            load_initial_weights(model, args.init_from, config)
+        model.to(env.device)
     # Order as in torchtitan: activation checkpointing, then compile, then sharding, all per block.
     for block in model.layers:
         if args.activation_checkpointing:
@@ -363,6 +371,8 @@ def build_model(config: ModelConfig, args, env: Distributed) -> tuple[nn.Module,
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm, LM head
+        model.to_empty(device=env.device)
+        fill_shards(model, args, config)
         return model, model
     if env.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -370,6 +380,55 @@ def build_model(config: ModelConfig, args, env: Distributed) -> tuple[nn.Module,
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids), model
     return model, model
+
+
+class _ShardOf:
+    """Stands in for one sharded parameter where code writes a full value with copy_: keeps only
+    this rank's part of it (DTensor's own split, computed locally with no communication)."""
+
+    def __init__(self, param):
+        self.param, self.shape, self.ndim, self.dtype = param, param.shape, param.ndim, param.dtype
+
+    @torch.no_grad()
+    def copy_(self, full: torch.Tensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        mine = distribute_tensor(full.to(self.dtype), self.param.device_mesh, self.param.placements,
+                                 src_data_rank=None).to_local()
+        self.param.to_local().copy_(mine)
+
+
+@torch.no_grad()
+def fill_shards(model: Transformer, args, config: ModelConfig):
+    """Weights for a model built on meta and sharded by FSDP2, identical to a one-process run's.
+
+    Fresh: olmpool's own Transformer.init_weights runs over stand-ins for the sharded parameters, so
+    the same generator draws the same full-size values in the same order, one parameter at a time,
+    and each rank keeps its shard. --init_from: a checkpoint's tensors, read one at a time from
+    model.safetensors (other layouts are read whole, once, on the CPU).
+    """
+    shards = [(name, _ShardOf(param)) for name, param in model.named_parameters()]
+    if not args.init_from:
+        Transformer.init_weights(types.SimpleNamespace(named_parameters=lambda: iter(shards)), args.seed)
+        return
+    path = Path(args.init_from)
+    if not args.init_from.startswith("hf:") and (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
+        with safe_open(path / "model.safetensors", "pt") as file:
+            missing = sorted(set(name for name, _ in shards) - set(file.keys()))
+            if missing:
+                raise TrainError(f"{path / 'model.safetensors'} lacks {', '.join(missing[:3])}; pass a checkpoint "
+                                 f"of this architecture")
+            for name, shard in shards:
+                shard.copy_(file.get_tensor(name))
+        return
+    full = Transformer(config, seed=None)  # dcp/ or hf: read whole on the CPU, then split
+    load_initial_weights(full, args.init_from, config)
+    state = full.state_dict()
+    for name, shard in shards:
+        shard.copy_(state[name])
 
 
 def checkpoint_activations(block: nn.Module):
@@ -497,15 +556,100 @@ def micro_batches(batch: data.Batch, plan: BatchPlan, device) -> list[data.Batch
 # The loss and one optimizer step
 
 
-def loss_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """(summed cross-entropy, summed logsumexp^2) of logits = inputs @ weight.T (or of inputs, the
+    logits themselves, when weight is None), chunk_size positions at a time, in fp32.
+
+    Forward keeps only each position's logsumexp; backward recomputes one chunk's logits at a time,
+    so the fp32 (positions x vocabulary) tensors (logits, softmax, their gradient) never exist
+    beyond one chunk: 64K tokens x 100,352 in fp32 is 26 GB, a 4096-position chunk 1.6 GB. Targets
+    below 0 are ignored. Gradients: d ce / d logits = softmax - onehot(target), d lse^2 / d logits
+    = 2 lse softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, weight, targets, chunk_size):  # inputs (N, C) or logits (N, V); targets (N,)
+        normalizers = torch.empty(inputs.shape[0], dtype=torch.float32, device=inputs.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=inputs.device)
+        for start in range(0, inputs.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = ChunkedCrossEntropy.logits(inputs[rows], weight)  # (chunk, V) fp32
+            normalizer = torch.logsumexp(logits, dim=-1)
+            valid = targets[rows] >= 0
+            target_logits = logits.gather(-1, targets[rows].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            ce_sum += torch.where(valid, normalizer - target_logits, 0.0).sum()
+            normalizers[rows] = torch.where(valid, normalizer, 0.0)
+        ctx.save_for_backward(inputs, weight, targets, normalizers)
+        ctx.chunk_size, ctx.compute_dtype = chunk_size, torch.get_autocast_dtype(inputs.device.type) \
+            if torch.is_autocast_enabled(inputs.device.type) else None
+        return torch.stack([ce_sum, normalizers.pow(2).sum()])
+
+    @staticmethod
+    def logits(inputs, weight, compute_dtype=None):
+        if weight is None:
+            return inputs.float()
+        if compute_dtype is not None:  # backward runs outside autocast: match the forward's matmul precision
+            inputs, weight = inputs.to(compute_dtype), weight.to(compute_dtype)
+        return nn.functional.linear(inputs, weight).float()
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        inputs, weight, targets, normalizers = ctx.saved_tensors
+        grad_ce, grad_z = grad_sums[0], grad_sums[1]
+        grad_inputs = torch.empty_like(inputs) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, inputs.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logits = ChunkedCrossEntropy.logits(inputs[rows], weight, ctx.compute_dtype)  # (chunk, V)
+            valid = (targets[rows] >= 0).float()
+            softmax = torch.exp(logits - normalizers[rows].unsqueeze(-1))
+            grad_logits = softmax * ((grad_ce + 2 * grad_z * normalizers[rows]) * valid).unsqueeze(-1)
+            grad_logits.scatter_add_(-1, targets[rows].clamp(min=0).unsqueeze(-1), (-grad_ce * valid).unsqueeze(-1))
+            if weight is None:
+                grad_inputs[rows] = grad_logits.to(inputs.dtype)
+                continue
+            dtype = ctx.compute_dtype or inputs.dtype
+            grad_logits = grad_logits.to(dtype)
+            if grad_inputs is not None:
+                grad_inputs[rows] = (grad_logits @ weight.to(dtype)).to(inputs.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ inputs[rows].to(dtype)).float()
+        return grad_inputs, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def loss_sums(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and summed logsumexp^2 (the z-loss) over targets (B, T), in fp32.
 
-    One logsumexp serves both: cross-entropy = logsumexp(logits) - logits[target].
+    One logsumexp serves both: cross-entropy = logsumexp(logits) - logits[target]. Computed in
+    chunks of positions (ChunkedCrossEntropy), so no fp32 copy of all the logits is made; targets
+    below 0 are ignored.
     """
-    logits = logits.float()  # (B, T, V)
-    normalizer = torch.logsumexp(logits, dim=-1)  # (B, T)
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (normalizer - target_logits).sum(), normalizer.pow(2).sum()
+    sums = ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), None, targets.reshape(-1),
+                                     chunk_size or LOSS_CHUNK)
+    return sums[0], sums[1]
+
+
+def model_loss_sums(model, batch: data.Batch, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """loss_sums of the model's logits on batch without the logits ever existing whole.
+
+    For this one call, the LM head's forward becomes the chunked loss of its input (the final-normed
+    hidden states) against batch.targets. It still runs inside the model's forward, so DDP, FSDP2
+    (which gathers the head's weight for the root's forward) and compile see an ordinary forward.
+    """
+    head = getattr(model, "module", model).lm_head  # DDP wraps the Transformer; FSDP2 does not
+    targets = batch.targets.reshape(-1)
+
+    def chunked_loss(hidden):  # (B, T, d_model) -> (2,)
+        return ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets,
+                                         chunk_size or LOSS_CHUNK)
+
+    head.forward = chunked_loss
+    try:
+        sums = forward(model, batch)
+    finally:
+        del head.forward  # back to nn.Linear.forward
+    return sums[0], sums[1]
 
 
 def forward(model, batch: data.Batch):
@@ -534,8 +678,7 @@ def train_step(model, optimizer, batches: list[data.Batch], plan: BatchPlan, arg
             else contextlib.nullcontext()
         with sync:
             with autocast(env, args):
-                logits = forward(model, batch)
-            ce, z = loss_sums(logits, batch.targets)
+                ce, z = model_loss_sums(model, batch, getattr(args, "loss_chunk", None))
             ((ce + args.z_loss * z) * scale).backward()
         ce_sum += ce.detach().double()
         z_sum += z.detach().double()
@@ -563,8 +706,7 @@ def evaluate(model, loader: data.TokenLoader, plan: BatchPlan, args, env: Distri
     for batch in loader.validation_batches(args.eval_batches):
         for micro in micro_batches(batch, plan, env.device):
             with autocast(env, args):
-                logits = forward(model, micro)
-            ce_sum += loss_sums(logits, micro.targets)[0].double()
+                ce_sum += model_loss_sums(model, micro, getattr(args, "loss_chunk", None))[0].double()
         targets += plan.tokens
     if env.world_size > 1:
         dist.all_reduce(ce_sum)
@@ -622,14 +764,19 @@ def duration(seconds: float) -> str:
 # The run
 
 
-def train(args) -> dict:
-    """Train as args say; returns {"losses": {step: loss}, "val_losses": {step: loss}, "checkpoint": path}."""
+def train(args, make_loaders=None, checkpoint_extras: dict | None = None) -> dict:
+    """Train as args say; returns {"losses": {step: loss}, "val_losses": {step: loss}, "checkpoint": path}.
+
+    extend.py's hooks: make_loaders(args, plan, env, folder) -> (train loader, val loader or None)
+    replaces build_loaders; checkpoint_extras {"train_state": dict, "files": [paths]} adds fields to
+    every train_state.json and copies files into every checkpoint.
+    """
     env = setup_distributed(args.device)
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
     previous_threads = torch.get_num_threads()
     try:
-        return _train(args, env, stop)
+        return _train(args, env, stop, make_loaders or build_loaders, checkpoint_extras)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         torch.set_num_threads(previous_threads)
@@ -648,7 +795,7 @@ def cpu_threads(args, resume_dir: Path | None) -> int:
     return torch.get_num_threads()  # torch's default (physical cores), or OMP_NUM_THREADS (torchrun sets 1)
 
 
-def _train(args, env: Distributed, stop: dict) -> dict:
+def _train(args, env: Distributed, stop: dict, make_loaders=None, checkpoint_extras=None) -> dict:
     config = model_config(args)
     plan = batch_plan(args, config, env.world_size, env.device.type)
     out = Path(args.out or REPO_DIR / "runs" / (args.name or run_name(args)))
@@ -661,7 +808,7 @@ def _train(args, env: Distributed, stop: dict) -> dict:
     model, inner = build_model(config, args, env)
     optimizer = build_optimizer(model, args)
     folder = data_dir(args, env)
-    train_loader, val_loader = build_loaders(args, plan, env, folder)
+    train_loader, val_loader = (make_loaders or build_loaders)(args, plan, env, folder)
     step, tokens_seen = 0, 0
     if resume_dir:
         step, tokens_seen = load_checkpoint(resume_dir, model, inner, optimizer, train_loader, args, env)
@@ -706,7 +853,8 @@ def _train(args, env: Distributed, stop: dict) -> dict:
             meter.write(record, show=step % args.log_every == 0 or step in (first_step, last_step)
                         or "val_loss" in record, steps_left=last_step - step)
             if step % args.save_every == 0 or step == last_step or stopping:
-                last_saved = save_checkpoint(out, step, tokens_seen, model, inner, optimizer, train_loader, args, env)
+                last_saved = save_checkpoint(out, step, tokens_seen, model, inner, optimizer, train_loader, args, env,
+                                             extras=checkpoint_extras)
     finally:
         meter.close()
     if step >= last_step and not losses:
@@ -789,7 +937,7 @@ def find_resume(args, out: Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transformer, optimizer,
-                    loader: data.TokenLoader, args, env: Distributed) -> Path:
+                    loader: data.TokenLoader, args, env: Distributed, extras: dict | None = None) -> Path:
     """Write OUT/step_N atomically: everything goes into a temporary folder, renamed when complete."""
     final = out / f"step_{step:07d}"
     temporary = out / f".tmp_step_{step:07d}"
@@ -815,6 +963,9 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transf
                  "world_size": env.world_size, "threads": torch.get_num_threads(),
                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                  "rng": rng_state(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        state.update((extras or {}).get("train_state", {}))  # extend.py: the recipe and its source
+        for file in (extras or {}).get("files", []):  # extend.py: the source's compact vocabulary, say
+            shutil.copy2(file, temporary / Path(file).name)
         (temporary / "train_state.json").write_text(json.dumps(state) + "\n")  # last: marks the folder complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)

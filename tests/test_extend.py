@@ -1,0 +1,410 @@
+"""Tests for extend.py and what it adds to train.py and data.py: each recipe's RoPE at hand-checked
+frequencies, weights carried unchanged, chunked cross-entropy equal to the full one, the
+long-document mix's proportions and resume, FSDP2's meta-device init on 2 processes, export to
+transformers, the memory plan against a measurement, and a short extension on CPU.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import data  # noqa: E402
+import extend  # noqa: E402
+import hf_interop  # noqa: E402
+import olmpool  # noqa: E402
+import train  # noqa: E402
+from olmpool import ModelConfig, Transformer, rope_frequencies  # noqa: E402
+
+# A small pretraining run: dolma2's vocabulary, 2 layers (one windowed, one global), context L = 32.
+L = 32
+PRETRAIN = ["--d_model", "32", "--n_layers", "2", "--n_heads", "4", "--head_dim", "8", "--mlp_hidden", "64",
+            "--window", "8", "--global_every", "2", "--context_length", str(L), "--batch_tokens", str(8 * L),
+            "--micro_batch", "4", "--eval_every", "0", "--log_every", "1000", "--peak_flops", "1e12", "--threads", "1"]
+# Its extension to 4L: 2 sequences per step, one per micro-batch.
+EXTEND = ["--seq_len", str(4 * L), "--batch_tokens", str(2 * 4 * L), "--micro_batch", "1", "--eval_every", "0",
+          "--log_every", "1000", "--peak_flops", "1e12", "--threads", "1", "--held_out_documents", "8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return data.prepare_builtin_corpus(tmp_path_factory.mktemp("corpus"), max_tokens=300_000, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrained")
+    summary = train.train(train.parse_args([*PRETRAIN, "--data", str(corpus), "--out", str(out), "--steps", "40",
+                                            "--lr", "1e-2"]))
+    return summary["checkpoint"]
+
+
+def run_extension(corpus, source, out, *flags):
+    return extend.extend(extend.parse_args([*EXTEND, "--data", str(corpus), "--from", str(source), "--out", str(out),
+                                            *flags]))
+
+
+def source_config(**overrides):
+    return ModelConfig(**(dict(vocab_size=128, n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8,
+                                mlp_hidden=64, window=8, context_length=L) | overrides))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes: RoPE at hand-checked frequencies, and nothing else changed
+
+
+def test_every_recipe_changes_only_rope_and_length():
+    source = source_config()
+    for recipe in extend.RECIPES:
+        extended = extend.extended_config(source, recipe, 4 * L)
+        changed = {k for k, v in dataclasses.asdict(extended).items() if v != getattr(source, k)}
+        assert changed <= {"context_length", *extend.ROPE_FIELDS}, recipe
+        assert extended.context_length == 4 * L
+    assert extend.extended_config(source, "none", 4 * L) == dataclasses.replace(source, context_length=4 * L)
+
+
+@pytest.mark.parametrize("recipe", list(extend.RECIPES))
+def test_a_recipe_with_factor_one_gives_exactly_the_original_logits(recipe):
+    source = Transformer(source_config(), seed=3)
+    extended = Transformer(extend.extended_config(source.config, recipe, 4 * L, rope_factor=1.0), seed=None)
+    extended.load_state_dict(source.state_dict())
+    tokens = torch.randint(0, 128, (2, 4 * L), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(source(tokens), extended(tokens))
+
+
+def test_abf_to_8m_multiplies_theta_by_16_on_every_layer_or_only_global_ones():
+    source = ModelConfig(window=4096)  # the 7B shape: theta 500,000, head_dim 128
+    original = rope_frequencies(source, True)[0]
+    for recipe, windowed_changes in (("olmpool", True), ("olmpool_global", False)):
+        config = extend.extended_config(source, recipe, 65536)
+        assert config.rope_factor == 16.0
+        for is_global in (True, False):
+            inv_freq, attention_factor = rope_frequencies(config, is_global)
+            assert attention_factor == 1.0
+            if is_global or windowed_changes:
+                # by hand: pair i turns at theta^(-2i/128); theta x16 divides it by 16^(2i/128)
+                assert inv_freq[0].item() == 1.0
+                assert inv_freq[32].item() == pytest.approx(1 / math.sqrt(8e6), rel=1e-6)  # 3.5355e-4
+                assert (original[32] / inv_freq[32]).item() == pytest.approx(4.0, rel=1e-6)  # 16^(1/2)
+                assert (original[63] / inv_freq[63]).item() == pytest.approx(16 ** (126 / 128), rel=1e-5)
+            else:
+                assert torch.equal(inv_freq, original)
+
+
+def test_yarn_x8_keeps_fast_frequencies_divides_slow_ones_and_scales_attention_by_1_2079():
+    source = ModelConfig(window=4096)
+    config = extend.extended_config(source, "olmo3", 65536)
+    assert (config.rope_factor, config.yarn_beta_fast, config.yarn_beta_slow, config.original_context) == (8, 32, 1, 8192)
+    original = rope_frequencies(source, True)[0]
+    inv_freq, attention_factor = rope_frequencies(config, True)
+    assert attention_factor == pytest.approx(0.1 * math.log(8) + 1) and round(attention_factor, 4) == 1.2079
+    # By hand: pair i turns 8192 * theta^(-2i/128) / (2 pi) times in the original context; 32 turns
+    # at i = 18.08, 1 turn at i = 34.98. Below 18 kept, from 35 on divided by 8, a ramp between.
+    for i in (0, 10, 17):
+        assert inv_freq[i] == original[i]
+    for i in (35, 50, 63):
+        assert inv_freq[i].item() == pytest.approx(original[i].item() / 8, rel=1e-6)
+    assert original[26] / 8 < inv_freq[26] < original[26]
+    windowed, factor = rope_frequencies(config, False)
+    assert torch.equal(windowed, original) and factor == 1.0  # global-only scope: sliding layers untouched
+
+
+def test_an_already_extended_source_and_an_unknown_recipe_are_refused_naming_the_fix():
+    with pytest.raises(train.TrainError, match="pretraining checkpoint"):
+        extend.extended_config(source_config(rope_scaling="yarn", rope_factor=8.0), "olmpool", 4 * L)
+    with pytest.raises(train.TrainError, match="choose from olmpool"):
+        extend.extended_config(source_config(), "abf", 4 * L)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked cross-entropy
+
+
+def full_loss_sums(logits, targets):
+    """The reference: full fp32 logits, ignored targets (< 0) dropped."""
+    logits = logits.float()
+    valid = targets >= 0
+    normalizer = torch.logsumexp(logits, dim=-1)
+    target_logits = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return ((normalizer - target_logits) * valid).sum(), (normalizer.pow(2) * valid).sum()
+
+
+@settings(max_examples=40)
+@given(n=st.integers(1, 40), vocab=st.integers(2, 50), width=st.integers(1, 12), chunk=st.integers(1, 50),
+       ignored=st.lists(st.booleans(), min_size=40, max_size=40), seed=st.integers(0, 2**16))
+def test_chunked_cross_entropy_equals_the_full_one_in_value_and_gradient(n, vocab, width, chunk, ignored, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, width, generator=generator, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(vocab, width, generator=generator).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    targets[torch.tensor(ignored[:n])] = -100
+    z_weight = 0.37
+
+    ce, z = full_loss_sums(hidden @ weight.T, targets)
+    (ce + z_weight * z).backward()
+    expected = ce.detach(), z.detach(), hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    sums = train.ChunkedCrossEntropy.apply(hidden, weight, targets, chunk)  # from hidden states and the LM head
+    (sums[0] + z_weight * sums[1]).backward()
+    torch.testing.assert_close(sums[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums[1], expected[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad, expected[3], rtol=1e-5, atol=1e-5)
+
+    logits = (hidden @ weight.T).detach().reshape(1, n, vocab).requires_grad_()  # from logits: train.loss_sums
+    ce, z = train.loss_sums(logits, targets.reshape(1, n), chunk_size=chunk)
+    (ce + z_weight * z).backward()
+    reference = logits.detach().clone().requires_grad_()
+    ce_full, z_full = full_loss_sums(reference, targets.reshape(1, n))
+    (ce_full + z_weight * z_full).backward()
+    torch.testing.assert_close(ce, ce_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_models_chunked_loss_equals_the_loss_of_its_logits():
+    model = Transformer(source_config(vocab_size=300), seed=1)
+    tokens = torch.randint(0, 300, (2, 41), generator=torch.Generator().manual_seed(1))
+    batch = data.Batch(tokens[:, :-1], tokens[:, 1:])
+    ce, z = train.model_loss_sums(model, batch, chunk_size=7)
+    ce.backward()
+    chunked = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    ce_full, z_full = full_loss_sums(model(batch.inputs), batch.targets)
+    ce_full.backward()
+    torch.testing.assert_close(ce, ce_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z, z_full, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(chunked[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert type(model.lm_head).forward is torch.nn.Linear.forward and "forward" not in vars(model.lm_head)
+
+
+# ----------------------------------------------------------------------------------------------
+# The long-document mix
+
+T = 64
+BUCKET_TOKEN = {0: 11, 1: 22, 2: 33}  # every token of a document says its bucket (long, medium, short)
+
+
+@pytest.fixture(scope="module")
+def bucket_corpus(tmp_path_factory):
+    """Documents of known lengths, each made of its bucket's token: long 32-64 (and 64-192, cut into
+    pieces), medium 8-31, short 2-7 (lengths include the EOS)."""
+    out = tmp_path_factory.mktemp("buckets")
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 120), ("val", 30)):
+        writer = data.ShardWriter(out, split, shard_tokens=2000)
+        for i in range(n):
+            kind = i % 3
+            length = int(rng.integers(*{0: (32, 65), 1: (8, 32), 2: (2, 8)}[kind]))
+            writer.add_document([BUCKET_TOKEN[kind]] * (length - 1))
+        writer.add_document([BUCKET_TOKEN[0]] * (3 * T - 1))  # a 3T document: three long pieces
+        splits[split] = writer.close()
+    data.write_manifest(out, splits)
+    return out
+
+
+def test_the_mix_serves_half_long_a_sixth_medium_a_third_short_within_two_percent(bucket_corpus):
+    mix = data.LongDocumentMix(bucket_corpus, "train", T, global_batch_size=4, seed=1)
+    assert [ids.size for ids in mix.bucket_pieces][0] >= 40  # the 3T document counts three long pieces
+    counts = {kind: 0 for kind in BUCKET_TOKEN}
+    kind_of = {token: kind for kind, token in BUCKET_TOKEN.items()}
+    for _ in range(100):  # 25,600 tokens: the short bucket (~200 tokens) repeats many times
+        batch = mix.next_batch()
+        assert batch.doc_ids is not None and batch.inputs.shape == (4, T)
+        for row, ids in zip(batch.inputs.tolist(), batch.doc_ids.tolist()):
+            for doc in set(ids):  # a piece (or its part in this row): its tokens say its bucket
+                tokens = [t for t, i in zip(row, ids) if i == doc]
+                kinds = {kind_of[t] for t in tokens if t != data.EOS_ID}
+                if kinds:  # a lone EOS that ends a piece begun in the row before: at most one per row
+                    counts[kinds.pop()] += len(tokens)
+    total = sum(counts.values())
+    shares = [counts[k] / total for k in (0, 1, 2)]
+    # Tolerance: the shares hold to within one piece (<= 64 tokens) at any point, and a row's first
+    # token (the previous row's last) counts twice: 2% of 25,600 tokens is ample.
+    assert shares[0] == pytest.approx(0.5, abs=0.02) and shares[1] == pytest.approx(1 / 6, abs=0.02)
+    assert shares[2] == pytest.approx(1 / 3, abs=0.02)
+    assert "repeated" in data.LongDocumentMix(bucket_corpus, "train", T, 4, planned_tokens=100 * 4 * T).describe()
+
+
+def test_the_mix_masks_each_piece_and_rows_continue_one_another(bucket_corpus):
+    mix = data.LongDocumentMix(bucket_corpus, "train", T, global_batch_size=2, seed=0)
+    first, second = mix.next_batch(), mix.next_batch()
+    for batch in (first, second):
+        row, ids = batch.inputs[0], batch.doc_ids[0]
+        # a new doc_id exactly where the previous token was an EOS or a piece boundary
+        assert (torch.diff(ids) >= 0).all() and (torch.diff(ids) <= 1).all()
+        eos_before = torch.nonzero(row[:-1] == data.EOS_ID).flatten() + 1
+        assert all(ids[p] == ids[p - 1] + 1 for p in eos_before.tolist())
+    assert torch.equal(first.targets[1, -1], second.inputs[0, 0])  # rows overlap by one token, as in TokenLoader
+
+
+def test_the_mix_resumes_to_the_piece_and_never_depends_on_the_world_size(bucket_corpus):
+    whole = data.LongDocumentMix(bucket_corpus, "train", T, global_batch_size=4, seed=5)
+    batches = [whole.next_batch() for _ in range(12)]
+    resumed = data.LongDocumentMix(bucket_corpus, "train", T, global_batch_size=4, seed=5)
+    for _ in range(5):
+        resumed.next_batch()
+    state = json.loads(json.dumps(resumed.state_dict()))  # through train_state.json
+    fresh = data.LongDocumentMix(bucket_corpus, "train", T, global_batch_size=4, seed=5)
+    fresh.load_state_dict(state)
+    assert state["piece"] is not None  # mid-document: the piece and the offset within it
+    for expected in batches[5:]:
+        got = fresh.next_batch()
+        assert torch.equal(got.inputs, expected.inputs) and torch.equal(got.doc_ids, expected.doc_ids)
+    rank1 = data.LongDocumentMix(bucket_corpus, "train", T, global_batch_size=4, rank=1, world_size=2, seed=5)
+    assert torch.equal(rank1.next_batch().inputs, batches[0].inputs[1::2])
+    other_seed = data.LongDocumentMix(bucket_corpus, "train", T, global_batch_size=4, seed=6)
+    assert not torch.equal(other_seed.next_batch().inputs, batches[0].inputs)
+    with pytest.raises(data.DataError, match="seq_len"):
+        data.LongDocumentMix(bucket_corpus, "train", 2 * T, global_batch_size=4, seed=5).load_state_dict(state)
+
+
+def test_a_corpus_without_long_documents_is_refused_naming_data_py_prepare(tmp_path):
+    writer = data.ShardWriter(tmp_path, "train", shard_tokens=1000)
+    for _ in range(20):
+        writer.add_document([5, 6, 7])
+    data.write_manifest(tmp_path, {"train": writer.close()})
+    with pytest.raises(data.DataError, match="data.py prepare"):
+        data.LongDocumentMix(tmp_path, "train", 1024, global_batch_size=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The extension run
+
+
+def test_no_default_checkpoint_says_how_to_make_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "REPO_DIR", tmp_path)
+    with pytest.raises(train.TrainError, match="python train.py"):
+        extend.default_source()
+
+
+def test_extension_starts_from_the_source_weights_and_records_recipe_and_source(corpus, pretrained, tmp_path):
+    summary = run_extension(corpus, pretrained, tmp_path / "ext", "--recipe", "olmo3", "--steps", "1",
+                            "--held_out_documents", "0")
+    checkpoint = Path(summary["checkpoint"])
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert (config["context_length"], config["rope_scaling"], config["rope_factor"],
+            config["rope_original_context"]) == (4 * L, "yarn", 8.0, L)
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert state["extension"]["recipe"] == "olmo3" and state["extension"]["source"] == str(pretrained)
+    assert state["loader"]["kind"] == "long_document_mix"
+    # step 0: every weight is the source's (build_model with the resolved args, before any step)
+    args = extend.parse_args([*EXTEND, "--data", str(corpus), "--from", str(pretrained), "--recipe", "olmo3"])
+    extend.resolve(args, *extend.resolve_source(str(pretrained))[1:], "cpu")
+    args.init_from = str(pretrained)
+    model, _ = train.build_model(train.model_config(args), args, train.Distributed())
+    from safetensors.torch import load_file
+    for name, tensor in load_file(Path(pretrained) / "model.safetensors").items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_extended_checkpoint_keeps_the_sources_compact_vocabulary(corpus, pretrained, tmp_path):
+    source = tmp_path / "source"
+    import shutil
+    shutil.copytree(pretrained, source)
+    (source / data.COMPACT_VOCAB_FILE).write_text('{"marker": 1}')
+    summary = run_extension(corpus, source, tmp_path / "ext", "--steps", "1", "--held_out_documents", "0")
+    assert (Path(summary["checkpoint"]) / data.COMPACT_VOCAB_FILE).read_text() == '{"marker": 1}'
+
+
+def test_export_of_an_extended_checkpoint_loads_in_transformers_with_our_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = Transformer(source_config(vocab_size=97, rope_theta=500_000.0), seed=4)
+    for recipe in ("olmpool", "olmo3"):
+        config = extend.extended_config(source.config, recipe, 4 * L)
+        model = Transformer(config, seed=None)
+        model.load_state_dict(source.state_dict())
+        hf_interop.export_hf(model, tmp_path / recipe)
+        written = json.loads((tmp_path / recipe / "config.json").read_text())
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / recipe, attn_implementation="eager",
+                                                      dtype=torch.float32).eval()
+        read = theirs.config.rope_parameters
+        if recipe == "olmpool":  # 8M on both layer types, as transformers reads it
+            assert read["full_attention"]["rope_theta"] == read["sliding_attention"]["rope_theta"] == 8_000_000
+            assert "rope_theta" not in written  # no flat value for transformers to override
+        else:
+            assert read["full_attention"]["rope_type"] == "yarn" and read["sliding_attention"]["rope_type"] == "default"
+        tokens = torch.randint(0, 97, (2, 4 * L), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_extending_to_4l_beats_the_unextended_model_at_4l_and_the_none_control_is_reported(corpus, pretrained,
+                                                                                           tmp_path, capsys):
+    extended = run_extension(corpus, pretrained, tmp_path / "olmpool", "--recipe", "olmpool", "--steps", "12")
+    control = run_extension(corpus, pretrained, tmp_path / "none", "--recipe", "none", "--steps", "12")
+    held_out = extended["held_out"]
+    with capsys.disabled():
+        print(f"\nheld-out loss at 4L={4 * L} on {8} val documents: unextended {held_out['source']:.4f}, "
+              f"olmpool {held_out['extended']:.4f}, none (control) {control['held_out']['extended']:.4f}")
+    assert held_out["extended"] < held_out["source"]
+    assert control["held_out"]["source"] == held_out["source"]  # the same documents and source model
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2 on meta: the same weights and first losses as one process
+
+
+def test_fsdp_on_meta_gives_the_weights_and_first_losses_of_one_process(corpus, pretrained, tmp_path):
+    one = run_extension(corpus, pretrained, tmp_path / "one", "--steps", "2", "--held_out_documents", "0")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "extend.py",
+               *EXTEND, "--data", str(corpus), "--from", str(pretrained), "--out", str(tmp_path / "two"),
+               "--steps", "2", "--fsdp", "--held_out_documents", "0"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx([one["losses"][1], one["losses"][2]], rel=1e-5)
+    # Weights after two steps (sharded DCP checkpoint read back whole) agree as well.
+    config = ModelConfig(**json.loads((tmp_path / "two" / "step_0000002" / "config.json").read_text()))
+    two = Transformer(config, seed=None)
+    train.load_initial_weights(two, str(tmp_path / "two" / "step_0000002"), config)
+    from safetensors.torch import load_file
+    for name, tensor in load_file(Path(one["checkpoint"]) / "model.safetensors").items():
+        torch.testing.assert_close(two.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# --dry_run
+
+
+def test_the_7b_plan_at_64k_on_8_gpus_needs_fsdp_and_says_what_fits(capsys):
+    config = extend.extended_config(olmpool.preset("H_post_LQK_32kv_8k_11k_SWA", "7b", attention_backend="flex"),
+                                    "olmpool", 65536)
+    plan = extend.plan_memory(config, 65536, 1, 8, fsdp=True, activation_checkpointing=True, loss_chunk=4096)
+    assert plan.total < 80 * 2**30
+    args = extend.parse_args(["--dry_run", "--seq_len", "65536", "--gpus", "8"])
+    text = extend.memory_plan(config, args)  # DDP, no checkpointing
+    assert "does NOT fit" in text and "--fsdp --activation_checkpointing" in text
+    for line in ("parameters", "gradients", "optimizer", "saved activations", "largest transient"):
+        assert line in text
+
+
+def test_the_planned_saved_activations_match_autograds_within_5_percent():
+    config = ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                         mlp_hidden=192, window=64, context_length=512)
+    measured = extend.measure_peak(config, 512, 1, activation_checkpointing=False, loss_chunk=4096)
+    planned = extend.plan_memory(config, 512, 1, 1, False, False, 4096, activation_bytes=4).activations
+    assert measured["saved_activations"] == pytest.approx(planned, rel=0.05)
