@@ -10,7 +10,11 @@ It prints, measured side by side in this one run:
 2. prefill tokens/s and peak memory at T = 2K..16K with window 256: ours (chunked prefill into a
    KV cache whose windowed layers keep W - 1 keys) against HF's forward with its cache, each
    length measured in a fresh process so that peak memory (max RSS) is the run's own;
-3. our training FLOP/s (window-aware count) over this machine's measured fp32 matmul rate.
+3. our training FLOP/s (window-aware count) over this machine's measured fp32 matmul rate;
+4. greedy decode tokens/s after a 4K and a 16K-token prompt: olmpool.generate (KV cache whose
+   windowed layers keep W - 1 keys) against transformers' generate (do_sample=False) on the same
+   weights, decode time = generate(1 + N new tokens) - generate(1), so prefill cancels out
+   (`python bench.py --decode` runs this section alone; on a GPU it runs there, in bf16).
 
 The model is Olmo 3's architecture (post norm, layerwise QK norm, 3 local : 1 global layers) at a
 CPU-friendly width; both sides get identical weights and inputs. Needs transformers (a dev
@@ -161,6 +165,45 @@ def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / timed(lambda: a @ b, repeats)
 
 
+def time_generate(run, repeats: int) -> float:
+    """Median seconds of run() (one warm-up call first), synchronized on a GPU."""
+    def synced():
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return timed(synced, repeats)
+
+
+def compare_decode(lengths: list[int], new_tokens: int, window: int, repeats: int) -> list[dict]:
+    """Greedy decode tokens/s after a prompt of each length, ours against transformers' generate."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = olmpool.Transformer(bench_config(window=window))
+    hf = hf_model_from(model).eval().to(device, dtype)
+    model = model.eval().to(device, dtype)
+    rows = []
+    for T in lengths:
+        prompt = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(2)).to(device)
+
+        def ours(n):
+            return olmpool.generate(model, prompt, max_new_tokens=n)
+
+        def theirs(n):
+            with torch.no_grad():
+                out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0)
+            return out[:, T:]
+
+        same = torch.equal(ours(new_tokens).cpu(), theirs(new_tokens).cpu())
+        ours_s = time_generate(lambda: ours(1 + new_tokens), repeats) - time_generate(lambda: ours(1), repeats)
+        theirs_s = time_generate(lambda: theirs(1 + new_tokens), repeats) - time_generate(lambda: theirs(1), repeats)
+        rows.append(dict(T=T, ours_tokens_s=new_tokens / ours_s, hf_tokens_s=new_tokens / theirs_s,
+                         speedup=theirs_s / ours_s, same_tokens=same))
+        print(f"{T:>6} {new_tokens / ours_s:>11.1f} {new_tokens / theirs_s:>9.1f} {theirs_s / ours_s:>7.2f}x"
+              + ("" if same else "  (greedy tokens DIFFER)"), flush=True)
+    return rows
+
+
 def train_gpu(steps: int = 40) -> None:
     """Runs train.py on a ~1B preset at 8K context with compile and bf16; prints median tokens/s
     and MFU over the steps after compilation (train.py's own window-aware accounting)."""
@@ -192,6 +235,8 @@ def main():
     parser.add_argument("--window", type=int, default=256, help="sliding window of the prefill comparison")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--train_gpu", action="store_true", help="GPU: train.py tokens/s and MFU, ~1B at 8K context")
+    parser.add_argument("--decode", action="store_true", help="only section 4: greedy decode tokens/s at 4K and 16K")
+    parser.add_argument("--new_tokens", type=int, default=32, help="tokens decoded per measurement (section 4)")
     args = parser.parse_args()
     if args.train_gpu:
         return train_gpu()
@@ -199,6 +244,8 @@ def main():
         import transformers  # noqa: F401
     except ImportError:
         sys.exit("bench.py compares against Hugging Face transformers: pip install -r requirements-dev.txt")
+    if args.decode:
+        return decode_section(args, {})
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: olmo3_like 20m, vocab 32000")
     print(olmpool.describe(bench_config(args.window)), "\n")
@@ -232,6 +279,16 @@ def main():
     results["matmul_flops"] = peak
     print(f"3. training FLOP/s (window-aware): {train['ours_flops'] / 1e9:.1f} GFLOP/s; fp32 matmul rate "
           f"{peak / 1e9:.1f} GFLOP/s; ratio {train['ours_flops'] / peak:.2f}")
+    decode_section(args, results)
+
+
+def decode_section(args, results: dict) -> None:
+    lengths = [4096] if args.quick else [4096, 16384]
+    print(f"\n4. greedy decode after a prompt of T tokens, window {args.window}, batch 1, {args.new_tokens} new tokens "
+          f"({'cuda, bf16' if torch.cuda.is_available() else 'cpu, fp32'})")
+    print(f"{'T':>6} {'ours tok/s':>11} {'HF tok/s':>9} {'speed x':>8}")
+    results["decode"] = compare_decode(lengths, args.new_tokens, args.window, repeats=1 if args.quick else 3)
+    print("   goal: ours faster than transformers' generate at 4K and 16K (speed x > 1)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,0 +1,1181 @@
+"""Evaluate checkpoints offline: RULER-style recall, LongPPL and attention sinks, side by side.
+
+    python evaluate.py runs/tiny hf:/models/Olmo-3-7B --lengths 4096,8192 --out eval/cmp
+    python evaluate.py CKPT --lengths 256,1024 --tasks niah_single_1,niah_multikey_2 --samples 20 \
+        --data data/builtin --short_context 128 --short_step 32        # toy lengths on a CPU
+    python evaluate.py A B C --modes longppl --evaluator A --data data/long --lengths 32768
+    python evaluate.py ... --out eval/cmp      # the same command again reuses every finished cell
+
+A checkpoint is our folder (config.json + model.safetensors, or a train.py run folder, whose newest
+step_N is taken) or `hf:DIR`, a local Hugging Face folder (hf_interop.load_hf). Every checkpoint
+gets identical prompts and identical held-out tokens. OUT gets results.json (every number, the
+seed, versions and the exact command), results.md (the tables) and PNG plots. Cells already in
+results.json with the same settings and the same weights are not recomputed.
+
+Modes (--modes, default all three):
+- recall: RULER's synthetic tasks as RULER defines them (NVIDIA/RULER scripts/data/synthetic/*.py:
+  templates, needles, generation caps, string_match_all) and HELMET's JSON KV. Prompts are sized
+  with the checkpoint's tokenizer so that prompt plus generation cap fits each length (binary
+  search on the haystack), then decoded greedily through the KV cache, batched.
+  Exact: niah_single_1, niah_multikey_2, niah_multikey_3, vt, cwe, fwe. Deviations, named in every
+  table: the essay-haystack tasks (niah_single_2/3, niah_multikey_1, niah_multivalue,
+  niah_multiquery) use Python's own pydoc help-topic prose instead of Paul Graham's essays, split
+  into sentences by a regular expression instead of nltk; json_kv builds HELMET's prompt around
+  json.dumps of fresh uuid pairs since HELMET's data files are a download; qa_1/qa_2 are not run.
+  Every prompt starts with the end-of-document token, the separator our models saw before every
+  document in pretraining (RULER's tokenizers add their BOS the same way).
+- longppl: LongPPL (Fang et al., ICLR 2025; PKU-ML/LongPPL longppl/longppl.py). Key tokens are
+  those with LSD = loss(short context) - loss(full context) > 2 and LCL = log p(full context) > -2
+  (natural log), the short context being the 4,096 tokens before a block of 1,024 tokens
+  (--short_context, --short_step; the first short_context tokens are never key tokens). One
+  evaluator checkpoint (--evaluator) picks the key tokens, so every model is scored on the same
+  tokens; LongPPL = exp(mean loss on them). Beside it: plain perplexity, held-out loss, and loss
+  by position bucket, on windows of the --data folder's val split.
+- attention: from sampled query rows, never a T x T matrix: sink share (mass on the first token,
+  the first 4, and the first 100 for the query at position 4,000, as the OlmPool authors measured;
+  at shorter lengths the last position), local share (mass on the 100 tokens before the query,
+  itself excluded), saturated heads (largest weight > 0.8), per layer and head. During NIAH
+  (recall mode) the answer-generating query's mass on the needle's tokens and its lift over
+  uniform (mass / (needle tokens / visible tokens)).
+
+Aggregates: per length, the plain mean over tasks; then over lengths; effective length = the
+longest length whose mean exceeds 85.6 (RULER: Llama-2-7B's score at 4K). Each cell reports its
+sample count and a 95% confidence interval (normal approximation over per-sample scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import string
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import olmpool
+
+RESULTS_FILE = "results.json"
+TABLES_FILE = "results.md"
+EFFECTIVE_THRESHOLD = 85.6  # RULER: Llama-2-7B's mean at 4K
+RULER_TASK_COUNT = 13
+
+
+class EvaluationError(ValueError):
+    """A problem with the evaluation's inputs: the message names the value and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring (RULER scripts/eval/synthetic/constants.py; HELMET's substring exact match)
+
+
+def string_match_all(predictions: list[str], references: list[list[str]]) -> float:
+    """RULER: per sample, the fraction of gold strings found (case-insensitive substring); mean x100."""
+    return 100.0 * sum(sum(r.lower() in p.lower() for r in refs) / len(refs)
+                       for p, refs in zip(predictions, references)) / len(predictions)
+
+
+def string_match_part(predictions: list[str], references: list[list[str]]) -> float:
+    """RULER (QA): per sample, 1 if any gold string is found (case-insensitive substring); mean x100."""
+    return 100.0 * sum(max(r.lower() in p.lower() for r in refs)
+                       for p, refs in zip(predictions, references)) / len(predictions)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalization, which HELMET's substring_exact_match applies to both sides."""
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def substring_exact_match(predictions: list[str], references: list[list[str]]) -> float:
+    """HELMET (JSON KV): 1 if any normalized gold string is inside the normalized output; mean x100."""
+    return 100.0 * sum(max(normalize_answer(r) in normalize_answer(p) for r in refs)
+                       for p, refs in zip(predictions, references)) / len(predictions)
+
+
+def postprocess_prediction(text: str) -> str:
+    """RULER's postprocess_pred: control characters become newlines, then strip."""
+    return re.sub(r"[\x00-\x1f]", "\n", text.strip()).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks: RULER's synthetic generators (scripts/data/synthetic/*.py) and HELMET's JSON KV
+
+NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
+                 "I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
+                 "{type_needle_v} for {query} mentioned in the provided text?")
+NIAH_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
+NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+VT_TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
+               "Question: Find all variables that are assigned the value {query} in the text above.")
+VT_ANSWER_PREFIX = (" Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables "
+                    "are assigned the value {query}, they are: ")
+CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
+                "ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?")
+CWE_ANSWER_PREFIX = " Answer: The top 10 words that appear most often in the list are:"
+FWE_TEMPLATE = ("Read the following coded text and track the frequency of each coded word. Find the three most "
+                "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
+                "the dots '....'. What are the three most frequently appeared words in the above coded text?")
+FWE_ANSWER_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
+# HELMET data.py load_json_kv (after lost-in-the-middle's kv_retrieval prompt), zero-shot.
+JSON_KV_TEMPLATE = ("{context}\n\nExtract the value corresponding to the specified key in the JSON object below.\n\n"
+                    "Key: {query}\nCorresponding value:")
+DEPTHS = [int(d) for d in np.round(np.linspace(0, 100, num=40, endpoint=True))]  # RULER's needle depths (%)
+
+ESSAY_DEVIATION = "essay haystack = Python's pydoc help topics, not Paul Graham's essays"
+JSON_KV_DEVIATION = "JSON KV built here (json.dumps of uuid pairs), not HELMET's data files"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "niah" | "vt" | "cwe" | "fwe" | "json_kv"
+    max_new_tokens: int  # RULER's tokens_to_generate; HELMET's generation_max_length for JSON KV
+    metric: str = "string_match_all"
+    haystack: str = "noise"  # niah: "noise" | "essay" | "needle"
+    key_type: str = "words"
+    value_type: str = "numbers"
+    num_keys: int = 1
+    num_values: int = 1
+    num_queries: int = 1
+    deviation: str | None = None
+
+
+TASKS = {t.name: t for t in [
+    Task("niah_single_1", "niah", 128, haystack="noise"),
+    Task("niah_single_2", "niah", 128, haystack="essay", deviation=ESSAY_DEVIATION),
+    Task("niah_single_3", "niah", 128, haystack="essay", value_type="uuids", deviation=ESSAY_DEVIATION),
+    Task("niah_multikey_1", "niah", 128, haystack="essay", num_keys=4, deviation=ESSAY_DEVIATION),
+    Task("niah_multikey_2", "niah", 128, haystack="needle"),
+    Task("niah_multikey_3", "niah", 128, haystack="needle", key_type="uuids", value_type="uuids"),
+    Task("niah_multivalue", "niah", 128, haystack="essay", num_values=4, deviation=ESSAY_DEVIATION),
+    Task("niah_multiquery", "niah", 128, haystack="essay", num_keys=4, num_queries=4, deviation=ESSAY_DEVIATION),
+    Task("vt", "vt", 30),
+    Task("cwe", "cwe", 120),
+    Task("fwe", "fwe", 50),
+    Task("json_kv", "json_kv", 100, metric="substring_exact_match", deviation=JSON_KV_DEVIATION),
+]}
+TASK_GROUPS = {"ruler": [n for n in TASKS if n != "json_kv"], "exact": ["niah_single_1", "niah_multikey_2",
+               "niah_multikey_3", "vt", "cwe", "fwe"], "all": list(TASKS)}
+METRICS = {"string_match_all": string_match_all, "string_match_part": string_match_part,
+           "substring_exact_match": substring_exact_match}
+
+
+@dataclass
+class Sample:
+    task: str
+    length: int
+    index: int
+    prompt: str  # the input and RULER's answer prefix: the model continues this text
+    answers: list[str]
+    needles: list[str] = field(default_factory=list)  # needle sentences holding the answers (NIAH)
+    tokens: list[int] = field(default_factory=list)  # the prompt as the model reads it
+
+
+def _word_lists():
+    """wonderwords' noun, adjective and verb lists (RULER's source), deduplicated and sorted."""
+    global _WORDS
+    if _WORDS is None:
+        from importlib.resources import files
+        assets = files("wonderwords") / "assets"
+        read = lambda name: sorted({w.strip() for w in (assets / name).read_text().splitlines() if w.strip()})  # noqa: E731
+        _WORDS = {"nouns": read("nounlist.txt"), "adjectives": read("adjectivelist.txt"), "verbs": read("verblist.txt")}
+        _WORDS["cwe"] = sorted(set(_WORDS["nouns"] + _WORDS["adjectives"] + _WORDS["verbs"]))
+    return _WORDS
+
+
+_WORDS = None
+_ESSAY = None
+
+
+def essay_words() -> list[str]:
+    """The local stand-in for RULER's essay haystack: pydoc's help topics (prose every Python ships), as words."""
+    global _ESSAY
+    if _ESSAY is None:
+        from pydoc_data.topics import topics
+        _ESSAY = re.sub(r"\s+", " ", " ".join(topics[name] for name in sorted(topics))).split(" ")
+    return _ESSAY
+
+
+def split_sentences(text: str) -> list[str]:
+    """A regular-expression stand-in for nltk's sent_tokenize."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+def random_value(kind: str, rng: random.Random) -> str:
+    """RULER's needle keys and values: 7-digit numbers, adjective-noun words, uuid4 strings."""
+    if kind == "numbers":
+        return str(rng.randint(10 ** 6, 10 ** 7 - 1))
+    if kind == "words":  # uniform over adjective-noun pairs, as RULER's sorted list of all pairs
+        words = _word_lists()
+        return f"{rng.choice(words['adjectives'])}-{rng.choice(words['nouns'])}"
+    if kind == "uuids":
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    raise EvaluationError(f"unknown needle type {kind!r}; use numbers, words or uuids")
+
+
+def make_niah(task: Task, size: int, rng: random.Random) -> tuple[str, list[str], list[str]]:
+    num_keys = max(task.num_keys, task.num_queries)
+    keys, values, needles = [], [], []
+    for _ in range(num_keys):
+        keys.append(random_value(task.key_type, rng))
+        values.append([])
+        for _ in range(task.num_values):
+            values[-1].append(random_value(task.value_type, rng))
+            needles.append(NEEDLE.format(type_needle_v=task.value_type, key=keys[-1], value=values[-1][-1]))
+    rng.shuffle(needles)
+    if task.haystack == "essay":
+        words = essay_words()
+        text = " ".join((words * (size // len(words) + 1))[:size])
+        sentences = split_sentences(text)
+        cuts = [0] + sorted(int(len(sentences) * d / 100) for d in rng.sample(DEPTHS, len(needles))) + [len(sentences)]
+        pieces = []
+        for i in range(1, len(cuts)):
+            pieces.append(" ".join(sentences[cuts[i - 1]:cuts[i]]))
+            if i - 1 < len(needles):
+                pieces.append(needles[i - 1])
+        context = " ".join(pieces)
+    else:
+        if task.haystack == "noise":
+            sentences = [NOISE] * size
+        else:  # "needle": the haystack is distractor needles with their own random keys and values
+            sentences = [NEEDLE.format(type_needle_v=task.value_type, key=random_value(task.key_type, rng),
+                                       value=random_value(task.value_type, rng)) for _ in range(size)]
+        for index, needle in zip(sorted(rng.sample(range(size), len(needles)), reverse=True), needles):
+            sentences.insert(index, needle)
+        context = "\n".join(sentences)
+    asked = rng.sample(range(num_keys), task.num_queries)
+    queries = [keys[i] for i in asked]
+    answers = [a for i in asked for a in values[i]]
+    query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+    template, type_needle_v = NIAH_TEMPLATE + NIAH_ANSWER_PREFIX, task.value_type
+    if task.num_queries * task.num_values == 1:  # RULER's singular wording
+        for plural, singular in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
+            template = template.replace(plural, singular)
+        type_needle_v = type_needle_v[:-1]
+    prompt = template.format(type_needle_v=type_needle_v, context=context, query=query)
+    held = [n for n in needles if any(f"for {q} is:" in n for q in queries)]
+    return prompt, answers, held
+
+
+def vt_chain(rng: random.Random, num_hops: int, name_length: int) -> tuple[list[str], list[str], str]:
+    names = []
+    while len(set(names)) < num_hops + 1:
+        names.append("".join(rng.choices(string.ascii_uppercase, k=name_length)))
+    names = list(dict.fromkeys(names))[:num_hops + 1]
+    value = str(rng.randint(10000, 99998))  # numpy randint(10000, 99999): the high end is exclusive
+    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(num_hops)]
+    return names, chain, value
+
+
+def vt_text(rng: random.Random, size: int, num_hops: int, name_length: int) -> tuple[str, list[str]]:
+    names, chain, value = vt_chain(rng, num_hops, name_length)
+    sentences = [NOISE] * size
+    for j, position in enumerate(sorted(rng.sample(range(len(sentences)), len(chain)))):
+        sentences.insert(position + j, chain[j])
+    context = "\n".join(sentences).replace(". \n", ".\n")
+    return (VT_TEMPLATE + VT_ANSWER_PREFIX).format(context=context, query=value, num_v=num_hops + 1), names
+
+
+def make_vt(task: Task, size: int, rng: random.Random, example: str) -> tuple[str, list[str], list[str]]:
+    prompt, names = vt_text(rng, size, num_hops=4, name_length=5)
+    return example + "\n" + prompt, names, []
+
+
+def vt_example(rng: random.Random, tokenizer, budget: int) -> str:
+    """RULER's one-shot example: a chain of 3-letter names in noise sized to `budget` tokens, answered."""
+    state = rng.getstate()
+
+    def example(size):
+        rng.setstate(state)
+        prompt, names = vt_text(rng, size, num_hops=4, name_length=3)
+        return prompt + " " + " ".join(names)
+
+    size = largest_fitting(lambda s: len(tokenizer.encode(example(s))) <= budget, 5, 1000)
+    return example(size or 5)
+
+
+def cwe_list(rng: random.Random, num_words: int, common_repeats: int, uncommon_repeats: int) -> tuple[str, list[str]]:
+    words = _word_lists()["cwe"]
+    if num_words > len(words):
+        raise EvaluationError(f"cwe needs {num_words} distinct words; the word list holds {len(words)}: lower --lengths")
+    chosen = rng.sample(words, num_words)
+    common, uncommon = chosen[:10], chosen[10:]
+    listed = common * common_repeats + uncommon * uncommon_repeats
+    rng.shuffle(listed)
+    return " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed)), common
+
+
+def make_cwe(task: Task, size: int, rng: random.Random, length: int) -> tuple[str, list[str], list[str]]:
+    # RULER: below 4K, the one-shot example has 20 words (3x / 1x) and the list repeats 6x / 1x.
+    (ex_words, ex_common, ex_rare), (common_x, rare_x) = ((20, 3, 1), (6, 1)) if length < 4096 else ((40, 10, 3), (30, 3))
+    example_context, example_answer = cwe_list(rng, ex_words, ex_common, ex_rare)
+    example = (CWE_TEMPLATE + CWE_ANSWER_PREFIX).format(context=example_context) + " " + " ".join(
+        f"{i + 1}. {w}" for i, w in enumerate(example_answer))
+    context, common = cwe_list(rng, size, common_x, rare_x)
+    return example + "\n" + (CWE_TEMPLATE + CWE_ANSWER_PREFIX).format(context=context), common, []
+
+
+def riemann_zeta(alpha: float, terms: int = 100_000) -> float:
+    k = np.arange(1, terms + 1, dtype=np.float64)
+    return float((k ** -alpha).sum() + terms ** (1 - alpha) / (alpha - 1) - 0.5 * terms ** -alpha)
+
+
+def make_fwe(task: Task, size: int, rng: random.Random, length: int, alpha: float = 2.0) -> tuple[str, list[str], list[str]]:
+    vocab_size = (length - task.max_new_tokens) // 50  # RULER: max_seq_length // 50 coded words
+    if vocab_size < 4:
+        raise EvaluationError(f"fwe at length {length} has {vocab_size} coded words; it needs 4: use a length >= "
+                              f"{4 * 50 + task.max_new_tokens}")
+    vocab = []
+    while len(set(vocab)) < vocab_size:
+        vocab.append("".join(rng.choices(string.ascii_lowercase, k=6)))
+    vocab = sorted(set(vocab))
+    rng.shuffle(vocab)
+    vocab[0] = "..."  # the top rank is noise
+    counts = (size * np.arange(1, vocab_size + 1, dtype=np.float64) ** -alpha / riemann_zeta(alpha)).astype(int)
+    words = [w for w, n in zip(vocab, counts) for _ in range(n)]
+    rng.shuffle(words)
+    return (FWE_TEMPLATE + FWE_ANSWER_PREFIX).format(context=" ".join(words)), vocab[1:4], []
+
+
+def make_json_kv(task: Task, size: int, rng: random.Random) -> tuple[str, list[str], list[str]]:
+    pairs = {random_value("uuids", rng): random_value("uuids", rng) for _ in range(size)}
+    key = rng.choice(list(pairs))
+    prompt = JSON_KV_TEMPLATE.format(context="JSON data:\n" + json.dumps(pairs), query=json.dumps(key))
+    return prompt, [pairs[key]], [f"{json.dumps(key)}: {json.dumps(pairs[key])}"]
+
+
+def largest_fitting(fits, low: int, high: int) -> int | None:
+    """The largest n in [low, high] with fits(n), assuming fits is monotone (RULER's binary search)."""
+    best = None
+    while low <= high:
+        mid = (low + high) // 2
+        if fits(mid):
+            best, low = mid, mid + 1
+        else:
+            high = mid - 1
+    return best
+
+
+def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
+    return random.Random(f"olmpool-eval/{seed}/{task}/{length}/{index}")  # str seeds are hashed stably (SHA-512)
+
+
+def build_samples(task_name: str, length: int, n: int, seed: int, tokenizer, eos_id: int) -> list[Sample]:
+    """n prompts of one task that fit `length` tokens with the task's generation cap, reproducible from seed.
+
+    As RULER: one binary search (on sample 0) fixes the haystack size; a sample that still overflows
+    shrinks its haystack step by step."""
+    if task_name not in TASKS:
+        raise EvaluationError(f"unknown task {task_name!r}; choose from {', '.join(TASKS)} or a group "
+                              f"({', '.join(TASK_GROUPS)})")
+    task = TASKS[task_name]
+    budget = length - task.max_new_tokens - 1  # the leading end-of-document token
+
+    vt_examples = {}
+
+    def generate(index: int, size: int):
+        rng = sample_rng(seed, task_name, length, index)
+        if task.kind == "niah":
+            return make_niah(task, size, rng)
+        if task.kind == "vt":
+            if index not in vt_examples:
+                vt_examples[index] = vt_example(sample_rng(seed, "vt-example", length, index), tokenizer,
+                                                min(500, budget // 4))  # RULER: 500 tokens; scaled at toy lengths
+            return make_vt(task, size, rng, vt_examples[index])
+        if task.kind == "cwe":
+            return make_cwe(task, size, rng, length)
+        if task.kind == "fwe":
+            return make_fwe(task, size, rng, length)
+        return make_json_kv(task, size, rng)
+
+    def n_tokens(index, size):
+        return len(tokenizer.encode(generate(index, size)[0]))
+
+    smallest = {"niah": 1, "vt": 5, "cwe": 11, "fwe": 10, "json_kv": 1}[task.kind]
+    if n_tokens(0, smallest) > budget:
+        raise EvaluationError(f"{task_name} does not fit length {length}: its smallest prompt is "
+                              f"{n_tokens(0, smallest)} tokens, plus {task.max_new_tokens} to generate; use a longer length")
+    # An upper bound: tokens grow at least about one per haystack unit.
+    high = smallest
+    while n_tokens(0, high) <= budget and high < 10_000_000:
+        high *= 2
+    if task.kind == "cwe":
+        high = min(high, len(_word_lists()["cwe"]))
+    size = largest_fitting(lambda s: n_tokens(0, s) <= budget, smallest, high)
+    samples = []
+    for index in range(n):
+        used = size
+        while True:
+            prompt, answers, needles = generate(index, used)
+            tokens = [eos_id] + tokenizer.encode(prompt)
+            if len(tokens) + task.max_new_tokens <= length or used <= smallest:
+                break
+            used = max(smallest, used - max(1, size // 50))
+        if len(tokens) + task.max_new_tokens > length:
+            raise EvaluationError(f"{task_name} sample {index} overflows length {length}; use a longer length")
+        samples.append(Sample(task_name, length, index, prompt, answers, needles, tokens))
+    return samples
+
+
+def score(task_name: str, prediction: str, answers: list[str]) -> float:
+    return METRICS[TASKS[task_name].metric]([prediction], [answers])
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding: greedy through the KV cache, batched over prompts of equal token length
+
+def model_generator(model: olmpool.Transformer, eos_id: int, chunk_size: int = 2048):
+    """A generator function for `run_recall`: (prompts (B, T), max_new_tokens) -> B lists of new tokens."""
+    def generate(prompts: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+        device = next(model.parameters()).device
+        out = olmpool.generate(model, prompts.to(device), max_new_tokens, eos_id=eos_id, chunk_size=chunk_size)
+        return [row.tolist() for row in out.cpu()]
+    return generate
+
+
+def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def decode_batches(samples: list[Sample], generate, batch_size: int, progress=None) -> list[list[int]]:
+    """New tokens for every sample. Only prompts of equal length share a batch (no padding), so a
+    sample's output never depends on its neighbours or on batch_size."""
+    outputs: list[list[int] | None] = [None] * len(samples)
+    by_length: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_length.setdefault(len(sample.tokens), []).append(i)
+    max_new = TASKS[samples[0].task].max_new_tokens
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            prompts = torch.tensor([samples[i].tokens for i in chunk], dtype=torch.long)
+            for i, new in zip(chunk, generate(prompts, max_new)):
+                outputs[i] = list(new)
+            if progress:
+                progress.advance(len(chunk))
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention rows for sampled queries, and the shares measured on them
+
+@torch.no_grad()
+def attention_rows(model: olmpool.Transformer, tokens: torch.Tensor, query_positions: list[int]) -> list[torch.Tensor]:
+    """Per layer, the attention weights (H, Q, T) of the queries at query_positions over all T keys.
+
+    The layer's own q and k (normed, rotated: Attention.qkv), softmax in float32 over what each
+    query sees; the forward pass itself runs as usual, so memory stays O(T) per layer."""
+    T = tokens.shape[1]
+    positions = torch.arange(T, device=tokens.device)
+    queries = torch.tensor(query_positions, device=tokens.device)
+    x = model.embed(tokens)  # (1, T, d_model)
+    rows = []
+    for block in model.layers:
+        attention = block.attention
+        attention_input = block.attention_norm(x) if block.norm_placement == "pre" else x
+        q, k, _ = attention.qkv(attention_input, positions)  # (1, H, T, D), (1, H_kv, T, D)
+        q = q[0, :, queries].float()  # (H, Q, D)
+        k = k[0].float().repeat_interleave(attention.n_heads // attention.n_kv_heads, dim=0)  # (H, T, D)
+        scores = q @ k.transpose(1, 2) / math.sqrt(attention.head_dim)  # (H, Q, T)
+        mask = olmpool.visible(queries[:, None], positions[None, :], attention.window)  # (Q, T)
+        rows.append(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1))
+        x = block(x, positions)
+    return rows
+
+
+def sink_share(rows: torch.Tensor, first: int) -> torch.Tensor:
+    """Mass each (head, query) puts on the first `first` positions: rows (..., T) -> (...)."""
+    return rows[..., :first].sum(-1)
+
+
+def local_share(rows: torch.Tensor, query_positions: list[int], span: int = 100) -> torch.Tensor:
+    """Mass on the `span` tokens before each query (the query itself excluded): rows (H, Q, T) -> (H, Q)."""
+    T = rows.shape[-1]
+    keys = torch.arange(T, device=rows.device)
+    q = torch.tensor(query_positions, device=rows.device)[:, None]
+    band = (keys[None, :] < q) & (keys[None, :] >= q - span)  # (Q, T)
+    return (rows * band).sum(-1)
+
+
+def saturated(rows: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
+    """Whether each (head, query)'s largest weight exceeds threshold: rows (..., T) -> bool (...)."""
+    return rows.amax(-1) > threshold
+
+
+def needle_mass(rows: torch.Tensor, span: tuple[int, int], query_position: int) -> tuple[torch.Tensor, float]:
+    """Mass (H,) of the query's row (H, T) on the needle tokens [start, end), and uniform's share."""
+    start, end = span
+    return rows[:, start:end].sum(-1), (end - start) / (query_position + 1)
+
+
+def needle_token_span(sample: Sample, tokenizer, needle: str) -> tuple[int, int]:
+    """Token positions [start, end) of a needle sentence in the sample's tokens (+1: the leading EOS)."""
+    at = sample.prompt.index(needle)
+    start = 1 + len(tokenizer.encode(sample.prompt[:at]))
+    end = 1 + len(tokenizer.encode(sample.prompt[:at + len(needle)]))
+    return start, end
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses: full context, short context (LongPPL), key tokens
+
+@torch.no_grad()
+def token_losses(model: olmpool.Transformer, tokens: torch.Tensor, chunk: int = 1024, skip: int = 0) -> torch.Tensor:
+    """Loss (natural log) of each token given all tokens before it: tokens (T,) -> (T - 1 - skip,), the
+    losses of positions 1 + skip .. T - 1.
+
+    The LM head runs on `chunk` positions at a time (a 64K x 100K logit matrix would be 25 GB), and
+    not at all on the `skip` first positions, whose losses the caller does not want."""
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    hidden = model.hidden_states(tokens[None, :-1])[0]  # (T - 1, d_model)
+    losses = [F.cross_entropy(model.lm_head(hidden[s:s + chunk]).float(), tokens[1 + s:1 + s + chunk], reduction="none")
+              for s in range(skip, hidden.shape[0], chunk)]
+    return torch.cat(losses).cpu()
+
+
+@torch.no_grad()
+def short_context_losses(model: olmpool.Transformer, tokens: torch.Tensor, short_context: int, step: int) -> torch.Tensor:
+    """LongPPL's short-context losses: token p in block [s + C, s + C + step) sees only tokens s..p-1.
+
+    Returns (T,) with NaN before position C (= short_context), which are never key tokens."""
+    T = tokens.shape[0]
+    out = torch.full((T,), float("nan"))
+    for s in range(0, max(T - short_context, 0), step):
+        end = min(s + short_context + step, T)
+        out[s + short_context:end] = token_losses(model, tokens[s:end], skip=short_context - 1)
+    return out
+
+
+def select_key_tokens(full: torch.Tensor, short: torch.Tensor, short_context: int,
+                      lsd_threshold: float = 2.0, lcl_threshold: float = -2.0) -> torch.Tensor:
+    """LongPPL's key tokens (positions of a (T,) loss vector indexed by token position): LSD > 2 and LCL > -2.
+
+    full[p], short[p]: the loss of token p with the full and the short context (NaN where undefined).
+    LSD = short - full; LCL = -full. Positions below short_context are never key tokens."""
+    positions = torch.arange(full.shape[0])
+    chosen = (positions >= short_context) & ((short - full) > lsd_threshold) & (-full > lcl_threshold)
+    return positions[chosen & ~torch.isnan(short) & ~torch.isnan(full)]
+
+
+def heldout_windows(data_dir, length: int, count: int) -> list[torch.Tensor]:
+    """The first `count` windows of length + 1 tokens of a prepared folder's val split, in stream order."""
+    loader = data.TokenLoader(data_dir, "val", seq_len=length, global_batch_size=1)
+    windows = []
+    for batch in loader.validation_batches(max_batches=count):
+        windows.append(torch.cat([batch.inputs[0], batch.targets[0, -1:]]))
+    return windows
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def resolve_checkpoint(spec: str) -> str:
+    """Our folder, a train.py run folder (its newest complete step_N), or hf:DIR."""
+    if spec.startswith("hf:"):
+        path = Path(spec[3:])
+        if not (path / "config.json").is_file():
+            raise EvaluationError(f"{spec}: no {path / 'config.json'}; hf:DIR names a local Hugging Face model folder")
+        return spec
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        return str(path)
+    steps = sorted(p for p in path.glob("step_*") if (p / "config.json").is_file() and (p / "model.safetensors").is_file())
+    if steps:
+        return str(steps[-1])
+    raise EvaluationError(f"{spec}: neither a checkpoint folder (config.json + model.safetensors) nor a run folder with "
+                          f"step_N checkpoints; pass one of those, or hf:DIR for a Hugging Face folder")
+
+
+def checkpoint_fingerprint(spec: str) -> str:
+    """Size and modification time of the weight files: cells of a rewritten checkpoint are recomputed."""
+    folder = Path(spec[3:] if spec.startswith("hf:") else spec)
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.safetensors"))]
+    return json.dumps(stats)
+
+
+def load_checkpoint(spec: str, device: str, dtype: torch.dtype | None):
+    """(model, tokenizer, description) for our folder or hf:DIR; tokenizer from data.tokenizer_for."""
+    import hf_interop
+    if spec.startswith("hf:"):
+        folder = spec[3:]
+        model, summary = hf_interop.load_hf(folder, dtype=None)
+    else:
+        folder = spec
+        model = hf_interop.load_model(folder)
+        summary = olmpool.describe(model.config)
+    tokenizer = data.tokenizer_for(folder)
+    vocab = getattr(tokenizer, "vocab_size", None) or getattr(getattr(tokenizer, "encoding", None), "n_vocab", None)
+    if vocab is not None and vocab > model.config.vocab_size:
+        raise EvaluationError(f"{spec}: its tokenizer has {vocab} ids but the model only {model.config.vocab_size}; "
+                              f"is this checkpoint's tokenizer ({data.COMPACT_VOCAB_FILE}) missing from its folder?")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval(), tokenizer, summary
+
+
+def tokenizer_identity(tokenizer) -> str:
+    vocab = getattr(tokenizer, "vocab_size", None) or getattr(getattr(tokenizer, "encoding", None), "n_vocab", None)
+    return f"{getattr(tokenizer, 'name', type(tokenizer).__name__)}/{vocab}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: one JSON file, cells reused when their settings match
+
+class Progress:
+    """Units done, rate and ETA on stderr every `every` seconds."""
+
+    def __init__(self, total: int, what: str, every: float = 10.0, enabled: bool = True):
+        self.total, self.what, self.every, self.enabled = max(total, 1), what, every, enabled
+        self.done, self.start, self.last = 0, time.monotonic(), time.monotonic()
+
+    def advance(self, n: int = 1):
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self.last > self.every or self.done == self.total):
+            self.last = now
+            elapsed = now - self.start
+            eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            print(f"  {self.what}: {self.done}/{self.total}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", file=sys.stderr)
+
+
+def load_results(out: Path) -> dict:
+    path = out / RESULTS_FILE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise EvaluationError(f"{path} is not valid JSON ({error}); remove it or choose another --out") from None
+    return {"recall": {}, "longppl": {}, "attention": {}, "models": {}, "runs": []}
+
+
+def save_results(out: Path, results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / (RESULTS_FILE + ".tmp")
+    temporary.write_text(json.dumps(results, indent=1, allow_nan=True))
+    os.replace(temporary, out / RESULTS_FILE)  # never a half-written results file
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of a 95% confidence interval (normal approximation; None for n < 2)."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, None
+    return mean, float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def cell(results: dict, mode: str, label: str, key: str):
+    return results.get(mode, {}).get(label, {}).get(key)
+
+
+def put(results: dict, mode: str, label: str, key: str, value: dict) -> None:
+    results.setdefault(mode, {}).setdefault(label, {})[key] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# The three modes
+
+def run_recall(generate, tokenizer, tasks: list[str], lengths: list[int], samples: int, seed: int,
+               batch_size: int = 8, eos_id: int | None = None, model: olmpool.Transformer | None = None,
+               needle_samples: int = 2, done=None, progress: Progress | None = None) -> dict:
+    """Recall cells {task: {length: cell}} for one model. `generate` is a model_generator or any function
+    (prompts (B, T), max_new_tokens) -> B lists of new tokens (an oracle in the tests). With `model`,
+    NIAH cells also measure attention on the needle. `done(task, length)` returns a cell to reuse or None."""
+    eos_id = getattr(tokenizer, "eos_id", data.EOS_ID) if eos_id is None else eos_id
+    cells: dict = {}
+    for task_name in tasks:
+        for length in lengths:
+            previous = done(task_name, length) if done else None
+            if previous is not None:
+                cells.setdefault(task_name, {})[str(length)] = previous
+                if progress:
+                    progress.advance(samples)
+                continue
+            try:
+                batch = build_samples(task_name, length, samples, seed, tokenizer, eos_id)
+            except EvaluationError as error:
+                cells.setdefault(task_name, {})[str(length)] = {"skipped": str(error), "n": 0}
+                if progress:
+                    progress.advance(samples)
+                continue
+            outputs = decode_batches(batch, generate, batch_size, progress)
+            predictions = [postprocess_prediction(tokenizer.decode(cut_at_eos(o, eos_id))) for o in outputs]
+            scores = [score(task_name, p, s.answers) for p, s in zip(predictions, batch)]
+            mean, ci = mean_ci(scores)
+            result = {"n": len(scores), "mean": mean, "ci95": ci, "scores": scores, "predictions": predictions,
+                      "answers": [s.answers for s in batch], "prompt_tokens": [len(s.tokens) for s in batch],
+                      "max_new_tokens": TASKS[task_name].max_new_tokens}
+            if model is not None and TASKS[task_name].kind == "niah":
+                result["needle_attention"] = measure_needle_attention(model, tokenizer, batch[:needle_samples])
+            cells.setdefault(task_name, {})[str(length)] = result
+    return cells
+
+
+def measure_needle_attention(model, tokenizer, samples: list[Sample]) -> dict:
+    """Mass the answer-generating query (the prompt's last position) puts on the answer's needle, per layer
+    (mean and max over heads), and its lift over uniform attention."""
+    per_layer_mean, per_layer_max, lifts = [], [], []
+    device = next(model.parameters()).device
+    for sample in samples:
+        tokens = torch.tensor([sample.tokens], device=device)
+        query = len(sample.tokens) - 1
+        spans = [needle_token_span(sample, tokenizer, n) for n in sample.needles]
+        rows = attention_rows(model, tokens, [query])
+        means, maxes = [], []
+        for layer_rows in rows:
+            mass = sum(needle_mass(layer_rows[:, 0], span, query)[0] for span in spans)  # (H,)
+            means.append(float(mass.mean()))
+            maxes.append(float(mass.max()))
+        uniform = sum(end - start for start, end in spans) / (query + 1)
+        per_layer_mean.append(means)
+        per_layer_max.append(maxes)
+        lifts.append(max(maxes) / uniform)
+    return {"samples": len(samples), "mass_mean_per_layer": np.mean(per_layer_mean, 0).tolist(),
+            "mass_max_per_layer": np.mean(per_layer_max, 0).tolist(), "best_head_lift": float(np.mean(lifts))}
+
+
+def run_losses(model, windows: list[torch.Tensor], key_tokens: list[list[int]] | None, buckets: int = 8) -> dict:
+    """Held-out loss, perplexity, LongPPL on the given key tokens, and loss by position bucket."""
+    all_losses, key_losses, n_key = [], [], 0
+    for i, window in enumerate(windows):
+        losses = token_losses(model, window)  # positions 1..T-1
+        all_losses.append(losses)
+        if key_tokens is not None and key_tokens[i]:
+            key_losses.append(losses[torch.tensor(key_tokens[i]) - 1])
+            n_key += len(key_tokens[i])
+    stacked = torch.stack(all_losses)  # (n, T - 1)
+    mean_loss = float(stacked.mean())
+    edges = np.linspace(0, stacked.shape[1], buckets + 1).astype(int)
+    by_bucket = [{"from": int(edges[b]) + 1, "to": int(edges[b + 1]), "loss": float(stacked[:, edges[b]:edges[b + 1]].mean())}
+                 for b in range(buckets)]
+    longppl = float(torch.cat(key_losses).mean().exp()) if key_losses else None
+    return {"windows": len(windows), "tokens": int(stacked.numel()), "loss": mean_loss, "ppl": math.exp(mean_loss),
+            "longppl": longppl, "key_tokens": n_key, "loss_by_position": by_bucket}
+
+
+def find_key_tokens(evaluator, windows: list[torch.Tensor], short_context: int, step: int,
+                    progress: Progress | None = None) -> list[list[int]]:
+    keys = []
+    for window in windows:
+        full = torch.cat([torch.tensor([float("nan")]), token_losses(evaluator, window)])  # indexed by position
+        short = short_context_losses(evaluator, window, short_context, step)
+        keys.append(select_key_tokens(full, short, short_context).tolist())
+        if progress:
+            progress.advance()
+    return keys
+
+
+def run_attention(model, windows: list[torch.Tensor], query_at: int = 4000) -> dict:
+    """Sink (first 1, 4, 100 tokens), local (100 before) and saturation, per layer and head, averaged over windows."""
+    device = next(model.parameters()).device
+    T = windows[0].shape[0]
+    query = min(query_at, T - 1)
+    sums = None
+    for window in windows:
+        rows = attention_rows(model, window[None].to(device), [query])
+        measures = {
+            "sink_first_1": [sink_share(r[:, 0], 1) for r in rows],
+            "sink_first_4": [sink_share(r[:, 0], 4) for r in rows],
+            "sink_first_100": [sink_share(r[:, 0], 100) for r in rows],
+            "local_100": [local_share(r, [query])[:, 0] for r in rows],
+            "saturated": [saturated(r[:, 0]).float() for r in rows],
+        }
+        if sums is None:
+            sums = {k: [v.clone() for v in layers] for k, layers in measures.items()}
+        else:
+            for k, layers in measures.items():
+                sums[k] = [a + b for a, b in zip(sums[k], layers)]
+    per_head = {k: [(v / len(windows)).tolist() for v in layers] for k, layers in sums.items()}
+    per_layer = {k: [float(np.mean(h)) for h in layers] for k, layers in per_head.items()}
+    return {"query_position": query, "windows": len(windows), "per_layer": per_layer, "per_head": per_head}
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole evaluation, resumable
+
+def parse_tasks(text: str) -> list[str]:
+    names = []
+    for part in text.split(","):
+        part = part.strip()
+        if part in TASK_GROUPS:
+            names += TASK_GROUPS[part]
+        elif part in TASKS:
+            names.append(part)
+        elif part:
+            raise EvaluationError(f"--tasks: unknown task {part!r}; choose from {', '.join(TASKS)} or a group "
+                                  f"({', '.join(TASK_GROUPS)})")
+    return list(dict.fromkeys(names))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def versions() -> dict:
+    import platform
+    found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    try:
+        import subprocess
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+        found["olmpool_commit"] = commit.stdout.strip() or None
+    except OSError:
+        found["olmpool_commit"] = None
+    return found
+
+
+def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[str] | None = None,
+             modes=("recall", "longppl", "attention"), samples: int = 20, seed: int = 0, data_dir=None,
+             evaluator: str | None = None, short_context: int = 4096, short_step: int = 1024, windows: int = 8,
+             batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None,
+             command: list[str] | None = None, progress: bool = True) -> dict:
+    """Evaluate {label: checkpoint} at each length; results.json, results.md and plots in `out`. Resumes.
+
+    evaluator: the label whose model picks LongPPL's key tokens (default: the first checkpoint)."""
+    out = Path(out)
+    device = device or default_device()
+    tasks = TASK_GROUPS["exact"] if tasks is None else tasks
+    if not checkpoints:
+        raise EvaluationError("no checkpoint given; pass at least one folder or hf:DIR")
+    for length in lengths:
+        if length < 2:
+            raise EvaluationError(f"--lengths: {length} is too short; use lengths of at least a few hundred tokens")
+    needs_data = {"longppl", "attention"} & set(modes)
+    if needs_data and data_dir is None:
+        raise EvaluationError(f"modes {sorted(needs_data)} read held-out documents: pass --data DIR (a prepared folder "
+                              f"with a val split, e.g. data/builtin), or use --modes recall")
+    if short_step < 1 or short_context < 1:
+        raise EvaluationError(f"--short_context {short_context} and --short_step {short_step} must be positive")
+    checkpoints = {label: resolve_checkpoint(spec) for label, spec in checkpoints.items()}
+    evaluator = evaluator or next(iter(checkpoints))
+    if evaluator not in checkpoints:
+        raise EvaluationError(f"--evaluator {evaluator!r} is not one of the checkpoints' labels {list(checkpoints)}")
+    results = load_results(out)
+    results["runs"].append({"command": command or sys.argv, "versions": versions(), "seed": seed, "samples": samples,
+                            "lengths": lengths, "tasks": tasks, "modes": list(modes), "device": device,
+                            "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    settings = {"seed": seed, "samples": samples}
+    fingerprints = {label: checkpoint_fingerprint(spec) for label, spec in checkpoints.items()}
+    ppl_settings = {"data": str(data_dir), "windows": windows, "short_context": short_context, "short_step": short_step,
+                    "evaluator": evaluator, "evaluator_fingerprint": fingerprints[evaluator]}
+    if short_context != 4096 or short_step != 1024:
+        ppl_settings["note"] = (f"short context {short_context} stepped by {short_step} "
+                                f"(LongPPL's published 4096 / 1024 scaled down for these lengths)")
+
+    # LongPPL's key tokens first, from the one evaluator, so every model is scored on the same tokens.
+    key_tokens, window_cache = {}, {}
+
+    def held_out(length):
+        if length not in window_cache:
+            window_cache[length] = heldout_windows(data_dir, length, windows)
+        return window_cache[length]
+
+    if "longppl" in modes:
+        missing = [L for L in lengths if results.get("key_tokens", {}).get(str(L), {}).get("settings") != ppl_settings]
+        if missing:
+            model, _, _ = load_checkpoint(checkpoints[evaluator], device, dtype)
+            meter = Progress(len(missing) * windows, f"key tokens ({evaluator})", enabled=progress)
+            for L in missing:
+                try:
+                    keys = find_key_tokens(model, held_out(L), short_context, short_step, meter)
+                    results.setdefault("key_tokens", {})[str(L)] = {"settings": ppl_settings, "positions": keys}
+                except data.DataError as error:
+                    results.setdefault("key_tokens", {})[str(L)] = {"settings": ppl_settings, "skipped": str(error)}
+                save_results(out, results)
+            del model
+
+    tokenizers = {}
+    for label, spec in checkpoints.items():
+        fingerprint = fingerprints[label]
+        cell_settings = dict(settings, checkpoint=spec, fingerprint=fingerprint)
+        model, tokenizer, summary = load_checkpoint(spec, device, dtype)
+        tokenizers[label] = tokenizer_identity(tokenizer)
+        results["models"][label] = {"checkpoint": spec, "summary": summary, "tokenizer": tokenizers[label],
+                                    "parameters": sum(p.numel() for p in model.parameters())}
+        print(f"[{label}] {spec}", file=sys.stderr)
+        if "recall" in modes:
+            def done(task, length):
+                previous = cell(results, "recall", label, f"{task}/{length}")
+                return previous if previous and previous.get("settings") == cell_settings else None
+
+            meter = Progress(len(tasks) * len(lengths) * samples, f"recall ({label})", enabled=progress)
+            eos_id = getattr(tokenizer, "eos_id", data.EOS_ID)
+            for task in tasks:
+                for length in lengths:
+                    cells = run_recall(model_generator(model, eos_id), tokenizer, [task], [length], samples, seed,
+                                       batch_size, eos_id, model, done=done, progress=meter)
+                    result = cells[task][str(length)]
+                    result["settings"] = cell_settings
+                    put(results, "recall", label, f"{task}/{length}", result)
+                    save_results(out, results)
+        for length in lengths:
+            if "longppl" in modes:
+                previous = cell(results, "longppl", label, str(length))
+                wanted = dict(ppl_settings, checkpoint=spec, fingerprint=fingerprint)
+                if not (previous and previous.get("settings") == wanted):
+                    if tokenizers[label] != tokenizer_identity(data.tokenizer_for(data_dir)):
+                        raise EvaluationError(f"{label} reads {tokenizers[label]} tokens but {data_dir} was prepared with "
+                                              f"{tokenizer_identity(data.tokenizer_for(data_dir))}; prepare the held-out "
+                                              f"data with this checkpoint's tokenizer")
+                    keys = results.get("key_tokens", {}).get(str(length), {})
+                    if "skipped" in keys:
+                        result = {"skipped": keys["skipped"]}
+                    else:
+                        result = run_losses(model, held_out(length), keys.get("positions"))
+                    result["settings"] = wanted
+                    put(results, "longppl", label, str(length), result)
+                    save_results(out, results)
+            if "attention" in modes:
+                previous = cell(results, "attention", label, str(length))
+                wanted = {"data": str(data_dir), "windows": windows, "checkpoint": spec, "fingerprint": fingerprint}
+                if not (previous and previous.get("settings") == wanted):
+                    try:
+                        result = run_attention(model, held_out(length))
+                    except data.DataError as error:
+                        result = {"skipped": str(error)}
+                    result["settings"] = wanted
+                    put(results, "attention", label, str(length), result)
+                    save_results(out, results)
+        del model
+    results["deviations"] = deviations(tasks)
+    save_results(out, results)
+    labels = list(checkpoints)
+    (out / TABLES_FILE).write_text(markdown_tables(results, labels, lengths, tasks))
+    plot(results, labels, lengths, tasks, out)
+    return results
+
+
+def deviations(tasks: list[str]) -> list[str]:
+    found = sorted({TASKS[t].deviation for t in tasks if TASKS[t].deviation})
+    ruler = [t for t in tasks if t != "json_kv"]
+    return [f"RULER-offline ({len(ruler)} of {RULER_TASK_COUNT} tasks)"] + found
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and plots
+
+def recall_summary(results: dict, label: str, tasks: list[str], lengths: list[int]) -> dict:
+    """Per length, the plain mean over tasks that ran; the mean over lengths; the effective length."""
+    per_length = {}
+    for L in lengths:
+        means = [c["mean"] for t in tasks if (c := cell(results, "recall", label, f"{t}/{L}")) and "mean" in c]
+        per_length[L] = float(np.mean(means)) if means else None
+    scored = [v for v in per_length.values() if v is not None]
+    above = [L for L, v in per_length.items() if v is not None and v > EFFECTIVE_THRESHOLD]
+    return {"per_length": per_length, "mean": float(np.mean(scored)) if scored else None,
+            "effective_length": max(above) if above else None}
+
+
+def _fmt(value, digits=1):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_tables(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> str:
+    lines = [f"Deviations: {'; '.join(deviations(tasks))}.", ""]
+    if any(cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths):
+        lines += ["## Recall (score x100, mean ± 95% CI, n samples)", "",
+                  "| model | task | " + " | ".join(str(L) for L in lengths) + " |",
+                  "|---|---|" + "---|" * len(lengths)]
+        for label in labels:
+            for t in tasks:
+                row = []
+                for L in lengths:
+                    c = cell(results, "recall", label, f"{t}/{L}") or {}
+                    row.append("skipped" if "skipped" in c else "-" if "mean" not in c else
+                               f"{c['mean']:.1f} ± {_fmt(c['ci95'])} (n={c['n']})")
+                lines.append(f"| {label} | {t}{' *' if TASKS[t].deviation else ''} | " + " | ".join(row) + " |")
+            summary = recall_summary(results, label, tasks, lengths)
+            lines.append(f"| {label} | **mean** | " + " | ".join(_fmt(summary["per_length"][L]) for L in lengths) + " |")
+        lines += ["", "| model | mean over lengths | effective length (> 85.6) |", "|---|---|---|"]
+        for label in labels:
+            summary = recall_summary(results, label, tasks, lengths)
+            lines.append(f"| {label} | {_fmt(summary['mean'])} | {summary['effective_length'] or '-'} |")
+        lines += ["", "`*` a deviation from the benchmark's definition (see above).", ""]
+    if any(cell(results, "longppl", label, str(L)) for label in labels for L in lengths):
+        note = next((c["settings"].get("note") for label in labels for L in lengths
+                     if (c := cell(results, "longppl", label, str(L))) and "settings" in c), None)
+        lines += ["## Held-out loss and LongPPL", ""] + ([f"LongPPL: {note}.", ""] if note else []) + [
+            "| model | length | loss (nats/token) | perplexity | LongPPL | key tokens |", "|---|---|---|---|---|---|"]
+        for label in labels:
+            for L in lengths:
+                c = cell(results, "longppl", label, str(L)) or {}
+                if "loss" in c:
+                    lines.append(f"| {label} | {L} | {c['loss']:.3f} | {c['ppl']:.2f} | {_fmt(c['longppl'], 2)} | "
+                                 f"{c['key_tokens']} |")
+        lines.append("")
+    if any(cell(results, "attention", label, str(L)) for label in labels for L in lengths):
+        lines += ["## Attention (mean over layers and heads)", "",
+                  "| model | length | query | sink: first 1 | first 4 | first 100 | local 100 | saturated heads |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label in labels:
+            for L in lengths:
+                c = cell(results, "attention", label, str(L)) or {}
+                if "per_layer" in c:
+                    m = {k: float(np.mean(v)) for k, v in c["per_layer"].items()}
+                    lines.append(f"| {label} | {L} | {c['query_position']} | {m['sink_first_1']:.3f} | "
+                                 f"{m['sink_first_4']:.3f} | {m['sink_first_100']:.3f} | {m['local_100']:.3f} | "
+                                 f"{m['saturated']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, labels: list[str], lengths: list[int], tasks: list[str], out: Path) -> list[Path]:
+    """score_vs_length.png, sink_per_layer.png and loss_by_position.png, for the cells that exist."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    if any(cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths):
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for label in labels:
+            per_length = recall_summary(results, label, tasks, lengths)["per_length"]
+            points = [(L, v) for L, v in per_length.items() if v is not None]
+            if points:
+                axes.plot(*zip(*points), marker="o", label=label)
+        axes.set(xscale="log", xlabel="length (tokens)", ylabel="mean recall score", ylim=(-2, 102),
+                 title=f"Recall, mean over {len(tasks)} tasks")
+        axes.set_xticks(lengths, [str(L) for L in lengths])
+        axes.axhline(EFFECTIVE_THRESHOLD, color="gray", linestyle=":", linewidth=1)
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(out / "score_vs_length.png", dpi=120)
+        plt.close(figure)
+        written.append(out / "score_vs_length.png")
+    attention = [(label, L, c) for label in labels for L in lengths
+                 if (c := cell(results, "attention", label, str(L))) and "per_layer" in c]
+    if attention:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for label, L, c in attention:
+            axes.plot(c["per_layer"]["sink_first_1"], marker="o", label=f"{label} @ {L}")
+        axes.set(xlabel="layer", ylabel="attention on the first token", ylim=(0, 1),
+                 title="Sink share per layer (query at min(4000, T - 1))")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(out / "sink_per_layer.png", dpi=120)
+        plt.close(figure)
+        written.append(out / "sink_per_layer.png")
+    losses = [(label, L, c) for label in labels for L in lengths
+              if (c := cell(results, "longppl", label, str(L))) and "loss_by_position" in c]
+    if losses:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for label, L, c in losses:
+            buckets = c["loss_by_position"]
+            axes.plot([b["to"] for b in buckets], [b["loss"] for b in buckets], marker="o", label=f"{label} @ {L}")
+        axes.set(xscale="log", xlabel="position (end of bucket)", ylabel="held-out loss (nats/token)",
+                 title="Loss by position")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(out / "loss_by_position.png", dpi=120)
+        plt.close(figure)
+        written.append(out / "loss_by_position.png")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# The main job's before/after table
+
+def before_after(checkpoints: dict[str, str], data_dir, train_length: int, out, tasks: list[str] | None = None,
+                 samples: int = 20, seed: int = 0, evaluator: str | None = None, windows: int = 8,
+                 batch_size: int = 8, device: str | None = None, progress: bool = True) -> str:
+    """Evaluate {label: checkpoint} (e.g. pretrained, extended, none control) at the pretraining length L and
+    4L, and return (and print) one markdown table: held-out loss, LongPPL and recall at both lengths.
+
+    LongPPL's short context scales to L / 2 stepped by L / 8, and its key tokens come from `evaluator`
+    (default: the label "extended" if present, else the first). Resumes through results.json in `out`."""
+    L = train_length
+    lengths = [L, 4 * L]
+    tasks = ["niah_single_1", "niah_multikey_2"] if tasks is None else tasks
+    evaluator = evaluator or ("extended" if "extended" in checkpoints else next(iter(checkpoints)))
+    results = evaluate(checkpoints, lengths, out, tasks=tasks, modes=("recall", "longppl", "attention"),
+                       samples=samples, seed=seed, data_dir=data_dir, evaluator=evaluator,
+                       short_context=max(L // 2, 1), short_step=max(L // 8, 1), windows=windows,
+                       batch_size=batch_size, device=device, progress=progress,
+                       command=[sys.argv[0], "before_after", json.dumps(checkpoints), str(data_dir), str(L)])
+    table = before_after_table(results, list(checkpoints), lengths, tasks)
+    print(table)
+    return table
+
+
+def before_after_table(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> str:
+    L, L4 = lengths
+    header = (f"| model | loss @ {L} | loss @ {L4} | LongPPL @ {L} | LongPPL @ {L4} | recall @ {L} | recall @ {L4} |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for label in labels:
+        ppl = {n: cell(results, "longppl", label, str(n)) or {} for n in lengths}
+        recall = recall_summary(results, label, tasks, lengths)["per_length"]
+        lines.append(f"| {label} | {_fmt(ppl[L].get('loss'), 3)} | {_fmt(ppl[L4].get('loss'), 3)} | "
+                     f"{_fmt(ppl[L].get('longppl'), 2)} | {_fmt(ppl[L4].get('longppl'), 2)} | "
+                     f"{_fmt(recall[L])} | {_fmt(recall[L4])} |")
+    evaluator = next((c["settings"]["evaluator"] for n in lengths
+                      if (c := results.get("key_tokens", {}).get(str(n))) and "settings" in c), "-")
+    note = next((c["settings"].get("note") for n in lengths
+                 if (c := results.get("key_tokens", {}).get(str(n))) and "settings" in c), None)
+    lines += ["", f"Loss: held-out nats/token. LongPPL key tokens chosen by `{evaluator}`"
+              + (f"; {note}" if note else "") + f". Recall: mean of {', '.join(tasks)} (x100; "
+              + "; ".join(deviations(tasks)) + ")."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", help="our checkpoint or run folders, or hf:DIR")
+    parser.add_argument("--labels", help="comma-separated names for the checkpoints (default: their paths)")
+    parser.add_argument("--lengths", default="4096,8192,16384,32768,65536", help="comma-separated lengths in tokens")
+    parser.add_argument("--tasks", default="exact", help=f"comma-separated tasks or groups ({', '.join(TASK_GROUPS)}): "
+                                                         f"{', '.join(TASKS)}")
+    parser.add_argument("--modes", default="recall,longppl,attention", help="any of recall, longppl, attention")
+    parser.add_argument("--samples", type=int, default=100, help="samples per task and length (RULER 500, HELMET 100)")
+    parser.add_argument("--seed", type=int, default=0, help="prompts are a function of the seed, task, length and index")
+    parser.add_argument("--out", default="eval", help="folder for results.json, results.md and the plots")
+    parser.add_argument("--data", help="prepared data folder whose val split gives held-out text (longppl, attention)")
+    parser.add_argument("--windows", type=int, default=8, help="held-out windows per length (longppl, attention)")
+    parser.add_argument("--evaluator", help="label of the checkpoint that picks LongPPL's key tokens (default: the first)")
+    parser.add_argument("--short_context", type=int, default=4096, help="LongPPL's short context (published: 4096)")
+    parser.add_argument("--short_step", type=int, default=1024, help="LongPPL's block per short context (published: 1024)")
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (equal lengths only)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="cast the models (default: as stored; bfloat16 is the usual choice on a GPU)")
+    args = parser.parse_args(argv)
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--lengths {args.lengths!r}: give comma-separated integers, e.g. 4096,8192")
+    labels = args.labels.split(",") if args.labels else list(args.checkpoints)
+    if len(labels) != len(args.checkpoints) or len(set(labels)) != len(labels):
+        parser.error(f"--labels: give {len(args.checkpoints)} distinct names, one per checkpoint")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in ("recall", "longppl", "attention"):
+            parser.error(f"--modes: unknown mode {mode!r}; use recall, longppl, attention")
+    if args.samples < 1:
+        parser.error(f"--samples {args.samples} must be at least 1")
+    try:
+        evaluate(dict(zip(labels, args.checkpoints)), lengths, args.out, tasks=parse_tasks(args.tasks), modes=modes,
+                 samples=args.samples, seed=args.seed, data_dir=args.data, evaluator=args.evaluator,
+                 short_context=args.short_context, short_step=args.short_step, windows=args.windows,
+                 batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                 command=[sys.executable] + sys.argv)
+    except (EvaluationError, data.DataError) as error:
+        sys.exit(f"evaluate.py: {error}")
+    print((Path(args.out) / TABLES_FILE).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""evaluate.py: RULER's scoring, prompts that fit and hold their answer, LongPPL's key tokens, attention shares,
+and the same scores for a checkpoint and its Hugging Face export.
+
+Models are tiny random ones with the dolma2 vocabulary; lengths are a few hundred tokens."""
+
+import json
+import re
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import data
+import evaluate as ev
+import hf_interop
+from olmpool import ModelConfig, Transformer, masked_softmax_attention, visible
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.get_tokenizer()
+
+
+def tiny_model(window=None, seed=0) -> Transformer:
+    config = ModelConfig(vocab_size=100_352, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8,
+                         mlp_hidden=64, window=window, global_every=2, context_length=256, rope_theta=10_000.0)
+    return Transformer(config, seed=seed).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: RULER's string_match_all / string_match_part and HELMET's substring exact match
+
+
+def test_string_match_all_is_the_mean_fraction_of_gold_strings_found():
+    predictions = ["The numbers are 1234567 and 7654321.", "nothing here", "UUID ABC-def"]
+    references = [["1234567", "7654321", "1111111"], ["42"], ["abc-DEF"]]
+    # 2/3, 0, 1 (case-insensitive): mean 5/9.
+    assert ev.string_match_all(predictions, references) == pytest.approx(100 * (2 / 3 + 0 + 1) / 3)
+
+
+def test_string_match_part_counts_a_sample_when_any_gold_string_is_found():
+    predictions = ["Paris, France", "in 1990", "no idea"]
+    references = [["paris", "lyon"], ["1989", "1991"], ["x"]]
+    assert ev.string_match_part(predictions, references) == pytest.approx(100 / 3)
+
+
+def test_substring_exact_match_normalizes_case_punctuation_and_articles():
+    assert ev.substring_exact_match(["The value is: 'A1B2'."], [["a1b2"]]) == 100.0
+    assert ev.substring_exact_match(["a1b"], [["a1b2"]]) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts: fit their length, hold the answer where the task says, reproducible from the seed
+
+
+def solve(task: str, prompt: str) -> str:
+    """An oracle that reads the answer out of the prompt text the way each task defines it."""
+    if task.startswith("niah"):
+        query = re.findall(r"What (?:is|are all) the special magic \w+ for (.+) mentioned in the provided text\?", prompt)[-1]
+        keys = re.split(r", and |, ", query)
+        values = [v for key in keys for v in re.findall(rf"One of the special magic \w+ for {re.escape(key)} is: (\S+)\.",
+                                                        prompt)]
+        return " ".join(values)
+    if task == "vt":
+        main = prompt[prompt.rindex("Memorize and track"):]
+        value = re.findall(r"assigned the value (\d+) in the text above", main)[0]
+        names = [re.search(rf"VAR (\w+) = {value}\n", main).group(1)]
+        while (step := re.search(rf"VAR (\w+) = VAR {names[-1]} ", main)) is not None:
+            names.append(step.group(1))
+        return " ".join(names)
+    if task == "cwe":
+        listed = prompt[prompt.rindex("Memorize the ones that appear most often.\n"):prompt.rindex("\nQuestion:")]
+        counts = Counter(re.findall(r"\d+\. (\S+)", listed))
+        return " ".join(w for w, _ in counts.most_common(10))
+    if task == "fwe":
+        coded = prompt[prompt.rindex("coded words. ") + len("coded words. "):prompt.rindex("\nQuestion:")]
+        counts = Counter(w for w in coded.split() if w != "...")
+        return " ".join(w for w, _ in counts.most_common(3))
+    if task == "json_kv":
+        pairs = json.loads(prompt[prompt.index("JSON data:\n") + 11:prompt.index("\n\nExtract the value")])
+        return pairs[json.loads(re.search(r"Key: (\".*\")\n", prompt).group(1))]
+    raise AssertionError(task)
+
+
+@settings(max_examples=12)
+@given(task=st.sampled_from([t for t in ev.TASKS if t != "cwe"]), length=st.integers(450, 1500),
+       seed=st.integers(0, 10 ** 6))
+def test_prompt_fits_its_length_holds_the_answer_and_is_reproducible(tokenizer, task, length, seed):
+    samples = ev.build_samples(task, length, 2, seed, tokenizer, data.EOS_ID)
+    again = ev.build_samples(task, length, 2, seed, tokenizer, data.EOS_ID)
+    other = ev.build_samples(task, length, 2, seed + 1, tokenizer, data.EOS_ID)
+    for sample, same, different in zip(samples, again, other):
+        assert len(sample.tokens) + ev.TASKS[task].max_new_tokens <= length
+        assert sample.tokens[0] == data.EOS_ID and sample.tokens[1:] == tokenizer.encode(sample.prompt)
+        assert (same.prompt, same.answers) == (sample.prompt, sample.answers)
+        assert different.prompt != sample.prompt
+        assert ev.score(task, solve(task, sample.prompt), sample.answers) == 100.0
+        for needle in sample.needles:  # each answer's needle sits once in the context, before the question
+            assert sample.prompt.count(needle) == 1
+            assert sample.prompt.index(needle) < sample.prompt.rindex("\n")
+
+
+def test_cwe_prompt_repeats_the_ten_common_words_most(tokenizer):
+    sample = ev.build_samples("cwe", 1500, 1, 0, tokenizer, data.EOS_ID)[0]
+    assert len(sample.tokens) + 120 <= 1500 and len(sample.answers) == 10
+    assert set(solve("cwe", sample.prompt).split()) == set(sample.answers)
+
+
+def test_a_prompt_that_cannot_fit_is_refused_with_the_fix(tokenizer):
+    with pytest.raises(ev.EvaluationError, match="does not fit length 300"):
+        ev.build_samples("cwe", 300, 1, 0, tokenizer, data.EOS_ID)
+
+
+# ----------------------------------------------------------------------------------------------
+# An oracle scores 100, a constant model 0, through the same decoding and scoring path
+
+
+def oracle_generator(tokenizer):
+    def generate(prompts, max_new_tokens):
+        out = []
+        for row in prompts.tolist():
+            prompt = tokenizer.decode(row[1:])
+            task = next(t for t, test in ORACLE_TASK_OF.items() if test(prompt))
+            out.append(tokenizer.encode(" " + solve(task, prompt))[:max_new_tokens] + [data.EOS_ID])
+        return out
+    return generate
+
+
+ORACLE_TASK_OF = {"niah_single_1": lambda p: "special magic" in p, "vt": lambda p: "VAR " in p,
+                  "cwe": lambda p: "numbered list" in p, "fwe": lambda p: "coded text" in p,
+                  "json_kv": lambda p: "JSON data" in p}
+
+
+def test_oracle_scores_100_and_a_constant_model_scores_0(tokenizer):
+    tasks = ["niah_single_1", "niah_multikey_3", "niah_multiquery", "vt", "cwe", "fwe", "json_kv"]
+    oracle = ev.run_recall(oracle_generator(tokenizer), tokenizer, tasks, [1500], samples=3, seed=1, batch_size=2)
+    at = tokenizer.encode("@")[0]
+    constant = ev.run_recall(lambda prompts, n: [[at] * n for _ in range(len(prompts))], tokenizer, tasks, [1500],
+                             samples=3, seed=1)
+    for task in tasks:
+        assert oracle[task]["1500"]["scores"] == [100.0] * 3, (task, oracle[task]["1500"]["predictions"])
+        assert constant[task]["1500"]["mean"] == 0.0
+
+
+def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tokenizer):
+    model = tiny_model()
+    samples = ev.build_samples("niah_single_1", 400, 3, 0, tokenizer, data.EOS_ID)
+    for s in samples[1:]:
+        s.tokens = s.tokens[:len(samples[0].tokens)]  # equal lengths, so they share one batch
+    generate = ev.model_generator(model, data.EOS_ID)
+    batched = ev.decode_batches(samples, generate, batch_size=3)
+    single = ev.decode_batches(samples, generate, batch_size=1)
+    assert batched == single
+
+
+# ----------------------------------------------------------------------------------------------
+# LongPPL: short-context losses and the key-token rule
+
+
+def test_key_tokens_are_exactly_those_with_lsd_above_2_and_lcl_above_minus_2():
+    nan = float("nan")
+    #        position:  0    1    2    3    4    5    6    7     8    9
+    full = torch.tensor([nan, 0.1, 0.1, 0.5, 0.5, 1.9, 2.0, 0.25, 1.0, 0.3])
+    short = torch.tensor([nan, 9.0, 9.0, 2.5, 2.6, 4.0, 5.0, 2.25, 3.5, nan])
+    # 1, 2: within the first short_context=3 tokens, never key. 3: LSD exactly 2, not above. 4: LSD 2.1 and
+    # LCL -0.5: key. 5: LSD 2.1, LCL -1.9: key. 6: LCL exactly -2, not above. 7: LSD exactly 2. 8: LSD 2.5,
+    # LCL -1: key. 9: no short-context loss.
+    assert ev.select_key_tokens(full, short, short_context=3).tolist() == [4, 5, 8]
+
+
+def test_short_context_loss_sees_only_its_blocks_window():
+    model = tiny_model()
+    tokens = torch.randint(0, 1000, (40,), generator=torch.Generator().manual_seed(3))
+    C, step = 8, 4
+    short = ev.short_context_losses(model, tokens, C, step)
+    assert torch.isnan(short[:C]).all() and not torch.isnan(short[C:]).any()
+    for p in (8, 11, 12, 27, 39):
+        s = (p - C) // step * step  # the block's context starts here: between C and C + step - 1 tokens
+        expected = ev.token_losses(model, tokens[s:p + 1])[-1]
+        torch.testing.assert_close(short[p], expected)
+    full = ev.token_losses(model, tokens)
+    torch.testing.assert_close(short[C:12], ev.token_losses(model, tokens[:12])[C - 1:])  # block 0: context from 0
+    assert full.shape == (39,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention shares
+
+
+def test_sink_local_and_saturation_shares_on_a_constructed_pattern():
+    T, query = 200, 199
+    rows = torch.zeros(3, 1, T)
+    rows[0, 0, 0], rows[0, 0, 150] = 0.9, 0.1  # a sink head
+    rows[1, 0] = 1 / T  # uniform
+    rows[2, 0, 2], rows[2, 0, 98], rows[2, 0, 99], rows[2, 0, 199] = 0.25, 0.25, 0.25, 0.25
+    torch.testing.assert_close(ev.sink_share(rows[:, 0], 1), torch.tensor([0.9, 0.005, 0.0]))
+    torch.testing.assert_close(ev.sink_share(rows[:, 0], 4), torch.tensor([0.9, 0.02, 0.25]))
+    torch.testing.assert_close(ev.sink_share(rows[:, 0], 100), torch.tensor([0.9, 0.5, 0.75]))
+    # The 100 tokens before 199 are 99..198: the query itself (199) and 98 are outside.
+    torch.testing.assert_close(ev.local_share(rows, [query])[:, 0], torch.tensor([0.1, 0.5, 0.25]))
+    assert ev.saturated(rows[:, 0]).tolist() == [True, False, False]
+    mass, uniform = ev.needle_mass(rows[:, 0], (150, 151), query)
+    torch.testing.assert_close(mass, torch.tensor([0.1, 0.005, 0.0]))
+    assert uniform == pytest.approx(1 / 200)
+
+
+def test_attention_rows_match_reference_attention_and_respect_the_window():
+    model = tiny_model(window=6)
+    tokens = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(0))
+    queries = [0, 7, 29]
+    rows = ev.attention_rows(model, tokens, queries)
+    positions = torch.arange(30)
+    q, k, _ = model.layers[0].attention.qkv(model.embed(tokens), positions)  # post norm: the block input itself
+    mask = visible(positions[:, None], positions[None, :], model.layers[0].attention.window)
+    reference = masked_softmax_attention(q, k, torch.eye(30).expand(1, 2, 30, 30), mask)[0]  # (H, T, T)
+    torch.testing.assert_close(rows[0], reference[:, queries], rtol=1e-5, atol=1e-6)
+    for layer, layer_rows in zip(model.layers, rows):
+        torch.testing.assert_close(layer_rows.sum(-1), torch.ones(4, 3))
+        if layer.attention.window == 6:
+            assert layer_rows[:, 2, :29 - 5].abs().max() == 0  # query 29 sees keys 24..29 only
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: our checkpoint and its Hugging Face export score the same; a rerun resumes
+
+
+@pytest.fixture(scope="module")
+def heldout_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("heldout")
+    from pydoc_data.topics import topics
+    docs = [{"text": topics[name]} for name in sorted(topics)]
+    (folder / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    data.prepare([folder / "docs.jsonl"], folder / "prepared", val_fraction=0.5, progress=False)
+    return folder / "prepared"
+
+
+def test_checkpoint_and_its_hf_export_score_identically_and_rerun_resumes(tmp_path, heldout_folder, monkeypatch):
+    model = tiny_model()
+    ours = tmp_path / "ours"
+    hf_interop.save_checkpoint_weights(model, ours)
+    hf_interop.export_hf(model, tmp_path / "exported")
+    kwargs = dict(lengths=[256, 512], tasks=["niah_single_1"], samples=2, seed=0, data_dir=heldout_folder,
+                  short_context=64, short_step=32, windows=1, device="cpu", progress=False)
+    results = ev.evaluate({"ours": str(ours), "exported": f"hf:{tmp_path / 'exported'}"}, out=tmp_path / "eval",
+                          **kwargs)
+    for L in ("256", "512"):
+        a, b = results["recall"]["ours"][f"niah_single_1/{L}"], results["recall"]["exported"][f"niah_single_1/{L}"]
+        assert a["n"] == 2 and a["predictions"] == b["predictions"] and a["scores"] == b["scores"]
+        la, lb = results["longppl"]["ours"][L], results["longppl"]["exported"][L]
+        assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5) and la["key_tokens"] == lb["key_tokens"]
+        assert results["attention"]["ours"][L]["per_layer"]["sink_first_1"] == pytest.approx(
+            results["attention"]["exported"][L]["per_layer"]["sink_first_1"], rel=1e-4)
+    for name in ("results.json", "results.md", "score_vs_length.png", "sink_per_layer.png", "loss_by_position.png"):
+        assert (tmp_path / "eval" / name).is_file()
+    assert "RULER-offline (1 of 13 tasks)" in (tmp_path / "eval" / "results.md").read_text()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+    monkeypatch.setattr(ev, "build_samples", must_not_run)
+    monkeypatch.setattr(ev, "run_losses", must_not_run)
+    monkeypatch.setattr(ev, "run_attention", must_not_run)
+    monkeypatch.setattr(ev, "find_key_tokens", must_not_run)
+    again = ev.evaluate({"ours": str(ours), "exported": f"hf:{tmp_path / 'exported'}"}, out=tmp_path / "eval", **kwargs)
+    assert again["recall"]["ours"] == results["recall"]["ours"]
+    table = ev.before_after_table(again, ["ours", "exported"], [256, 512], ["niah_single_1"])
+    assert "\n| ours |" in table and "\n| exported |" in table and "LongPPL @ 512" in table
