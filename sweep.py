@@ -102,19 +102,36 @@ class Architecture:
         return sum(1 for v in self.choices.values() if v == 1)
 
 
-def base_shape(base_preset: str, size: str):
+# The shape flags a sweep may set on top of the base preset (the same for every run).
+SHAPE_FIELDS = ("n_layers", "d_model", "n_heads", "head_dim", "mlp_hidden", "context_length", "window")
+
+
+def base_shape(base_preset: str, size: str, shape: dict | None = None):
     import olmpool
     if base_preset not in olmpool.PRESETS:
         raise SweepError(f"--base_preset {base_preset!r} is not a preset; `python olmpool.py` lists them "
                          f"(e.g. H_post_LQK_32kv_8k_11k_SWA)")
-    return olmpool.preset(base_preset, size)
+    shape = dict(shape or {})
+    if "n_heads" in shape:
+        shape["n_kv_heads"] = shape["n_heads"]  # the grid sets kv heads per run; the base must be valid
+    try:
+        return olmpool.preset(base_preset, size, **shape)
+    except ValueError as error:
+        raise SweepError(f"the base shape {shape} on {base_preset} at {size}: {error}") from None
 
 
-def grid(base_preset: str = "H_post_LQK_32kv_8k_11k_SWA", size: str = "tiny") -> list[Architecture]:
-    """The 16 combinations of the four choices on the base preset's shape at `size`."""
-    base = base_shape(base_preset, size)
+def grid(base_preset: str = "H_post_LQK_32kv_8k_11k_SWA", size: str = "tiny", shape: dict | None = None
+         ) -> list[Architecture]:
+    """The 16 combinations of the four choices on the base preset's shape at `size` (with `shape`'s fields
+    overriding it: context_length is the longer pretraining context, window the local layers' width)."""
+    shape = {k: v for k, v in (shape or {}).items() if v is not None}
+    base = base_shape(base_preset, size, shape)
     long_context = base.context_length
     window = base.window or long_context // 2  # the preset's window (OlmPool: 4096 at 8K)
+    if long_context % 2:
+        raise SweepError(f"the longer pretraining context {long_context} must be even (the shorter is half of it)")
+    shape_flags = tuple(item for k in ("n_layers", "d_model", "n_heads", "head_dim", "mlp_hidden") if k in shape
+                        for item in (f"--{k}", str(shape[k])))
     if base.n_heads % 4:
         raise SweepError(f"GQA 4:1 needs n_heads divisible by 4; {base_preset} at {size} has {base.n_heads}")
     runs = []
@@ -122,7 +139,7 @@ def grid(base_preset: str = "H_post_LQK_32kv_8k_11k_SWA", size: str = "tiny") ->
         kv = base.n_heads // 4 if gqa else base.n_heads
         context = long_context // 2 if ctx else long_context
         name = ("post_LQK" if qk else "pre") + f"_{kv}kv_{context}" + ("_SWA" if swa else "")
-        flags = ("--preset", base_preset, "--size", size,
+        flags = ("--preset", base_preset, "--size", size, *shape_flags,
                  "--norm_placement", "post" if qk else "pre", "--qk_norm", "layerwise" if qk else "none",
                  "--n_kv_heads", str(kv), "--window", str(window) if swa else "none",
                  "--global_every", "4", "--context_length", str(context))
@@ -130,18 +147,32 @@ def grid(base_preset: str = "H_post_LQK_32kv_8k_11k_SWA", size: str = "tiny") ->
     return runs
 
 
-def preset_architecture(name: str, size: str, long_context: int) -> Architecture:
-    """An OlmPool preset by name, its choices read from its config (None where it is neither level)."""
+def preset_architecture(name: str, size: str, base_preset: str = "H_post_LQK_32kv_8k_11k_SWA",
+                        shape: dict | None = None) -> Architecture:
+    """An OlmPool preset by name at the grid's shape: its own switches (kv ratio, MLP width, window,
+    context, scaled like the grid's contexts), its choices read from its config (None where neither level)."""
     import olmpool
     if name not in olmpool.PRESETS:
         raise SweepError(f"--presets: unknown preset {name!r}; `python olmpool.py` lists them")
-    config = olmpool.preset(name, size)
-    qk = 1 if (config.norm_placement, config.qk_norm) == ("post", "layerwise") else \
-        0 if (config.norm_placement, config.qk_norm) == ("pre", "none") else None
+    shape = {k: v for k, v in (shape or {}).items() if v is not None}
+    own = olmpool.preset(name, size)
+    scale = base_shape(base_preset, size, shape).context_length / base_shape(base_preset, size).context_length
+    overrides = {k: shape[k] for k in ("n_layers", "d_model", "n_heads", "head_dim") if k in shape}
+    if "n_heads" in overrides:
+        overrides["n_kv_heads"] = max(1, overrides["n_heads"] // (own.n_heads // own.n_kv_heads))
+    if scale != 1:
+        overrides["context_length"] = int(own.context_length * scale)
+        if own.window:
+            overrides["window"] = max(1, int(own.window * scale))
+    config = olmpool.preset(name, size, **overrides)
+    long_context = base_shape(base_preset, size, shape).context_length
+    norm = (config.norm_placement, config.qk_norm)
     ratio = config.n_heads // config.n_kv_heads
-    choices = dict(qk=qk, gqa=1 if ratio >= 4 else 0 if ratio == 1 else None, swa=1 if config.window else 0,
+    choices = dict(qk=1 if norm == ("post", "layerwise") else 0 if norm == ("pre", "none") else None,
+                   gqa=1 if ratio >= 4 else 0 if ratio == 1 else None, swa=1 if config.window else 0,
                    ctx=1 if config.context_length < long_context else 0)
-    return Architecture(name, ("--preset", name, "--size", size), choices, config.context_length)
+    flags = ("--preset", name, "--size", size, *(item for k, v in overrides.items() for item in (f"--{k}", str(v))))
+    return Architecture(name, flags, choices, config.context_length)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,9 +326,11 @@ class Settings:
     threads: int = 1
     device: str = "cpu"
     extra_train: tuple[str, ...] = ()
+    shape: dict = field(default_factory=dict)  # SHAPE_FIELDS set on the base preset for every run
 
     def long_context(self) -> int:
-        return base_shape(self.base_preset, self.size).context_length
+        return base_shape(self.base_preset, self.size, {k: v for k, v in self.shape.items() if v is not None}
+                          ).context_length
 
     def ext_len(self) -> int:
         return self.ext_factor * self.long_context()
@@ -307,8 +340,8 @@ class Settings:
 
 
 def architectures(settings: Settings) -> list[Architecture]:
-    runs = grid(settings.base_preset, settings.size)
-    runs += [preset_architecture(p, settings.size, settings.long_context()) for p in settings.presets]
+    runs = grid(settings.base_preset, settings.size, settings.shape)
+    runs += [preset_architecture(p, settings.size, settings.base_preset, settings.shape) for p in settings.presets]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise SweepError(f"two runs share a name in {names}; drop the duplicate preset")
@@ -340,7 +373,7 @@ def plan(settings: Settings) -> tuple[list[Stage], dict]:
     data_flags = ["--data", str(s.data)] if s.data else []
     common_train = [*data_flags, "--steps", str(s.steps), "--batch_tokens", str(tokens_per_step),
                     "--save_every", str(s.save_every), "--keep_checkpoints", "0", "--eval_every", str(s.steps),
-                    "--log_every", "50", "--threads", str(s.threads), "--device", s.device,
+                    "--log_every", str(max(1, s.steps // 10)), "--threads", str(s.threads), "--device", s.device,
                     *(["--lr", str(s.lr)] if s.lr else []), *s.extra_train]
     ext_len = s.ext_len()
     lengths = ",".join(map(str, s.eval_lengths()))
@@ -908,6 +941,11 @@ def build_parser() -> argparse.ArgumentParser:
     p("--out", default="sweeps/mini", help="the sweep's folder: runs/, logs/, index, analysis (default: sweeps/mini)")
     p("--size", default="tiny", help="olmpool size of every run (default: tiny)")
     p("--base_preset", default="H_post_LQK_32kv_8k_11k_SWA", help="shape the grid's switches act on")
+    for name, help in (("n_layers", "layers"), ("d_model", "width"), ("n_heads", "query heads (GQA 4:1 needs a multiple of 4)"),
+                       ("head_dim", "head width"), ("mlp_hidden", "SwiGLU width"),
+                       ("context_length", "the longer pretraining context; the shorter is half (OlmPool: 8192 / 4096)"),
+                       ("window", "local layers' window (OlmPool: 4096)")):
+        p(f"--{name}", type=int, help=f"{help}, for every run (default: the base preset's at --size)")
     p("--presets", type=names, default=(), help="comma-separated OlmPool presets to add to the 16-run grid")
     p("--only", type=names, default=(), help="comma-separated run names to keep (a subset of the grid)")
     p("--seeds", type=integers, default=(0,), help="init and data seeds; each seed runs the whole grid (default: 0)")
@@ -951,7 +989,8 @@ def settings_from(args) -> Settings:
                     eval_factors=args.eval_factors, tasks=args.tasks, samples=args.samples, windows=args.windows,
                     budgets=args.budgets, budget_models=args.budget_models, early_steps=args.early_steps,
                     early_models=args.early_models, threads=args.threads,
-                    device="cuda" if args.gpus else "cpu", extra_train=tuple(args.extra_train.split()))
+                    device="cuda" if args.gpus else "cpu", extra_train=tuple(args.extra_train.split()),
+                    shape={k: getattr(args, k) for k in SHAPE_FIELDS if getattr(args, k) is not None})
 
 
 def main(argv=None) -> int:
