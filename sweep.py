@@ -68,8 +68,8 @@ import numpy as np
 
 REPO_DIR = Path(__file__).resolve().parent
 STAMP_FILE = ".sweep_stage.json"
-# Flags whose value does not change a stage's result beyond rounding: not part of its identity.
-IDENTITY_FREE_FLAGS = ("--threads", "--device")
+# Flags whose value does not change a stage's result beyond rounding (or at all): not part of its identity.
+IDENTITY_FREE_FLAGS = ("--threads", "--device", "--log_every")
 
 
 class SweepError(Exception):
@@ -192,9 +192,12 @@ class Stage:
 
 
 def identity_command(command: list[str]) -> list[str]:
-    """The command without flags that do not change results (threads, device) and their values."""
+    """The command without flags that do not change results (threads, device, logging) and their values,
+    and with the interpreter's path as "python", so that a sweep moved to another checkout or venv resumes."""
     kept, skip = [], False
-    for part in command:
+    for index, part in enumerate(command):
+        if index == 0 and part == sys.executable:
+            part = "python"
         if skip:
             skip = False
             continue
@@ -949,7 +952,8 @@ def build_parser() -> argparse.ArgumentParser:
     p("--presets", type=names, default=(), help="comma-separated OlmPool presets to add to the 16-run grid")
     p("--only", type=names, default=(), help="comma-separated run names to keep (a subset of the grid)")
     p("--seeds", type=integers, default=(0,), help="init and data seeds; each seed runs the whole grid (default: 0)")
-    p("--data", help="prepared data folder for every stage (default: train.py's built-in corpus)")
+    p("--data", help="prepared data folder for every stage (default: train.py's built-in corpus, in its "
+                     "compact vocabulary where train.py uses one at --size)")
     p("--steps", type=int, default=400, help="pretraining steps (default: 400)")
     p("--batch_sequences", type=int, default=8,
       help="pretraining batch in sequences of the longer context; every run gets the same tokens per step (default: 8)")
@@ -979,11 +983,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_data(size: str) -> str:
+    """The built-in corpus as train.py would use it at this size (its compact vocabulary where train.py has
+    one for the size), prepared once here so that every stage, evaluate.py included, names the same folder."""
+    import inspect
+
+    import data
+    import train
+    compact = getattr(train, "COMPACT_VOCAB_BY_SIZE", {}).get(size, 0)
+    if compact and "compact_vocab" in inspect.signature(data.prepare_builtin_corpus).parameters:
+        return str(data.prepare_builtin_corpus(compact_vocab=compact))
+    return str(data.prepare_builtin_corpus())
+
+
 def settings_from(args) -> Settings:
     if args.ext_steps < 1 or args.steps < 1:
         raise SweepError(f"--steps {args.steps} and --ext_steps {args.ext_steps} must be at least 1")
-    return Settings(out=Path(args.out), size=args.size, base_preset=args.base_preset, presets=args.presets,
-                    only=args.only, seeds=args.seeds, data=args.data, steps=args.steps,
+    # absolute, since every stage runs in the repository's folder whatever the caller's
+    return Settings(out=Path(args.out).resolve(), size=args.size, base_preset=args.base_preset, presets=args.presets,
+                    only=args.only, seeds=args.seeds,
+                    data=str(Path(args.data).resolve()) if args.data else default_data(args.size),
+                    steps=args.steps,
                     batch_sequences=args.batch_sequences, save_every=args.save_every, lr=args.lr, recipe=args.recipe,
                     ext_factor=args.ext_factor, ext_steps=args.ext_steps, ext_batch_sequences=args.ext_batch_sequences,
                     eval_factors=args.eval_factors, tasks=args.tasks, samples=args.samples, windows=args.windows,
