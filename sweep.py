@@ -310,13 +310,14 @@ class Settings:
     seeds: tuple[int, ...] = (0,)
     data: str | None = None
     data_seed: int = 0
-    steps: int = 400
+    steps: int = 250
     batch_sequences: int = 8  # at the longer pretraining context; the shorter one gets twice as many
-    save_every: int = 100
+    save_every: int = 50
     lr: float | None = None
+    min_lr_ratio: float = 1.0  # OlmPool's pretraining LR never decayed: cosine planned for trillions, stopped at ~140B
     recipe: str = "olmpool"
     ext_factor: int = 8  # extended length = factor x the longer pretraining context (OlmPool: 8K -> 64K)
-    ext_steps: int = 40
+    ext_steps: int = 20
     ext_batch_sequences: int = 1
     eval_factors: tuple[int, ...] = (1, 2, 4, 8)  # evaluation lengths as multiples of the longer context
     tasks: str = "niah_single_1"
@@ -326,6 +327,7 @@ class Settings:
     budget_models: tuple[str, ...] = ()
     early_steps: tuple[int, ...] = ()
     early_models: tuple[str, ...] = ()
+    longppl_evaluator: str | None = None
     threads: int = 1
     device: str = "cpu"
     extra_train: tuple[str, ...] = ()
@@ -377,7 +379,7 @@ def plan(settings: Settings) -> tuple[list[Stage], dict]:
     common_train = [*data_flags, "--steps", str(s.steps), "--batch_tokens", str(tokens_per_step),
                     "--save_every", str(s.save_every), "--keep_checkpoints", "0", "--eval_every", str(s.steps),
                     "--log_every", str(max(1, s.steps // 10)), "--threads", str(s.threads), "--device", s.device,
-                    *(["--lr", str(s.lr)] if s.lr else []), *s.extra_train]
+                    "--min_lr_ratio", str(s.min_lr_ratio), *(["--lr", str(s.lr)] if s.lr else []), *s.extra_train]
     ext_len = s.ext_len()
     lengths = ",".join(map(str, s.eval_lengths()))
     eval_common = ["--tasks", s.tasks, "--samples", str(s.samples), "--windows", str(s.windows),
@@ -446,9 +448,14 @@ def plan(settings: Settings) -> tuple[list[Stage], dict]:
             for step in s.early_steps:
                 extension(f"extend_p{step}", step, s.ext_steps)
 
-    # LongPPL on the same key tokens for every extended model: one evaluator (the first run) picks them.
+    # LongPPL on the same key tokens for every extended model: one evaluator picks them, by default the
+    # run without a harmful choice (the paper used a strong outside model; none is at hand offline).
     extended = [(key, step_dir(Path(out) / "runs" / arch.name / f"s{seed}" / "extend", s.ext_steps))
                 for key, (arch, seed) in members.items()]
+    evaluator_name = s.longppl_evaluator or (representative(runs) or names)[0]
+    if evaluator_name not in names:
+        raise SweepError(f"--longppl_evaluator {evaluator_name!r}: no such run; the runs are {', '.join(names)}")
+    extended.sort(key=lambda item: not item[0].startswith(evaluator_name + "/"))  # evaluate.py's evaluator: the first
     longppl_out = out / "longppl"
     stages.append(Stage("longppl", [
         python(), "evaluate.py", *[str(c) for _, c in extended], "--labels", ",".join(k.replace("/", "@") for k, _ in extended),
@@ -954,14 +961,18 @@ def build_parser() -> argparse.ArgumentParser:
     p("--seeds", type=integers, default=(0,), help="init and data seeds; each seed runs the whole grid (default: 0)")
     p("--data", help="prepared data folder for every stage (default: train.py's built-in corpus, in its "
                      "compact vocabulary where train.py uses one at --size)")
-    p("--steps", type=int, default=400, help="pretraining steps (default: 400)")
+    p("--steps", type=int, default=250, help="pretraining steps (default: 250)")
     p("--batch_sequences", type=int, default=8,
       help="pretraining batch in sequences of the longer context; every run gets the same tokens per step (default: 8)")
-    p("--save_every", type=int, default=100, help="pretraining checkpoints kept every N steps (default: 100)")
+    p("--save_every", type=int, default=50, help="pretraining checkpoints kept every N steps (default: 50)")
     p("--lr", type=float, help="pretraining peak learning rate (default: train.py's for the size)")
+    p("--min_lr_ratio", type=float, default=1.0,
+      help="pretraining's final / peak lr (default: 1, a constant lr after warmup, as OlmPool's runs, whose "
+           "cosine was planned for trillions of tokens and stopped at ~140B, never decayed)")
     p("--recipe", default="olmpool", help="extend.py's recipe (default: olmpool)")
     p("--ext_factor", type=int, default=8, help="extended length / the longer pretraining context (OlmPool: 8)")
-    p("--ext_steps", type=int, default=40, help="extension steps (default: 40)")
+    p("--ext_steps", type=int, default=20,
+      help="extension steps (default: 20: 41K tokens, 8%% of pretraining's 512K at the defaults; OlmPool: 10B of 140B)")
     p("--ext_batch_sequences", type=int, default=1, help="extension batch in sequences (default: 1)")
     p("--eval_factors", type=integers, default=(1, 2, 4, 8),
       help="evaluation lengths as multiples of the longer pretraining context (default: 1,2,4,8)")
@@ -972,6 +983,8 @@ def build_parser() -> argparse.ArgumentParser:
     p("--budget_models", type=names, default=(), help="runs for --budgets (default: 3 representative)")
     p("--early_steps", type=integers, default=(), help="further finding: pretraining steps to extend from")
     p("--early_models", type=names, default=(), help="runs for --early_steps (default: 3 representative)")
+    p("--longppl_evaluator", help="run whose extended model picks LongPPL's key tokens for all (default: the run "
+                                   "without a harmful choice)")
     p("--measure", default="loss", choices=list(MEASURES), help="the measure the analysis leads with (default: loss)")
     p("--jobs", type=int, default=1, help="stages at once (CPU); with --gpus, one per GPU")
     p("--threads", type=int, default=1, help="CPU threads per stage (default: 1)")
@@ -1003,12 +1016,12 @@ def settings_from(args) -> Settings:
     return Settings(out=Path(args.out).resolve(), size=args.size, base_preset=args.base_preset, presets=args.presets,
                     only=args.only, seeds=args.seeds,
                     data=str(Path(args.data).resolve()) if args.data else default_data(args.size),
-                    steps=args.steps,
+                    steps=args.steps, min_lr_ratio=args.min_lr_ratio,
                     batch_sequences=args.batch_sequences, save_every=args.save_every, lr=args.lr, recipe=args.recipe,
                     ext_factor=args.ext_factor, ext_steps=args.ext_steps, ext_batch_sequences=args.ext_batch_sequences,
                     eval_factors=args.eval_factors, tasks=args.tasks, samples=args.samples, windows=args.windows,
                     budgets=args.budgets, budget_models=args.budget_models, early_steps=args.early_steps,
-                    early_models=args.early_models, threads=args.threads,
+                    early_models=args.early_models, longppl_evaluator=args.longppl_evaluator, threads=args.threads,
                     device="cuda" if args.gpus else "cpu", extra_train=tuple(args.extra_train.split()),
                     shape={k: getattr(args, k) for k in SHAPE_FIELDS if getattr(args, k) is not None})
 

@@ -100,14 +100,14 @@ def test_a_second_seed_repeats_the_grid_with_its_own_seed_and_folders(tmp_path):
 
 
 def test_findings_add_stages_only_for_their_subset_and_early_steps_must_be_kept_checkpoints(tmp_path):
-    settings = Settings(out=tmp_path, budgets=(20, 40, 80), early_steps=(100, 200))
+    settings = Settings(out=tmp_path, budgets=(10, 20, 80), early_steps=(100, 200))
     stages, _ = sweep.plan(settings)
     keys = {s.key for s in stages}
     subset = sweep.representative(sweep.grid())
     assert subset == ["pre_8kv_256", "post_LQK_8kv_256_SWA", "post_LQK_2kv_128_SWA"]
     for name in subset:
-        assert {f"{name}/s0/extend_b20", f"{name}/s0/extend_b80", f"{name}/s0/extend_p100"} <= keys
-        assert f"{name}/s0/extend_b40" not in keys  # 40 is the main extension's budget
+        assert {f"{name}/s0/extend_b10", f"{name}/s0/extend_b80", f"{name}/s0/extend_p100"} <= keys
+        assert f"{name}/s0/extend_b20" not in keys  # 20 is the main extension's budget
     assert not any(k.startswith("pre_2kv_256/s0/extend_") for k in keys)
     early = next(s for s in stages if s.key == "pre_8kv_256/s0/extend_p100")
     assert flags_of(early.command)["--from"].endswith("pretrain/step_0000100")
