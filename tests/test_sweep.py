@@ -258,3 +258,37 @@ def test_a_two_model_sweep_runs_end_to_end_resumes_and_writes_index_analysis_and
     assert sweep.main(argv) == 0
     index = json.loads((out / "index.json").read_text())
     assert {e["this_time"] for e in index["stages"]} == {"skip"}
+
+
+def test_the_analysis_of_a_constructed_pool_recovers_its_r2_effects_findings_and_writes_tables_and_plots(tmp_path):
+    settings = Settings(out=tmp_path, steps=250, ext_steps=20)
+    rows = []
+    for arch in sweep.grid():
+        c = arch.choices
+        loss = 3 + 0.5 * c["qk"] + 0.1 * c["gqa"] + 0.2 * c["swa"] + 0.05 * c["ctx"]
+        for seed, noise in ((0, 0.01), (1, -0.01)):  # seeds differ by 0.02: std 0.0141 per model
+            rows.append({"run": f"{arch.name}/s{seed}", "name": arch.name, "seed": seed, "choices": c,
+                         "harmful_count": arch.harmful_count, "pretrain_context": arch.pretrain_context,
+                         "val_loss_pretrain": 2.0 + 0.01 * c["ctx"], "recall_by_length": {}, "loss_by_length": {},
+                         "recall": None, "loss": loss + noise, "longppl": None, "sink": 0.5 - 0.2 * c["qk"],
+                         "before": {"loss": 2.5, "recall": None, "sink": None},
+                         # budgets: the gap between models stays; early: the ranking is the final one's
+                         "budgets": {20: {"loss": loss + noise}, 80: {"loss": loss + noise - 0.3}} if seed == 0
+                         and arch.name in sweep.representative(sweep.grid()) else {20: {"loss": loss + noise}},
+                         "early": {250: {"loss": loss + noise}, 100: {"loss": 2 * loss}} if seed == 0
+                         and arch.name in sweep.representative(sweep.grid()) else {250: {"loss": loss + noise}}})
+    analysis = sweep.analyze(rows, "loss", settings)
+    assert analysis["models"] == 16
+    assert analysis["pairwise"]["qk"]["mean"] == pytest.approx(0.5) and analysis["pairwise"]["qk"]["std"] < 1e-9
+    assert analysis["pairwise"]["swa"]["mean"] == pytest.approx(0.2)
+    # qk alone moves the sinks, and the loss through it: sink share explains 0.25 / (0.25 + 0.01 + 0.04 + 0.0025)
+    assert analysis["r2"]["sink_share"] == pytest.approx(0.25 / 0.3025)
+    assert analysis["sinks"]["pearson"] == pytest.approx(-np.sqrt(0.25 / 0.3025))
+    assert np.isnan(analysis["r2"]["before_extension"])  # a constant says nothing
+    assert analysis["spread"]["seed_std_mean"] == pytest.approx(0.02 / np.sqrt(2))
+    assert analysis["budgets"]["gap_by_budget"]["20"] == pytest.approx(analysis["budgets"]["gap_by_budget"]["80"])
+    assert analysis["early"]["spearman_vs_final"]["100"] == pytest.approx(1.0)
+    text = sweep.markdown({"loss": analysis}, rows, settings, "loss")
+    assert "| count of harmful choices |" in text and "Spearman" in text and "post_LQK_2kv_128_SWA" in text
+    assert set(sweep.plots({"loss": analysis}, tmp_path)) == {"loss_vs_count.png", "loss_by_budgets.png",
+                                                             "loss_by_early.png"}
