@@ -29,8 +29,9 @@ warmup 200 steps to 2.9952e-4 then linear decay to 0, AdamW as in pretraining wi
 
 Sizes scale as in train.py: a size divides lengths by its shrink factor (tiny 32, 20m 8, 150m 4,
 1b and 7b 1), so the default sequence is 65,536 / shrink; batch (64 sequences) and steps (2385)
-stay, so the token budget shrinks with the length. The peak learning rate is train.py's rate for
-the size times OlmPool's extension/pretraining ratio (2.9952e-4 / 3e-4). On CPU, where the point
+stay, so the token budget shrinks with the length. The peak learning rate is the rate the source
+ended pretraining at times OlmPool's extension/pretraining ratio (2.9952e-4 / 3e-4): OlmPool never
+decayed its pretraining rate, so its extension continued at it. On CPU, where the point
 is a demonstration in minutes, the defaults are 4x the source's pretraining length, 2 sequences
 per batch and 60 steps.
 
@@ -88,7 +89,7 @@ RECIPES = {
 # step, 10B tokens = 2385 steps, warmup 200 to 2.9952e-4 then linear to 0.
 EXTENSION_TRAINING = dict(seq_len=65_536, sequences=64, steps=2385, warmup=200, lr=2.9952e-4, pretraining_lr=3e-4)
 # The CPU demo: `python extend.py` after `python train.py` in a few minutes.
-CPU_DEMO = dict(length_factor=4, sequences=2, steps=60)
+CPU_DEMO = dict(length_factor=4, sequences=2, steps=30)
 ROPE_FIELDS = ("rope_scaling", "rope_factor", "rope_scaling_layers", "rope_original_context", "yarn_beta_fast",
                "yarn_beta_slow")
 
@@ -129,13 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="; ".join(f"{name}: {r.description}" for name, r in RECIPES.items()) + " (default: %(default)s)")
     group.add_argument("--rope_theta_target", type=float, help="ABF recipes: the new RoPE base (default: 8,000,000); "
                        "--rope_factor sets the ratio instead")
-    group.add_argument("--held_out_documents", type=int, default=16,
+    group.add_argument("--held_out_documents", type=int, default=8,
                        help="at the end, the loss of the source and the extended model on up to this many val "
                             "documents of at least seq_len tokens; 0: skip (default: %(default)s)")
     group.add_argument("--dry_run", action="store_true",
                        help="print the memory plan per GPU for --preset/--size (or --from), --seq_len, --gpus, "
                             "--micro_batch, --fsdp, --activation_checkpointing and exit")
     group.add_argument("--gpus", type=int, default=8, help="--dry_run: GPUs to plan for (default: %(default)s)")
+    group.add_argument("--measure", action="store_true",
+                       help="--dry_run: also run one forward and backward of this model on this CPU in fp32 and print "
+                            "the measured saved activations and peak memory growth beside the plan's (small sizes!)")
     group.add_argument("--gpu_memory", type=float, default=80.0,
                        help="--dry_run: GiB per GPU (default: %(default)s, an H100 or A100 80GB)")
     # Changed defaults: None means "the recipe's number, scaled for the size or device" (resolve()).
@@ -149,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = (f"the extended length (default: {EXTENSION_TRAINING['seq_len']:,} divided by the size's "
                            f"shrink; on CPU {CPU_DEMO['length_factor']}x the source's pretraining length)")
         elif action.dest == "lr":
-            action.help = (f"peak learning rate (default: train.py's rate for the size x "
-                           f"{EXTENSION_TRAINING['lr']} / {EXTENSION_TRAINING['pretraining_lr']}, OlmPool's ratio)")
+            action.help = (f"peak learning rate (default: the source's last learning rate x "
+                           f"{EXTENSION_TRAINING['lr']} / {EXTENSION_TRAINING['pretraining_lr']}, OlmPool's ratio; "
+                           f"train.py's rate for the size if unknown)")
         elif action.dest == "warmup":
             action.help = f"warmup steps (default: OlmPool's {EXTENSION_TRAINING['warmup']}, or a tenth of --steps if fewer)"
         elif action.dest == "micro_batch":
@@ -200,6 +205,19 @@ def size_of(config: ModelConfig, state: dict) -> str:
     return next((name for name, shape in olmpool.SIZES.items() if shape["d_model"] == config.d_model), "7b")
 
 
+def source_final_lr(state: dict, size: str) -> float:
+    """The learning rate of the source's last step (train_state.json's arguments), else train.py's
+    peak rate for the size. OlmPool's pretraining never decayed (stopped at ~140B tokens of a
+    trillions-long cosine), so its extension's 2.9952e-4 continues at the rate pretraining ended."""
+    saved = state.get("args")
+    if saved and state.get("step"):
+        try:
+            return train.lr_at(state["step"] - 1, argparse.Namespace(**saved))
+        except (AttributeError, TypeError, KeyError):
+            pass  # a checkpoint from an older train.py: fall back
+    return train.LEARNING_RATES[size]
+
+
 def resolve(args, source_config: ModelConfig, source_state: dict, device_type: str) -> ModelConfig:
     """Fill the recipe's defaults into args (in place) and return the extended ModelConfig."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig) if hasattr(args, f.name)}
@@ -216,7 +234,7 @@ def resolve(args, source_config: ModelConfig, source_state: dict, device_type: s
     if args.warmup is None:
         args.warmup = min(EXTENSION_TRAINING["warmup"], max(1, args.steps // 10))
     if args.lr is None:
-        args.lr = train.LEARNING_RATES[args.size] * EXTENSION_TRAINING["lr"] / EXTENSION_TRAINING["pretraining_lr"]
+        args.lr = source_final_lr(source_state, args.size) * EXTENSION_TRAINING["lr"] / EXTENSION_TRAINING["pretraining_lr"]
     if args.rope_theta_target is not None and "rope_factor" not in given:
         given["rope_factor"] = args.rope_theta_target / source_config.rope_theta
     try:
@@ -312,10 +330,18 @@ def extend(args) -> dict:
     """Extend as args say (train.train with the recipe's config and the mix); returns train.train's
     summary plus "held_out": {"source": loss, "extended": loss} when measured."""
     device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    source, source_config, source_state = resolve_source(args.source)
-    config = resolve(args, source_config, source_state, device_type)
+    if args.dry_run and args.source is None:  # plan for a preset at a size; the plan is per GPU
+        source, source_config, source_state = f"{args.preset} at {args.size}", train.model_config(args), \
+            {"args": {"size": args.size}}
+        device_type = "cuda"
+    else:
+        source, source_config, source_state = resolve_source(args.source)
+    config = resolve(args, source_config, source_state, "cuda" if args.dry_run else device_type)
     if args.dry_run:
+        print(describe_recipe(args, source, source_config, config))
         print(memory_plan(config, args))
+        if args.measure:
+            print(compare_with_measurement(config, args))
         return {}
     args.init_from = source
     name = Path(source.removeprefix("hf:"))
@@ -481,6 +507,20 @@ def memory_plan(config: ModelConfig, args) -> str:
                        f"{(cp.activations + cp.transient + plan.persistent) / GIB:.1f} GiB; not implemented here)")
         out.append("  would fit: " + "; ".join(options))
     return "\n".join(out)
+
+
+def compare_with_measurement(config: ModelConfig, args) -> str:
+    """--measure: the plan in fp32 for one process against measure_peak on this CPU."""
+    plan = plan_memory(config, args.seq_len, args.micro_batch, 1, False, args.activation_checkpointing,
+                       args.loss_chunk, activation_bytes=4)
+    measured = measure_peak(config, args.seq_len, args.micro_batch, args.activation_checkpointing, args.loss_chunk)
+    planned_peak = plan.activations + max(plan.transients.values())
+    return (f"measured on this CPU in fp32, one process, micro-batch {args.micro_batch} of {args.seq_len}:\n"
+            f"  saved activations (autograd's saved tensors): measured {measured['saved_activations'] / 2**20:.1f} MiB, "
+            f"planned {plan.activations / 2**20:.1f} MiB ({plan.activations / measured['saved_activations'] - 1:+.1%})\n"
+            f"  peak RSS growth over one forward and backward: measured {measured['peak_growth'] / 2**20:.1f} MiB, "
+            f"planned activations + largest transient {planned_peak / 2**20:.1f} MiB "
+            f"({planned_peak / max(1, measured['peak_growth']) - 1:+.1%})")
 
 
 def measure_peak(config: ModelConfig, seq_len: int, micro_batch: int, activation_checkpointing: bool,
