@@ -798,11 +798,14 @@ def markdown(analyses: dict, rows: list[dict], settings: Settings, primary: str)
                   "", f"{a['models']} models (seeds averaged). Spread between models (std): "
                   f"{fmt(a['spread']['between_models_std'])}; seed-to-seed (mean std over "
                   f"{a['spread']['models_with_seeds']} models): {fmt(a['spread']['seed_std_mean'])}.", "",
+                  seed_verdict(a["spread"]), "",
                   "| R² of the measure against | here | paper (7B, HELMET-32K) |", "|---|---|---|"]
         for key, label in (("harmful_count", "count of harmful choices"), ("pretraining_val_loss", "pretraining loss"),
                            ("before_extension", "the same measure before extension"), ("sink_share", "sink share")):
             lines.append(f"| {label} | {fmt(a['r2'][key])} | {a['paper_r2_7b'][key]} |")
-        lines += ["", "| choice (harmful level minus other) | pairs | mean effect | std over the others | min | max |",
+        lines += ["", "Pairwise: the measure of the model with the harmful level minus that of its twin with the other level "
+                  f"({'negative' if a['higher_is_better'] else 'positive'}: the harmful level is worse).", "",
+                  "| choice (harmful level minus other) | pairs | mean effect | std over the others | min | max |",
                   "|---|---|---|---|---|---|"]
         for choice, e in a["pairwise"].items():
             lines.append(f"| {choice}: {CHOICE_DESCRIPTIONS[choice]} | {e['n']} | {fmt(e['mean'])} | {fmt(e['std'])} | "
@@ -821,6 +824,18 @@ def markdown(analyses: dict, rows: list[dict], settings: Settings, primary: str)
                 "Spearman rho of the ranking vs the final checkpoint's: " +
                 ", ".join(f"{p}: {fmt(r)}" for p, r in a["early"]["spearman_vs_final"].items())]
     return "\n".join(lines) + "\n"
+
+
+def seed_verdict(spread: dict) -> str:
+    """Whether the differences between models stand out of the seed-to-seed noise (the issue's test for a
+    second seed)."""
+    between, seeds = spread.get("between_models_std"), spread.get("seed_std_mean")
+    if seeds is None:
+        return "One seed per model: rerun with `--seeds 0,1` to compare the spread between models with the seeds'."
+    ratio = between / seeds if between is not None and seeds > 0 else float("inf")
+    return (f"The spread between models is {fmt(ratio, 1)}x the seed-to-seed spread: "
+            + ("the differences between models stand out of the seed noise." if ratio >= 2 else
+               "the differences between models are NOT clearly larger than the seed noise."))
 
 
 def plots(analyses: dict, out: Path) -> list[str]:
