@@ -54,7 +54,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import os
 import platform
 import shutil
@@ -458,7 +457,8 @@ def plan(settings: Settings) -> tuple[list[Stage], dict]:
     extended.sort(key=lambda item: not item[0].startswith(evaluator_name + "/"))  # evaluate.py's evaluator: the first
     longppl_out = out / "longppl"
     stages.append(Stage("longppl", [
-        python(), "evaluate.py", *[str(c) for _, c in extended], "--labels", ",".join(k.replace("/", "@") for k, _ in extended),
+        python(), "evaluate.py", *[str(c) for _, c in extended],
+        "--labels", ",".join(k.replace("/", "@") for k, _ in extended),
         "--modes", "longppl", "--lengths", str(ext_len), "--windows", str(s.windows),
         "--short_context", str(long_context // 2), "--short_step", str(max(1, long_context // 8)),
         "--device", s.device, *data_flags, "--out", str(longppl_out)],
@@ -716,8 +716,9 @@ def analyze(rows: list[dict], measure: str, settings: Settings) -> dict:
     sink_split = {}
     for level, label in ((1, "post + QK norm"), (0, "pre, no QK norm")):
         pick = qk == level
+        measured = sinks[pick][np.isfinite(sinks[pick])]
         sink_split[label] = {"n": int(pick.sum()), "pearson": pearson(sinks[pick], y[pick]),
-                             "sink_mean": float(np.nanmean(sinks[pick])) if pick.any() and np.isfinite(sinks[pick]).any() else None}
+                             "sink_mean": float(measured.mean()) if len(measured) else None}
     model_spread = float(np.std(y, ddof=1)) if len(y) > 1 else None
     analysis = {
         "measure": measure, "description": description, "higher_is_better": higher_is_better,
@@ -803,7 +804,8 @@ def markdown(analyses: dict, rows: list[dict], settings: Settings, primary: str)
         for key, label in (("harmful_count", "count of harmful choices"), ("pretraining_val_loss", "pretraining loss"),
                            ("before_extension", "the same measure before extension"), ("sink_share", "sink share")):
             lines.append(f"| {label} | {fmt(a['r2'][key])} | {a['paper_r2_7b'][key]} |")
-        lines += ["", "Pairwise: the measure of the model with the harmful level minus that of its twin with the other level "
+        lines += ["", "Pairwise: the measure of the model with the harmful level minus that of its twin with the "
+                  "other level "
                   f"({'negative' if a['higher_is_better'] else 'positive'}: the harmful level is worse).", "",
                   "| choice (harmful level minus other) | pairs | mean effect | std over the others | min | max |",
                   "|---|---|---|---|---|---|"]
@@ -817,7 +819,8 @@ def markdown(analyses: dict, rows: list[dict], settings: Settings, primary: str)
         if a["budgets"]["table"]:
             lines += ["", "Extension budgets (steps): " + "; ".join(
                 f"{m}: " + ", ".join(f"{b}: {fmt(v)}" for b, v in t.items()) for m, t in a["budgets"]["table"].items()),
-                "Gap best-worst by budget: " + ", ".join(f"{b}: {fmt(g)}" for b, g in a["budgets"]["gap_by_budget"].items())]
+                "Gap best-worst by budget: " + ", ".join(f"{b}: {fmt(g)}"
+                                                         for b, g in a["budgets"]["gap_by_budget"].items())]
         if a["early"]["table"]:
             lines += ["", "Extended from pretraining step: " + "; ".join(
                 f"{m}: " + ", ".join(f"{p}: {fmt(v)}" for p, v in t.items()) for m, t in a["early"]["table"].items()),
@@ -940,9 +943,14 @@ def write_analysis(settings: Settings, members: dict, primary: str, results_dir:
         for name in ("index.json", "index.md"):
             if (out / name).is_file():
                 shutil.copy2(out / name, results_dir / name)
-        (results_dir / "COMMAND.md").write_text(
-            f"Produced by\n\n```bash\n{' '.join(command)}\n```\n\non {machine()}, finished "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}.\n")
+        index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}
+        ran = index.get("command")
+        text = (f"Analysis by\n\n```bash\n{' '.join(command)}\n```\n\non {machine()}, "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}.\n")
+        if ran and ran != command:
+            text = (f"Stages run by the last sweep command on {out}\n\n```bash\n{' '.join(ran)}\n```\n\non "
+                    f"{index.get('machine')}.\n\n" + text)
+        (results_dir / "COMMAND.md").write_text(text)
     return report
 
 
@@ -966,7 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
     p("--out", default="sweeps/mini", help="the sweep's folder: runs/, logs/, index, analysis (default: sweeps/mini)")
     p("--size", default="tiny", help="olmpool size of every run (default: tiny)")
     p("--base_preset", default="H_post_LQK_32kv_8k_11k_SWA", help="shape the grid's switches act on")
-    for name, help in (("n_layers", "layers"), ("d_model", "width"), ("n_heads", "query heads (GQA 4:1 needs a multiple of 4)"),
+    for name, help in (("n_layers", "layers"), ("d_model", "width"),
+                       ("n_heads", "query heads (GQA 4:1 needs a multiple of 4)"),
                        ("head_dim", "head width"), ("mlp_hidden", "SwiGLU width"),
                        ("context_length", "the longer pretraining context; the shorter is half (OlmPool: 8192 / 4096)"),
                        ("window", "local layers' window (OlmPool: 4096)")):

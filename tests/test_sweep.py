@@ -18,8 +18,8 @@ import sweep  # noqa: E402
 from sweep import Settings, Stage  # noqa: E402
 
 # What the grid's commands may differ in: the four switches, and what follows from the context.
-SWITCH_FLAGS = {"--norm_placement", "--global_every", "--qk_norm", "--n_kv_heads", "--window", "--context_length", "--seq_len",
-                "--micro_batch", "--out", "--from"}
+SWITCH_FLAGS = {"--norm_placement", "--global_every", "--qk_norm", "--n_kv_heads", "--window", "--context_length",
+                "--seq_len", "--micro_batch", "--out", "--from"}
 
 
 def flags_of(command: list[str]) -> dict:
@@ -253,7 +253,7 @@ def test_a_two_model_sweep_runs_end_to_end_resumes_and_writes_index_analysis_and
         assert np.isfinite(row["before"]["loss"])
     assert rows["post_LQK_1kv_16_SWA"]["harmful_count"] == 4 and rows["pre_4kv_32"]["harmful_count"] == 0
     assert (results / "loss_vs_count.png").is_file() and (results / "analysis.md").is_file()
-    assert "Produced by" in (results / "COMMAND.md").read_text()
+    assert " ".join(argv) in (results / "COMMAND.md").read_text()
     # the same command again runs nothing
     assert sweep.main(argv) == 0
     index = json.loads((out / "index.json").read_text())
