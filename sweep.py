@@ -479,35 +479,38 @@ def stage_env(settings: Settings, slot: int, gpus: list[str]) -> dict:
 
 
 def execute(stages: list[Stage], settings: Settings, jobs: int, gpus: list[str], log=print) -> list[dict]:
-    """Run the stages, at most `jobs` at a time, each after the stages it needs. Stops launching after a
-    failure, lets the running ones finish, then raises the first failure."""
+    """Run the stages, at most `jobs` at a time, each as soon as the stages it needs are done. A failed
+    stage blocks only the stages that need it; the others go on (a long unattended sweep loses one run,
+    not the night). Raises SweepError naming every failure at the end."""
     pending = {stage.key: stage for stage in stages}
-    done_keys, records, failures = set(), [], []
+    done_keys, failed_keys, records, failures = set(), set(), [], []
     free_slots = list(range(jobs))
     running = {}
+    logs = Path(settings.out) / "logs"
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
-            ready = [st for st in pending.values() if all(a in done_keys for a in st.after)] if not failures else []
-            for stage in ready:
-                if not free_slots:
-                    break
+            for stage in [st for st in pending.values() if any(a in failed_keys for a in st.after)]:
+                failed_keys.add(stage.key)  # blocked by a failure upstream
+                del pending[stage.key]
+                log(f"[sweep] blocked {stage.key}")
+            for stage in [st for st in pending.values() if all(a in done_keys for a in st.after)]:
                 if decide(stage) == "skip":  # no slot needed
-                    records.append(run_stage(stage, {}, Path(settings.out) / "logs"))
+                    records.append(run_stage(stage, {}, logs))
                     done_keys.add(stage.key)
                     del pending[stage.key]
                     continue
+                if not free_slots:
+                    break
                 slot = free_slots.pop(0)
                 log(f"[sweep] start {stage.key}")
-                future = pool.submit(run_stage, stage, stage_env(settings, slot, gpus), Path(settings.out) / "logs")
-                running[future] = (stage, slot)
+                running[pool.submit(run_stage, stage, stage_env(settings, slot, gpus), logs)] = (stage, slot)
                 del pending[stage.key]
             if not running:
-                if pending and not failures and not [s for s in pending.values()
-                                                     if all(a in done_keys for a in s.after)]:
+                if any(all(a in done_keys for a in st.after) for st in pending.values()):
+                    continue  # skipped stages made others ready
+                if pending:
                     raise SweepError(f"stages waiting on stages that never run: {sorted(pending)}")
-                if failures or not pending:
-                    break
-                continue
+                break
             finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:
                 stage, slot = running.pop(future)
@@ -516,13 +519,15 @@ def execute(stages: list[Stage], settings: Settings, jobs: int, gpus: list[str],
                     record = future.result()
                 except SweepError as error:
                     failures.append(error)
+                    failed_keys.add(stage.key)
                     log(f"[sweep] FAILED {stage.key}")
                     continue
                 records.append(record)
                 done_keys.add(stage.key)
                 log(f"[sweep] done {stage.key} in {record['seconds']:.0f}s ({record['decision']})")
     if failures:
-        raise failures[0]
+        raise SweepError(f"{len(failures)} stage(s) failed, {len(failed_keys) - len(failures)} blocked by them; "
+                         f"the rest finished:\n" + "\n".join(str(f) for f in failures))
     return records
 
 
@@ -1063,13 +1068,16 @@ def main(argv=None) -> int:
         if not args.analyze_only:
             Path(settings.out).mkdir(parents=True, exist_ok=True)
             jobs = len(args.gpus) if args.gpus else max(1, args.jobs)
-            records = []
+            records, failure = [], None
             try:
                 records = execute(stages, settings, jobs, list(args.gpus))
-            finally:
-                write_index(stages, records, settings, command)
+            except SweepError as error:
+                failure = error  # analyse what finished, then report the failures
+            write_index(stages, records, settings, command)
         report = write_analysis(settings, members, args.measure, args.results, command)
         print((Path(settings.out) / "analysis" / "analysis.md").read_text())
+        if not args.analyze_only and failure is not None:
+            raise failure
         return 0 if report else 1
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -175,12 +175,15 @@ def test_an_interrupted_stage_is_continued_and_a_folder_without_a_stamp_is_redon
     assert sweep.decide(other) == "invalidated"
 
 
-def test_a_failing_stage_names_its_log_and_stops_the_sweep(tmp_path):
-    stage = Stage("run/fail", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "f",
-                  [tmp_path / "f" / "never"])
-    settings = Settings(out=tmp_path)
-    with pytest.raises(sweep.SweepError, match=r"(?s)run/fail failed \(exit 3\).*boom"):
-        sweep.execute([stage], settings, jobs=2, gpus=[], log=lambda *_: None)
+def test_a_failing_stage_names_its_log_blocks_what_needs_it_and_lets_the_other_runs_finish(tmp_path):
+    fail = Stage("a/fail", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "f",
+                 [tmp_path / "f" / "never"])
+    needs_it = Stage("a/next", [sys.executable, "-c", "pass"], tmp_path / "n", [tmp_path / "n" / "x"], after=["a/fail"])
+    script = f"import pathlib; pathlib.Path({str(tmp_path / 'o' / 'done')!r}).write_text('ok')"
+    other = Stage("b/ok", [sys.executable, "-c", script], tmp_path / "o", [tmp_path / "o" / "done"])
+    with pytest.raises(sweep.SweepError, match=r"(?s)1 stage\(s\) failed, 1 blocked.*a/fail failed \(exit 3\).*boom"):
+        sweep.execute([fail, needs_it, other], Settings(out=tmp_path), jobs=1, gpus=[], log=lambda *_: None)
+    assert (tmp_path / "o" / "done").read_text() == "ok" and not (tmp_path / "n").exists()
 
 
 # ----------------------------------------------------------------------------------------------
