@@ -1,0 +1,298 @@
+"""Tests for sweep.py: the grid and its names, the OlmPool control in every planned command (same data,
+seeds, init seed, budgets, recipe), resume (skip, rerun on a changed command or input, continue an
+interrupted stage), the statistics on constructed tables with known answers, and a 2-model sweep run
+end to end through train.py, extend.py and evaluate.py.
+"""
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import sweep  # noqa: E402
+from sweep import Settings, Stage  # noqa: E402
+
+# What the grid's commands may differ in: the four switches, and what follows from the context.
+SWITCH_FLAGS = {"--norm_placement", "--global_every", "--qk_norm", "--n_kv_heads", "--window", "--context_length",
+                "--seq_len", "--micro_batch", "--out", "--from"}
+
+
+def flags_of(command: list[str]) -> dict:
+    """{--flag: value} of a command (the script's name under 'script')."""
+    flags, i = {"script": command[1]}, 2
+    while i < len(command):
+        if command[i].startswith("--") and i + 1 < len(command) and not command[i + 1].startswith("--"):
+            flags[command[i]] = command[i + 1]
+            i += 2
+        elif command[i].startswith("--"):
+            flags[command[i]] = True
+            i += 1
+        else:
+            flags.setdefault("positional", []).append(command[i])
+            i += 1
+    return flags
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+
+
+def test_the_grid_is_the_16_combinations_of_the_four_choices_with_olmpool_style_names():
+    runs = sweep.grid("H_post_LQK_32kv_8k_11k_SWA", "tiny")
+    assert len(runs) == 16
+    assert {tuple(r.choices[c] for c in sweep.CHOICES) for r in runs} == set(itertools.product((0, 1), repeat=4))
+    assert len({r.name for r in runs}) == 16
+    names = {r.name: r for r in runs}
+    worst, best = names["post_LQK_2kv_128_SWA"], names["pre_8kv_256"]  # tiny: 8 heads, contexts 256 / 128
+    assert worst.choices == dict(qk=1, gqa=1, swa=1, ctx=1) and worst.harmful_count == 4
+    assert best.choices == dict(qk=0, gqa=0, swa=0, ctx=0) and best.harmful_count == 0
+    flags = flags_of(["python", "train.py", *worst.model_flags])
+    assert (flags["--norm_placement"], flags["--qk_norm"], flags["--n_kv_heads"], flags["--window"],
+            flags["--context_length"]) == ("post", "layerwise", "2", "128", "128")
+    flags = flags_of(["python", "train.py", *best.model_flags])
+    assert (flags["--norm_placement"], flags["--qk_norm"], flags["--n_kv_heads"], flags["--window"],
+            flags["--context_length"]) == ("pre", "none", "8", "none", "256")
+
+
+def test_presets_join_the_grid_with_their_choices_read_from_their_config():
+    llama = sweep.preset_architecture("G_pre_8kv_8k_14k", "tiny")
+    assert llama.choices == dict(qk=0, gqa=1, swa=0, ctx=0) and llama.name == "G_pre_8kv_8k_14k"
+    olmo3 = sweep.preset_architecture("H_post_LQK_32kv_8k_11k_SWA", "tiny")
+    assert olmo3.choices == dict(qk=1, gqa=0, swa=1, ctx=0)
+    qwen = sweep.preset_architecture("K_post_HQK_8kv_12k", "tiny")
+    assert qwen.choices["qk"] is None  # headwise QK norm is neither of the grid's two levels
+    with pytest.raises(sweep.SweepError, match="unknown preset"):
+        sweep.preset_architecture("no_such_model", "tiny")
+
+
+def test_every_run_gets_the_same_data_seeds_token_budget_and_recipe(tmp_path):
+    settings = Settings(out=tmp_path, seeds=(0,), data="data/x", presets=("G_pre_8kv_8k_14k",))
+    stages, members = sweep.plan(settings)
+    assert len(members) == 17
+    by_kind = {}
+    for stage in stages:
+        if stage.run is not None:
+            by_kind.setdefault(stage.key.split("/")[-1], []).append(flags_of(stage.command))
+    assert {k: len(v) for k, v in by_kind.items()} == {"pretrain": 17, "extend": 17, "eval": 17, "eval_before": 17}
+    for kind, commands in by_kind.items():
+        shared = [{k: v for k, v in c.items() if k not in SWITCH_FLAGS and k not in ("--preset", "--labels",
+                                                                                     "positional")}
+                  for c in commands]
+        assert all(s == shared[0] for s in shared), kind
+    for flags in by_kind["pretrain"]:
+        assert flags["--seed"] == "0" and flags["--data_seed"] == "0" and flags["--data"] == "data/x"
+        assert flags["--batch_tokens"] == str(8 * 256)  # tokens per step identical whatever the context
+        assert int(flags["--micro_batch"]) * int(flags["--seq_len"]) == 8 * 256
+    for flags in by_kind["extend"]:
+        assert flags["--recipe"] == "olmpool" and flags["--seq_len"] == str(8 * 256)
+
+
+def test_a_second_seed_repeats_the_grid_with_its_own_seed_and_folders(tmp_path):
+    stages, members = sweep.plan(Settings(out=tmp_path, seeds=(0, 1), only=("pre_8kv_256",)))
+    pretrain = [flags_of(s.command) for s in stages if s.key.endswith("/pretrain")]
+    assert [(f["--seed"], f["--data_seed"]) for f in pretrain] == [("0", "0"), ("1", "1")]
+    assert len({f["--out"] for f in pretrain}) == 2
+
+
+def test_findings_add_stages_only_for_their_subset_and_early_steps_must_be_kept_checkpoints(tmp_path):
+    settings = Settings(out=tmp_path, budgets=(10, 20, 80), early_steps=(100, 200))
+    stages, _ = sweep.plan(settings)
+    keys = {s.key for s in stages}
+    subset = sweep.representative(sweep.grid())
+    assert subset == ["pre_8kv_256", "post_LQK_8kv_256_SWA", "post_LQK_2kv_128_SWA"]
+    for name in subset:
+        assert {f"{name}/s0/extend_b10", f"{name}/s0/extend_b80", f"{name}/s0/extend_p100"} <= keys
+        assert f"{name}/s0/extend_b20" not in keys  # 20 is the main extension's budget
+    assert not any(k.startswith("pre_2kv_256/s0/extend_") for k in keys)
+    early = next(s for s in stages if s.key == "pre_8kv_256/s0/extend_p100")
+    assert flags_of(early.command)["--from"].endswith("pretrain/step_0000100")
+    with pytest.raises(sweep.SweepError, match="multiple of --save_every"):
+        sweep.plan(Settings(out=tmp_path, early_steps=(125,)))
+
+
+def fake_checkpoint(folder: Path, weights: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def copy_stage(tmp_path, source: Path, text: str) -> Stage:
+    """A stage that copies its input's weights and a text into out/result.txt, counting its runs."""
+    out = tmp_path / "out"
+    script = (f"import pathlib, sys; o = pathlib.Path({str(out)!r}); o.mkdir(exist_ok=True); "
+              f"(o / 'result.txt').write_bytes(pathlib.Path({str(source)!r}, 'model.safetensors').read_bytes() "
+              f"+ sys.argv[1].encode()); c = o.parent / 'count'; "
+              f"c.write_text(str(int(c.read_text()) + 1 if c.exists() else 1))")
+    return Stage("run/copy", [sys.executable, "-c", script, text, "--threads", "1"], out, [out / "result.txt"],
+                 [source])
+
+
+def test_a_finished_stage_is_skipped_and_reruns_when_its_command_or_input_changes(tmp_path):
+    source = fake_checkpoint(tmp_path / "ckpt", b"weights-1")
+    count = lambda: int((tmp_path / "count").read_text())  # noqa: E731
+    stage = copy_stage(tmp_path, source, "a")
+    assert sweep.decide(stage) == "fresh"
+    assert sweep.run_stage(stage, None, tmp_path / "logs")["decision"] == "fresh" and count() == 1
+    assert sweep.decide(stage) == "skip"
+    assert sweep.run_stage(stage, None, tmp_path / "logs")["decision"] == "skip" and count() == 1
+    # --threads is not part of the identity
+    stage.command[-1] = "2"
+    assert sweep.decide(stage) == "skip"
+    # another command: the old output is wiped and the stage reruns
+    (stage.out / "stale.txt").write_text("from the old command")
+    stage = copy_stage(tmp_path, source, "b")
+    assert sweep.decide(stage) == "invalidated"
+    sweep.run_stage(stage, None, tmp_path / "logs")
+    assert count() == 2 and not (stage.out / "stale.txt").exists()
+    assert (stage.out / "result.txt").read_bytes() == b"weights-1b"
+    # the same command on changed input weights reruns too
+    fake_checkpoint(source, b"weights-2")
+    assert sweep.decide(stage) == "invalidated"
+    sweep.run_stage(stage, None, tmp_path / "logs")
+    assert count() == 3 and (stage.out / "result.txt").read_bytes() == b"weights-2b"
+    # an output that went missing reruns the same command (resume)
+    (stage.out / "result.txt").unlink()
+    assert sweep.decide(stage) == "resume"
+
+
+def test_an_interrupted_stage_is_continued_and_a_folder_without_a_stamp_is_redone(tmp_path):
+    source = fake_checkpoint(tmp_path / "ckpt", b"w")
+    stage = copy_stage(tmp_path, source, "a")
+    sweep.write_stamp(stage, sweep.stamp_of(stage), "running")
+    (stage.out / "partial.txt").write_text("kept for --resume auto")
+    assert sweep.decide(stage) == "resume"
+    sweep.run_stage(stage, None, tmp_path / "logs")
+    assert (stage.out / "partial.txt").exists() and sweep.decide(stage) == "skip"
+    other = Stage("x", [sys.executable, "-c", "pass"], tmp_path / "unknown", [tmp_path / "unknown" / "r"])
+    other.out.mkdir()
+    (other.out / "leftover").write_text("?")
+    assert sweep.decide(other) == "invalidated"
+
+
+def test_a_failing_stage_names_its_log_blocks_what_needs_it_and_lets_the_other_runs_finish(tmp_path):
+    fail = Stage("a/fail", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "f",
+                 [tmp_path / "f" / "never"])
+    needs_it = Stage("a/next", [sys.executable, "-c", "pass"], tmp_path / "n", [tmp_path / "n" / "x"], after=["a/fail"])
+    script = f"import pathlib; pathlib.Path({str(tmp_path / 'o' / 'done')!r}).write_text('ok')"
+    other = Stage("b/ok", [sys.executable, "-c", script], tmp_path / "o", [tmp_path / "o" / "done"])
+    with pytest.raises(sweep.SweepError, match=r"(?s)1 stage\(s\) failed, 1 blocked.*a/fail failed \(exit 3\).*boom"):
+        sweep.execute([fail, needs_it, other], Settings(out=tmp_path), jobs=1, gpus=[], log=lambda *_: None)
+    assert (tmp_path / "o" / "done").read_text() == "ok" and not (tmp_path / "n").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics on constructed tables
+
+
+def constructed_rows(score):
+    return [{"choices": dict(zip(sweep.CHOICES, levels)), "harmful_count": sum(levels), "y": score(*levels)}
+            for levels in itertools.product((0, 1), repeat=4)]
+
+
+def test_r_squared_is_one_for_a_line_and_two_thirds_with_an_orthogonal_term():
+    rows = constructed_rows(lambda qk, gqa, swa, ctx: 2.0 * (qk + gqa + swa + ctx) + 1)
+    assert sweep.r_squared([r["harmful_count"] for r in rows], [r["y"] for r in rows]) == pytest.approx(1.0)
+    # var(count) = 4 x 1/4 = 1; qk - gqa is uncorrelated with the count and has variance 1/2: R² = 1 / 1.5
+    rows = constructed_rows(lambda qk, gqa, swa, ctx: (qk + gqa + swa + ctx) + (qk - gqa))
+    assert sweep.r_squared([r["harmful_count"] for r in rows], [r["y"] for r in rows]) == pytest.approx(2 / 3)
+    assert np.isnan(sweep.r_squared([1, 1, 1, 1], [1, 2, 3, 4]))
+
+
+def test_pairwise_effects_give_each_choices_mean_and_spread_over_the_others():
+    # qk's effect is 3 without windows and 7 with them (an interaction); gqa's is 1 everywhere
+    rows = constructed_rows(lambda qk, gqa, swa, ctx: 3 * qk + gqa + 2 * swa + 0.5 * ctx + 4 * qk * swa)
+    effects = sweep.pairwise_effects(rows, "y")
+    assert effects["qk"]["n"] == 8
+    assert (effects["qk"]["mean"], effects["qk"]["std"], effects["qk"]["min"], effects["qk"]["max"]) == \
+        pytest.approx((5, 2, 3, 7))
+    assert (effects["gqa"]["mean"], effects["gqa"]["std"]) == pytest.approx((1, 0))
+    assert (effects["swa"]["mean"], effects["swa"]["std"]) == pytest.approx((4, 2))
+    assert effects["ctx"]["mean"] == pytest.approx(0.5)
+    # a pair with a missing model is left out, not counted as zero
+    rows = [r for r in rows if r["choices"] != dict(qk=1, gqa=0, swa=0, ctx=0)]
+    assert sweep.pairwise_effects(rows, "y")["qk"]["n"] == 7
+
+
+def test_spearman_is_one_for_any_monotone_map_and_handles_ties():
+    x = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert sweep.spearman(x, [np.exp(v) for v in x]) == pytest.approx(1.0)
+    assert sweep.spearman(x, [-v for v in x]) == pytest.approx(-1.0)
+    assert list(sweep.ranks([10, 20, 20, 30])) == [1.0, 2.5, 2.5, 4.0]
+
+
+# ----------------------------------------------------------------------------------------------
+# A 2-model sweep, end to end
+
+TINY = ["--n_layers", "2", "--d_model", "32", "--n_heads", "4", "--head_dim", "8", "--mlp_hidden", "64",
+        "--context_length", "32", "--window", "16"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import data
+    return data.prepare_builtin_corpus(tmp_path_factory.mktemp("corpus"), max_tokens=300_000, progress=False)
+
+
+def test_a_two_model_sweep_runs_end_to_end_resumes_and_writes_index_analysis_and_results(corpus, tmp_path):
+    out, results = tmp_path / "sweep", tmp_path / "results"
+    argv = ["--out", str(out), *TINY, "--only", "pre_4kv_32,post_LQK_1kv_16_SWA", "--data", str(corpus),
+            "--steps", "4", "--save_every", "4", "--batch_sequences", "2", "--ext_factor", "4", "--ext_steps", "2",
+            "--eval_factors", "1,4", "--tasks", "none", "--windows", "2", "--jobs", "2", "--results", str(results)]
+    assert sweep.main(argv) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert {e["status"] for e in index["stages"]} == {"done"} and len(index["stages"]) == 9
+    report = json.loads((results / "analysis.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"pre_4kv_32", "post_LQK_1kv_16_SWA"}
+    for row in rows.values():
+        assert np.isfinite(row["val_loss_pretrain"]) and np.isfinite(row["loss"]) and np.isfinite(row["sink"])
+        assert set(row["loss_by_length"]) == {32, 128} or set(row["loss_by_length"]) == {"32", "128"}
+        assert np.isfinite(row["before"]["loss"])
+    assert rows["post_LQK_1kv_16_SWA"]["harmful_count"] == 4 and rows["pre_4kv_32"]["harmful_count"] == 0
+    assert (results / "loss_vs_count.png").is_file() and (results / "analysis.md").is_file()
+    assert " ".join(argv) in (results / "COMMAND.md").read_text()
+    # the same command again runs nothing
+    assert sweep.main(argv) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert {e["this_time"] for e in index["stages"]} == {"skip"}
+
+
+def test_the_analysis_of_a_constructed_pool_recovers_its_r2_effects_findings_and_writes_tables_and_plots(tmp_path):
+    settings = Settings(out=tmp_path, steps=250, ext_steps=20)
+    rows = []
+    for arch in sweep.grid():
+        c = arch.choices
+        loss = 3 + 0.5 * c["qk"] + 0.1 * c["gqa"] + 0.2 * c["swa"] + 0.05 * c["ctx"]
+        for seed, noise in ((0, 0.01), (1, -0.01)):  # seeds differ by 0.02: std 0.0141 per model
+            rows.append({"run": f"{arch.name}/s{seed}", "name": arch.name, "seed": seed, "choices": c,
+                         "harmful_count": arch.harmful_count, "pretrain_context": arch.pretrain_context,
+                         "val_loss_pretrain": 2.0 + 0.01 * c["ctx"], "recall_by_length": {}, "loss_by_length": {},
+                         "recall": None, "loss": loss + noise, "longppl": None, "sink": 0.5 - 0.2 * c["qk"],
+                         "before": {"loss": 2.5, "recall": None, "sink": None},
+                         # budgets: the gap between models stays; early: the ranking is the final one's
+                         "budgets": {20: {"loss": loss + noise}, 80: {"loss": loss + noise - 0.3}} if seed == 0
+                         and arch.name in sweep.representative(sweep.grid()) else {20: {"loss": loss + noise}},
+                         "early": {250: {"loss": loss + noise}, 100: {"loss": 2 * loss}} if seed == 0
+                         and arch.name in sweep.representative(sweep.grid()) else {250: {"loss": loss + noise}}})
+    analysis = sweep.analyze(rows, "loss", settings)
+    assert analysis["models"] == 16
+    assert analysis["pairwise"]["qk"]["mean"] == pytest.approx(0.5) and analysis["pairwise"]["qk"]["std"] < 1e-9
+    assert analysis["pairwise"]["swa"]["mean"] == pytest.approx(0.2)
+    # qk alone moves the sinks, and the loss through it: sink share explains 0.25 / (0.25 + 0.01 + 0.04 + 0.0025)
+    assert analysis["r2"]["sink_share"] == pytest.approx(0.25 / 0.3025)
+    assert analysis["sinks"]["pearson"] == pytest.approx(-np.sqrt(0.25 / 0.3025))
+    assert np.isnan(analysis["r2"]["before_extension"])  # a constant says nothing
+    assert analysis["spread"]["seed_std_mean"] == pytest.approx(0.02 / np.sqrt(2))
+    assert analysis["budgets"]["gap_by_budget"]["20"] == pytest.approx(analysis["budgets"]["gap_by_budget"]["80"])
+    assert analysis["early"]["spearman_vs_final"]["100"] == pytest.approx(1.0)
+    text = sweep.markdown({"loss": analysis}, rows, settings, "loss")
+    assert "| count of harmful choices |" in text and "Spearman" in text and "post_LQK_2kv_128_SWA" in text
+    assert "stand out of the seed noise" in text  # between-model std 0.15 vs seed std 0.014
+    assert set(sweep.plots({"loss": analysis}, tmp_path)) == {"loss_vs_count.png", "loss_by_budgets.png",
+                                                             "loss_by_early.png"}
