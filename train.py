@@ -698,13 +698,13 @@ def data_dir(args, env: Distributed) -> Path:
 
 def check_vocabulary(args, config: ModelConfig, folder: Path, resume_dir: Path | None):
     """The model must cover the data's ids, and a checkpoint must come from data in the same vocabulary."""
+    for checkpoint in (resume_dir, args.init_from):  # first: a mismatch explains a size difference too
+        if checkpoint and not str(checkpoint).startswith("hf:"):
+            data.check_same_vocabulary(checkpoint, folder)
     in_use = data.read_manifest(folder)["tokenizer"]["vocab_size"]
     if config.vocab_size < in_use:
         raise TrainError(f"--vocab_size {config.vocab_size} is smaller than the {in_use:,} ids of {folder}'s vocabulary; "
                          f"leave --vocab_size out (it follows the data) or give at least {data.padded_vocab_size(in_use)}")
-    for checkpoint in (resume_dir, args.init_from):
-        if checkpoint and not str(checkpoint).startswith("hf:"):
-            data.check_same_vocabulary(checkpoint, folder)
 
 
 def build_loaders(args, plan: BatchPlan, env: Distributed, folder: Path):

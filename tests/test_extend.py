@@ -326,13 +326,16 @@ def test_extension_starts_from_the_source_weights_and_records_recipe_and_source(
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
-def test_extended_checkpoint_keeps_the_sources_compact_vocabulary(corpus, pretrained, tmp_path):
-    source = tmp_path / "source"
-    import shutil
-    shutil.copytree(pretrained, source)
-    (source / data.COMPACT_VOCAB_FILE).write_text('{"marker": 1}')
-    summary = run_extension(corpus, source, tmp_path / "ext", "--steps", "1", "--held_out_documents", "0")
-    assert (Path(summary["checkpoint"]) / data.COMPACT_VOCAB_FILE).read_text() == '{"marker": 1}'
+def test_extended_checkpoint_keeps_the_sources_compact_vocabulary(corpus, tmp_path):
+    compact = data.compact_folder(corpus, 512, tmp_path / "compact", progress=False)
+    source = train.train(train.parse_args([*PRETRAIN, "--data", str(compact), "--out", str(tmp_path / "pre"),
+                                           "--steps", "1"]))["checkpoint"]
+    summary = run_extension(compact, source, tmp_path / "ext", "--steps", "1", "--held_out_documents", "0")
+    vocabulary = (Path(source) / data.COMPACT_VOCAB_FILE).read_bytes()
+    assert vocabulary == (compact / data.COMPACT_VOCAB_FILE).read_bytes()
+    assert (Path(summary["checkpoint"]) / data.COMPACT_VOCAB_FILE).read_bytes() == vocabulary
+    with pytest.raises(data.DataError, match="would mean other text"):  # and refuses data in another vocabulary
+        run_extension(corpus, source, tmp_path / "ext_dolma2", "--steps", "1", "--held_out_documents", "0")
 
 
 def test_export_of_an_extended_checkpoint_loads_in_transformers_with_our_logits(tmp_path):
