@@ -36,12 +36,7 @@ EXTEND = ["--seq_len", str(4 * L), "--batch_tokens", str(2 * 4 * L), "--micro_ba
           "--log_every", "1000", "--peak_flops", "1e12", "--threads", "1", "--held_out_documents", "8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

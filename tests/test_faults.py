@@ -29,12 +29,7 @@ import train  # noqa: E402
 from test_train import SMALL, assert_same_weights, run, weights  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers and the --threads 1 of SMALL: the same float sums
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,7 @@ TINY = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, mlp_hi
 PRESET = "H_post_LQK_32kv_8k_11k_SWA"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation on a busy machine (see test_hf_interop.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model():

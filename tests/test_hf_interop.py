@@ -25,14 +25,7 @@ TOKENS = torch.randint(0, SHAPE["vocab_size"], (2, 24), generator=torch.Generato
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # logits are of order 1-3; measured differences are below 6e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds synchronisation, which on a busy 2-core machine
-    made each forward 70x slower (0.97 s against 0.014 s, measured). Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(model, seed=0):

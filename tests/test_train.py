@@ -31,15 +31,7 @@ SMALL = ["--d_model", "32", "--n_layers", "2", "--n_heads", "4", "--head_dim", "
          "--log_every", "100", "--peak_flops", "1e12", "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # torchrun's workers run one thread each, and so do in-process runs (--threads 1 in SMALL) and
-    # everything else here: float sums then happen in the same order, and a busy 2-core machine is
-    # not oversubscribed.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

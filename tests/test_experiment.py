@@ -1,0 +1,48 @@
+"""The main job (experiment.py, what ./run.sh runs): pretrain -> extend -> evaluate, shortened."""
+
+import json
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+import experiment  # noqa: E402
+
+L = 32
+TINY = ["--d_model", "32", "--n_layers", "2", "--n_heads", "4", "--head_dim", "8", "--mlp_hidden", "64",
+        "--window", "8", "--global_every", "2", "--context_length", str(L), "--batch_tokens", str(4 * L),
+        "--eval_every", "0", "--log_every", "1000", "--peak_flops", "1e12", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """200K tokens of the built-in corpus with a tenth held out, in a 512-id compact vocabulary."""
+    out, sources = tmp_path_factory.mktemp("corpus"), []
+    documents = data.builtin_documents(Path(sysconfig.get_paths()["stdlib"]), sources)
+    data.write_corpus(documents, out / "dolma2", 0.1, data.DEFAULT_SHARD_TOKENS, sources, total_bytes=1,
+                      max_tokens=200_000, progress=False)
+    return data.compact_folder(out / "dolma2", 512, out / "compact", progress=False)
+
+
+def test_the_main_job_runs_every_stage_prints_one_table_and_resumes_without_redoing(corpus, tmp_path, capfd):
+    argv = [*TINY, "--data", str(corpus), "--out", str(tmp_path / "job"), "--steps", "4", "--extend_steps", "2",
+            "--samples", "1", "--tasks", "niah_single_1"]
+    table = experiment.main(argv)
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows == {"model", "pretrained", "extended", "none control"}
+    assert f"loss @ {L} " in table and f"loss @ {4 * L} " in table
+    job = tmp_path / "job"
+    for recipe in ("olmpool", "none"):
+        state = json.loads((job / f"extend-{recipe}" / "step_0000002" / "train_state.json").read_text())
+        assert state["extension"]["recipe"] == recipe and state["extension"]["seq_len"] == 4 * L
+    assert (job / "eval" / "before_after.md").read_text().strip() == table.strip()
+    results = json.loads((job / "eval" / "results.json").read_text())
+    capfd.readouterr()
+
+    assert experiment.main(argv) == table  # the same command again: every stage is done already
+    printed = capfd.readouterr().out
+    assert printed.count("nothing to do") == 3  # pretraining and both extensions
+    assert json.loads((job / "eval" / "results.json").read_text()).keys() == results.keys()
