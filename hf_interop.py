@@ -619,8 +619,8 @@ def load_model(directory, attention_backend: str | None = None) -> Transformer:
     config = ModelConfig(**cfg)
     path = directory / "model.safetensors"
     if not path.is_file() and (directory / "dcp").is_dir():
-        raise CheckpointError(f"{directory} holds only an FSDP checkpoint (dcp/), whose metadata is a pickle, which "
-                              f"we never load. train.py writes model.safetensors beside dcp/ since it checks "
+        raise CheckpointError(f"{directory} holds an FSDP checkpoint (dcp/), whose metadata is a pickle, which we "
+                              f"never load, and no model.safetensors. train.py writes one beside dcp/ since it checks "
                               f"--init_from; for an older run you trust, resume it with --fsdp for one more step "
                               f"(resume reads your own dcp/) and use the new checkpoint")
     if not path.is_file():

@@ -375,11 +375,11 @@ def test_metrics_record_throughput_mfu_memory_and_validation_loss(corpus, tmp_pa
     assert second["tokens_seen"] == 128 and 10 < first["loss"] < 12  # about ln(100352) = 11.5 at init
 
 
-def test_run_sh_sets_up_the_venv_and_runs_train():
+def test_run_sh_sets_up_the_venv_and_runs_the_main_job():
     script = REPO / "run.sh"
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash") and os.access(script, os.X_OK)
-    assert "requirements.txt" in text and 'exec .venv/bin/python train.py "$@"' in text
+    assert "requirements.txt" in text and 'exec .venv/bin/python experiment.py "$@"' in text  # tests/test_experiment.py
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
 
