@@ -966,7 +966,7 @@ def train(args, make_loaders=None, checkpoint_extras: dict | None = None) -> dic
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
     previous_threads = torch.get_num_threads()
     try:
-        return _train(args, env, stop, make_loaders or build_loaders, checkpoint_extras)
+        return _train(args, env, stop, make_loaders, checkpoint_extras)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         torch.set_num_threads(previous_threads)
