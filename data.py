@@ -1088,12 +1088,12 @@ def main(argv=None):
                                   description="Prepare the built-in corpus, or reuse it if already prepared the same way.")
     builtin.add_argument("--out", default=str(DEFAULT_BUILTIN_DIR), metavar="DIR", help="output folder (default: %(default)s)")
     builtin.add_argument("--max_tokens", type=int, default=BUILTIN_MAX_TOKENS, help="stop after this many tokens (default: %(default)s)")
+    builtin.add_argument("--compact_vocab", type=int, default=0, metavar="N",
+                         help="also write its compact-vocabulary copy into OUT_vN (what `python train.py` trains on: 8192)")
     check = commands.add_parser("verify", help="check every shard of a prepared folder against its manifest's SHA-256s",
                                 description="Read every shard of DIR and compare it with manifest.json: presence, "
                                             "size, header and SHA-256. Exit status 0 if all match, 1 otherwise.")
     check.add_argument("folder", metavar="DIR", help="a folder made by `python data.py prepare`")
-    builtin.add_argument("--compact_vocab", type=int, default=0, metavar="N",
-                         help="also write its compact-vocabulary copy into OUT_vN (what `python train.py` trains on: 8192)")
     compact = commands.add_parser("compact", help="copy a dolma2 folder into a compact vocabulary built from its train split",
                                   description="Build SOURCE's compact vocabulary (COMPACT_VOCAB_FILE) and rewrite its "
                                               "shards in it, into --out (default SOURCE_vN); reused if already built.")
