@@ -535,15 +535,8 @@ def execute(stages: list[Stage], settings: Settings, jobs: int, gpus: list[str],
 # Statistics (numpy only)
 
 def r_squared(x, y) -> float:
-    """R² of the least-squares line y ~ a + b x (the square of Pearson's r); nan when x or y is constant."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    slope, intercept = np.polyfit(x, y, 1)
-    residual = y - (slope * x + intercept)
-    return float(1 - (residual @ residual) / ((y - y.mean()) @ (y - y.mean())))
+    """R² of the least-squares line y ~ a + b x, which is the square of Pearson's r; nan when x or y is constant."""
+    return pearson(x, y) ** 2
 
 
 def pearson(x, y) -> float:
