@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import olmpool
 
@@ -588,15 +589,12 @@ def resolve_checkpoint(spec: str) -> str:
     """Our folder, a train.py run folder (its newest complete step_N), or hf:DIR."""
     if spec.startswith("hf:"):
         path = Path(spec[3:])
-        if not (path / "config.json").is_file():
+        if not (path / checkpoint.CONFIG_FILE).is_file():
             raise EvaluationError(f"{spec}: no {path / 'config.json'}; hf:DIR names a local Hugging Face model folder")
         return spec
-    path = Path(spec)
-    if (path / "config.json").is_file():
-        return str(path)
-    steps = sorted(p for p in path.glob("step_*") if (p / "config.json").is_file() and (p / "model.safetensors").is_file())
-    if steps:
-        return str(steps[-1])
+    found = checkpoint.newest_checkpoint(spec)
+    if found is not None:
+        return str(found)
     raise EvaluationError(f"{spec}: neither a checkpoint folder (config.json + model.safetensors) nor a run folder with "
                           f"step_N checkpoints; pass one of those, or hf:DIR for a Hugging Face folder")
 
@@ -616,7 +614,7 @@ def load_checkpoint(spec: str, device: str, dtype: torch.dtype | None):
         model, summary = hf_interop.load_hf(folder, dtype=None)
     else:
         folder = spec
-        model = hf_interop.load_model(folder)
+        model = checkpoint.load_model(folder)
         summary = olmpool.describe(model.config)
     tokenizer = data.tokenizer_for(folder)
     if spec.startswith("hf:") and not 100_278 <= model.config.vocab_size <= 100_352 and not hasattr(tokenizer, "eos_id"):
@@ -1187,7 +1185,7 @@ def main(argv: list[str] | None = None) -> None:
                  short_context=args.short_context, short_step=args.short_step, windows=args.windows,
                  batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                  command=[sys.executable] + sys.argv)
-    except (EvaluationError, data.DataError) as error:
+    except (EvaluationError, data.DataError, checkpoint.CheckpointError) as error:
         sys.exit(f"evaluate.py: {error}")
     print((Path(args.out) / TABLES_FILE).read_text())
 

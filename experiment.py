@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoint
 import data
 import evaluate
 import extend
@@ -76,14 +77,14 @@ def main(argv=None):
         train.REPO_DIR / "runs" / f"{train_args.name or train.run_name(train_args)}-experiment"
     python = sys.executable
     run([python, "train.py", *train_argv, "--out", str(base / "pretrain")], "1/3 pretrain")
-    source = train.checkpoints_in(base / "pretrain")[-1]
+    source = checkpoint.checkpoints_in(base / "pretrain")[-1]
     length = train_args.seq_len or train.model_config(train_args).context_length
     extended = {}
     for recipe in (own.recipe, "none"):
         out = base / f"extend-{recipe}"
         run([python, "extend.py", "--from", str(source), "--recipe", recipe, "--seq_len", str(4 * length),
              "--steps", str(own.extend_steps), "--out", str(out), *shared_flags(train_argv)], f"2/3 extend ({recipe})")
-        extended[recipe] = train.checkpoints_in(out)[-1]
+        extended[recipe] = checkpoint.checkpoints_in(out)[-1]
     train_args.init_from = str(source)  # so that data_dir picks the checkpoint's vocabulary, as the stages did
     folder = train.data_dir(train_args, train.Distributed())  # the data the run trained on (already prepared)
     print(f"\n=== 3/3 evaluate at {length} and {4 * length} tokens -> {base / 'eval'}", flush=True)

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 import data
+import checkpoint
 import olmpool
 import train
 from olmpool import ModelConfig, Transformer
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 def default_source() -> Path:
     """The newest checkpoint of the run `python train.py` makes with no arguments."""
     run = train.REPO_DIR / "runs" / train.run_name(train.parse_args([]))
-    found = train.checkpoints_in(run) if run.is_dir() else []
+    found = checkpoint.checkpoints_in(run) if run.is_dir() else []
     if not found:
         raise TrainError(f"no checkpoint in {run}, where `python train.py` with no arguments saves its run; make one "
                          f"with `python train.py` (a few minutes on CPU), or pass --from runs/X/step_N or --from hf:DIR")
@@ -186,15 +187,15 @@ def resolve_source(text: str | None) -> tuple[str, ModelConfig, dict]:
         except ValueError as error:
             raise TrainError(f"--from {text}: {error}") from None
     else:
-        path = Path(text)
-        if path.is_dir() and not (path / "config.json").is_file() and train.checkpoints_in(path):
-            path = train.checkpoints_in(path)[-1]  # a run folder: its newest checkpoint
-    if not (path / "config.json").is_file():
+        path = checkpoint.newest_checkpoint(text) or Path(text)  # a run folder: its newest checkpoint
+    if not (path / checkpoint.CONFIG_FILE).is_file():
         raise TrainError(f"--from {path}: no config.json there; pass a checkpoint folder (runs/X/step_N), a run "
                          f"folder holding some, or hf:DIR for a Hugging Face folder")
-    defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**(defaults | json.loads((path / "config.json").read_text())))
-    state_file = path / "train_state.json"
+    try:
+        config = checkpoint.read_config(path)
+    except checkpoint.CheckpointError as error:
+        raise TrainError(f"--from {path}: {error}") from None
+    state_file = path / checkpoint.STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     return str(path), config, state
 

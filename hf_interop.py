@@ -43,7 +43,7 @@ Release pitfalls this module handles, each reported in the summary (ignored or o
 
 Loading reads JSON and safetensors only: no pickle, no code from the checkpoint. Our own checkpoint
 folder is `config.json` = `dataclasses.asdict(ModelConfig)` plus `model.safetensors` holding
-`Transformer.state_dict()`; `save_checkpoint_weights` and `load_model` write and read it.
+`Transformer.state_dict()`; checkpoint.py writes and reads it (`save_model`, `load_model`).
 """
 
 from __future__ import annotations
@@ -61,12 +61,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import checkpoint
 import data
-from olmpool import PRESETS, SIZES, ModelConfig, Transformer, describe, preset, rope_frequencies
+from checkpoint import CheckpointError, load_model, save_model
+from olmpool import PRESETS, SIZES, ModelConfig, Transformer, describe, preset
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be read as asked; the message names the file, the key and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,63 +589,6 @@ def load_hf(directory, rope_theta: float | None = None, window: int | None = Non
 
 
 # ----------------------------------------------------------------------------------------------
-# Our checkpoint folder
-
-
-def save_checkpoint_weights(model: Transformer, directory) -> None:
-    """Write our checkpoint folder: config.json = asdict(ModelConfig), model.safetensors = state_dict()."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(model.config), indent=2) + "\n")
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-
-
-def load_model(directory, attention_backend: str | None = None) -> Transformer:
-    """A Transformer from our checkpoint folder (see save_checkpoint_weights), in its stored dtype."""
-    directory = Path(directory)
-    cfg = _read_json(directory / "config.json", "an OlmPool checkpoint folder holds config.json (asdict(ModelConfig)) "
-                                                "and model.safetensors")
-    if "model_type" in cfg:
-        raise CheckpointError(f"{directory / 'config.json'} is a Hugging Face config (model_type "
-                              f"{cfg['model_type']!r}); import it with load_hf or `hf_interop.py import`")
-    known = {field.name for field in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise CheckpointError(f"{directory / 'config.json'}: unknown ModelConfig field(s) {', '.join(unknown)}; "
-                              f"written by a newer olmpool.py? Update olmpool.py or remove the key")
-    if attention_backend is not None:
-        cfg["attention_backend"] = attention_backend
-    config = ModelConfig(**cfg)
-    path = directory / "model.safetensors"
-    if not path.is_file() and (directory / "dcp").is_dir():
-        raise CheckpointError(f"{directory} holds an FSDP checkpoint (dcp/), whose metadata is a pickle, which we "
-                              f"never load, and no model.safetensors. train.py writes one beside dcp/ since it checks "
-                              f"--init_from; for an older run you trust, resume it with --fsdp for one more step "
-                              f"(resume reads your own dcp/) and use the new checkpoint")
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found; an OlmPool checkpoint folder holds it beside config.json")
-    state = {}
-    with safe_open(path, "pt") as file:
-        for name in file.keys():
-            state[name] = file.get_tensor(name)
-    with torch.device("meta"):
-        model = Transformer(config, seed=None)
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    for problem, keys in (("missing", sorted(set(expected) - set(state))),
-                          ("unexpected", sorted(set(state) - set(expected)))):
-        if keys:
-            raise CheckpointError(f"{path}: {problem} tensor '{keys[0]}' ({len(keys)} in all); config.json and the "
-                                  f"weights disagree")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != expected[name]:
-            raise CheckpointError(f"{path}: tensor '{name}' has shape {list(tensor.shape)}, config.json implies "
-                                  f"{list(expected[name])}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------
 # Export: ModelConfig -> the stock class that computes the same function
 
 
@@ -738,19 +681,9 @@ def hf_config(config: ModelConfig, model_type: str, dtype: torch.dtype) -> dict:
     return out
 
 
-def _differences(a: ModelConfig, b: ModelConfig) -> list[str]:
-    """Where two configs compute different functions (shapes, switches, windows, every layer's RoPE)."""
-    fields = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden",
-              "norm_placement", "qk_norm", "norm_eps")
-    found = [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in fields if getattr(a, f) != getattr(b, f)]
-    if a.layer_windows != b.layer_windows:
-        found.append(f"layer windows: {a.layer_windows} vs {b.layer_windows}")
-    has_local = any(w is not None for w in a.layer_windows)
-    for is_global in (True, False) if has_local else (True,):
-        (freq_a, scale_a), (freq_b, scale_b) = rope_frequencies(a, is_global), rope_frequencies(b, is_global)
-        if not torch.equal(freq_a, freq_b) or scale_a != scale_b:
-            found.append(f"RoPE of {'global' if is_global else 'local'} layers")
-    return found
+# What an exported folder may say differently and still compute the same function: the pretraining
+# length (only a default for RoPE scaling, which is compared by its frequencies) and the kernel.
+ROUND_TRIP_MAY_CHANGE = ("context_length", "attention_backend")
 
 
 def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None,
@@ -799,9 +732,10 @@ def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None
     (out_dir / MODEL_CARD).write_text(card)
     # Read back what we wrote with the importer: the same function, or the mapping above has a bug.
     plan = inspect_hf(out_dir, attention_backend=config.attention_backend)
-    differences = _differences(config, plan.config)
+    differences = checkpoint.architecture_differences(config, plan.config, allowed=ROUND_TRIP_MAY_CHANGE)
     if differences:
-        raise AssertionError(f"export of {chosen} does not round-trip: {'; '.join(differences)}")
+        found = "; ".join(f"{k}: {getattr(config, k)} vs {getattr(plan.config, k)}" for k in differences)
+        raise AssertionError(f"export of {chosen} does not round-trip: {found}")
     if with_tokenizer and "gives dolma2's ids" not in plan.tokenizer:
         raise AssertionError(f"the exported tokenizer does not round-trip: {plan.tokenizer}")
     written = "config.json, model.safetensors, " + (
@@ -1080,7 +1014,7 @@ def main(argv: list[str] | None = None) -> None:
         if out_dir.exists() and any(out_dir.iterdir()):
             raise CheckpointError(f"{out_dir} is not empty; import into a new or empty folder")
         model, text = load_hf(args.hf_dir, dtype=DTYPES.get(args.dtype), **kwargs)
-        save_checkpoint_weights(model, out_dir)
+        save_model(model, out_dir)
         print(f"{text}\nwrote {out_dir}")
     except CheckpointError as error:
         sys.exit(f"error: {error}")

@@ -18,8 +18,8 @@ resumed run continues to the token with the saved optimizer, loader and RNG stat
         --rdzv_id olmpool_j train.py --fsdp ... --out /shared/runs/j --resume auto
     python train.py --resume auto ...                           # after preemption: the same command again
 
-Every ModelConfig field is a flag (`--help` lists them with olmpool.py's own comments); flags given
-explicitly override `--preset` at `--size`. The recipe is OlmPool's (OLMo-core's pretraining
+Every ModelConfig field is a flag (MODEL_FLAGS gives each its type and help; olmpool.CHOICES its
+allowed values); flags given explicitly override `--preset` at `--size`. The recipe is OlmPool's (OLMo-core's pretraining
 scripts, ../shared/reference/olmpool.md): AdamW betas (0.9, 0.95), weight decay 0.1 except on
 embeddings and 1-D parameters, z-loss 1e-5, gradient clipping at 1.0, warmup then cosine, loss
 normalized by the global number of target tokens. Sizes other than 7B use a larger learning rate
@@ -58,9 +58,15 @@ and tokens count compact tokens, and losses are nats per compact token; val_bits
 across vocabularies. Other sizes, and --data folders, keep their own vocabulary (dolma2 unless the
 folder was prepared with --compact_vocab). A checkpoint refuses data in another vocabulary.
 
-Reused by extend.py: build_parser, model_config, setup_distributed, build_model, build_optimizer,
-lr_at, build_loaders, train_step, evaluate (evaluate_losses), save_checkpoint, load_checkpoint,
-check_architecture, and train(args, make_loaders=..., checkpoint_extras=...), its two hooks (the
+The file reads top to bottom as a run does: 1. the command line, 2. set-up (the architecture, the
+processes, memory), 3. build (model, initial weights, optimizer, schedule), 4. data, 5. one step
+of the loop (the loss, the optimizer step, evaluation, logging), 6. save and resume, 7. the run
+itself (`run`), which calls them in that order, and `main`. The checkpoint folder's model files
+(config.json, model.safetensors) are written and read by checkpoint.py, which extend.py,
+evaluate.py and hf_interop.py share.
+
+Reused by extend.py: build_parser, model_config, build_model, lr_at, data_dir, model_loss_sums,
+load_initial_weights, and train(args, make_loaders=..., checkpoint_extras=...), its two hooks (the
 long-document mix; the recipe in train_state.json). The loss is chunked over positions
 (ChunkedCrossEntropy, --loss_chunk), so full (tokens x vocabulary) fp32 logits never exist.
 """
@@ -71,22 +77,17 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import inspect
-import io
 import json
 import math
 import os
 import pickle
 import random
-import re
 import resource
 import shutil
 import signal
 import sys
 import time
-import tokenize
 import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,8 +97,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
 
+import checkpoint
 import data
 import olmpool
+from checkpoint import CheckpointError, checkpoints_in
 from olmpool import ModelConfig, Transformer
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -118,7 +121,6 @@ DEFAULT_SEQUENCES = {"cpu": 2, "cuda": 64}
 # tokens whole and train ~10x the bytes of text per second of the full vocabulary at tiny
 # (`python bench.py --vocab`); published sizes keep dolma2, as OlmPool does.
 COMPACT_VOCAB_BY_SIZE = {"tiny": 8192}
-CHECKPOINT_PATTERN = re.compile(r"step_(\d+)$")
 # Exit status after SIGTERM once the checkpoint is saved: 128 + SIGTERM, what a shell reports for a
 # process ended by SIGTERM, so a scheduler tells "preempted, saved, resume me" (143) from "finished" (0).
 PREEMPTED_EXIT_STATUS = 143
@@ -126,54 +128,66 @@ ABANDONED_FOLDER = "abandoned"  # OUT/abandoned/TIME/step_N: checkpoints of a br
 LOSS_CHUNK = 4096  # positions per cross-entropy chunk: at most 4096 x 100,352 fp32 logits (1.6 GB) at once
 
 
+# ----------------------------------------------------------------------------------------------
+# 1. The command line: every ModelConfig field is a flag, beside the run's own flags
+
+
 class TrainError(ValueError):
     """A problem with the user's run, flags or checkpoints; the message names it and the fix."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: every ModelConfig field is a flag, generated from the dataclass so they never drift
+def int_or_none(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
 
 
-def model_field_help() -> dict[str, str]:
-    """Each ModelConfig field's comment in olmpool.py, continuation lines included ({} if unreadable)."""
-    try:
-        source = inspect.getsource(ModelConfig)
-    except (OSError, TypeError):
-        return {}
-    names = {field.name for field in dataclasses.fields(ModelConfig)}
-    comments, field, last_row = {}, None, -1
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        row, column = token.start
-        starts_line = column == len(token.line) - len(token.line.lstrip())
-        if token.type == tokenize.NAME and starts_line:
-            # `name: type = default  # comment` declares a field; any other statement ends one.
-            field = token.string if token.string in names and token.line.split(":")[0].strip() == token.string else None
-            last_row = row
-        elif token.type == tokenize.COMMENT and field and row in (last_row, last_row + 1):
-            text = token.string.lstrip("#").strip()  # a comment on the field's line, or right below it
-            comments[field] = f"{comments[field]} {text}" if field in comments else text
-            last_row = row
-    return comments
+def float_or_none(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
-def parse_value(kind):
-    """A parser for one field's annotation: int, float, str, or `X | None` (the word "none")."""
-    options = typing.get_args(kind)
-    nullable = type(None) in options
-    base = next(o for o in options if o is not type(None)) if nullable else kind
-
-    def parse(text: str):
-        if nullable and text.lower() == "none":
-            return None
-        return base(text)
-
-    parse.__name__ = base.__name__ + (" or none" if nullable else "")  # argparse: "invalid int value"
-    return parse
+# Every ModelConfig field is a flag: (type, help). A field without a row here stops build_parser
+# with a KeyError, so a new switch in olmpool.py cannot go missing from the command line.
+MODEL_FLAGS = {
+    "vocab_size": (int, "vocabulary rows (default: the data's; dolma2: 100,278 ids padded to 100,352)"),
+    "n_layers": (int, "transformer blocks"),
+    "d_model": (int, "width of the residual stream"),
+    "n_heads": (int, "query heads"),
+    "n_kv_heads": (int, "key/value heads; fewer than n_heads is GQA (Llama 3, Qwen 3: 8 of 32)"),
+    "head_dim": (int, "width of one attention head"),
+    "mlp_hidden": (int, "SwiGLU width; OlmPool widens it as n_kv_heads shrinks (11008-14336)"),
+    "norm_placement": (str, '"pre": x + f(norm(x)) (Llama, Qwen 3); "post": x + norm(f(x)) (Olmo 2/3)'),
+    "qk_norm": (str, '"none" (Llama) | "layerwise" (Olmo 2/3) | "headwise" (Qwen 3, Gemma 3)'),
+    "window": (int_or_none, "sliding window of the local layers (Olmo 3: 4096); none: every layer global"),
+    "global_every": (int, "with a window, every 4th layer is global (3 local : 1 global) and so is the last; "
+                          "0: no global layer at all (every layer windowed, to study a model's reach)"),
+    "context_length": (int, "pretraining sequence length (OlmPool: 4096 or 8192)"),
+    "rope_theta": (float, "base of the RoPE frequencies (Llama 3, Olmo 3: 500K; Qwen 3: 1M)"),
+    "rope_theta_local": (float_or_none, "RoPE base of the windowed layers (Gemma 3: 10K); none: rope_theta"),
+    "rope_scaling": (str, '"abf" base x factor (OlmPool: 500K -> 8M) | "pi" positions / factor | "yarn" (Olmo 3 '
+                          'at 64K) | "llama3" stepwise per frequency (Llama 3.1)'),
+    "rope_factor": (float, "the scaling factor (ABF 16 for 500K -> 8M; YaRN and llama3: 8)"),
+    "rope_scaling_layers": (str, "scale only the global layers (Olmo 3's YaRN) or all layers"),
+    "rope_original_context": (int_or_none, "the context the scaling stretches from; none: context_length"),
+    "yarn_beta_fast": (float, "YaRN: frequencies rotating more than this many times are kept"),
+    "yarn_beta_slow": (float, "YaRN: frequencies rotating fewer times are fully interpolated"),
+    "yarn_attention_factor": (float_or_none, "YaRN: cos/sin scale; none: 0.1 ln(factor) + 1"),
+    "llama3_low_freq_factor": (float, "llama3: wavelengths above context / this are divided by the factor"),
+    "llama3_high_freq_factor": (float, "llama3: wavelengths below context / this are kept"),
+    "norm_eps": (float, "RMSNorm epsilon (Olmo, Qwen: 1e-6; Llama: 1e-5)"),
+    "attention_backend": (str, '"naive" (reference) | "sdpa" | "flex" | "triton"; all compute the same'),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(parser)
+    add_run_flags(parser)
+    add_recipe_flags(parser)
+    add_checkpoint_flags(parser)
+    return parser
+
+
+def add_model_flags(parser: argparse.ArgumentParser):
     model = parser.add_argument_group(
         "model", f"the architecture: --preset at --size, then any field below (default {DEFAULT_PRESET} at "
                  f"{DEFAULT_SIZE}; `python olmpool.py` lists the presets)")
@@ -187,16 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--swa", action="store_true",
                        help="sliding-window attention at OlmPool's width (4096 at 7B, scaled like the preset: "
                             "128 at tiny), 3 local : 1 global layers; --window W sets another width")
-    comments = model_field_help()
-    kinds = typing.get_type_hints(ModelConfig)
     shown = olmpool.preset(DEFAULT_PRESET, DEFAULT_SIZE)
-    for field in dataclasses.fields(ModelConfig):
-        # olmpool names each string field's allowed values FIELD_NAMES (QK_NORMS, ...) or FIELD_NAME.
-        choices = getattr(olmpool, field.name.upper() + "S", None) or getattr(olmpool, field.name.upper(), None)
-        model.add_argument(f"--{field.name}", type=parse_value(kinds[field.name]), default=argparse.SUPPRESS,
-                           choices=choices if isinstance(choices, tuple) else None, metavar=field.name.upper(),
-                           help=f"{comments.get(field.name, '')} [default preset: {getattr(shown, field.name)!r}]")
+    for field in dataclasses.fields(ModelConfig):  # a flag given explicitly overrides the preset
+        kind, text = MODEL_FLAGS[field.name]
+        model.add_argument(f"--{field.name}", type=kind, choices=olmpool.CHOICES.get(field.name),
+                           default=argparse.SUPPRESS, metavar=field.name.upper(),
+                           help=f"{text} [default preset: {getattr(shown, field.name)!r}]")
 
+
+def add_run_flags(parser: argparse.ArgumentParser):
     run = parser.add_argument_group("run")
     run.add_argument("--data", metavar="DIR", help="a folder made by `python data.py prepare` (default: the "
                      "built-in corpus, prepared into data/builtin on first use)")
@@ -236,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cross-entropy over this many positions at a time, so (tokens x vocabulary) fp32 logits "
                           "never exist at once (default: %(default)s; results do not depend on it)")
 
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser):
     recipe = parser.add_argument_group("optimizer and schedule (OlmPool's recipe)")
     recipe.add_argument("--lr", type=float, help=f"peak learning rate (default by --size: {LEARNING_RATES})")
     recipe.add_argument("--schedule", choices=("cosine", "linear", "wsd"), default="cosine",
@@ -256,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--grad_clip", type=float, default=1.0,
                         help="clip the global gradient norm to this (default: %(default)s)")
 
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser):
     checkpoints = parser.add_argument_group("checkpoints, evaluation and logging")
     checkpoints.add_argument("--save_every", type=int, default=50,
                              help="checkpoint every N steps (default: %(default)s; OlmPool: 1000)")
@@ -281,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
                              help="print a progress line every N steps (default: %(default)s)")
     checkpoints.add_argument("--peak_flops", type=float, help="peak FLOP/s of one device for MFU (default: a table of "
                              "GPUs; on CPU a matmul measured at start)")
-    return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -332,6 +350,10 @@ def validate_run_args(args):
                          f"by train.py, or --resume auto")
 
 
+# ----------------------------------------------------------------------------------------------
+# 2. Set-up: the architecture, the run's name, the processes and their memory
+
+
 def model_config(args) -> ModelConfig:
     """--preset at --size, then every model flag given explicitly, --swa and --gqa. A new --n_heads
     keeps the preset's GQA ratio unless --gqa or --n_kv_heads says otherwise."""
@@ -345,7 +367,7 @@ def model_config(args) -> ModelConfig:
         if "n_kv_heads" in overrides:
             raise TrainError(f"--gqa {args.gqa} and --n_kv_heads {overrides['n_kv_heads']} both set the key/value "
                              f"heads; give one of them")
-        valid = [n for n in range(1, n_heads + 1) if n_heads % n == 0]
+        valid = olmpool.head_divisors(n_heads)  # the GQA ratios, as the n_kv_heads, divide n_heads
         if args.gqa not in valid:
             raise TrainError(f"--gqa {args.gqa} does not divide n_heads={n_heads}; use one of {', '.join(map(str, valid))}")
         overrides["n_kv_heads"] = n_heads // args.gqa
@@ -394,10 +416,6 @@ def run_name(args) -> str:
     return "-".join(parts)
 
 
-# ----------------------------------------------------------------------------------------------
-# Distributed: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous; plain python runs alone
-
-
 @dataclass
 class Distributed:
     rank: int = 0
@@ -437,201 +455,16 @@ def teardown_distributed(env: Distributed):
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------
-# Model: the same initial weights on any number of processes, then wrapped for parallelism
-
-
-def build_model(config: ModelConfig, args, env: Distributed) -> tuple[nn.Module, Transformer]:
-    """(the model to train, possibly wrapped; the olmpool.Transformer inside it).
-
-    Weights are drawn on the CPU by olmpool's seeded init, so every world size starts from identical
-    weights. With --fsdp the model is built on the meta device, sharded, and then each rank fills
-    its shards one parameter at a time (fill_shards): no rank holds more than one full parameter at
-    once (the 1.6 GB embedding at 7B), rather than a full fp32 copy of the model (30 GB).
-    """
-    on_meta = bool(args.fsdp)
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        model = Transformer(config, seed=None if on_meta else args.seed)
-    if not on_meta:
-        if args.init_from:
-            load_initial_weights(model, args.init_from, config)
-        model.to(env.device)
-    # Order as in torchtitan: activation checkpointing, then compile, then sharding, all per block.
-    for block in model.layers:
-        if args.activation_checkpointing:
-            checkpoint_activations(block)
-        if args.compile:
-            block.compile()  # in place: parameter names, and so checkpoints, are unchanged
-    if args.fsdp:
-        if not dist.is_initialized():
-            raise TrainError("--fsdp needs a process group: launch with torchrun, e.g. "
-                             "`torchrun --nproc_per_node 1 train.py --fsdp ...`")
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-        if env.device.type == "cuda":  # bf16 compute and all-gathers, fp32 gradient reduction (torchtitan)
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        else:  # CPU: fp32 throughout
-            policy = MixedPrecisionPolicy()
-        for block in model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm, LM head
-        model.to_empty(device=env.device)
-        fill_shards(model, args, config)
-        return model, model
-    if env.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [env.local_rank] if env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids), model
-    return model, model
-
-
-class _ShardOf:
-    """Stands in for one sharded parameter where code writes a full value with copy_: keeps only
-    this rank's part of it (DTensor's own split, computed locally with no communication)."""
-
-    def __init__(self, param):
-        self.param, self.shape, self.ndim, self.dtype = param, param.shape, param.ndim, param.dtype
-
-    @torch.no_grad()
-    def copy_(self, full: torch.Tensor):
-        from torch.distributed.tensor import distribute_tensor
-
-        mine = distribute_tensor(full.to(self.dtype), self.param.device_mesh, self.param.placements,
-                                 src_data_rank=None).to_local()
-        self.param.to_local().copy_(mine)
-
-
-@torch.no_grad()
-def fill_shards(model: Transformer, args, config: ModelConfig):
-    """Weights for a model built on meta and sharded by FSDP2, identical to a one-process run's.
-
-    Fresh: olmpool's own Transformer.init_weights runs over stand-ins for the sharded parameters, so
-    the same generator draws the same full-size values in the same order, one parameter at a time,
-    and each rank keeps its shard. --init_from: a checkpoint's tensors, read one at a time from
-    model.safetensors (other layouts are read whole, once, on the CPU).
-    """
-    shards = [(name, _ShardOf(param)) for name, param in model.named_parameters()]
-    if not args.init_from:
-        Transformer.init_weights(types.SimpleNamespace(named_parameters=lambda: iter(shards)), args.seed)
-        return
-    path = Path(args.init_from)
-    if not args.init_from.startswith("hf:") and (path / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
-        with safe_open(path / "model.safetensors", "pt") as file:
-            missing = sorted(set(name for name, _ in shards) - set(file.keys()))
-            if missing:
-                raise TrainError(f"{path / 'model.safetensors'} lacks {', '.join(missing[:3])}; pass a checkpoint "
-                                 f"of this architecture")
-            for name, shard in shards:
-                shard.copy_(file.get_tensor(name))
-        return
-    full = Transformer(config, seed=None)  # dcp/ or hf: read whole on the CPU, then split
-    load_initial_weights(full, args.init_from, config)
-    state = full.state_dict()
-    for name, shard in shards:
-        shard.copy_(state[name])
-
-
-def checkpoint_activations(block: nn.Module):
-    """Recompute the block in backward instead of storing its activations; parameter names unchanged."""
-    forward = block.forward
-
-    def recomputing_forward(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    block.forward = recomputing_forward
-
-
-def autocast(env: Distributed, args):
-    """bf16 autocast on GPU; under FSDP the MixedPrecisionPolicy casts instead. fp32 on CPU."""
-    if env.device.type == "cuda" and not args.fsdp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def build_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: none on embeddings (OLMo 2) and 1-D norm gains."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or name.endswith("embed.weight") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused: one kernel for all parameters, on GPU and CPU alike (4x the default on CPU).
-    return torch.optim.AdamW(groups, lr=peak_lr(args), betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
-
-
-def peak_lr(args) -> float:
-    return args.lr if args.lr is not None else LEARNING_RATES[args.size]
-
-
-def warmup_steps(args) -> int:
-    return args.warmup if args.warmup is not None else min(2000, max(1, args.steps // 10))
-
-
-def lr_at(step: int, args) -> float:
-    """The learning rate of optimizer step `step` (0-based): linear warmup, then args.schedule."""
-    lr, warmup, steps = peak_lr(args), warmup_steps(args), args.steps
-    lr_min = lr * args.min_lr_ratio
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if args.schedule == "wsd":  # warmup-stable-decay: decay only over the final stretch
-        decay_steps = max(1, round(args.decay_fraction * steps))
-        progress = max(0.0, (step - (steps - decay_steps)) / decay_steps)
-        return lr - (lr - lr_min) * min(progress, 1.0)
-    progress = min((step - warmup) / max(1, steps - warmup), 1.0)
-    if args.schedule == "linear":
-        return lr - (lr - lr_min) * progress
-    return lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: the same global batches whatever the world size or architecture
-
-
-@dataclass
-class BatchPlan:
-    seq_len: int
-    sequences: int  # per global batch
-    micro_batch: int
-    accumulation: int  # micro-batches per device per step
-
-    @property
-    def tokens(self) -> int:
-        return self.sequences * self.seq_len
-
-
-def batch_plan(args, config: ModelConfig, world_size: int, device_type: str = "cpu") -> BatchPlan:
-    seq_len = args.seq_len or config.context_length
-    batch_tokens = args.batch_tokens or DEFAULT_SEQUENCES[device_type] * seq_len
-    if batch_tokens % seq_len:
-        raise TrainError(f"--batch_tokens {batch_tokens} is not a whole number of sequences of seq_len={seq_len}; "
-                         f"use a multiple of {seq_len}, e.g. {max(1, round(batch_tokens / seq_len)) * seq_len}")
-    sequences = batch_tokens // seq_len
-    micro_batch = args.micro_batch if args.micro_batch is not None else default_micro_batch(sequences, world_size)
-    per_step = world_size * micro_batch
-    if sequences % per_step:
-        raise TrainError(f"a global batch of {sequences} sequences ({batch_tokens} tokens / seq_len {seq_len}) does "
-                         f"not split into {world_size} processes x --micro_batch {micro_batch}; use --batch_tokens "
-                         f"a multiple of {per_step * seq_len}, or a --micro_batch that divides {sequences // world_size}"
-                         if sequences % world_size == 0 else
-                         f"a global batch of {sequences} sequences does not split over {world_size} processes; use "
-                         f"--batch_tokens a multiple of {per_step * seq_len}")
-    return BatchPlan(seq_len, sequences, micro_batch, sequences // per_step)
-
-
-def default_micro_batch(sequences: int, world_size: int) -> int:
-    """2 when it divides each process's share of the global batch, else 1: the default never stops a
-    world size that divides the batch (2 CPU processes share the CPU default of 2 sequences)."""
-    share = sequences // world_size if sequences % world_size == 0 else sequences
-    return 2 if share % 2 == 0 else 1
+def cpu_threads(threads: int | None, resume_dir: Path | None) -> int:
+    """Threads for CPU math: --threads, else torch's default. The count changes the order of float
+    sums, so a resumed run reuses the count it started with. On a shared machine, threads beyond the
+    idle cores spin at every barrier (2 threads ran 3x slower than 1 with one core busy): pass
+    --threads there."""
+    if threads:
+        return threads
+    if resume_dir and "threads" in (saved := json.loads((resume_dir / checkpoint.STATE_FILE).read_text())):
+        return saved["threads"]
+    return torch.get_num_threads()  # torch's default (physical cores), or OMP_NUM_THREADS (torchrun sets 1)
 
 
 def activation_estimate(config: ModelConfig, plan: BatchPlan, args, device_type: str) -> dict[str, float]:
@@ -684,6 +517,269 @@ def check_run_fits(config: ModelConfig, plan: BatchPlan, args, env: Distributed)
                  f"this run trains the local layers as global ones (the window acts beyond {config.window} tokens)")
 
 
+# ----------------------------------------------------------------------------------------------
+# 3. Build: the same initial weights on any number of processes, then wrapped for parallelism
+
+
+def build_model(config: ModelConfig, args, env: Distributed) -> tuple[nn.Module, Transformer]:
+    """(the model to train, possibly wrapped; the olmpool.Transformer inside it).
+
+    Weights are drawn on the CPU by olmpool's seeded init, so every world size starts from identical
+    weights. With --fsdp the model is built on the meta device, sharded, and then each rank fills
+    its shards one parameter at a time (fill_shards): no rank holds more than one full parameter at
+    once (the 1.6 GB embedding at 7B), rather than a full fp32 copy of the model (30 GB).
+    """
+    on_meta = bool(args.fsdp)
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = Transformer(config, seed=None if on_meta else args.seed)
+    if not on_meta:
+        if args.init_from:
+            load_initial_weights(model, args.init_from, config)
+        model.to(env.device)
+    # Order as in torchtitan: activation checkpointing, then compile, then sharding, all per block.
+    for block in model.layers:
+        if args.activation_checkpointing:
+            checkpoint_activations(block)
+        if args.compile:
+            block.compile()  # in place: parameter names, and so checkpoints, are unchanged
+    if args.fsdp:
+        if not dist.is_initialized():
+            raise TrainError("--fsdp needs a process group: launch with torchrun, e.g. "
+                             "`torchrun --nproc_per_node 1 train.py --fsdp ...`")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        if env.device.type == "cuda":  # bf16 compute and all-gathers, fp32 gradient reduction (torchtitan)
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:  # CPU: fp32 throughout
+            policy = MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm, LM head
+        model.to_empty(device=env.device)
+        fill_shards(model, config, args.seed, args.init_from)
+        return model, model
+    if env.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids), model
+    return model, model
+
+
+class _ShardOf:
+    """Stands in for one sharded parameter where code writes a full value with copy_: keeps only
+    this rank's part of it (DTensor's own split, computed locally with no communication)."""
+
+    def __init__(self, param):
+        self.param, self.shape, self.ndim, self.dtype = param, param.shape, param.ndim, param.dtype
+
+    @torch.no_grad()
+    def copy_(self, full: torch.Tensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        mine = distribute_tensor(full.to(self.dtype), self.param.device_mesh, self.param.placements,
+                                 src_data_rank=None).to_local()
+        self.param.to_local().copy_(mine)
+
+
+@torch.no_grad()
+def fill_shards(model: Transformer, config: ModelConfig, seed: int, init_from: str | None):
+    """Weights for a model built on meta and sharded by FSDP2, identical to a one-process run's.
+
+    Fresh: olmpool's own Transformer.init_weights runs over stand-ins for the sharded parameters, so
+    the same generator draws the same full-size values in the same order, one parameter at a time,
+    and each rank keeps its shard. --init_from: a checkpoint's tensors, read one at a time from
+    model.safetensors (a Hugging Face folder is read whole, once, on the CPU).
+    """
+    shards = [(name, _ShardOf(param)) for name, param in model.named_parameters()]
+    if not init_from:
+        Transformer.init_weights(types.SimpleNamespace(named_parameters=lambda: iter(shards)), seed)
+        return
+    path = Path(init_from)
+    if not init_from.startswith("hf:") and (path / checkpoint.WEIGHTS_FILE).is_file():
+        from safetensors import safe_open
+
+        check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
+        with safe_open(path / checkpoint.WEIGHTS_FILE, "pt") as file:
+            missing = sorted(set(name for name, _ in shards) - set(file.keys()))
+            if missing:
+                raise TrainError(f"{path / checkpoint.WEIGHTS_FILE} lacks {', '.join(missing[:3])}; pass a "
+                                 f"checkpoint of this architecture")
+            for name, shard in shards:
+                shard.copy_(file.get_tensor(name))
+        return
+    full = Transformer(config, seed=None)  # hf: read whole on the CPU, then split
+    load_initial_weights(full, init_from, config)
+    state = full.state_dict()
+    for name, shard in shards:
+        shard.copy_(state[name])
+
+
+# Fields a fresh run may change on top of another checkpoint's weights: how positions are encoded
+# and how far (what context extension changes), and the attention kernel.
+INIT_FROM_MAY_CHANGE = ("attention_backend", "context_length", "rope_theta", "rope_theta_local", "rope_scaling",
+                        "rope_factor", "rope_scaling_layers", "rope_original_context", "yarn_beta_fast",
+                        "yarn_beta_slow", "yarn_attention_factor", "llama3_low_freq_factor", "llama3_high_freq_factor")
+
+
+def load_initial_weights(model: Transformer, source: str, config: ModelConfig):
+    """--init_from: a checkpoint folder's model.safetensors, or hf:DIR through hf_interop.load_hf."""
+    if source.startswith("hf:"):
+        model.load_state_dict(hf_weights(source, config))
+        return
+    path = Path(source)
+    check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
+    # Only safetensors: --init_from reads other people's folders, and DCP's .metadata (like any
+    # torch.save file) is a pickle, which can run code when loaded.
+    if not (path / checkpoint.WEIGHTS_FILE).is_file():
+        only_dcp = (path / "dcp").is_dir()
+        raise TrainError(f"{path} has no model.safetensors" + (
+            " (only dcp/, an FSDP checkpoint from before train.py wrote model.safetensors beside it). --init_from "
+            "reads weights from safetensors only, since DCP's metadata is a pickle that can run code. If the run "
+            "is your own, resume it under torchrun with --fsdp --resume DIR for one more step (the new checkpoint "
+            "has model.safetensors), then pass that" if only_dcp else
+            "; pass a step_N folder written by train.py, or hf:DIR for a Hugging Face folder"))
+    try:
+        model.load_state_dict(checkpoint.read_weights(path))
+    except CheckpointError as error:
+        raise TrainError(str(error)) from None
+
+
+def hf_weights(source: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The state dict of hf:DIR (a Hugging Face folder, through hf_interop.load_hf), after checking
+    that it is config's architecture but for what --init_from may change."""
+    try:
+        import hf_interop
+    except ImportError:
+        raise TrainError(f"--init_from {source} needs hf_interop.py beside train.py to read Hugging Face "
+                         f"folders, and it is not there; convert the folder to a checkpoint elsewhere and "
+                         f"pass --init_from DIR") from None
+    try:
+        hf_model, summary = hf_interop.load_hf(source[3:])
+    except ValueError as error:  # hf_interop's errors name the file and the fix
+        raise TrainError(f"--init_from {source}: {error}") from None
+    differing = checkpoint.architecture_differences(hf_model.config, config, INIT_FROM_MAY_CHANGE)
+    if differing:
+        flags = " ".join(f"--{k} {getattr(hf_model.config, k)}" for k in differing)
+        raise TrainError(f"{source[3:]}/config.json is a different architecture in {', '.join(differing)}; "
+                         f"rerun with {flags}\n{summary}")
+    return hf_model.state_dict()
+
+
+def check_architecture(path: Path, config: ModelConfig, allowed: tuple[str, ...] = ("attention_backend",)):
+    """Refuse a checkpoint whose config.json differs from config in any field but `allowed`
+    (checkpoint.architecture_differences: the one comparison every script uses)."""
+    file = path / checkpoint.CONFIG_FILE
+    if not file.is_file():
+        raise TrainError(f"{file} not found: {path} is not a train.py checkpoint folder")
+    try:
+        saved = checkpoint.read_config(path)
+    except CheckpointError as error:
+        raise TrainError(str(error)) from None
+    differing = checkpoint.architecture_differences(saved, config, allowed)
+    if differing:
+        changes = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r}, this run {getattr(config, k)!r}"
+                            for k in differing)
+        flags = " ".join(f"--{k} {getattr(saved, k)}" for k in differing)
+        raise TrainError(f"{file} is a different architecture ({changes}). Rerun with the checkpoint's flags "
+                         f"({flags}), or train this architecture in another --out")
+
+
+def checkpoint_activations(block: nn.Module):
+    """Recompute the block in backward instead of storing its activations; parameter names unchanged."""
+    forward = block.forward
+
+    def recomputing_forward(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = recomputing_forward
+
+
+def autocast(device: torch.device, fsdp: bool):
+    """bf16 autocast on GPU; under FSDP the MixedPrecisionPolicy casts instead. fp32 on CPU."""
+    if device.type == "cuda" and not fsdp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: none on embeddings (OLMo 2) and 1-D norm gains."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or name.endswith("embed.weight") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused: one kernel for all parameters, on GPU and CPU alike (4x the default on CPU).
+    return torch.optim.AdamW(groups, lr=peak_lr(args), betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
+
+
+def peak_lr(args) -> float:
+    return args.lr if args.lr is not None else LEARNING_RATES[args.size]
+
+
+def warmup_steps(args) -> int:
+    return args.warmup if args.warmup is not None else min(2000, max(1, args.steps // 10))
+
+
+def lr_at(step: int, args) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warmup, then args.schedule."""
+    lr, warmup, steps = peak_lr(args), warmup_steps(args), args.steps
+    lr_min = lr * args.min_lr_ratio
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if args.schedule == "wsd":  # warmup-stable-decay: decay only over the final stretch
+        decay_steps = max(1, round(args.decay_fraction * steps))
+        progress = max(0.0, (step - (steps - decay_steps)) / decay_steps)
+        return lr - (lr - lr_min) * min(progress, 1.0)
+    progress = min((step - warmup) / max(1, steps - warmup), 1.0)
+    if args.schedule == "linear":
+        return lr - (lr - lr_min) * progress
+    return lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Data: the same global batches whatever the world size or architecture
+
+
+@dataclass
+class BatchPlan:
+    seq_len: int
+    sequences: int  # per global batch
+    micro_batch: int
+    accumulation: int  # micro-batches per device per step
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.seq_len
+
+
+def batch_plan(args, config: ModelConfig, world_size: int, device_type: str = "cpu") -> BatchPlan:
+    seq_len = args.seq_len or config.context_length
+    batch_tokens = args.batch_tokens or DEFAULT_SEQUENCES[device_type] * seq_len
+    if batch_tokens % seq_len:
+        raise TrainError(f"--batch_tokens {batch_tokens} is not a whole number of sequences of seq_len={seq_len}; "
+                         f"use a multiple of {seq_len}, e.g. {max(1, round(batch_tokens / seq_len)) * seq_len}")
+    sequences = batch_tokens // seq_len
+    micro_batch = args.micro_batch if args.micro_batch is not None else default_micro_batch(sequences, world_size)
+    per_step = world_size * micro_batch
+    if sequences % per_step:
+        raise TrainError(f"a global batch of {sequences} sequences ({batch_tokens} tokens / seq_len {seq_len}) does "
+                         f"not split into {world_size} processes x --micro_batch {micro_batch}; use --batch_tokens "
+                         f"a multiple of {per_step * seq_len}, or a --micro_batch that divides {sequences // world_size}"
+                         if sequences % world_size == 0 else
+                         f"a global batch of {sequences} sequences does not split over {world_size} processes; use "
+                         f"--batch_tokens a multiple of {per_step * seq_len}")
+    return BatchPlan(seq_len, sequences, micro_batch, sequences // per_step)
+
+
+def default_micro_batch(sequences: int, world_size: int) -> int:
+    """2 when it divides each process's share of the global batch, else 1: the default never stops a
+    world size that divides the batch (2 CPU processes share the CPU default of 2 sequences)."""
+    share = sequences // world_size if sequences % world_size == 0 else sequences
+    return 2 if share % 2 == 0 else 1
+
+
 def data_dir(args, env: Distributed) -> Path:
     """The data folder, in the vocabulary --compact_vocab asks for (built on first use)."""
     def prepared(progress: bool) -> Path:
@@ -731,7 +827,7 @@ def micro_batches(batch: data.Batch, plan: BatchPlan, device) -> list[data.Batch
 
 
 # ----------------------------------------------------------------------------------------------
-# The loss and one optimizer step
+# 5. One step of the loop: the loss, the optimizer step, evaluation, and what is logged
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -855,7 +951,7 @@ def train_step(model, optimizer, batches: list[data.Batch], plan: BatchPlan, arg
         sync = model.no_sync() if (not last and isinstance(model, nn.parallel.DistributedDataParallel)) \
             else contextlib.nullcontext()
         with sync:
-            with autocast(env, args):
+            with autocast(env.device, args.fsdp):
                 ce, z = model_loss_sums(model, batch, getattr(args, "loss_chunk", None))
             ((ce + args.z_loss * z) * scale).backward()
         ce_sum += ce.detach().double()
@@ -893,7 +989,7 @@ def evaluate_losses(model, loader: data.TokenLoader, plan: BatchPlan, args, env:
     for batch in loader.validation_batches(args.eval_batches):
         sums[1] += byte_lengths[batch.targets].sum().item()
         for micro in micro_batches(batch, plan, env.device):
-            with autocast(env, args):
+            with autocast(env.device, args.fsdp):
                 sums[0] += model_loss_sums(model, micro, getattr(args, "loss_chunk", None))[0].double()
         targets += plan.tokens
     if env.world_size > 1:
@@ -901,10 +997,6 @@ def evaluate_losses(model, loader: data.TokenLoader, plan: BatchPlan, args, env:
     model.train()
     nats, n_bytes = sums.tolist()
     return {"val_loss": nats / targets, "val_bits_per_byte": data.bits_per_byte(nats, n_bytes)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Throughput: tokens/s, MFU, memory
 
 
 @functools.cache
@@ -919,12 +1011,13 @@ def cpu_matmul_flops() -> float:
     return best
 
 
-def peak_flops(args, env: Distributed) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device, where the number came from)."""
-    if args.peak_flops:
-        return args.peak_flops, "--peak_flops"
-    if env.device.type == "cuda":
-        name = torch.cuda.get_device_name(env.device)
+def peak_flops(given: float | None, device: torch.device) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, where the number came from): --peak_flops if given, else a GPU's
+    datasheet, else a matmul measured on this CPU."""
+    if given:
+        return given, "--peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_FLOPS.items():
             if key in name:
                 return value, f"{name} bf16 datasheet"
@@ -939,142 +1032,15 @@ def peak_memory_gib(env: Distributed) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
 
 
-def log(env: Distributed, message: str):
-    if env.is_main:
-        print(message, flush=True)
-
-
-def duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-
-
-def train(args, make_loaders=None, checkpoint_extras: dict | None = None) -> dict:
-    """Train as args say; returns {"losses": {step: loss}, "val_losses": {step: loss}, "checkpoint": path,
-    "preempted": whether SIGTERM stopped it (after saving)}.
-
-    extend.py's hooks: make_loaders(args, plan, env, folder) -> (train loader, val loader or None)
-    replaces build_loaders; checkpoint_extras {"train_state": dict} adds fields to every train_state.json.
-    """
-    validate_run_args(args)  # again, for callers that build args without parse_args
-    env = setup_distributed(args.device)
-    stop = {"requested": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
-    previous_threads = torch.get_num_threads()
-    try:
-        return _train(args, env, stop, make_loaders, checkpoint_extras)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        torch.set_num_threads(previous_threads)
-        teardown_distributed(env)
-
-
-def cpu_threads(args, resume_dir: Path | None) -> int:
-    """Threads for CPU math: --threads, else torch's default. The count changes the order of float
-    sums, so a resumed run reuses the count it started with. On a shared machine, threads beyond the
-    idle cores spin at every barrier (2 threads ran 3x slower than 1 with one core busy): pass
-    --threads there."""
-    if args.threads:
-        return args.threads
-    if resume_dir and "threads" in (saved := json.loads((resume_dir / "train_state.json").read_text())):
-        return saved["threads"]
-    return torch.get_num_threads()  # torch's default (physical cores), or OMP_NUM_THREADS (torchrun sets 1)
-
-
-def _train(args, env: Distributed, stop: dict, make_loaders=None, checkpoint_extras=None) -> dict:
-    config = model_config(args)
-    plan = batch_plan(args, config, env.world_size, env.device.type)
-    check_run_fits(config, plan, args, env)
-    out = Path(args.out or REPO_DIR / "runs" / (args.name or run_name(args)))
-    resume_dir = find_resume(args, out)
-    resume_dir = set_aside_other_branch(out, resume_dir, env)
-    if env.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(args, resume_dir))
-    if env.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls left outside bf16
-
-    folder = data_dir(args, env)
-    check_vocabulary(args, config, folder, resume_dir)  # before any weights are loaded
-    model, inner = build_model(config, args, env)
-    optimizer = build_optimizer(model, args)
-    train_loader, val_loader = (make_loaders or build_loaders)(args, plan, env, folder)
-    step, tokens_seen = 0, 0
-    if resume_dir:
-        step, tokens_seen = load_checkpoint(resume_dir, model, inner, optimizer, train_loader, args, env)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    meter = Meter(out, config, plan, args, env)
-    log(env, olmpool.describe(config))
-    log(env, f"data {folder}: {train_loader.n_tokens:,} train tokens ({data.read_manifest(folder)['tokenizer']['name']}, "
-             f"model vocab {config.vocab_size:,}), {train_loader.steps_per_epoch} steps per epoch")
-    features = [f"{torch.get_num_threads()} thread(s)" if env.device.type == "cpu" else "",
-                "FSDP" if args.fsdp else "DDP" if env.world_size > 1 else "", "compiled" if args.compile else "",
-                "activation checkpointing" if args.activation_checkpointing else ""]
-    log(env, f"batch: {plan.sequences} sequences of {plan.seq_len} = {plan.tokens:,} tokens per step = {env.world_size} "
-             f"process(es) x micro-batch {plan.micro_batch} x {plan.accumulation} accumulation; device {env.device}"
-             + "".join(f", {feature}" for feature in features if feature))
-    log(env, f"{args.steps} steps, lr {peak_lr(args):g} ({args.schedule}, {warmup_steps(args)} warmup), "
-             f"{meter.flops / 1e9:.3f} GFLOP/token, MFU vs {meter.peak_source}; out {out}"
-             + (f"; resumed from {resume_dir} at step {step}" if resume_dir else ""))
-
-    losses, val_losses, last_saved = {}, {}, resume_dir
-    last_step = min(args.steps, args.stop_at if args.stop_at is not None else args.steps)
-    start_time, first_step = time.perf_counter(), step + 1
-    stopping = False  # agreed by every rank through train_step's all-reduce, so all stop at one step
-    try:
-        while step < last_step and not stopping:
-            step_start = time.perf_counter()
-            lr = lr_at(step, args)
-            batches = micro_batches(train_loader.next_batch(), plan, env.device)
-            result = train_step(model, optimizer, batches, plan, args, env, lr, stop["requested"])
-            if not result["finite"]:
-                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
-                quantity = "loss" if not math.isfinite(result["loss"]) else "gradient norm"
-                raise TrainError(f"non-finite {quantity} at step {step + 1} (loss {result['loss']}, grad norm "
-                                 f"{result['grad_norm']}); stopped without saving, {kept}. Lower --lr (now "
-                                 f"{lr:g} at this step) or lengthen --warmup, then --resume auto")
-            step += 1
-            tokens_seen += plan.tokens
-            stopping = result["stop"]
-            losses[step] = result["loss"]
-            record = meter.record(step, lr, result, tokens_seen, time.perf_counter() - step_start)
-            if val_loader is not None and (step % args.eval_every == 0 or step == last_step):
-                record.update(evaluate_losses(model, val_loader, plan, args, env))
-                val_losses[step] = record["val_loss"]
-            meter.write(record, show=step % args.log_every == 0 or step in (first_step, last_step)
-                        or "val_loss" in record, steps_left=last_step - step)
-            if step % args.save_every == 0 or step == last_step or stopping:
-                last_saved = save_checkpoint(out, step, tokens_seen, model, inner, optimizer, train_loader, args, env,
-                                             extras=checkpoint_extras)
-    finally:
-        meter.close()
-    if step >= last_step and not losses:
-        log(env, f"nothing to do: {resume_dir} is at step {step}, and this run stops at step {last_step}")
-    if stopping:
-        log(env, f"SIGTERM: saved {last_saved} at step {step}; continue with the same command and --resume auto "
-                 f"(exit status {PREEMPTED_EXIT_STATUS})")
-    if losses:
-        recent = [losses[s] for s in sorted(losses)[-10:]]
-        log(env, f"done: loss {losses[first_step]:.4f} at step {first_step} -> {losses[step]:.4f} at step {step} "
-                 f"(mean of the last {len(recent)}: {sum(recent) / len(recent):.4f}), "
-                 f"{time.perf_counter() - start_time:.0f}s; checkpoint {last_saved}")
-    return {"losses": losses, "val_losses": val_losses, "checkpoint": last_saved, "step": step, "out": out,
-            "preempted": stopping}
-
-
 class Meter:
     """Per step: tokens/s, window-aware MFU, peak memory, ETA. Rank 0 appends a JSON line to
     OUT/metrics.jsonl every step and prints a progress line when asked."""
 
-    def __init__(self, out: Path, config: ModelConfig, plan: BatchPlan, args, env: Distributed):
-        self.plan, self.env, self.steps = plan, env, args.steps
+    def __init__(self, out: Path, config: ModelConfig, plan: BatchPlan, steps: int, given_peak_flops: float | None,
+                 env: Distributed):
+        self.plan, self.env, self.steps = plan, env, steps
         self.flops = olmpool.flops_per_token(config, plan.seq_len)  # counts only the keys a window lets in
-        self.peak, self.peak_source = peak_flops(args, env)
+        self.peak, self.peak_source = peak_flops(given_peak_flops, env.device)
         self.file = open(out / "metrics.jsonl", "a") if env.is_main else None
         self.timed_from = None  # (time, step) at the end of the first step, which pays for warm-up and compiling
 
@@ -1106,52 +1072,24 @@ class Meter:
             self.file.close()
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoints_in(out: Path) -> list[Path]:
-    """Complete checkpoints in out, oldest first: step_N folders whose train_state.json was written."""
-    found = [(int(m.group(1)), p) for p in out.glob("step_*") if (m := CHECKPOINT_PATTERN.match(p.name))
-             and (p / "train_state.json").is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def find_resume(args, out: Path) -> Path | None:
-    if args.resume == "never":
-        existing = checkpoints_in(out) if out.is_dir() else []
-        if existing:
-            raise TrainError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue that run with "
-                             f"--resume auto (the default), or start another with a different --out or --name")
-        return None
-    if args.resume == "auto":
-        existing = checkpoints_in(out) if out.is_dir() else []
-        damage = []
-        for path in reversed(existing):  # the newest intact one; damaged ones are named and skipped
-            problem = checkpoint_problem(path)
-            if problem is None:
-                return path
-            damage.append(problem)
-            warn(f"warning: skipping damaged checkpoint {path.name}: {problem}")
-        if damage:
-            raise TrainError(f"every checkpoint in {out} is damaged ({'; '.join(damage)}); move the folder "
-                             f"away to start afresh, or pass another --out")
-        return None
-    path = Path(args.resume)
-    if not (path / "train_state.json").is_file():
-        raise TrainError(f"--resume {path}: no {path / 'train_state.json'}, so not a complete checkpoint; "
-                         f"pass a step_N folder, or --resume auto")
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise TrainError(f"--resume {path} is damaged: {problem}; pass another step_N folder, or --resume auto "
-                         f"(which takes the newest intact checkpoint in --out)")
-    return path
+def log(env: Distributed, message: str):
+    if env.is_main:
+        print(message, flush=True)
 
 
 def warn(message: str):
     """Print a warning once per run (rank 0, or a process outside torchrun)."""
     if os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Save and resume: checkpoints written atomically, found, checked and read back
 
 
 CHECKPOINT_KEYS = ("step", "tokens_seen", "loader", "fsdp", "rng")
@@ -1193,6 +1131,39 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def find_resume(resume: str, out: Path) -> Path | None:
+    """The checkpoint --resume names: auto, the newest intact one in out (None there: a fresh start);
+    never, None (refusing an out that holds checkpoints); else the folder given, if intact."""
+    if resume == "never":
+        existing = checkpoints_in(out) if out.is_dir() else []
+        if existing:
+            raise TrainError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue that run with "
+                             f"--resume auto (the default), or start another with a different --out or --name")
+        return None
+    if resume == "auto":
+        existing = checkpoints_in(out) if out.is_dir() else []
+        damage = []
+        for path in reversed(existing):  # the newest intact one; damaged ones are named and skipped
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            damage.append(problem)
+            warn(f"warning: skipping damaged checkpoint {path.name}: {problem}")
+        if damage:
+            raise TrainError(f"every checkpoint in {out} is damaged ({'; '.join(damage)}); move the folder "
+                             f"away to start afresh, or pass another --out")
+        return None
+    path = Path(resume)
+    if not (path / checkpoint.STATE_FILE).is_file():
+        raise TrainError(f"--resume {path}: no {path / checkpoint.STATE_FILE}, so not a complete checkpoint; "
+                         f"pass a step_N folder, or --resume auto")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TrainError(f"--resume {path} is damaged: {problem}; pass another step_N folder, or --resume auto "
+                         f"(which takes the newest intact checkpoint in --out)")
+    return path
+
+
 def set_aside_other_branch(out: Path, resume_dir: Path | None, env: Distributed) -> Path | None:
     """A rollback (resuming a checkpoint older than the newest in out) starts a new branch: move the
     other branch's checkpoints (every one at or after the resumed step but the resumed one) to
@@ -1202,9 +1173,9 @@ def set_aside_other_branch(out: Path, resume_dir: Path | None, env: Distributed)
         return resume_dir
     resumed_step = int(json.loads((resume_dir / "train_state.json").read_text())["step"])
     # Complete or not (a save would overwrite an incomplete one), sorted by step.
-    others = sorted((p for p in out.glob("step_*") if (m := CHECKPOINT_PATTERN.match(p.name))
+    others = sorted((p for p in out.glob("step_*") if (m := checkpoint.STEP_PATTERN.match(p.name))
                      and int(m.group(1)) >= resumed_step and p.resolve() != resume_dir.resolve()),
-                    key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+                    key=lambda p: int(checkpoint.STEP_PATTERN.match(p.name).group(1)))
     env.barrier()  # every rank has chosen resume_dir before anything moves
     if others and env.is_main:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -1231,35 +1202,14 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transf
                     loader: data.TokenLoader, args, env: Distributed, extras: dict | None = None) -> Path:
     """Write OUT/step_N atomically: everything goes into a temporary folder, fsynced, renamed when
     complete. train_state.json, written last, records every other file's size, which resume checks."""
-    final = out / f"step_{step:07d}"
-    temporary = out / f".tmp_step_{step:07d}"
+    final = checkpoint.step_folder(out, step)
+    temporary = out / f".tmp_{final.name}"
     if env.is_main:
         shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed mid-save
         temporary.mkdir(parents=True)
     env.barrier()
-    if args.fsdp:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary / "dcp")
-        # The weights again, gathered into full tensors on rank 0, in safetensors: a file anyone can
-        # load without unpickling (DCP's metadata is a pickle), for --init_from and hf_interop.
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if env.is_main:
-            from safetensors.torch import save_file
-
-            save_file({name: t.contiguous() for name, t in full.items()}, temporary / "model.safetensors",
-                      metadata={"format": "pt"})
-        del full
-    elif env.is_main:
-        from safetensors.torch import save_file
-
-        save_file({name: t.detach().cpu().contiguous() for name, t in inner.state_dict().items()},
-                  temporary / "model.safetensors", metadata={"format": "pt"})
-        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+    write_weights_and_optimizer(temporary, model, inner, optimizer, args.fsdp, env)
     if env.is_main:
-        (temporary / "config.json").write_text(json.dumps(dataclasses.asdict(inner.config), indent=2) + "\n")
         data.copy_vocabulary(loader.data_dir, temporary)  # the checkpoint names its tokenizer
         files = {str(p.relative_to(temporary)): p.stat().st_size for p in sorted(temporary.rglob("*")) if p.is_file()}
         state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "fsdp": args.fsdp,
@@ -1267,7 +1217,7 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transf
                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                  "rng": rng_state(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
         state.update((extras or {}).get("train_state", {}))  # extend.py: the recipe and its source
-        (temporary / "train_state.json").write_text(json.dumps(state) + "\n")  # last: marks the folder complete
+        (temporary / checkpoint.STATE_FILE).write_text(json.dumps(state) + "\n")  # last: marks it complete
         fsync_tree(temporary)  # on disk before the rename, so a power cut never leaves a renamed, empty file
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
@@ -1277,6 +1227,26 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transf
                 shutil.rmtree(old)
     env.barrier()
     return final
+
+
+def write_weights_and_optimizer(folder: Path, model, inner: Transformer, optimizer, fsdp: bool, env: Distributed):
+    """config.json and model.safetensors (checkpoint.write_model, on rank 0), and the optimizer: one
+    optimizer.pt, or with FSDP every rank's shards of model and optimizer in dcp/."""
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / "dcp")
+        # The weights again, gathered into full tensors on rank 0, in safetensors: a file anyone can
+        # load without unpickling (DCP's metadata is a pickle), for --init_from and hf_interop.
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.is_main:
+            checkpoint.write_model(folder, inner.config, full)
+        del full
+    elif env.is_main:
+        checkpoint.write_model(folder, inner.config, inner.state_dict())
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
 
 
 def fsync_tree(folder: Path, files: bool = True):
@@ -1291,48 +1261,14 @@ def fsync_tree(folder: Path, files: bool = True):
             os.close(descriptor)
 
 
-def architecture_differences(saved: dict, config: ModelConfig, allowed: tuple[str, ...]) -> list[str]:
-    """ModelConfig fields (but `allowed`) where a saved config differs from config. One layer pattern
-    has several spellings (2 layers: global_every 2 or 4), so window and global_every count only
-    when the layers' windows differ."""
-    ours = dataclasses.asdict(config)
-    differing = [k for k in sorted(set(saved) | set(ours)) if k not in allowed and saved.get(k) != ours.get(k)]
-    try:
-        same_windows = ModelConfig(**(ours | {k: saved[k] for k in ("window", "global_every") if k in saved})
-                                   ).layer_windows == config.layer_windows
-    except (TypeError, ValueError):
-        same_windows = False
-    return [k for k in differing if not (same_windows and k in ("window", "global_every"))]
-
-
-def check_architecture(path: Path, config: ModelConfig, allowed: tuple[str, ...] = ("attention_backend",)):
-    """Refuse a checkpoint whose config.json differs from config in any field but `allowed`."""
-    file = path / "config.json"
-    if not file.is_file():
-        raise TrainError(f"{file} not found: {path} is not a train.py checkpoint folder")
-    defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
-    try:
-        saved = defaults | json.loads(file.read_text())  # a field added since the save has its default
-    except (UnicodeDecodeError, ValueError, TypeError) as error:
-        raise TrainError(f"{file} is not a config written by train.py ({error}); pass an intact checkpoint "
-                         f"folder") from None
-    ours = dataclasses.asdict(config)
-    differing = architecture_differences(saved, config, allowed)
-    if differing:
-        changes = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {ours.get(k)!r}" for k in differing)
-        flags = " ".join(f"--{k} {saved[k]}" for k in differing if k in saved)
-        raise TrainError(f"{file} is a different architecture ({changes}). Rerun with the checkpoint's flags "
-                         f"({flags}), or train this architecture in another --out")
-
-
-def load_checkpoint(path: Path, model, inner: Transformer, optimizer, loader: data.TokenLoader, args,
-                    env: Distributed) -> tuple[int, int]:
+def load_checkpoint(path: Path, model, inner: Transformer, optimizer, loader: data.TokenLoader, fsdp: bool,
+                    device: torch.device) -> tuple[int, int]:
     """Restore weights, optimizer, loader position and RNG from `path`; returns (step, tokens seen)."""
     check_architecture(path, inner.config)
-    state = json.loads((path / "train_state.json").read_text())
-    if state["fsdp"] != bool(args.fsdp):
+    state = json.loads((path / checkpoint.STATE_FILE).read_text())
+    if state["fsdp"] != bool(fsdp):
         raise TrainError(f"{path} was saved {'with' if state['fsdp'] else 'without'} --fsdp; resume it the same way")
-    if args.fsdp:
+    if fsdp:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -1344,66 +1280,17 @@ def load_checkpoint(path: Path, model, inner: Transformer, optimizer, loader: da
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        file = path / "model.safetensors"
+        file = path / checkpoint.WEIGHTS_FILE
         try:
             inner.load_state_dict(load_file(file))
             file = path / "optimizer.pt"  # one's own run's file, and still never unpickled beyond tensors
-            optimizer.load_state_dict(torch.load(file, map_location=env.device, weights_only=True))
+            optimizer.load_state_dict(torch.load(file, map_location=device, weights_only=True))
         except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
             raise TrainError(f"{file} is damaged ({str(error).splitlines()[0]}); resume another checkpoint "
                              f"with --resume DIR, or move {path} away and use --resume auto") from None
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     return state["step"], state["tokens_seen"]
-
-
-# Fields a fresh run may change on top of another checkpoint's weights: how positions are encoded
-# and how far (what context extension changes), and the attention kernel.
-INIT_FROM_MAY_CHANGE = ("attention_backend", "context_length", "rope_theta", "rope_theta_local", "rope_scaling",
-                        "rope_factor", "rope_scaling_layers", "rope_original_context", "yarn_beta_fast",
-                        "yarn_beta_slow", "yarn_attention_factor", "llama3_low_freq_factor", "llama3_high_freq_factor")
-
-
-def load_initial_weights(model: Transformer, source: str, config: ModelConfig):
-    """--init_from: a train.py checkpoint folder (either layout), or hf:DIR through hf_interop.load_hf."""
-    if source.startswith("hf:"):
-        try:
-            import hf_interop
-        except ImportError:
-            raise TrainError(f"--init_from {source} needs hf_interop.py beside train.py to read Hugging Face "
-                             f"folders, and it is not there; convert the folder to a checkpoint elsewhere and "
-                             f"pass --init_from DIR") from None
-        try:
-            hf_model, summary = hf_interop.load_hf(source[3:])
-        except ValueError as error:  # hf_interop's errors name the file and the fix
-            raise TrainError(f"--init_from {source}: {error}") from None
-        differing = architecture_differences(dataclasses.asdict(hf_model.config), config, INIT_FROM_MAY_CHANGE)
-        if differing:
-            flags = " ".join(f"--{k} {getattr(hf_model.config, k)}" for k in differing)
-            raise TrainError(f"{source[3:]}/config.json is a different architecture in {', '.join(differing)}; "
-                             f"rerun with {flags}\n{summary}")
-        model.load_state_dict(hf_model.state_dict())
-        return
-    path = Path(source)
-    check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
-    file = path / "model.safetensors"
-    # Only safetensors: --init_from reads other people's folders, and DCP's .metadata (like any
-    # torch.save file) is a pickle, which can run code when loaded.
-    if not file.is_file():
-        only_dcp = (path / "dcp").is_dir()
-        raise TrainError(f"{path} has no model.safetensors" + (
-            " (only dcp/, an FSDP checkpoint from before train.py wrote model.safetensors beside it). --init_from "
-            "reads weights from safetensors only, since DCP's metadata is a pickle that can run code. If the run "
-            "is your own, resume it under torchrun with --fsdp --resume DIR for one more step (the new checkpoint "
-            "has model.safetensors), then pass that" if only_dcp else
-            "; pass a step_N folder written by train.py, or hf:DIR for a Hugging Face folder"))
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(file)
-    except Exception as error:  # safetensors raises its own error type for any bad file
-        raise TrainError(f"{file} is unreadable ({error}); pass an intact checkpoint folder") from None
-    model.load_state_dict(weights)
 
 
 def rng_state() -> dict:
@@ -1428,6 +1315,142 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+# ----------------------------------------------------------------------------------------------
+# 7. The run: set up, build, load data, loop, save
+
+
+class Preemption:
+    """SIGTERM's flag. The handler only records the request: the loop finishes its step, every rank
+    learns of it through train_step's all-reduce, and the run saves and exits with status 143."""
+
+    def __init__(self):
+        self.requested = False
+
+    def request(self, signum, frame):
+        self.requested = True
+
+
+def train(args, make_loaders=None, checkpoint_extras: dict | None = None) -> dict:
+    """Train as args say; returns {"losses": {step: loss}, "val_losses": {step: loss}, "checkpoint": path,
+    "preempted": whether SIGTERM stopped it (after saving)}.
+
+    extend.py's hooks: make_loaders(args, plan, env, folder) -> (train loader, val loader or None)
+    replaces build_loaders; checkpoint_extras {"train_state": dict} adds fields to every train_state.json.
+    """
+    validate_run_args(args)  # again, for callers that build args without parse_args
+    env = setup_distributed(args.device)
+    preemption = Preemption()
+    previous_handler = signal.signal(signal.SIGTERM, preemption.request)
+    previous_threads = torch.get_num_threads()
+    try:
+        return run(args, env, preemption, make_loaders or build_loaders, checkpoint_extras)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        torch.set_num_threads(previous_threads)
+        teardown_distributed(env)
+
+
+def run(args, env: Distributed, preemption: Preemption, make_loaders, checkpoint_extras: dict | None) -> dict:
+    """The run on one rank: set up, build, data, the loop, a checkpoint every --save_every steps."""
+    # Set up: the architecture, the batch, and where the run lives and resumes from.
+    config = model_config(args)
+    plan = batch_plan(args, config, env.world_size, env.device.type)
+    check_run_fits(config, plan, args, env)
+    out = Path(args.out or REPO_DIR / "runs" / (args.name or run_name(args)))
+    resume_dir = set_aside_other_branch(out, find_resume(args.resume, out), env)
+    if env.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(args.threads, resume_dir))
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls left outside bf16
+
+    # Build, with the data's vocabulary checked before any weights are loaded.
+    folder = data_dir(args, env)
+    check_vocabulary(args, config, folder, resume_dir)
+    model, inner = build_model(config, args, env)
+    optimizer = build_optimizer(model, args)
+    train_loader, val_loader = make_loaders(args, plan, env, folder)
+    step, tokens_seen = 0, 0
+    if resume_dir:
+        step, tokens_seen = load_checkpoint(resume_dir, model, inner, optimizer, train_loader, args.fsdp, env.device)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    meter = Meter(out, config, plan, args.steps, args.peak_flops, env)
+    describe_run(args, env, config, plan, folder, train_loader, meter, out, resume_dir, step)
+
+    # The loop: one optimizer step, its record, an evaluation and a checkpoint when due.
+    losses, val_losses, last_saved = {}, {}, resume_dir
+    last_step = min(args.steps, args.stop_at if args.stop_at is not None else args.steps)
+    start_time, first_step = time.perf_counter(), step + 1
+    stopping = False  # agreed by every rank through train_step's all-reduce, so all stop at one step
+    try:
+        while step < last_step and not stopping:
+            step_start = time.perf_counter()
+            lr = lr_at(step, args)
+            batches = micro_batches(train_loader.next_batch(), plan, env.device)
+            result = train_step(model, optimizer, batches, plan, args, env, lr, preemption.requested)
+            if not result["finite"]:
+                raise non_finite_error(result, step + 1, lr, last_saved)
+            step += 1
+            tokens_seen += plan.tokens
+            stopping = result["stop"]
+            losses[step] = result["loss"]
+            record = meter.record(step, lr, result, tokens_seen, time.perf_counter() - step_start)
+            if val_loader is not None and (step % args.eval_every == 0 or step == last_step):
+                record.update(evaluate_losses(model, val_loader, plan, args, env))
+                val_losses[step] = record["val_loss"]
+            meter.write(record, show=step % args.log_every == 0 or step in (first_step, last_step)
+                        or "val_loss" in record, steps_left=last_step - step)
+            if step % args.save_every == 0 or step == last_step or stopping:
+                last_saved = save_checkpoint(out, step, tokens_seen, model, inner, optimizer, train_loader, args, env,
+                                             extras=checkpoint_extras)
+    finally:
+        meter.close()
+    report_end(env, losses, first_step, step, last_step, stopping, resume_dir, last_saved, start_time)
+    return {"losses": losses, "val_losses": val_losses, "checkpoint": last_saved, "step": step, "out": out,
+            "preempted": stopping}
+
+
+def describe_run(args, env: Distributed, config: ModelConfig, plan: BatchPlan, folder: Path,
+                 train_loader: data.TokenLoader, meter: Meter, out: Path, resume_dir: Path | None, step: int):
+    """The run's opening lines: the model, the data, the batch and the schedule."""
+    log(env, olmpool.describe(config))
+    log(env, f"data {folder}: {train_loader.n_tokens:,} train tokens ({data.read_manifest(folder)['tokenizer']['name']}, "
+             f"model vocab {config.vocab_size:,}), {train_loader.steps_per_epoch} steps per epoch")
+    features = [f"{torch.get_num_threads()} thread(s)" if env.device.type == "cpu" else "",
+                "FSDP" if args.fsdp else "DDP" if env.world_size > 1 else "", "compiled" if args.compile else "",
+                "activation checkpointing" if args.activation_checkpointing else ""]
+    log(env, f"batch: {plan.sequences} sequences of {plan.seq_len} = {plan.tokens:,} tokens per step = {env.world_size} "
+             f"process(es) x micro-batch {plan.micro_batch} x {plan.accumulation} accumulation; device {env.device}"
+             + "".join(f", {feature}" for feature in features if feature))
+    log(env, f"{args.steps} steps, lr {peak_lr(args):g} ({args.schedule}, {warmup_steps(args)} warmup), "
+             f"{meter.flops / 1e9:.3f} GFLOP/token, MFU vs {meter.peak_source}; out {out}"
+             + (f"; resumed from {resume_dir} at step {step}" if resume_dir else ""))
+
+
+def non_finite_error(result: dict, step: int, lr: float, last_saved: Path | None) -> TrainError:
+    """The error that stops a run whose loss or gradient norm is not finite (nothing saved)."""
+    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+    quantity = "loss" if not math.isfinite(result["loss"]) else "gradient norm"
+    return TrainError(f"non-finite {quantity} at step {step} (loss {result['loss']}, grad norm "
+                      f"{result['grad_norm']}); stopped without saving, {kept}. Lower --lr (now "
+                      f"{lr:g} at this step) or lengthen --warmup, then --resume auto")
+
+
+def report_end(env: Distributed, losses: dict, first_step: int, step: int, last_step: int, stopping: bool,
+               resume_dir: Path | None, last_saved: Path | None, start_time: float):
+    """The run's closing line: nothing to do, preempted, or the loss from first to last step."""
+    if step >= last_step and not losses:
+        log(env, f"nothing to do: {resume_dir} is at step {step}, and this run stops at step {last_step}")
+    if stopping:
+        log(env, f"SIGTERM: saved {last_saved} at step {step}; continue with the same command and --resume auto "
+                 f"(exit status {PREEMPTED_EXIT_STATUS})")
+    if losses:
+        recent = [losses[s] for s in sorted(losses)[-10:]]
+        log(env, f"done: loss {losses[first_step]:.4f} at step {first_step} -> {losses[step]:.4f} at step {step} "
+                 f"(mean of the last {len(recent)}: {sum(recent) / len(recent):.4f}), "
+                 f"{time.perf_counter() - start_time:.0f}s; checkpoint {last_saved}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -1442,3 +1465,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

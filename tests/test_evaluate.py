@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import checkpoint
 import data
 import evaluate as ev
 import hf_interop
@@ -242,7 +243,7 @@ def heldout_folder(tmp_path_factory):
 def test_checkpoint_and_its_hf_export_score_identically_and_rerun_resumes(tmp_path, heldout_folder, monkeypatch):
     model = tiny_model()
     ours = tmp_path / "ours"
-    hf_interop.save_checkpoint_weights(model, ours)
+    checkpoint.save_model(model, ours)
     hf_interop.export_hf(model, tmp_path / "exported")
     kwargs = dict(lengths=[256, 512], tasks=["niah_single_1"], samples=2, seed=0, data_dir=heldout_folder,
                   short_context=64, short_step=32, windows=1, device="cpu", progress=False)

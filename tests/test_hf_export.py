@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
 import hf_interop
-from hf_interop import CheckpointError, export_hf, load_hf, save_checkpoint_weights, summary
+from checkpoint import save_model
+from hf_interop import CheckpointError, export_hf, load_hf, summary
 from olmpool import Transformer, generate, preset
 
 # Olmo 3's switches (post norm, layerwise QK norm, windows), as small as a dolma2 vocabulary allows:
@@ -216,7 +217,7 @@ def test_lm_evaluation_harness_offline_gives_our_loglikelihoods(exported, tmp_pa
 def checkpoint(exported, tmp_path_factory):
     """Our checkpoint folder of the exported model, with a train_state.json as train.py writes."""
     folder = tmp_path_factory.mktemp("checkpoint") / "step_0000007"
-    save_checkpoint_weights(exported[0], folder)
+    save_model(exported[0], folder)
     (folder / "train_state.json").write_text(json.dumps(
         {"step": 7, "tokens_seen": 7168, "args": {"preset": PRESET, "size": "tiny", "lr": 3e-3}}))
     return folder
