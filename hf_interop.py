@@ -289,8 +289,9 @@ def _layer_pattern(layer_types: list, n_layers: int) -> int:
 
 
 @dataclass
-class Plan:
-    """What a Hugging Face folder holds, how it maps onto ModelConfig, and what was assumed."""
+class ImportPlan:
+    """What a Hugging Face folder becomes: the ModelConfig its config.json maps onto, which stored tensor is
+    which of ours, and every assumption made. Read from config.json and the safetensors headers alone."""
     directory: Path
     model_type: str
     config: ModelConfig
@@ -303,141 +304,183 @@ class Plan:
     tokenizer: str = ""  # whether the folder's tokenizer.json gives dolma2's ids (tokenizer_check)
 
 
-def inspect_hf(directory, rope_theta: float | None = None, window: int | None = None,
-               global_every: int | None = None, norm_placement: str | None = None,
-               attention_backend: str = "sdpa") -> Plan:
-    """Read config.json and the safetensors headers (no tensor data) and check them against each other."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory} is not a folder; give the folder holding config.json and the weights")
-    cfg = _read_json(directory / "config.json", "a Hugging Face checkpoint folder holds config.json beside its "
-                                                "*.safetensors; download it with the weights")
-    notes: list[str] = []
-    if "model_type" not in cfg:
+@dataclass
+class ConfigJsonReader:
+    """A Hugging Face config.json being read into ModelConfig fields: the JSON dict, the family whose
+    conventions and defaults apply, and the notes (each default used, each assumption and override) in order."""
+    path: Path  # the config.json, named in every error
+    hf_json: dict
+    family: Family
+    notes: list[str]
+
+    @property
+    def model_type(self) -> str:
+        return self.hf_json["model_type"]
+
+    @property
+    def defaults(self) -> dict:
+        return DEFAULTS[self.family.base]
+
+    def value(self, key: str, default_ok: bool = True):
+        """config.json's value for key; if missing or null, transformers' default (said so in the notes) where
+        default_ok and the stock class has one, else an error naming the key."""
+        if key in self.hf_json and self.hf_json[key] is not None:
+            return self.hf_json[key]
+        if not default_ok or key not in self.defaults:
+            raise CheckpointError(f"{self.path}: key '{key}' is missing; add it (see the "
+                                  f"{STOCK_CLASSES[self.family.base].replace('ForCausalLM', 'Config')} documentation)")
+        self.notes.append(f"config.json has no {key}: used transformers' default {self.defaults[key]}")
+        return self.defaults[key]
+
+
+def _read_config_json(directory: Path) -> ConfigJsonReader:
+    """config.json, and the family its model_type names: block norm, QK norm, and the stock class whose
+    conventions (windows, RoPE, defaults) apply."""
+    path = directory / "config.json"
+    hf_json = _read_json(path, "a Hugging Face checkpoint folder holds config.json beside its *.safetensors; "
+                               "download it with the weights")
+    if "model_type" not in hf_json:
         hint = (" (this looks like an OlmPool checkpoint folder: export it with `hf_interop.py export`, or load it "
-                "with load_model)") if "n_layers" in cfg else ""
-        raise CheckpointError(f"{directory / 'config.json'}: key 'model_type' is missing{hint}; set it to one of "
-                              f"{', '.join(FAMILIES)}")
-    model_type = cfg["model_type"]
+                "with load_model)") if "n_layers" in hf_json else ""
+        raise CheckpointError(f"{path}: key 'model_type' is missing{hint}; set it to one of {', '.join(FAMILIES)}")
+    model_type = hf_json["model_type"]
     if model_type not in FAMILIES:
-        raise CheckpointError(f"{directory / 'config.json'}: model_type {model_type!r} is not supported; supported: "
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported; supported: "
                               f"{', '.join(FAMILIES)}. If it has one of their architectures, set model_type to it")
     family = FAMILIES[model_type]
-    if family.custom:
-        notes.append(f"model_type '{model_type}' is an OlmPool custom class, read as: {family.custom}")
-    defaults = DEFAULTS[family.base]
+    notes = [f"model_type '{model_type}' is an OlmPool custom class, read as: {family.custom}"] if family.custom else []
+    return ConfigJsonReader(path, hf_json, family, notes)
 
-    def get(key, default_ok=True):
-        if key in cfg and cfg[key] is not None:
-            return cfg[key]
-        if not default_ok or key not in defaults:
-            raise CheckpointError(f"{directory / 'config.json'}: key '{key}' is missing; add it (see the "
-                                  f"{STOCK_CLASSES[family.base].replace('ForCausalLM', 'Config')} documentation)")
-        notes.append(f"config.json has no {key}: used transformers' default {defaults[key]}")
-        return defaults[key]
 
+def _shape_fields(reader: ConfigJsonReader, attention_backend: str) -> dict:
+    """ModelConfig's shapes, norms and context length: keys every model needs, else transformers' defaults."""
+    hf_json, family = reader.hf_json, reader.family
     for key, bad in (("hidden_act", lambda v: v not in (None, "silu")), ("attention_bias", bool), ("mlp_bias", bool)):
-        if bad(cfg.get(key)):
-            raise CheckpointError(f"{directory / 'config.json'}: {key}={cfg[key]!r}, but OlmPool's blocks are SwiGLU "
+        if bad(hf_json.get(key)):
+            raise CheckpointError(f"{reader.path}: {key}={hf_json[key]!r}, but OlmPool's blocks are SwiGLU "
                                   f"(silu) without biases; this checkpoint cannot be imported")
-    n_layers, d_model, n_heads = (get(k, False) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads"))
-    head_dim = cfg.get("head_dim") or (get("head_dim") if "head_dim" in defaults else d_model // n_heads)
-    fields = dict(vocab_size=get("vocab_size", False), n_layers=n_layers, d_model=d_model, n_heads=n_heads,
-                  n_kv_heads=cfg.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-                  mlp_hidden=get("intermediate_size", False), norm_eps=float(get("rms_norm_eps")),
-                  norm_placement=family.norm_placement, qk_norm=family.qk_norm, attention_backend=attention_backend)
-    max_positions = int(get("max_position_embeddings"))
-    fields["context_length"] = max_positions
+    n_layers, d_model, n_heads = (reader.value(key, default_ok=False)
+                                  for key in ("num_hidden_layers", "hidden_size", "num_attention_heads"))
+    head_dim = hf_json.get("head_dim") or (reader.value("head_dim") if "head_dim" in reader.defaults
+                                           else d_model // n_heads)
+    return dict(vocab_size=reader.value("vocab_size", default_ok=False), n_layers=n_layers, d_model=d_model,
+                n_heads=n_heads, n_kv_heads=hf_json.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+                mlp_hidden=reader.value("intermediate_size", default_ok=False),
+                norm_eps=float(reader.value("rms_norm_eps")), norm_placement=family.norm_placement,
+                qk_norm=family.qk_norm, attention_backend=attention_backend,
+                context_length=int(reader.value("max_position_embeddings")))
 
-    # Sliding windows: (window, global_every) from sliding_window and layer_types, per the family's conventions.
-    stock = STOCK_CLASSES[family.base]
-    sliding_window, layer_types = cfg.get("sliding_window"), cfg.get("layer_types")
-    if family.base == "olmo3" and "sliding_window" not in cfg:
-        sliding_window = get("sliding_window")
+
+def _stock_windows(reader: ConfigJsonReader, n_layers: int) -> tuple[int | None, list | None]:
+    """(sliding_window, layer_types) as config.json gives them, read by the family's conventions."""
+    hf_json, family = reader.hf_json, reader.family
+    sliding_window, layer_types = hf_json.get("sliding_window"), hf_json.get("layer_types")
+    if family.base == "olmo3" and "sliding_window" not in hf_json:
+        sliding_window = reader.value("sliding_window")
     if family.base == "qwen3":
-        if not cfg.get("use_sliding_window", False):
+        if not hf_json.get("use_sliding_window", False):
             if sliding_window is not None and LOCAL in (layer_types or []):
-                notes.append("use_sliding_window is false: layers typed sliding_attention are global, "
-                             "as in transformers")
+                reader.notes.append("use_sliding_window is false: layers typed sliding_attention are global, "
+                                    "as in transformers")
             sliding_window, layer_types = None, None
         elif layer_types is None:
-            first = cfg.get("max_window_layers", defaults["max_window_layers"])
+            first = hf_json.get("max_window_layers", reader.defaults["max_window_layers"])
             layer_types = [LOCAL if i >= first else GLOBAL for i in range(n_layers)]
     elif sliding_window is not None and family.base in ("llama", "olmo2") and not family.custom:
-        notes.append(f"config.json sets sliding_window {sliding_window}, which transformers' {stock} ignores; "
-                     f"applied here (window=0 drops it)")
+        reader.notes.append(f"config.json sets sliding_window {sliding_window}, which transformers' "
+                            f"{STOCK_CLASSES[family.base]} ignores; applied here (window=0 drops it)")
+    return sliding_window, layer_types
+
+
+def _window_fields(reader: ConfigJsonReader, n_layers: int, window: int | None, global_every: int | None) -> dict:
+    """ModelConfig's window and global_every from sliding_window and layer_types, after the overrides;
+    {} for a model without sliding windows."""
+    sliding_window, layer_types = _stock_windows(reader, n_layers)
     assumed = "assumed 3 local : 1 global, last layer global (OLMo-core's pattern)"
     if window is not None:
-        notes.append(f"window overridden: {window or 'none'} (config.json: {sliding_window or 'none'})")
+        reader.notes.append(f"window overridden: {window or 'none'} (config.json: {sliding_window or 'none'})")
     if global_every is not None:
-        notes.append(f"global_every overridden: {global_every}")
+        reader.notes.append(f"global_every overridden: {global_every}")
     if layer_types is not None:
         _check_layer_types(layer_types, n_layers)
-    sliding = layer_types is not None and LOCAL in layer_types
     if window == 0:
-        sliding_window = None
-    elif sliding:
+        return {}
+    if layer_types is not None and LOCAL in layer_types:
         if sliding_window is None and window is None:
-            raise CheckpointError(f"{directory / 'config.json'}: layer_types marks layers sliding_attention but "
+            raise CheckpointError(f"{reader.path}: layer_types marks layers sliding_attention but "
                                   f"sliding_window is null; pass window=W (--window W), or window=0 for no window")
-        sliding_window = window or sliding_window
         every = global_every if global_every is not None else _layer_pattern(layer_types, n_layers)
-        fields.update(window=int(sliding_window), global_every=every)
-    elif window or (layer_types is None and sliding_window is not None):
-        sliding_window = window or sliding_window
+        return dict(window=int(window or sliding_window), global_every=every)
+    if window or (layer_types is None and sliding_window is not None):
         if global_every is None:
             reason = "layer_types missing" if layer_types is None else "no layer was sliding in config.json"
-            if family.base == "olmo3" and n_layers % 4 and layer_types is None:
+            if reader.family.base == "olmo3" and n_layers % 4 and layer_types is None:
                 assumed += "; transformers would make the last layer sliding"
-            notes.append(f"{reason}: {assumed}")
-        fields.update(window=int(sliding_window), global_every=4 if global_every is None else global_every)
+            reader.notes.append(f"{reason}: {assumed}")
+        return dict(window=int(window or sliding_window), global_every=4 if global_every is None else global_every)
+    return {}
 
-    # RoPE per layer type. A flat rope_theta that disagrees with rope_parameters wins (see the docstring).
-    flat_theta = cfg.get("rope_theta")
-    rope_parameters = cfg.get("rope_parameters")
-    nested = isinstance(rope_parameters, dict) and (GLOBAL in rope_parameters or LOCAL in rope_parameters)
-    if nested:
+
+def _stored_rope_parameters(reader: ConfigJsonReader) -> tuple[dict[str, dict], dict[str, str], bool]:
+    """Each layer type's rope_parameters as config.json stores them (nested per type, one dict for all, or the
+    old rope_scaling), where each was read (for errors), and whether they were nested per type."""
+    rope_parameters = reader.hf_json.get("rope_parameters")
+    if isinstance(rope_parameters, dict) and (GLOBAL in rope_parameters or LOCAL in rope_parameters):
         per_type = {t: dict(rope_parameters.get(t) or {}) for t in (GLOBAL, LOCAL)}
-        where = {t: f"rope_parameters.{t}" for t in (GLOBAL, LOCAL)}
-    else:
-        shared = dict(rope_parameters or {})
-        old = cfg.get("rope_scaling")
-        if old and not rope_parameters:
-            shared = dict(old)
-        per_type = {GLOBAL: shared, LOCAL: dict(shared)}
-        where = {t: "rope_scaling" if old and not rope_parameters else "rope_parameters" for t in (GLOBAL, LOCAL)}
-        if old and not rope_parameters and family.base == "olmo3":  # Olmo3Config puts rope_scaling on full layers
-            per_type[LOCAL] = {"rope_type": "default"}
-            notes.append("rope_scaling (old format) applied to full_attention layers only, as Olmo3Config does")
+        return per_type, {t: f"rope_parameters.{t}" for t in (GLOBAL, LOCAL)}, True
+    old = reader.hf_json.get("rope_scaling")
+    old_format = bool(old and not rope_parameters)
+    shared = dict(old) if old_format else dict(rope_parameters or {})
+    per_type = {GLOBAL: shared, LOCAL: dict(shared)}
+    where = {t: "rope_scaling" if old_format else "rope_parameters" for t in (GLOBAL, LOCAL)}
+    if old_format and reader.family.base == "olmo3":  # Olmo3Config puts rope_scaling on full layers
+        per_type[LOCAL] = {"rope_type": "default"}
+        reader.notes.append("rope_scaling (old format) applied to full_attention layers only, as Olmo3Config does")
+    return per_type, where, False
+
+
+def _layer_type_ropes(reader: ConfigJsonReader, per_type: dict[str, dict], where: dict[str, str],
+                      rope_theta: float | None, windowed: bool, max_positions: int) -> dict[str, Rope]:
+    """Each layer type's Rope. Its theta: the rope_theta override, else config.json's flat rope_theta, which
+    wins over a disagreeing one in rope_parameters (see the module docstring), else the stored one."""
+    flat_theta = reader.hf_json.get("rope_theta")
     ropes = {}
     for layer_type, params in per_type.items():
-        matters = layer_type == GLOBAL or "window" in fields  # sliding layers' RoPE matters only with windows
+        matters = layer_type == GLOBAL or windowed  # sliding layers' RoPE matters only with windows
         stored = params.get("rope_theta")
         if rope_theta is not None:
             theta = rope_theta
         elif flat_theta is not None:
             theta = flat_theta
             if matters and stored is not None and float(stored) != float(flat_theta):
-                notes.append(f"config.json: flat rope_theta {flat_theta:g} disagrees with {where[layer_type]}."
-                             f"rope_theta {stored:g} (which transformers uses); used {flat_theta:g}")
-            elif matters and stored is None and family.base == "olmo3" and layer_type == LOCAL:
-                notes.append(f"flat rope_theta {flat_theta:g} applied to sliding layers too (transformers' "
-                             f"Olmo3Config would use {defaults['rope_theta']:g} there)")
+                reader.notes.append(f"config.json: flat rope_theta {flat_theta:g} disagrees with "
+                                    f"{where[layer_type]}.rope_theta {stored:g} (which transformers uses); "
+                                    f"used {flat_theta:g}")
+            elif matters and stored is None and reader.family.base == "olmo3" and layer_type == LOCAL:
+                reader.notes.append(f"flat rope_theta {flat_theta:g} applied to sliding layers too (transformers' "
+                                    f"Olmo3Config would use {reader.defaults['rope_theta']:g} there)")
         else:
-            theta = stored if stored is not None else get("rope_theta")
+            theta = stored if stored is not None else reader.value("rope_theta")
         ropes[layer_type] = _rope_from_hf(params, float(theta), where[layer_type], max_positions)
     if rope_theta is not None:
-        notes.append(f"rope_theta overridden: {rope_theta:g} on every layer")
+        reader.notes.append(f"rope_theta overridden: {rope_theta:g} on every layer")
+    return ropes
+
+
+def _rope_fields(reader: ConfigJsonReader, fields: dict, rope_theta: float | None) -> dict:
+    """ModelConfig's RoPE fields from each layer type's RoPE; fields (so far) give the window and context."""
+    per_type, where, nested = _stored_rope_parameters(reader)
+    max_positions = fields["context_length"]
+    ropes = _layer_type_ropes(reader, per_type, where, rope_theta, "window" in fields, max_positions)
     global_rope, local_rope = ropes[GLOBAL], ropes[LOCAL]
-    fields.update(rope_theta=global_rope.theta, rope_scaling=global_rope.scaling, rope_factor=global_rope.factor,
-                  yarn_beta_fast=global_rope.yarn_beta_fast, yarn_beta_slow=global_rope.yarn_beta_slow,
-                  yarn_attention_factor=global_rope.yarn_attention_factor,
-                  llama3_low_freq_factor=global_rope.llama3_low_freq_factor,
-                  llama3_high_freq_factor=global_rope.llama3_high_freq_factor)
-    original = global_rope.original_context
+    rope_fields = dict(rope_theta=global_rope.theta, rope_scaling=global_rope.scaling, rope_factor=global_rope.factor,
+                       yarn_beta_fast=global_rope.yarn_beta_fast, yarn_beta_slow=global_rope.yarn_beta_slow,
+                       yarn_attention_factor=global_rope.yarn_attention_factor,
+                       llama3_low_freq_factor=global_rope.llama3_low_freq_factor,
+                       llama3_high_freq_factor=global_rope.llama3_high_freq_factor)
     if fields.get("window"):  # the local layers' RoPE matters
         if local_rope.theta != global_rope.theta:
-            fields["rope_theta_local"] = local_rope.theta
+            rope_fields["rope_theta_local"] = local_rope.theta
         if local_rope.scaling != "none" and global_rope.scaling == "none":
             raise CheckpointError(f"config.json: {where[LOCAL]} scales RoPE ({local_rope.text()}) but "
                                   f"{where[GLOBAL]} does not; ModelConfig scales global layers, or all layers")
@@ -445,48 +488,54 @@ def inspect_hf(directory, rope_theta: float | None = None, window: int | None = 
             raise CheckpointError(f"config.json: {where[LOCAL]} ({local_rope.text()}) and {where[GLOBAL]} "
                                   f"({global_rope.text()}) scale RoPE differently; ModelConfig applies one scaling "
                                   f"to the global layers or to all layers")
-        fields["rope_scaling_layers"] = "all" if local_rope.scaling != "none" else "global"
+        rope_fields["rope_scaling_layers"] = "all" if local_rope.scaling != "none" else "global"
     elif global_rope.scaling != "none":
-        fields["rope_scaling_layers"] = "global" if nested else "all"  # every layer is global: the same model
+        rope_fields["rope_scaling_layers"] = "global" if nested else "all"  # every layer is global: the same model
+    original = global_rope.original_context
     if original is not None and original != max_positions:
-        fields["rope_original_context"] = original
-    if norm_placement is not None:
-        if norm_placement != family.norm_placement:
-            notes.append(f"norm_placement overridden: {norm_placement} (model_type '{model_type}' says "
-                         f"{family.norm_placement})")
-        fields["norm_placement"] = norm_placement
-    notes = list(dict.fromkeys(notes))  # each once, in order
-    try:
-        config = ModelConfig(**fields)
-    except ValueError as error:
-        raise CheckpointError(f"{directory / 'config.json'} does not make a valid model: {error}") from None
+        rope_fields["rope_original_context"] = original
+    return rope_fields
 
-    # The weights: which norm naming, tied embeddings, then every name and shape against the config.
-    files, layout = _weight_files(directory)
-    headers = _tensor_headers(directory, files)
-    if family.custom:
-        has_input = "model.layers.0.input_layernorm.weight" in headers
-        has_feedforward = "model.layers.0.post_feedforward_layernorm.weight" in headers
-        naming = "llama" if has_input else "olmo"
-        if has_input == has_feedforward:
-            raise CheckpointError(f"{directory}: the weights of model_type '{model_type}' name their block norms "
-                                  f"neither model.layers.0.input_layernorm/post_attention_layernorm (Llama) nor "
-                                  f"model.layers.0.post_attention_layernorm/post_feedforward_layernorm (Olmo) alone; "
-                                  f"cannot tell which norm is which")
-        first, second = NORM_NAMES[naming]
-        notes.append(f"weights use {naming.capitalize()} norm names: {first} for attention, {second} for the MLP")
-    else:
-        naming = "llama" if family.base in ("llama", "qwen3") else "olmo"
-    tied = bool(cfg.get("tie_word_embeddings", False))
+
+def _model_config(reader: ConfigJsonReader, fields: dict, norm_placement: str | None) -> ModelConfig:
+    """The ModelConfig the fields make, after the norm_placement override; an error if it is not a valid model."""
+    if norm_placement is not None:
+        if norm_placement != reader.family.norm_placement:
+            reader.notes.append(f"norm_placement overridden: {norm_placement} (model_type '{reader.model_type}' "
+                                f"says {reader.family.norm_placement})")
+        fields = fields | {"norm_placement": norm_placement}
+    reader.notes[:] = list(dict.fromkeys(reader.notes))  # each once, in order
+    try:
+        return ModelConfig(**fields)
+    except ValueError as error:
+        raise CheckpointError(f"{reader.path} does not make a valid model: {error}") from None
+
+
+def _norm_naming(directory: Path, reader: ConfigJsonReader, headers: dict) -> str:
+    """How the weights name the two block norms (a NORM_NAMES key): the stock class's naming, or for
+    OlmPool's custom classes, whichever naming the stored tensors use."""
+    if not reader.family.custom:
+        return "llama" if reader.family.base in ("llama", "qwen3") else "olmo"
+    has_input = "model.layers.0.input_layernorm.weight" in headers
+    has_feedforward = "model.layers.0.post_feedforward_layernorm.weight" in headers
+    naming = "llama" if has_input else "olmo"
+    if has_input == has_feedforward:
+        raise CheckpointError(f"{directory}: the weights of model_type '{reader.model_type}' name their block norms "
+                              f"neither model.layers.0.input_layernorm/post_attention_layernorm (Llama) nor "
+                              f"model.layers.0.post_attention_layernorm/post_feedforward_layernorm (Olmo) alone; "
+                              f"cannot tell which norm is which")
+    first, second = NORM_NAMES[naming]
+    reader.notes.append(f"weights use {naming.capitalize()} norm names: {first} for attention, {second} for the MLP")
+    return naming
+
+
+def _tied_embeddings(reader: ConfigJsonReader, headers: dict) -> bool:
+    """Whether lm_head is the embedding (tie_word_embeddings), noting a stored lm_head that is then ignored."""
+    tied = bool(reader.hf_json.get("tie_word_embeddings", False))
     if tied:
         ignored = " (the stored lm_head.weight is ignored, as transformers does)" if "lm_head.weight" in headers else ""
-        notes.append(f"tie_word_embeddings: lm_head copied from model.embed_tokens{ignored}")
-    names = hf_names(config, naming, tied)
-    _check_tensors(directory, cfg, config, names, files, headers, tied, notes)
-    stored = headers[names["embed.weight"]][1]
-    stored_dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(stored, stored)
-    return Plan(directory, model_type, config, names, files, tied, notes, layout, stored_dtype,
-                tokenizer_check(directory))
+        reader.notes.append(f"tie_word_embeddings: lm_head copied from model.embed_tokens{ignored}")
+    return tied
 
 
 # The config.json keys each of our tensors' shape depends on, to name them when they disagree.
@@ -497,7 +546,7 @@ _SHAPE_KEYS = {"embed": "vocab_size, hidden_size", "lm_head": "vocab_size, hidde
                "mlp.": "intermediate_size", "norm": "hidden_size"}
 
 
-def _check_tensors(directory, cfg, config, names, files, headers, tied, notes):
+def _check_tensors(directory, model_type, config, names, files, headers, tied, notes):
     """Every expected tensor present with its shape; nothing unexpected. Errors name the file and the key."""
     expected = _shapes(config)
     where = lambda name: directory / files.get(name, "model.safetensors")  # noqa: E731
@@ -511,7 +560,7 @@ def _check_tensors(directory, cfg, config, names, files, headers, tied, notes):
         elif hf == "lm_head.weight":
             fix = "if the model ties its embeddings, set tie_word_embeddings true in config.json"
         elif ".self_attn.q_norm" in hf or ".self_attn.k_norm" in hf:
-            fix = (f"model_type '{cfg['model_type']}' has {config.qk_norm} QK norm but the weights have none; "
+            fix = (f"model_type '{model_type}' has {config.qk_norm} QK norm but the weights have none; "
                    f"use a model_type without QK norm (llama, llama3_reordered)")
         else:
             fix = "the weights are incomplete or of another architecture; re-download them or fix model_type"
@@ -528,7 +577,7 @@ def _check_tensors(directory, cfg, config, names, files, headers, tied, notes):
             fix = (f"the weights have more layers than config.json's num_hidden_layers={config.n_layers}; "
                    f"fix num_hidden_layers")
         elif "q_norm" in key or "k_norm" in key:
-            fix = (f"the weights have QK norm but model_type '{cfg['model_type']}' has none; use a model_type with "
+            fix = (f"the weights have QK norm but model_type '{model_type}' has none; use a model_type with "
                    f"QK norm (e.g. llama3_qknorm for pre norm, olmo2 for post norm)")
         elif key.endswith(".bias"):
             fix = "OlmPool's layers have no biases; this checkpoint cannot be imported"
@@ -546,7 +595,36 @@ def _check_tensors(directory, cfg, config, names, files, headers, tied, notes):
                                   f"fix config.json or use the weights it was written for")
 
 
-def _summary(plan: Plan, dtype: torch.dtype | None) -> str:
+def inspect_hf(directory, rope_theta: float | None = None, window: int | None = None,
+               global_every: int | None = None, norm_placement: str | None = None,
+               attention_backend: str = "sdpa") -> ImportPlan:
+    """Read config.json and the safetensors headers (no tensor data) and check them against each other.
+
+    config.json becomes ModelConfig fields step by step, each step adding its assumptions and overrides to the
+    notes in order; then the weights are checked against that config, name by name and shape by shape."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a folder; give the folder holding config.json and the weights")
+    reader = _read_config_json(directory)  # model_type: whose conventions and defaults apply
+    fields = _shape_fields(reader, attention_backend)
+    fields |= _window_fields(reader, fields["n_layers"], window, global_every)
+    fields |= _rope_fields(reader, fields, rope_theta)
+    config = _model_config(reader, fields, norm_placement)
+
+    # The weights: which norm naming, tied embeddings, then every name and shape against the config.
+    files, layout = _weight_files(directory)
+    headers = _tensor_headers(directory, files)
+    naming = _norm_naming(directory, reader, headers)
+    tied = _tied_embeddings(reader, headers)
+    names = hf_names(config, naming, tied)
+    _check_tensors(directory, reader.model_type, config, names, files, headers, tied, reader.notes)
+    stored = headers[names["embed.weight"]][1]
+    stored_dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(stored, stored)
+    return ImportPlan(directory, reader.model_type, config, names, files, tied, reader.notes, layout, stored_dtype,
+                      tokenizer_check(directory))
+
+
+def _summary(plan: ImportPlan, dtype: torch.dtype | None) -> str:
     loaded = plan.stored_dtype if dtype is None else str(dtype).removeprefix("torch.")
     header = (f"{plan.directory} (model_type '{plan.model_type}', {plan.layout}, stored {plan.stored_dtype}, "
               f"loaded {loaded})")
@@ -654,10 +732,10 @@ def stock_model_type(config: ModelConfig, model_type: str | None = None) -> str:
     return chosen
 
 
-def hf_config(config: ModelConfig, model_type: str, dtype: torch.dtype) -> dict:
-    """config.json for a stock class (see stock_model_type)."""
+def hf_config_json(config: ModelConfig, model_type: str, dtype: torch.dtype) -> dict:
+    """The Hugging Face config.json dict, for a stock class (see stock_model_type), of our ModelConfig."""
     types = [GLOBAL if w is None else LOCAL for w in config.layer_windows]
-    out = {
+    hf_json = {
         "architectures": [STOCK_CLASSES[model_type]], "model_type": model_type,
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.mlp_hidden,
         "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
@@ -668,17 +746,20 @@ def hf_config(config: ModelConfig, model_type: str, dtype: torch.dtype) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
     }
     if model_type == "olmo3":
-        out["rope_parameters"] = {GLOBAL: _rope_to_hf(config, True), LOCAL: _rope_to_hf(config, False)}
+        hf_json["rope_parameters"] = {GLOBAL: _rope_to_hf(config, True), LOCAL: _rope_to_hf(config, False)}
         # Olmo3Model builds the sliding mask even when no layer uses it, so it needs a value.
-        out.update(sliding_window=config.window or config.context_length, layer_types=types)
+        hf_json.update(sliding_window=config.window or config.context_length, layer_types=types)
     else:
-        out["rope_parameters"] = _rope_to_hf(config, True)
+        hf_json["rope_parameters"] = _rope_to_hf(config, True)
     if model_type == "qwen3":
-        out.update(use_sliding_window=config.window is not None, sliding_window=config.window,
-                   max_window_layers=config.n_layers, layer_types=types)
+        hf_json.update(use_sliding_window=config.window is not None, sliding_window=config.window,
+                       max_window_layers=config.n_layers, layer_types=types)
     if model_type == "llama":
-        out["mlp_bias"] = False
-    return out
+        hf_json["mlp_bias"] = False
+    return hf_json
+
+
+hf_config = hf_config_json  # the older name, which bench.py calls
 
 
 # What an exported folder may say differently and still compute the same function: the pretraining
@@ -720,10 +801,10 @@ def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None
     names = hf_names(config, "llama" if chosen in ("llama", "qwen3") else "olmo")
     state = {names[name]: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in model.state_dict().items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf = hf_config(config, chosen, dtype)
+    hf_json = hf_config_json(config, chosen, dtype)
     if with_tokenizer:  # so that tools reading only config.json (not generation_config.json) stop at EOS too
-        hf.update(eos_token_id=data.EOS_ID, pad_token_id=data.PAD_ID)
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        hf_json.update(eos_token_id=data.EOS_ID, pad_token_id=data.PAD_ID)
+    (out_dir / "config.json").write_text(json.dumps(hf_json, indent=2) + "\n")
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     if with_tokenizer:
         export_tokenizer(out_dir, model_max_length=config.context_length)
