@@ -47,8 +47,8 @@ def hf_model_from(model: olmpool.Transformer):
 
     import hf_interop
 
-    hf_config = hf_interop.hf_config(model.config, "olmo3", torch.float32)
-    hf = Olmo3ForCausalLM(Olmo3Config(**hf_config, attn_implementation="sdpa"))
+    hf_json = hf_interop.hf_config_json(model.config, "olmo3", torch.float32)
+    hf = Olmo3ForCausalLM(Olmo3Config(**hf_json, attn_implementation="sdpa"))
     names = hf_interop.hf_names(model.config, "olmo")
     hf.load_state_dict({names[k]: v for k, v in model.state_dict().items()})
     return hf

@@ -63,7 +63,7 @@ from safetensors.torch import save_file
 
 import checkpoint
 import data
-from checkpoint import CheckpointError, load_model, save_model
+from checkpoint import CheckpointError, load_model, read_json, save_model
 from olmpool import PRESETS, SIZES, ModelConfig, Transformer, describe, preset
 
 
@@ -141,20 +141,11 @@ def _shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 # Reading a folder: JSON and safetensors headers
 
 
-def _read_json(path: Path, fix: str) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found; {fix}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); {fix}") from None
-
-
 def _weight_files(directory: Path) -> tuple[dict[str, str], str]:
     """{tensor name: file name} from model.safetensors or a sharded index, checking every shard exists."""
     index_path, single = directory / "model.safetensors.index.json", directory / "model.safetensors"
     if index_path.is_file():
-        index = _read_json(index_path, "re-download the checkpoint")
+        index = read_json(index_path, "re-download the checkpoint")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: key 'weight_map' is missing or empty; re-download the checkpoint")
@@ -337,7 +328,7 @@ def _read_config_json(directory: Path) -> ConfigJsonReader:
     """config.json, and the family its model_type names: block norm, QK norm, and the stock class whose
     conventions (windows, RoPE, defaults) apply."""
     path = directory / "config.json"
-    hf_json = _read_json(path, "a Hugging Face checkpoint folder holds config.json beside its *.safetensors; "
+    hf_json = read_json(path, "a Hugging Face checkpoint folder holds config.json beside its *.safetensors; "
                                "download it with the weights")
     if "model_type" not in hf_json:
         hint = (" (this looks like an OlmPool checkpoint folder: export it with `hf_interop.py export`, or load it "
@@ -759,7 +750,6 @@ def hf_config_json(config: ModelConfig, model_type: str, dtype: torch.dtype) -> 
     return hf_json
 
 
-hf_config = hf_config_json  # the older name, which bench.py calls
 
 
 # What an exported folder may say differently and still compute the same function: the pretraining
@@ -784,7 +774,7 @@ def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None
         refuse_compact_vocabulary(source)
         model = load_model(source)
         if (source / "train_state.json").is_file():
-            train_state = _read_json(source / "train_state.json", "re-save the checkpoint, or delete the file")
+            train_state = read_json(source / "train_state.json", "re-save the checkpoint, or delete the file")
     config = model.config
     chosen = stock_model_type(config, model_type)
     if tokenizer and config.vocab_size < data.VOCAB_SIZE:
