@@ -18,7 +18,7 @@ resumed run continues to the token with the saved optimizer, loader and RNG stat
         --rdzv_id olmpool_j train.py --fsdp ... --out /shared/runs/j --resume auto
     python train.py --resume auto ...                           # after preemption: the same command again
 
-Every ModelConfig field is a flag (MODEL_FLAGS gives each its type and help; olmpool.CHOICES its
+Every ModelConfig field is a flag (MODEL_FLAG_HELP gives each its help, olmpool.CHOICES its
 allowed values); flags given explicitly override `--preset` at `--size`. The recipe is OlmPool's (OLMo-core's pretraining
 scripts, ../shared/reference/olmpool.md): AdamW betas (0.9, 0.95), weight decay 0.1 except on
 embeddings and 1-D parameters, z-loss 1e-5, gradient clipping at 1.0, warmup then cosine, loss
@@ -144,37 +144,41 @@ def float_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-# Every ModelConfig field is a flag: (type, help). A field without a row here stops build_parser
+# Every ModelConfig field is a flag, with this help. A field without a row here stops build_parser
 # with a KeyError, so a new switch in olmpool.py cannot go missing from the command line.
-MODEL_FLAGS = {
-    "vocab_size": (int, "vocabulary rows (default: the data's; dolma2: 100,278 ids padded to 100,352)"),
-    "n_layers": (int, "transformer blocks"),
-    "d_model": (int, "width of the residual stream"),
-    "n_heads": (int, "query heads"),
-    "n_kv_heads": (int, "key/value heads; fewer than n_heads is GQA (Llama 3, Qwen 3: 8 of 32)"),
-    "head_dim": (int, "width of one attention head"),
-    "mlp_hidden": (int, "SwiGLU width; OlmPool widens it as n_kv_heads shrinks (11008-14336)"),
-    "norm_placement": (str, '"pre": x + f(norm(x)) (Llama, Qwen 3); "post": x + norm(f(x)) (Olmo 2/3)'),
-    "qk_norm": (str, '"none" (Llama) | "layerwise" (Olmo 2/3) | "headwise" (Qwen 3, Gemma 3)'),
-    "window": (int_or_none, "sliding window of the local layers (Olmo 3: 4096); none: every layer global"),
-    "global_every": (int, "with a window, every 4th layer is global (3 local : 1 global) and so is the last; "
-                          "0: no global layer at all (every layer windowed, to study a model's reach)"),
-    "context_length": (int, "pretraining sequence length (OlmPool: 4096 or 8192)"),
-    "rope_theta": (float, "base of the RoPE frequencies (Llama 3, Olmo 3: 500K; Qwen 3: 1M)"),
-    "rope_theta_local": (float_or_none, "RoPE base of the windowed layers (Gemma 3: 10K); none: rope_theta"),
-    "rope_scaling": (str, '"abf" base x factor (OlmPool: 500K -> 8M) | "pi" positions / factor | "yarn" (Olmo 3 '
-                          'at 64K) | "llama3" stepwise per frequency (Llama 3.1)'),
-    "rope_factor": (float, "the scaling factor (ABF 16 for 500K -> 8M; YaRN and llama3: 8)"),
-    "rope_scaling_layers": (str, "scale only the global layers (Olmo 3's YaRN) or all layers"),
-    "rope_original_context": (int_or_none, "the context the scaling stretches from; none: context_length"),
-    "yarn_beta_fast": (float, "YaRN: frequencies rotating more than this many times are kept"),
-    "yarn_beta_slow": (float, "YaRN: frequencies rotating fewer times are fully interpolated"),
-    "yarn_attention_factor": (float_or_none, "YaRN: cos/sin scale; none: 0.1 ln(factor) + 1"),
-    "llama3_low_freq_factor": (float, "llama3: wavelengths above context / this are divided by the factor"),
-    "llama3_high_freq_factor": (float, "llama3: wavelengths below context / this are kept"),
-    "norm_eps": (float, "RMSNorm epsilon (Olmo, Qwen: 1e-6; Llama: 1e-5)"),
-    "attention_backend": (str, '"naive" (reference) | "sdpa" | "flex" | "triton"; all compute the same'),
+MODEL_FLAG_HELP = {
+    "vocab_size": "vocabulary rows (default: the data's; dolma2: 100,278 ids padded to 100,352)",
+    "n_layers": "transformer blocks",
+    "d_model": "width of the residual stream",
+    "n_heads": "query heads",
+    "n_kv_heads": "key/value heads; fewer than n_heads is GQA (Llama 3, Qwen 3: 8 of 32)",
+    "head_dim": "width of one attention head",
+    "mlp_hidden": "SwiGLU width; OlmPool widens it as n_kv_heads shrinks (11008-14336)",
+    "norm_placement": '"pre": x + f(norm(x)) (Llama, Qwen 3); "post": x + norm(f(x)) (Olmo 2/3)',
+    "qk_norm": '"none" (Llama) | "layerwise" (Olmo 2/3) | "headwise" (Qwen 3, Gemma 3)',
+    "window": "sliding window of the local layers (Olmo 3: 4096); none: every layer global",
+    "global_every": "with a window, every 4th layer is global (3 local : 1 global) and so is the last; "
+                          "0: no global layer at all (every layer windowed, to study a model's reach)",
+    "context_length": "pretraining sequence length (OlmPool: 4096 or 8192)",
+    "rope_theta": "base of the RoPE frequencies (Llama 3, Olmo 3: 500K; Qwen 3: 1M)",
+    "rope_theta_local": "RoPE base of the windowed layers (Gemma 3: 10K); none: rope_theta",
+    "rope_scaling": '"abf" base x factor (OlmPool: 500K -> 8M) | "pi" positions / factor | "yarn" (Olmo 3 '
+                          'at 64K) | "llama3" stepwise per frequency (Llama 3.1)',
+    "rope_factor": "the scaling factor (ABF 16 for 500K -> 8M; YaRN and llama3: 8)",
+    "rope_scaling_layers": "scale only the global layers (Olmo 3's YaRN) or all layers",
+    "rope_original_context": "the context the scaling stretches from; none: context_length",
+    "yarn_beta_fast": "YaRN: frequencies rotating more than this many times are kept",
+    "yarn_beta_slow": "YaRN: frequencies rotating fewer times are fully interpolated",
+    "yarn_attention_factor": "YaRN: cos/sin scale; none: 0.1 ln(factor) + 1",
+    "llama3_low_freq_factor": "llama3: wavelengths above context / this are divided by the factor",
+    "llama3_high_freq_factor": "llama3: wavelengths below context / this are kept",
+    "norm_eps": "RMSNorm epsilon (Olmo, Qwen: 1e-6; Llama: 1e-5)",
+    "attention_backend": '"naive" (reference) | "sdpa" | "flex" | "triton"; all compute the same',
 }
+
+# A flag's type is its field's default's; a field whose default is None (off) takes a number or "none".
+NULLABLE_FLAG_TYPES = {"window": int_or_none, "rope_theta_local": float_or_none, "rope_original_context": int_or_none,
+                       "yarn_attention_factor": float_or_none}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,10 +207,10 @@ def add_model_flags(parser: argparse.ArgumentParser):
                             "128 at tiny), 3 local : 1 global layers; --window W sets another width")
     shown = olmpool.preset(DEFAULT_PRESET, DEFAULT_SIZE)
     for field in dataclasses.fields(ModelConfig):  # a flag given explicitly overrides the preset
-        kind, text = MODEL_FLAGS[field.name]
+        kind = NULLABLE_FLAG_TYPES[field.name] if field.default is None else type(field.default)
         model.add_argument(f"--{field.name}", type=kind, choices=olmpool.CHOICES.get(field.name),
                            default=argparse.SUPPRESS, metavar=field.name.upper(),
-                           help=f"{text} [default preset: {getattr(shown, field.name)!r}]")
+                           help=f"{MODEL_FLAG_HELP[field.name]} [default preset: {getattr(shown, field.name)!r}]")
 
 
 def add_run_flags(parser: argparse.ArgumentParser):
