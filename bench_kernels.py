@@ -204,8 +204,8 @@ def check_at_shape(ours, q, k, v, grad_out, W, margin=512):
 
 # -----------------------------------------------------------------------------
 
-def main():
-    args = parse_args()
+def require_compiled_cuda():
+    """Exit with code 2 unless a CUDA GPU is here and Triton compiles for it (not its slow interpreter)."""
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU; none is available here. (The CPU checks are "
               "TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py and python kernels_report.py)",
@@ -215,88 +215,126 @@ def main():
         print("TRITON_INTERPRET=1 is set: the kernels would run in the slow interpreter; unset it.",
               file=sys.stderr)
         sys.exit(2)
-    import torch._dynamo as dynamo
-    import triton
 
-    # Flex recompiles per shape; the default limit (8) would send later shapes to eager, which is T^2 memory.
+
+def allow_flex_recompiles():
+    """Flex recompiles per shape; the default limit (8) would send later shapes to eager, which is T^2 memory."""
+    import torch._dynamo as dynamo
     for limit in ("cache_size_limit", "recompile_limit"):
         if hasattr(dynamo.config, limit):
             setattr(dynamo.config, limit, 64)
 
-    B, H, D, W = 1, args.heads, args.head_dim, args.window
-    began = time.perf_counter()
+
+def print_setup(shapes, B, H, D, W, no_tma, budget_s):
+    """The device and versions, and how much compiling the run is about to do."""
+    import kernels
+    import triton
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"B={B} H={H} D={D} W={W}, bf16", flush=True)
-    import kernels
     configs = sum(len(kernels._GPU_CONFIGS[name]) for name in ("fwd", "dkdv", "dq"))
-    groups = len({H // H_kv for _, H_kv in args.shapes})
-    print(f"plan: {len(args.shapes)} shapes; on a cold cache ours compiles {configs} configs per variant "
-          f"({1 if args.no_tma else 2}) and per kv group ({groups}); Flex compiles per shape; budget "
-          f"{args.budget_s:.0f} s", flush=True)
+    groups = len({H // H_kv for _, H_kv in shapes})
+    print(f"plan: {len(shapes)} shapes; on a cold cache ours compiles {configs} configs per variant "
+          f"({1 if no_tma else 2}) and per kv group ({groups}); Flex compiles per shape; budget "
+          f"{budget_s:.0f} s", flush=True)
 
+
+def check_ours(ours, q, k, v, grad_out, W, shape):
+    """Check each of our variants against float64 at this shape, printing the result; {name: passed}."""
+    correct = {}
+    for name, attention in ours.items():
+        check_began = time.perf_counter()
+        try:
+            correct[name], lines = check_at_shape(attention, q, k, v, grad_out, W)
+        except Exception as error:
+            correct[name], lines = False, [f"  check failed to run: {short_error(error)}"]
+        print(f"{shape} {name}: check against float64 {'passed' if correct[name] else 'FAILED'} "
+              f"({time.perf_counter() - check_began:.0f} s, compiling and autotuning included)", flush=True)
+        print("\n".join(lines), flush=True)
+        torch.cuda.empty_cache()
+    return correct
+
+
+def contenders_at_shape(ours, q, k, v, grad_out, W):
+    """(name, make, inputs, upstream) for every method, and why flash-attn is missing (None if it is not)."""
+    B, H, T, _ = q.shape
+    contenders = [(name, lambda attention=attention: attention, (q, k, v), grad_out)
+                  for name, attention in ours.items()]
+    contenders += [("flex_attention", lambda: make_flex(W, B, H, T), (q, k, v), grad_out),
+                   ("sdpa full causal", make_sdpa_causal, (q, k, v), grad_out)]
+    bthd = [x.transpose(1, 2).contiguous() for x in (q, k, v, grad_out)]  # flash-attn's (B, T, H, D), made untimed
+    try:
+        name, flash = make_flash_attn(W)
+    except Exception as error:
+        return contenders, f"flash-attn: not installed ({short_error(error)})"
+    contenders.append((name, lambda: flash, tuple(bthd[:3]), bthd[3]))
+    return contenders, None
+
+
+def time_forward_and_backward(attention, inputs, upstream, reps):
+    """[forward, forward + backward]: the median milliseconds of each, or why it failed."""
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    results = []
+    for backward in (False, True):
+        def step():
+            out = attention(*inputs)
+            if backward:
+                torch.autograd.grad(out, inputs, upstream)
+        try:
+            results.append(time_ms(step, reps))
+        except Exception as error:
+            results.append(f"failed: {short_error(error)}")
+        torch.cuda.empty_cache()
+    return results
+
+
+def bench_shape(B, H, T, H_kv, D, W, no_tma, reps):
+    """Check our variants at one shape, then time every method but a variant of ours that failed its check.
+    Returns the table's rows (T, H_kv, method, forward, forward + backward), the skipped lines and whether
+    our checks passed."""
+    shape = f"T={T} kv={H_kv}"
+    gen = torch.Generator(device="cuda").manual_seed(T + H_kv)
+    q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(B, H_kv, T, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    grad_out = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ours = {"ours (triton)": make_ours(W)}
+    if not no_tma:
+        ours["ours, TMA loads"] = make_ours(W, use_tma=True)
+    correct = check_ours(ours, q, k, v, grad_out, W, shape)
+
+    contenders, flash_missing = contenders_at_shape(ours, q, k, v, grad_out, W)
+    skipped = [f"{shape} {flash_missing}"] if flash_missing else []
+    rows = []
+    for name, make, inputs, upstream in contenders:
+        if name in correct and not correct[name]:
+            rows.append((T, H_kv, name, "not timed: check failed", "-"))
+            continue
+        try:
+            attention = make()
+        except Exception as error:
+            rows.append((T, H_kv, name, f"failed: {short_error(error)}", "-"))
+            continue
+        results = time_forward_and_backward(attention, inputs, upstream, reps)
+        rows.append((T, H_kv, name, *results))
+        shown = [f"{r:.2f} ms" if isinstance(r, float) else r for r in results]
+        print(f"{shape} {name}: forward {shown[0]}, forward + backward {shown[1]}", flush=True)
+    return rows, skipped, all(correct.values())
+
+
+def main():
+    args = parse_args()
+    require_compiled_cuda()
+    allow_flex_recompiles()
+    B, H, D, W = 1, args.heads, args.head_dim, args.window
+    began = time.perf_counter()
+    print_setup(args.shapes, B, H, D, W, args.no_tma, args.budget_s)
     rows, skipped, all_correct = [], [], True  # rows: (T, H_kv, method, fwd_ms | text, fwd_bwd_ms | text)
     for T, H_kv in args.shapes:
         if time.perf_counter() - began > args.budget_s:
             skipped.append(f"T={T} kv={H_kv}: time budget --budget-s {args.budget_s:.0f} spent before it started")
             continue
-        gen = torch.Generator(device="cuda").manual_seed(T + H_kv)
-        q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k, v = (torch.randn(B, H_kv, T, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
-        grad_out = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-
-        ours = {"ours (triton)": make_ours(W)}
-        if not args.no_tma:
-            ours["ours, TMA loads"] = make_ours(W, use_tma=True)
-        correct = {}
-        for name, attention in ours.items():
-            check_began = time.perf_counter()
-            try:
-                correct[name], lines = check_at_shape(attention, q, k, v, grad_out, W)
-            except Exception as error:
-                correct[name], lines = False, [f"  check failed to run: {short_error(error)}"]
-            all_correct &= correct[name]
-            print(f"T={T} kv={H_kv} {name}: check against float64 {'passed' if correct[name] else 'FAILED'} "
-                  f"({time.perf_counter() - check_began:.0f} s, compiling and autotuning included)", flush=True)
-            print("\n".join(lines), flush=True)
-            torch.cuda.empty_cache()
-
-        bthd = [x.transpose(1, 2).contiguous() for x in (q, k, v, grad_out)]
-        contenders = [(name, lambda attention=attention: attention, (q, k, v), grad_out)
-                      for name, attention in ours.items()]
-        contenders += [("flex_attention", lambda: make_flex(W, B, H, T), (q, k, v), grad_out),
-                      ("sdpa full causal", make_sdpa_causal, (q, k, v), grad_out)]
-        try:
-            name, flash = make_flash_attn(W)
-            contenders.append((name, lambda: flash, tuple(bthd[:3]), bthd[3]))
-        except Exception as error:
-            skipped.append(f"T={T} kv={H_kv} flash-attn: not installed ({short_error(error)})")
-
-        for name, make, inputs, upstream in contenders:
-            if name in correct and not correct[name]:
-                rows.append((T, H_kv, name, "not timed: check failed", "-"))
-                continue
-            try:
-                attention = make()
-            except Exception as error:
-                rows.append((T, H_kv, name, f"failed: {short_error(error)}", "-"))
-                continue
-            inputs = [x.detach().requires_grad_() for x in inputs]
-            results = []
-            for backward in (False, True):
-                def step():
-                    out = attention(*inputs)
-                    if backward:
-                        torch.autograd.grad(out, inputs, upstream)
-                try:
-                    results.append(time_ms(step, args.reps))
-                except Exception as error:
-                    results.append(f"failed: {short_error(error)}")
-                torch.cuda.empty_cache()
-            rows.append((T, H_kv, name, *results))
-            shown = [f"{r:.2f} ms" if isinstance(r, float) else r for r in results]
-            print(f"T={T} kv={H_kv} {name}: forward {shown[0]}, forward + backward {shown[1]}", flush=True)
-        del q, k, v, grad_out, bthd
-        torch.cuda.empty_cache()
+        shape_rows, shape_skipped, correct = bench_shape(B, H, T, H_kv, D, W, args.no_tma, args.reps)
+        rows, skipped, all_correct = rows + shape_rows, skipped + shape_skipped, all_correct and correct
+        torch.cuda.empty_cache()  # the shape's tensors are freed once bench_shape returns
 
     print_table(rows, B, H, D, W)
     for line in skipped:

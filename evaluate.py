@@ -46,6 +46,7 @@ sample count and a 95% confidence interval (normal approximation over per-sample
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -840,17 +841,9 @@ def versions() -> dict:
     return found
 
 
-def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[str] | None = None,
-             modes=("recall", "longppl", "attention"), samples: int = 20, seed: int = 0, data_dir=None,
-             evaluator: str | None = None, short_context: int = 4096, short_step: int = 1024, windows: int = 8,
-             batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None,
-             command: list[str] | None = None, progress: bool = True) -> dict:
-    """Evaluate {label: checkpoint} at each length; results.json, results.md and plots in `out`. Resumes.
-
-    evaluator: the label whose model picks LongPPL's key tokens (default: the first checkpoint)."""
-    out = Path(out)
-    device = device or default_device()
-    tasks = TASK_GROUPS["exact"] if tasks is None else tasks
+def check_inputs(checkpoints: dict[str, str], lengths: list[int], modes, data_dir, short_context: int,
+                 short_step: int) -> None:
+    """Refuse what cannot run before any model loads, naming the flag to change."""
     if not checkpoints:
         raise EvaluationError("no checkpoint given; pass at least one folder or hf:DIR")
     for length in lengths:
@@ -862,6 +855,108 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
                               f"with a val split, e.g. data/builtin), or use --modes recall")
     if short_step < 1 or short_context < 1:
         raise EvaluationError(f"--short_context {short_context} and --short_step {short_step} must be positive")
+
+
+def longppl_settings(data_dir, windows: int, short_context: int, short_step: int, evaluator: str,
+                     evaluator_fingerprint: str) -> dict:
+    """What LongPPL's key tokens and cells depend on; those saved with other settings are recomputed."""
+    settings = {"data": str(data_dir), "windows": windows, "short_context": short_context, "short_step": short_step,
+                "evaluator": evaluator, "evaluator_fingerprint": evaluator_fingerprint}
+    if short_context != 4096 or short_step != 1024:
+        settings["note"] = (f"short context {short_context} stepped by {short_step} "
+                            f"(LongPPL's published 4096 / 1024 scaled down for these lengths)")
+    return settings
+
+
+def find_missing_key_tokens(results: dict, out: Path, evaluator_spec: str, evaluator: str, lengths: list[int],
+                            held_out, ppl_settings: dict, device: str, dtype: torch.dtype | None,
+                            progress: bool) -> None:
+    """LongPPL's key tokens at each length not yet found with `ppl_settings` (which also give the short context,
+    its step and the window count), from the one evaluator model, saved after each length."""
+    missing = [L for L in lengths if results.get("key_tokens", {}).get(str(L), {}).get("settings") != ppl_settings]
+    if not missing:
+        return
+    model, _, _ = load_checkpoint(evaluator_spec, device, dtype)
+    meter = Progress(len(missing) * ppl_settings["windows"], f"key tokens ({evaluator})", enabled=progress)
+    for L in missing:
+        try:
+            keys = find_key_tokens(model, held_out(L), ppl_settings["short_context"], ppl_settings["short_step"], meter)
+            results.setdefault("key_tokens", {})[str(L)] = {"settings": ppl_settings, "positions": keys}
+        except data.DataError as error:
+            results.setdefault("key_tokens", {})[str(L)] = {"settings": ppl_settings, "skipped": str(error)}
+        save_results(out, results)
+
+
+def fill_cell(results: dict, out: Path, mode: str, label: str, key: str, settings: dict, compute) -> None:
+    """Run compute() for this cell unless results hold one made with the same settings; save it at once, so that
+    a stopped evaluation resumes from the next cell."""
+    previous = cell(results, mode, label, key)
+    if previous and previous.get("settings") == settings:
+        return
+    result = compute()
+    result["settings"] = settings
+    put(results, mode, label, key, result)
+    save_results(out, results)
+
+
+def recall_cells(results: dict, out: Path, label: str, model, tokenizer, tasks: list[str], lengths: list[int],
+                 samples: int, seed: int, batch_size: int, cell_settings: dict, progress: bool) -> None:
+    """Every (task, length) recall cell of one model, each saved when done; cells with `cell_settings` are reused."""
+    def done(task, length):
+        previous = cell(results, "recall", label, f"{task}/{length}")
+        return previous if previous and previous.get("settings") == cell_settings else None
+
+    meter = Progress(len(tasks) * len(lengths) * samples, f"recall ({label})", enabled=progress)
+    eos_id = getattr(tokenizer, "eos_id", data.EOS_ID)
+    for task in tasks:
+        for length in lengths:
+            cells = run_recall(model_generator(model, eos_id), tokenizer, [task], [length], samples, seed,
+                               batch_size, eos_id, model, done=done, progress=meter)
+            result = cells[task][str(length)]
+            result["settings"] = cell_settings
+            put(results, "recall", label, f"{task}/{length}", result)
+            save_results(out, results)
+
+
+def longppl_cell(model, label: str, model_tokenizer: str, data_dir, key_tokens: dict, held_out, length: int) -> dict:
+    """Held-out loss and LongPPL of one model at one length, on the evaluator's key tokens (or why they are missing)."""
+    data_tokenizer = tokenizer_identity(data.tokenizer_for(data_dir))
+    if model_tokenizer != data_tokenizer:
+        raise EvaluationError(f"{label} reads {model_tokenizer} tokens but {data_dir} was prepared with "
+                              f"{data_tokenizer}; prepare the held-out data with this checkpoint's tokenizer")
+    if "skipped" in key_tokens:
+        return {"skipped": key_tokens["skipped"]}
+    return run_losses(model, held_out(length), key_tokens.get("positions"))
+
+
+def attention_cell(model, held_out, length: int) -> dict:
+    """Sinks, local share and saturation of one model at one length (or why the held-out text cannot give them)."""
+    try:
+        return run_attention(model, held_out(length))
+    except data.DataError as error:
+        return {"skipped": str(error)}
+
+
+def write_reports(results: dict, out: Path, labels: list[str], lengths: list[int], tasks: list[str]) -> None:
+    """results.json with the deviations named, results.md's tables and the plots."""
+    results["deviations"] = deviations(tasks)
+    save_results(out, results)
+    (out / TABLES_FILE).write_text(markdown_tables(results, labels, lengths, tasks))
+    plot(results, labels, lengths, tasks, out)
+
+
+def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[str] | None = None,
+             modes=("recall", "longppl", "attention"), samples: int = 20, seed: int = 0, data_dir=None,
+             evaluator: str | None = None, short_context: int = 4096, short_step: int = 1024, windows: int = 8,
+             batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None,
+             command: list[str] | None = None, progress: bool = True) -> dict:
+    """Evaluate {label: checkpoint} at each length; results.json, results.md and plots in `out`. Resumes.
+
+    evaluator: the label whose model picks LongPPL's key tokens (default: the first checkpoint)."""
+    out = Path(out)
+    device = device or default_device()
+    tasks = TASK_GROUPS["exact"] if tasks is None else tasks
+    check_inputs(checkpoints, lengths, modes, data_dir, short_context, short_step)
     checkpoints = {label: resolve_checkpoint(spec) for label, spec in checkpoints.items()}
     evaluator = evaluator or next(iter(checkpoints))
     if evaluator not in checkpoints:
@@ -870,94 +965,36 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     results["runs"].append({"command": command or sys.argv, "versions": versions(), "seed": seed, "samples": samples,
                             "lengths": lengths, "tasks": tasks, "modes": list(modes), "device": device,
                             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-    settings = {"seed": seed, "samples": samples}
     fingerprints = {label: checkpoint_fingerprint(spec) for label, spec in checkpoints.items()}
-    ppl_settings = {"data": str(data_dir), "windows": windows, "short_context": short_context, "short_step": short_step,
-                    "evaluator": evaluator, "evaluator_fingerprint": fingerprints[evaluator]}
-    if short_context != 4096 or short_step != 1024:
-        ppl_settings["note"] = (f"short context {short_context} stepped by {short_step} "
-                                f"(LongPPL's published 4096 / 1024 scaled down for these lengths)")
+    ppl_settings = longppl_settings(data_dir, windows, short_context, short_step, evaluator, fingerprints[evaluator])
+    held_out = functools.cache(lambda length: heldout_windows(data_dir, length, windows))  # read once, for every model
 
     # LongPPL's key tokens first, from the one evaluator, so every model is scored on the same tokens.
-    key_tokens, window_cache = {}, {}
-
-    def held_out(length):
-        if length not in window_cache:
-            window_cache[length] = heldout_windows(data_dir, length, windows)
-        return window_cache[length]
-
     if "longppl" in modes:
-        missing = [L for L in lengths if results.get("key_tokens", {}).get(str(L), {}).get("settings") != ppl_settings]
-        if missing:
-            model, _, _ = load_checkpoint(checkpoints[evaluator], device, dtype)
-            meter = Progress(len(missing) * windows, f"key tokens ({evaluator})", enabled=progress)
-            for L in missing:
-                try:
-                    keys = find_key_tokens(model, held_out(L), short_context, short_step, meter)
-                    results.setdefault("key_tokens", {})[str(L)] = {"settings": ppl_settings, "positions": keys}
-                except data.DataError as error:
-                    results.setdefault("key_tokens", {})[str(L)] = {"settings": ppl_settings, "skipped": str(error)}
-                save_results(out, results)
-            del model
+        find_missing_key_tokens(results, out, checkpoints[evaluator], evaluator, lengths, held_out, ppl_settings,
+                                device, dtype, progress)
 
-    tokenizers = {}
     for label, spec in checkpoints.items():
-        fingerprint = fingerprints[label]
-        cell_settings = dict(settings, checkpoint=spec, fingerprint=fingerprint)
+        identity = {"checkpoint": spec, "fingerprint": fingerprints[label]}  # a cell is reused for the same weights
         model, tokenizer, summary = load_checkpoint(spec, device, dtype)
-        tokenizers[label] = tokenizer_identity(tokenizer)
-        results["models"][label] = {"checkpoint": spec, "summary": summary, "tokenizer": tokenizers[label],
+        model_tokenizer = tokenizer_identity(tokenizer)
+        results["models"][label] = {"checkpoint": spec, "summary": summary, "tokenizer": model_tokenizer,
                                     "parameters": sum(p.numel() for p in model.parameters())}
         print(f"[{label}] {spec}", file=sys.stderr)
         if "recall" in modes:
-            def done(task, length):
-                previous = cell(results, "recall", label, f"{task}/{length}")
-                return previous if previous and previous.get("settings") == cell_settings else None
-
-            meter = Progress(len(tasks) * len(lengths) * samples, f"recall ({label})", enabled=progress)
-            eos_id = getattr(tokenizer, "eos_id", data.EOS_ID)
-            for task in tasks:
-                for length in lengths:
-                    cells = run_recall(model_generator(model, eos_id), tokenizer, [task], [length], samples, seed,
-                                       batch_size, eos_id, model, done=done, progress=meter)
-                    result = cells[task][str(length)]
-                    result["settings"] = cell_settings
-                    put(results, "recall", label, f"{task}/{length}", result)
-                    save_results(out, results)
+            recall_cells(results, out, label, model, tokenizer, tasks, lengths, samples, seed, batch_size,
+                         {"seed": seed, "samples": samples, **identity}, progress)
         for length in lengths:
             if "longppl" in modes:
-                previous = cell(results, "longppl", label, str(length))
-                wanted = dict(ppl_settings, checkpoint=spec, fingerprint=fingerprint)
-                if not (previous and previous.get("settings") == wanted):
-                    if tokenizers[label] != tokenizer_identity(data.tokenizer_for(data_dir)):
-                        raise EvaluationError(f"{label} reads {tokenizers[label]} tokens but {data_dir} was prepared with "
-                                              f"{tokenizer_identity(data.tokenizer_for(data_dir))}; prepare the held-out "
-                                              f"data with this checkpoint's tokenizer")
-                    keys = results.get("key_tokens", {}).get(str(length), {})
-                    if "skipped" in keys:
-                        result = {"skipped": keys["skipped"]}
-                    else:
-                        result = run_losses(model, held_out(length), keys.get("positions"))
-                    result["settings"] = wanted
-                    put(results, "longppl", label, str(length), result)
-                    save_results(out, results)
+                key_tokens = results.get("key_tokens", {}).get(str(length), {})
+                fill_cell(results, out, "longppl", label, str(length), {**ppl_settings, **identity},
+                          lambda: longppl_cell(model, label, model_tokenizer, data_dir, key_tokens, held_out, length))
             if "attention" in modes:
-                previous = cell(results, "attention", label, str(length))
-                wanted = {"data": str(data_dir), "windows": windows, "checkpoint": spec, "fingerprint": fingerprint}
-                if not (previous and previous.get("settings") == wanted):
-                    try:
-                        result = run_attention(model, held_out(length))
-                    except data.DataError as error:
-                        result = {"skipped": str(error)}
-                    result["settings"] = wanted
-                    put(results, "attention", label, str(length), result)
-                    save_results(out, results)
+                fill_cell(results, out, "attention", label, str(length),
+                          {"data": str(data_dir), "windows": windows, **identity},
+                          lambda: attention_cell(model, held_out, length))
         del model
-    results["deviations"] = deviations(tasks)
-    save_results(out, results)
-    labels = list(checkpoints)
-    (out / TABLES_FILE).write_text(markdown_tables(results, labels, lengths, tasks))
-    plot(results, labels, lengths, tasks, out)
+    write_reports(results, out, list(checkpoints), lengths, tasks)
     return results
 
 
@@ -1045,55 +1082,64 @@ def markdown_tables(results: dict, labels: list[str], lengths: list[int], tasks:
     return "\n".join(lines)
 
 
+def save_plot(path: Path, draw) -> Path:
+    """One 6 x 4 inch figure with a legend, at 120 dpi: draw(axes) plots the curves and labels the axes."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(6, 4))
+    draw(axes)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def draw_score_vs_length(axes, results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> None:
+    """Each model's mean recall over tasks against the length, with RULER's effective-length threshold."""
+    for label in labels:
+        per_length = recall_summary(results, label, tasks, lengths)["per_length"]
+        points = [(L, v) for L, v in per_length.items() if v is not None]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=label)
+    axes.set(xscale="log", xlabel="length (tokens)", ylabel="mean recall score", ylim=(-2, 102),
+             title=f"Recall, mean over {len(tasks)} tasks")
+    axes.set_xticks(lengths, [str(L) for L in lengths])
+    axes.axhline(EFFECTIVE_THRESHOLD, color="gray", linestyle=":", linewidth=1)
+
+
+def draw_sink_per_layer(axes, attention: list[tuple[str, int, dict]]) -> None:
+    """The first token's share of the query's attention, per layer, for each (model, length) attention cell."""
+    for label, L, c in attention:
+        axes.plot(c["per_layer"]["sink_first_1"], marker="o", label=f"{label} @ {L}")
+    axes.set(xlabel="layer", ylabel="attention on the first token", ylim=(0, 1),
+             title="Sink share per layer (query at min(4000, T - 1))")
+
+
+def draw_loss_by_position(axes, losses: list[tuple[str, int, dict]]) -> None:
+    """Held-out loss by position bucket for each (model, length) LongPPL cell."""
+    for label, L, c in losses:
+        buckets = c["loss_by_position"]
+        axes.plot([b["to"] for b in buckets], [b["loss"] for b in buckets], marker="o", label=f"{label} @ {L}")
+    axes.set(xscale="log", xlabel="position (end of bucket)", ylabel="held-out loss (nats/token)",
+             title="Loss by position")
+
+
 def plot(results: dict, labels: list[str], lengths: list[int], tasks: list[str], out: Path) -> list[Path]:
     """score_vs_length.png, sink_per_layer.png and loss_by_position.png, for the cells that exist."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     written = []
     if any(cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths):
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for label in labels:
-            per_length = recall_summary(results, label, tasks, lengths)["per_length"]
-            points = [(L, v) for L, v in per_length.items() if v is not None]
-            if points:
-                axes.plot(*zip(*points), marker="o", label=label)
-        axes.set(xscale="log", xlabel="length (tokens)", ylabel="mean recall score", ylim=(-2, 102),
-                 title=f"Recall, mean over {len(tasks)} tasks")
-        axes.set_xticks(lengths, [str(L) for L in lengths])
-        axes.axhline(EFFECTIVE_THRESHOLD, color="gray", linestyle=":", linewidth=1)
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(out / "score_vs_length.png", dpi=120)
-        plt.close(figure)
-        written.append(out / "score_vs_length.png")
+        written.append(save_plot(out / "score_vs_length.png",
+                                 lambda axes: draw_score_vs_length(axes, results, labels, lengths, tasks)))
     attention = [(label, L, c) for label in labels for L in lengths
                  if (c := cell(results, "attention", label, str(L))) and "per_layer" in c]
     if attention:
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for label, L, c in attention:
-            axes.plot(c["per_layer"]["sink_first_1"], marker="o", label=f"{label} @ {L}")
-        axes.set(xlabel="layer", ylabel="attention on the first token", ylim=(0, 1),
-                 title="Sink share per layer (query at min(4000, T - 1))")
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(out / "sink_per_layer.png", dpi=120)
-        plt.close(figure)
-        written.append(out / "sink_per_layer.png")
+        written.append(save_plot(out / "sink_per_layer.png", lambda axes: draw_sink_per_layer(axes, attention)))
     losses = [(label, L, c) for label in labels for L in lengths
               if (c := cell(results, "longppl", label, str(L))) and "loss_by_position" in c]
     if losses:
-        figure, axes = plt.subplots(figsize=(6, 4))
-        for label, L, c in losses:
-            buckets = c["loss_by_position"]
-            axes.plot([b["to"] for b in buckets], [b["loss"] for b in buckets], marker="o", label=f"{label} @ {L}")
-        axes.set(xscale="log", xlabel="position (end of bucket)", ylabel="held-out loss (nats/token)",
-                 title="Loss by position")
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(out / "loss_by_position.png", dpi=120)
-        plt.close(figure)
-        written.append(out / "loss_by_position.png")
+        written.append(save_plot(out / "loss_by_position.png", lambda axes: draw_loss_by_position(axes, losses)))
     return written
 
 

@@ -368,102 +368,136 @@ def python() -> str:
     return sys.executable
 
 
-def plan(settings: Settings) -> tuple[list[Stage], dict]:
-    """Every stage, in dependency order, and {run key: (Architecture, seed)}."""
+def run_folder(settings: Settings, arch: Architecture, seed: int) -> Path:
+    """OUT/runs/NAME/sSEED: one run's stages, each in its own subfolder."""
+    return Path(settings.out) / "runs" / arch.name / f"s{seed}"
+
+
+def data_flags(settings: Settings) -> list[str]:
+    return ["--data", str(settings.data)] if settings.data else []
+
+
+def pretrain_stage(settings: Settings, arch: Architecture, seed: int) -> Stage:
+    """train.py at the run's pretraining context, with the token budget per step every run shares."""
     s = settings
-    out = Path(s.out)
-    long_context = s.long_context()
-    tokens_per_step = s.batch_sequences * long_context  # identical token budget for every run
-    data_flags = ["--data", str(s.data)] if s.data else []
-    common_train = [*data_flags, "--steps", str(s.steps), "--batch_tokens", str(tokens_per_step),
-                    "--save_every", str(s.save_every), "--keep_checkpoints", "0", "--eval_every", str(s.steps),
-                    "--log_every", str(max(1, s.steps // 10)), "--threads", str(s.threads), "--device", s.device,
-                    "--min_lr_ratio", str(s.min_lr_ratio), *(["--lr", str(s.lr)] if s.lr else []), *s.extra_train]
-    ext_len = s.ext_len()
-    lengths = ",".join(map(str, s.eval_lengths()))
-    eval_common = ["--tasks", s.tasks, "--samples", str(s.samples), "--windows", str(s.windows),
-                   "--short_context", str(long_context // 2), "--short_step", str(max(1, long_context // 8)),
-                   "--device", s.device, *data_flags]
+    run_key, pretrain_out = f"{arch.name}/s{seed}", run_folder(s, arch, seed) / "pretrain"
+    tokens_per_step = s.batch_sequences * s.long_context()  # identical token budget for every run
+    return Stage(f"{run_key}/pretrain", [
+        python(), "train.py", *arch.model_flags, "--seq_len", str(arch.pretrain_context),
+        "--micro_batch", str(tokens_per_step // arch.pretrain_context), *data_flags(s), "--steps", str(s.steps),
+        "--batch_tokens", str(tokens_per_step), "--save_every", str(s.save_every), "--keep_checkpoints", "0",
+        "--eval_every", str(s.steps), "--log_every", str(max(1, s.steps // 10)), "--threads", str(s.threads),
+        "--device", s.device, "--min_lr_ratio", str(s.min_lr_ratio), *(["--lr", str(s.lr)] if s.lr else []),
+        *s.extra_train, "--seed", str(seed), "--data_seed", str(s.data_seed + seed), "--out", str(pretrain_out)],
+        out=pretrain_out, outputs=[step_dir(pretrain_out, s.steps) / "model.safetensors"], run=run_key,
+        kind="pretrain")
+
+
+def held_out_flags(settings: Settings) -> list[str]:
+    """evaluate.py's flags for the held-out measures (loss, LongPPL, sinks), the same in every evaluation."""
+    long_context = settings.long_context()
+    return ["--windows", str(settings.windows), "--short_context", str(long_context // 2),
+            "--short_step", str(max(1, long_context // 8)), "--device", settings.device, *data_flags(settings)]
+
+
+def evaluate_stage(settings: Settings, arch: Architecture, seed: int, tag: str, checkpoint: Path, lengths: str,
+                   after: str) -> Stage:
+    """evaluate.py on one checkpoint of the run into RUN/tag: recall (unless --tasks none), loss, LongPPL, sinks."""
+    s, run_key, eval_out = settings, f"{arch.name}/s{seed}", run_folder(settings, arch, seed) / tag
     if s.tasks in ("", "none"):
-        eval_modes = "longppl,attention"
-        eval_common = eval_common[4:]
+        modes, recall_flags = "longppl,attention", []
     else:
-        eval_modes = "recall,longppl,attention"
-    for step in s.early_steps:
-        if step % s.save_every or step >= s.steps:
-            raise SweepError(f"--early_steps {step}: must be a multiple of --save_every {s.save_every} and below "
-                             f"--steps {s.steps}, so that pretraining keeps that checkpoint")
-    runs = architectures(s)
-    names = [r.name for r in runs]
+        modes, recall_flags = "recall,longppl,attention", ["--tasks", s.tasks, "--samples", str(s.samples)]
+    return Stage(f"{run_key}/{tag}", [
+        python(), "evaluate.py", str(checkpoint), "--labels", arch.name, "--lengths", lengths, "--modes", modes,
+        *recall_flags, *held_out_flags(s), "--out", str(eval_out)],
+        out=eval_out, outputs=[eval_out / "results.json"], inputs=[checkpoint], after=[after], run=run_key,
+        kind="evaluate")
+
+
+def extension_stages(settings: Settings, arch: Architecture, seed: int, tag: str, source_step: int,
+                     steps: int) -> list[Stage]:
+    """extend.py from pretraining's checkpoint at source_step for `steps` steps into RUN/tag, then its evaluation
+    at every evaluation length into RUN/eval (the main extension) or RUN/eval_TAG."""
+    s, run_key, run_out = settings, f"{arch.name}/s{seed}", run_folder(settings, arch, seed)
+    source, ext_out, ext_len = step_dir(run_out / "pretrain", source_step), run_out / tag, s.ext_len()
+    extend = Stage(f"{run_key}/{tag}", [
+        python(), "extend.py", "--from", str(source), "--recipe", s.recipe,
+        "--seq_len", str(ext_len), "--batch_tokens", str(s.ext_batch_sequences * ext_len),
+        "--micro_batch", "1", "--steps", str(steps), "--save_every", str(steps), "--eval_every", "0",
+        "--log_every", "10", "--held_out_documents", "0", "--threads", str(s.threads), "--device", s.device,
+        *data_flags(s), "--seed", str(seed), "--data_seed", str(s.data_seed + seed), "--out", str(ext_out)],
+        out=ext_out, outputs=[step_dir(ext_out, steps) / "model.safetensors"], inputs=[source],
+        after=[f"{run_key}/pretrain"], run=run_key, kind="extend")
+    eval_tag = "eval" if tag == "extend" else f"eval_{tag}"
+    lengths = ",".join(map(str, s.eval_lengths()))
+    return [extend, evaluate_stage(s, arch, seed, eval_tag, step_dir(ext_out, steps), lengths, f"{run_key}/{tag}")]
+
+
+def run_stages(settings: Settings, arch: Architecture, seed: int, budget_models: list[str],
+               early_models: list[str]) -> list[Stage]:
+    """One run's stages: pretrain, extend and evaluate, evaluate before extension at the longer pretraining
+    context, and the further findings' extensions (other budgets, earlier checkpoints) where the run takes part."""
+    s = settings
+    final = step_dir(run_folder(s, arch, seed) / "pretrain", s.steps)
+    stages = [pretrain_stage(s, arch, seed), *extension_stages(s, arch, seed, "extend", s.steps, s.ext_steps),
+              evaluate_stage(s, arch, seed, "eval_before", final, str(s.long_context()),
+                             after=f"{arch.name}/s{seed}/pretrain")]
+    if arch.name in budget_models:
+        for steps in s.budgets:
+            if steps != s.ext_steps:
+                stages += extension_stages(s, arch, seed, f"extend_b{steps}", s.steps, steps)
+    if arch.name in early_models:
+        for step in s.early_steps:
+            stages += extension_stages(s, arch, seed, f"extend_p{step}", step, s.ext_steps)
+    return stages
+
+
+def longppl_stage(settings: Settings, runs: list[Architecture], members: dict) -> Stage:
+    """LongPPL on the same key tokens for every extended model: one evaluator picks them, by default the run
+    without a harmful choice (the paper used a strong outside model; none is at hand offline)."""
+    s, names = settings, [r.name for r in runs]
+    extended = [(key, step_dir(run_folder(s, arch, seed) / "extend", s.ext_steps))
+                for key, (arch, seed) in members.items()]
+    evaluator_name = s.longppl_evaluator or (representative(runs) or names)[0]
+    if evaluator_name not in names:
+        raise SweepError(f"--longppl_evaluator {evaluator_name!r}: no such run; the runs are {', '.join(names)}")
+    extended.sort(key=lambda item: not item[0].startswith(evaluator_name + "/"))  # evaluate.py's evaluator: the first
+    longppl_out = Path(s.out) / "longppl"
+    return Stage("longppl", [
+        python(), "evaluate.py", *[str(c) for _, c in extended],
+        "--labels", ",".join(k.replace("/", "@") for k, _ in extended),
+        "--modes", "longppl", "--lengths", str(s.ext_len()), *held_out_flags(s), "--out", str(longppl_out)],
+        out=longppl_out, outputs=[longppl_out / "results.json"], inputs=[c for _, c in extended],
+        after=[f"{k}/extend" for k, _ in extended], run=None, kind="evaluate")
+
+
+def further_finding_models(settings: Settings, runs: list[Architecture]) -> tuple[list[str], list[str]]:
+    """The runs that take part in --budgets and --early_steps, after checking that those settings can hold."""
+    s, names = settings, [r.name for r in runs]
     budget_models = list(s.budget_models) or representative(runs)
     early_models = list(s.early_models) or representative(runs)
     for flag, chosen in (("--budget_models", budget_models), ("--early_models", early_models)):
         unknown = sorted(set(chosen) - set(names))
         if unknown and (s.budgets if flag == "--budget_models" else s.early_steps):
             raise SweepError(f"{flag} {unknown}: no such run; the runs are {', '.join(names)}")
+    return budget_models, early_models
 
+
+def plan(settings: Settings) -> tuple[list[Stage], dict]:
+    """Every stage, in dependency order, and {run key: (Architecture, seed)}."""
+    s = settings
+    for step in s.early_steps:
+        if step % s.save_every or step >= s.steps:
+            raise SweepError(f"--early_steps {step}: must be a multiple of --save_every {s.save_every} and below "
+                             f"--steps {s.steps}, so that pretraining keeps that checkpoint")
+    runs = architectures(s)
+    budget_models, early_models = further_finding_models(s, runs)
     stages, members = [], {}
     for arch, seed in itertools.product(runs, s.seeds):
-        run_key = f"{arch.name}/s{seed}"
-        members[run_key] = (arch, seed)
-        run_out = out / "runs" / arch.name / f"s{seed}"
-        pretrain_out = run_out / "pretrain"
-        final = step_dir(pretrain_out, s.steps)
-        stages.append(Stage(f"{run_key}/pretrain", [
-            python(), "train.py", *arch.model_flags, "--seq_len", str(arch.pretrain_context),
-            "--micro_batch", str(tokens_per_step // arch.pretrain_context), *common_train,
-            "--seed", str(seed), "--data_seed", str(s.data_seed + seed), "--out", str(pretrain_out)],
-            pretrain_out, [final / "model.safetensors"], run=run_key, kind="pretrain"))
-
-        def extension(tag: str, source_step: int, steps: int):
-            ext_out = run_out / tag
-            stages.append(Stage(f"{run_key}/{tag}", [
-                python(), "extend.py", "--from", str(step_dir(pretrain_out, source_step)), "--recipe", s.recipe,
-                "--seq_len", str(ext_len), "--batch_tokens", str(s.ext_batch_sequences * ext_len),
-                "--micro_batch", "1", "--steps", str(steps), "--save_every", str(steps), "--eval_every", "0",
-                "--log_every", "10", "--held_out_documents", "0", "--threads", str(s.threads), "--device", s.device,
-                *data_flags, "--seed", str(seed), "--data_seed", str(s.data_seed + seed), "--out", str(ext_out)],
-                ext_out, [step_dir(ext_out, steps) / "model.safetensors"], [step_dir(pretrain_out, source_step)],
-                [f"{run_key}/pretrain"], run_key, "extend"))
-            eval_tag = "eval" if tag == "extend" else f"eval_{tag}"
-            eval_out = run_out / eval_tag
-            checkpoint = step_dir(ext_out, steps)
-            stages.append(Stage(f"{run_key}/{eval_tag}", [
-                python(), "evaluate.py", str(checkpoint), "--labels", arch.name, "--lengths", lengths,
-                "--modes", eval_modes, *eval_common, "--out", str(eval_out)],
-                eval_out, [eval_out / "results.json"], [checkpoint], [f"{run_key}/{tag}"], run_key, "evaluate"))
-
-        extension("extend", s.steps, s.ext_steps)
-        eval_before = run_out / "eval_before"
-        stages.append(Stage(f"{run_key}/eval_before", [
-            python(), "evaluate.py", str(final), "--labels", arch.name, "--lengths", str(long_context),
-            "--modes", eval_modes, *eval_common, "--out", str(eval_before)],
-            eval_before, [eval_before / "results.json"], [final], [f"{run_key}/pretrain"], run_key, "evaluate"))
-        if arch.name in budget_models:
-            for steps in s.budgets:
-                if steps != s.ext_steps:
-                    extension(f"extend_b{steps}", s.steps, steps)
-        if arch.name in early_models:
-            for step in s.early_steps:
-                extension(f"extend_p{step}", step, s.ext_steps)
-
-    # LongPPL on the same key tokens for every extended model: one evaluator picks them, by default the
-    # run without a harmful choice (the paper used a strong outside model; none is at hand offline).
-    extended = [(key, step_dir(Path(out) / "runs" / arch.name / f"s{seed}" / "extend", s.ext_steps))
-                for key, (arch, seed) in members.items()]
-    evaluator_name = s.longppl_evaluator or (representative(runs) or names)[0]
-    if evaluator_name not in names:
-        raise SweepError(f"--longppl_evaluator {evaluator_name!r}: no such run; the runs are {', '.join(names)}")
-    extended.sort(key=lambda item: not item[0].startswith(evaluator_name + "/"))  # evaluate.py's evaluator: the first
-    longppl_out = out / "longppl"
-    stages.append(Stage("longppl", [
-        python(), "evaluate.py", *[str(c) for _, c in extended],
-        "--labels", ",".join(k.replace("/", "@") for k, _ in extended),
-        "--modes", "longppl", "--lengths", str(ext_len), "--windows", str(s.windows),
-        "--short_context", str(long_context // 2), "--short_step", str(max(1, long_context // 8)),
-        "--device", s.device, *data_flags, "--out", str(longppl_out)],
-        longppl_out, [longppl_out / "results.json"], [c for _, c in extended], [f"{k}/extend" for k, _ in extended],
-        None, "evaluate"))
+        members[f"{arch.name}/s{seed}"] = (arch, seed)
+        stages += run_stages(s, arch, seed, budget_models, early_models)
+    stages.append(longppl_stage(s, runs, members))
     return stages, members
 
 
