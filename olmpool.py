@@ -502,33 +502,50 @@ class KVCache:
                 self.values.append(torch.zeros(shape[:2] + (0, shape[3]), device=device, dtype=dtype))
 
     def attend(self, layer: int, q, k, v, positions):
-        """Store this chunk's k, v and attend q (positions `positions`) over everything visible."""
-        window = self.config.layer_windows[layer]
-        start, T = self.length, q.shape[2]
-        if start + T > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} positions; {start + T} requested. "
+        """Store this chunk's k, v (the storage step of this layer's kind), then attend q (positions
+        `positions`) over every key it can see, in one attention call."""
+        T = q.shape[2]
+        if self.length + T > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {self.length + T} requested. "
                              f"Create the cache with a larger max_length")
+        window = self.config.layer_windows[layer]
         if window is None:
-            self.keys[layer][:, :, start:start + T] = k
-            self.values[layer][:, :, start:start + T] = v
-            k, v = self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]
+            k, v = self.store_global(layer, k, v)
         else:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-            keep = min(window - 1, k.shape[2])
-            self.keys[layer] = k[:, :, k.shape[2] - keep:]
-            self.values[layer] = v[:, :, v.shape[2] - keep:]
-        if window is not None and T > window and self.config.attention_backend != "naive":
-            return windowed_sdpa(q, k, v, window, cached=k.shape[2] - T)  # a long chunk: O(T * W)
-        S = k.shape[2]
-        if window is None and self.config.attention_backend != "naive":
+            k, v = self.store_windowed(layer, k, v, window)
+        return self.attend_over(q, k, v, positions, window)
+
+    def store_global(self, layer: int, k, v):
+        """Write the chunk at its positions; return every key and value so far (B, H_kv, length + T, D)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def store_windowed(self, layer: int, k, v, window: int):
+        """Return the kept keys followed by the chunk's (B, H_kv, <= W - 1 + T, D); keep the last W - 1."""
+        k = torch.cat([self.keys[layer], k], dim=2)
+        v = torch.cat([self.values[layer], v], dim=2)
+        keep = min(window - 1, k.shape[2])
+        self.keys[layer] = k[:, :, k.shape[2] - keep:]
+        self.values[layer] = v[:, :, v.shape[2] - keep:]
+        return k, v
+
+    def attend_over(self, q, k, v, positions, window: int | None):
+        """Attend q (B, H, T, D) over k, v (B, H_kv, S, D): the S keys up to and including q's last position."""
+        T, S = q.shape[2], k.shape[2]
+        backend = self.config.attention_backend
+        if window is not None and T > window and backend != "naive":
+            return windowed_sdpa(q, k, v, window, cached=S - T)  # a long chunk: O(T * W)
+        if window is None and backend != "naive":
             # Causal with an offset, built in one pass in the additive form SDPA uses: this (T, S)
             # matrix is the largest tensor of a long prefill. Row i sees keys up to i + S - T.
             mask = torch.full((T, S), float("-inf"), device=q.device, dtype=q.dtype).triu_(S - T + 1)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        k_pos = torch.arange(start + T - S, start + T, device=q.device)
+        end = self.length + T  # the cache's length grows only after the last layer
+        k_pos = torch.arange(end - S, end, device=q.device)
         mask = visible(positions[:, None], k_pos[None, :], window)  # (T, S): one chunk by its keys
-        if self.config.attention_backend == "naive":
+        if backend == "naive":
             return masked_softmax_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
