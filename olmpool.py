@@ -41,15 +41,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: one field per switch
+
+
+# The allowed values of every string switch with a closed set: ModelConfig's validation and
+# train.py's parser both read CHOICES, so a new value is added here once.
 NORM_PLACEMENTS = ("pre", "post")
 QK_NORMS = ("none", "layerwise", "headwise")
 ROPE_SCALINGS = ("none", "abf", "pi", "yarn", "llama3")
 ROPE_SCALING_LAYERS = ("global", "all")
 ATTENTION_BACKENDS = ("naive", "sdpa", "flex", "triton")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "norm_placement": NORM_PLACEMENTS,
+    "qk_norm": QK_NORMS,
+    "rope_scaling": ROPE_SCALINGS,
+    "rope_scaling_layers": ROPE_SCALING_LAYERS,
+    "attention_backend": ATTENTION_BACKENDS,
+}
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration: one field per switch
+def head_divisors(n_heads: int) -> list[int]:
+    """The valid n_kv_heads for n_heads query heads, increasing: the divisors of n_heads (each is
+    also a valid GQA ratio n_heads / n_kv_heads)."""
+    return [d for d in range(1, n_heads + 1) if n_heads % d == 0]
 
 
 @dataclass
@@ -97,14 +113,11 @@ class ModelConfig:
                      "context_length"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name}={value!r} must be a positive integer")
-        divisors = [d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]
         check(self.n_heads % self.n_kv_heads == 0,
               f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; "
-              f"use one of {', '.join(map(str, divisors))}")
+              f"use one of {', '.join(map(str, head_divisors(self.n_heads)))}")
         check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE; use e.g. 64 or 128")
-        for name, allowed in (("norm_placement", NORM_PLACEMENTS), ("qk_norm", QK_NORMS),
-                              ("rope_scaling", ROPE_SCALINGS), ("rope_scaling_layers", ROPE_SCALING_LAYERS),
-                              ("attention_backend", ATTENTION_BACKENDS)):
+        for name, allowed in CHOICES.items():
             value = getattr(self, name)
             check(value in allowed, f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
         check(isinstance(self.global_every, int) and self.global_every >= 0,
@@ -132,126 +145,6 @@ class ModelConfig:
     @property
     def original_context(self) -> int:
         return self.rope_original_context or self.context_length
-
-
-# ----------------------------------------------------------------------------------------------
-# Presets: the 26 OlmPool models at their release names, the three baselines, and smaller sizes
-
-# name: (norm, qk_norm, n_kv_heads, context, mlp_hidden, sliding window). The architecture comes from
-# the table transcribed from the paper's appendix (../shared/reference/olmpool.md). Where a name
-# disagrees with that table (H_post_LQK_8kv_4k_11k_SWA has MLP 13312; K_post_HQK_8kv_12k is pre-norm,
-# as its Hugging Face class says), the table wins. "_fp8" marks pretraining with float8 linears,
-# which changes numerics but not the architecture.
-_OLMPOOL = {
-    "A_post_HQK_8kv_8k_13k_SWA_fp8": ("post", "headwise", 8, 8192, 13312, True),
-    "B_post_LQK_32kv_4k_11k_SWA": ("post", "layerwise", 32, 4096, 11008, True),
-    "C_post_LQK_8kv_8k_13k_SWA": ("post", "layerwise", 8, 8192, 13312, True),
-    "H_post_LQK_8kv_4k_11k_SWA": ("post", "layerwise", 8, 4096, 13312, True),
-    "D_post_LQK_8kv_8k_13k_SWA": ("post", "layerwise", 8, 8192, 13312, True),
-    "G_post_LQK_8kv_4k_14k_SWA": ("post", "layerwise", 8, 4096, 14336, True),
-    "D_post_LQK_8kv_8k_13k_SWA_fp8": ("post", "layerwise", 8, 8192, 13312, True),
-    "E_post_LQK_32kv_8k_11k_SWA_fp8": ("post", "layerwise", 32, 8192, 11008, True),
-    "B_post_LQK_32kv_4k_11k": ("post", "layerwise", 32, 4096, 11008, False),
-    "F_pre_8kv_8k_14k_SWA": ("pre", "none", 8, 8192, 14336, True),
-    "G_pre_8kv_8k_14k_SWA": ("pre", "none", 8, 8192, 14336, True),
-    "H_pre_LQK_32kv_8k_11k_SWA": ("pre", "layerwise", 32, 8192, 11008, True),
-    "H_post_LQK_32kv_8k_11k_SWA_fp8": ("post", "layerwise", 32, 8192, 11008, True),
-    "K_post_HQK_8kv_12k": ("pre", "headwise", 8, 8192, 12288, False),
-    "H_post_HQK_32kv_8k_11k_SWA": ("post", "headwise", 32, 8192, 11008, True),
-    "H_post_LQK_32kv_4k_11k": ("post", "layerwise", 32, 4096, 11008, False),
-    "H_post_LQK_32kv_8k_11k_SWA": ("post", "layerwise", 32, 8192, 11008, True),  # = Olmo 3 7B
-    "G_post_LQK_8kv_8k_14k": ("post", "layerwise", 8, 8192, 14336, False),
-    "H_post_LQK_32kv_8k_11k": ("post", "layerwise", 32, 8192, 11008, False),
-    "G_pre_4kv_8k_14k": ("pre", "none", 4, 8192, 14336, False),
-    "G_pre_8kv_4k_14k": ("pre", "none", 8, 4096, 14336, False),
-    "G_pre_LQK_8kv_8k_14k": ("pre", "layerwise", 8, 8192, 14336, False),
-    "G_pre_8kv_8k_14k": ("pre", "none", 8, 8192, 14336, False),  # = Llama 3 8B
-    "H_pre_32kv_8k_11k_SWA": ("pre", "none", 32, 8192, 11008, True),
-    "I_pre_32kv_8k_12k": ("pre", "none", 32, 8192, 12288, False),
-    "J_pre_16kv_8k_14k": ("pre", "none", 16, 8192, 14336, False),  # best; OLMo-core's code has MLP 13312
-}
-
-# Baselines at their 7B/8B shapes with the OlmPool vocabulary, so that only the architecture differs.
-_BASELINES = {
-    "llama3_like": dict(norm_placement="pre", qk_norm="none", n_kv_heads=8, mlp_hidden=14336, norm_eps=1e-5),
-    "olmo3_like": dict(norm_placement="post", qk_norm="layerwise", n_kv_heads=32, mlp_hidden=11008,
-                       window=4096),
-    # 32 layers as in OlmPool's table (OLMo-core's constructor has 36: unresolved in our sources).
-    "qwen3_like": dict(norm_placement="pre", qk_norm="headwise", n_kv_heads=8, mlp_hidden=12288),
-}
-
-
-def _olmpool_config(norm, qk_norm, kv, context, mlp, swa) -> dict:
-    return dict(norm_placement=norm, qk_norm=qk_norm, n_kv_heads=kv, context_length=context, mlp_hidden=mlp,
-                window=4096 if swa else None, norm_eps=1e-5 if norm == "pre" and qk_norm == "none" else 1e-6)
-
-
-PRESETS: dict[str, dict] = {name: _olmpool_config(*spec) for name, spec in _OLMPOOL.items()} | _BASELINES
-
-# Smaller sizes keep a preset's switches: the GQA ratio, the MLP-to-width ratio, and the ratio of
-# window to context (both divided by `shrink`). Counts are of non-embedding parameters at MHA.
-SIZES: dict[str, dict] = {
-    "tiny": dict(n_layers=4, d_model=128, n_heads=8, head_dim=16, shrink=32),  # tests and CPU demos
-    "20m": dict(n_layers=8, d_model=512, n_heads=8, head_dim=64, shrink=8),  # ~25M
-    "150m": dict(n_layers=12, d_model=1024, n_heads=16, head_dim=64, shrink=4),  # ~150M
-    "1b": dict(n_layers=16, d_model=2048, n_heads=16, head_dim=128, shrink=1),  # ~0.8B (+0.4B embeddings)
-    "7b": dict(n_layers=32, d_model=4096, n_heads=32, head_dim=128, shrink=1),  # the published shapes
-}
-
-
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.3)
-    return f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(choices)}"
-
-
-def preset(name: str, size: str = "7b", **overrides) -> ModelConfig:
-    """The config of an OlmPool model or baseline, at a size; keyword overrides apply last."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; {_suggest(name, PRESETS)}")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; {_suggest(size, SIZES)}")
-    switches = dict(PRESETS[name])
-    shape = dict(SIZES[size])
-    shrink = shape.pop("shrink")
-    gqa_ratio = 32 // switches["n_kv_heads"]  # every 7B preset has 32 query heads
-    mlp_ratio = switches["mlp_hidden"] / 4096
-    multiple = 32 if size == "tiny" else 64
-    if size != "7b":
-        switches["n_kv_heads"] = max(1, shape["n_heads"] // gqa_ratio)
-        switches["mlp_hidden"] = multiple * math.ceil(mlp_ratio * shape["d_model"] / multiple)
-    switches["context_length"] = switches.get("context_length", 8192) // shrink
-    if switches.get("window"):
-        switches["window"] //= shrink
-    return ModelConfig(**(switches | shape | overrides))
-
-
-def count_parameters(config: ModelConfig, embeddings: bool = True) -> int:
-    """Parameter count from the config alone (equals sum(p.numel()) of the built model)."""
-    q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    attention = config.d_model * (q_size + 2 * kv_size) + q_size * config.d_model
-    qk_norm = {"none": 0, "layerwise": q_size + kv_size, "headwise": 2 * config.head_dim}[config.qk_norm]
-    mlp = 3 * config.d_model * config.mlp_hidden
-    per_layer = attention + qk_norm + mlp + 2 * config.d_model
-    total = config.n_layers * per_layer + config.d_model  # final norm
-    if embeddings:
-        total += 2 * config.vocab_size * config.d_model  # untied input embedding and LM head
-    return total
-
-
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token at sequence length seq_len, counting windows.
-
-    Matmuls: 6 per weight (the LM head included, the embedding lookup not). Attention: 12 per
-    (head dim x key) pair per query head, where a query at position i sees min(W, i + 1) keys,
-    averaged over the sequence: so sliding windows are credited only with the work they do.
-    """
-    matmul_params = count_parameters(config, embeddings=False) + config.vocab_size * config.d_model
-    attention = 0.0
-    for window in config.layer_windows:
-        w = seq_len if window is None else min(window, seq_len)
-        mean_keys = (seq_len * w - w * (w - 1) / 2) / seq_len  # mean over i of min(w, i + 1)
-        attention += 12 * config.n_heads * config.head_dim * mean_keys
-    return 6 * matmul_params + attention
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,33 +502,50 @@ class KVCache:
                 self.values.append(torch.zeros(shape[:2] + (0, shape[3]), device=device, dtype=dtype))
 
     def attend(self, layer: int, q, k, v, positions):
-        """Store this chunk's k, v and attend q (positions `positions`) over everything visible."""
-        window = self.config.layer_windows[layer]
-        start, T = self.length, q.shape[2]
-        if start + T > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} positions; {start + T} requested. "
+        """Store this chunk's k, v (the storage step of this layer's kind), then attend q (positions
+        `positions`) over every key it can see, in one attention call."""
+        T = q.shape[2]
+        if self.length + T > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {self.length + T} requested. "
                              f"Create the cache with a larger max_length")
+        window = self.config.layer_windows[layer]
         if window is None:
-            self.keys[layer][:, :, start:start + T] = k
-            self.values[layer][:, :, start:start + T] = v
-            k, v = self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]
+            k, v = self.store_global(layer, k, v)
         else:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-            keep = min(window - 1, k.shape[2])
-            self.keys[layer] = k[:, :, k.shape[2] - keep:]
-            self.values[layer] = v[:, :, v.shape[2] - keep:]
-        if window is not None and T > window and self.config.attention_backend != "naive":
-            return windowed_sdpa(q, k, v, window, cached=k.shape[2] - T)  # a long chunk: O(T * W)
-        S = k.shape[2]
-        if window is None and self.config.attention_backend != "naive":
+            k, v = self.store_windowed(layer, k, v, window)
+        return self.attend_over(q, k, v, positions, window)
+
+    def store_global(self, layer: int, k, v):
+        """Write the chunk at its positions; return every key and value so far (B, H_kv, length + T, D)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def store_windowed(self, layer: int, k, v, window: int):
+        """Return the kept keys followed by the chunk's (B, H_kv, <= W - 1 + T, D); keep the last W - 1."""
+        k = torch.cat([self.keys[layer], k], dim=2)
+        v = torch.cat([self.values[layer], v], dim=2)
+        keep = min(window - 1, k.shape[2])
+        self.keys[layer] = k[:, :, k.shape[2] - keep:]
+        self.values[layer] = v[:, :, v.shape[2] - keep:]
+        return k, v
+
+    def attend_over(self, q, k, v, positions, window: int | None):
+        """Attend q (B, H, T, D) over k, v (B, H_kv, S, D): the S keys up to and including q's last position."""
+        T, S = q.shape[2], k.shape[2]
+        backend = self.config.attention_backend
+        if window is not None and T > window and backend != "naive":
+            return windowed_sdpa(q, k, v, window, cached=S - T)  # a long chunk: O(T * W)
+        if window is None and backend != "naive":
             # Causal with an offset, built in one pass in the additive form SDPA uses: this (T, S)
             # matrix is the largest tensor of a long prefill. Row i sees keys up to i + S - T.
             mask = torch.full((T, S), float("-inf"), device=q.device, dtype=q.dtype).triu_(S - T + 1)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        k_pos = torch.arange(start + T - S, start + T, device=q.device)
+        end = self.length + T  # the cache's length grows only after the last layer
+        k_pos = torch.arange(end - S, end, device=q.device)
         mask = visible(positions[:, None], k_pos[None, :], window)  # (T, S): one chunk by its keys
-        if self.config.attention_backend == "naive":
+        if backend == "naive":
             return masked_softmax_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
@@ -680,6 +590,130 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
                 break
         logits = model(token[:, None], cache)[:, -1]
     return torch.stack(new_tokens, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: the 26 OlmPool models at their release names, the three baselines, and smaller sizes
+
+# name: (norm, qk_norm, n_kv_heads, context, mlp_hidden, sliding window). The architecture comes from
+# the table transcribed from the paper's appendix (../shared/reference/olmpool.md). Where a name
+# disagrees with that table (H_post_LQK_8kv_4k_11k_SWA has MLP 13312; K_post_HQK_8kv_12k is pre-norm,
+# as its Hugging Face class says), the table wins. "_fp8" marks pretraining with float8 linears,
+# which changes numerics but not the architecture.
+_OLMPOOL = {
+    "A_post_HQK_8kv_8k_13k_SWA_fp8": ("post", "headwise", 8, 8192, 13312, True),
+    "B_post_LQK_32kv_4k_11k_SWA": ("post", "layerwise", 32, 4096, 11008, True),
+    "C_post_LQK_8kv_8k_13k_SWA": ("post", "layerwise", 8, 8192, 13312, True),
+    "H_post_LQK_8kv_4k_11k_SWA": ("post", "layerwise", 8, 4096, 13312, True),
+    "D_post_LQK_8kv_8k_13k_SWA": ("post", "layerwise", 8, 8192, 13312, True),
+    "G_post_LQK_8kv_4k_14k_SWA": ("post", "layerwise", 8, 4096, 14336, True),
+    "D_post_LQK_8kv_8k_13k_SWA_fp8": ("post", "layerwise", 8, 8192, 13312, True),
+    "E_post_LQK_32kv_8k_11k_SWA_fp8": ("post", "layerwise", 32, 8192, 11008, True),
+    "B_post_LQK_32kv_4k_11k": ("post", "layerwise", 32, 4096, 11008, False),
+    "F_pre_8kv_8k_14k_SWA": ("pre", "none", 8, 8192, 14336, True),
+    "G_pre_8kv_8k_14k_SWA": ("pre", "none", 8, 8192, 14336, True),
+    "H_pre_LQK_32kv_8k_11k_SWA": ("pre", "layerwise", 32, 8192, 11008, True),
+    "H_post_LQK_32kv_8k_11k_SWA_fp8": ("post", "layerwise", 32, 8192, 11008, True),
+    "K_post_HQK_8kv_12k": ("pre", "headwise", 8, 8192, 12288, False),
+    "H_post_HQK_32kv_8k_11k_SWA": ("post", "headwise", 32, 8192, 11008, True),
+    "H_post_LQK_32kv_4k_11k": ("post", "layerwise", 32, 4096, 11008, False),
+    "H_post_LQK_32kv_8k_11k_SWA": ("post", "layerwise", 32, 8192, 11008, True),  # = Olmo 3 7B
+    "G_post_LQK_8kv_8k_14k": ("post", "layerwise", 8, 8192, 14336, False),
+    "H_post_LQK_32kv_8k_11k": ("post", "layerwise", 32, 8192, 11008, False),
+    "G_pre_4kv_8k_14k": ("pre", "none", 4, 8192, 14336, False),
+    "G_pre_8kv_4k_14k": ("pre", "none", 8, 4096, 14336, False),
+    "G_pre_LQK_8kv_8k_14k": ("pre", "layerwise", 8, 8192, 14336, False),
+    "G_pre_8kv_8k_14k": ("pre", "none", 8, 8192, 14336, False),  # = Llama 3 8B
+    "H_pre_32kv_8k_11k_SWA": ("pre", "none", 32, 8192, 11008, True),
+    "I_pre_32kv_8k_12k": ("pre", "none", 32, 8192, 12288, False),
+    "J_pre_16kv_8k_14k": ("pre", "none", 16, 8192, 14336, False),  # best; OLMo-core's code has MLP 13312
+}
+
+# Baselines at their 7B/8B shapes with the OlmPool vocabulary, so that only the architecture differs.
+_BASELINES = {
+    "llama3_like": dict(norm_placement="pre", qk_norm="none", n_kv_heads=8, mlp_hidden=14336, norm_eps=1e-5),
+    "olmo3_like": dict(norm_placement="post", qk_norm="layerwise", n_kv_heads=32, mlp_hidden=11008,
+                       window=4096),
+    # 32 layers as in OlmPool's table (OLMo-core's constructor has 36: unresolved in our sources).
+    "qwen3_like": dict(norm_placement="pre", qk_norm="headwise", n_kv_heads=8, mlp_hidden=12288),
+}
+
+
+def _olmpool_config(norm, qk_norm, kv, context, mlp, swa) -> dict:
+    return dict(norm_placement=norm, qk_norm=qk_norm, n_kv_heads=kv, context_length=context, mlp_hidden=mlp,
+                window=4096 if swa else None, norm_eps=1e-5 if norm == "pre" and qk_norm == "none" else 1e-6)
+
+
+PRESETS: dict[str, dict] = {name: _olmpool_config(*spec) for name, spec in _OLMPOOL.items()} | _BASELINES
+
+# Smaller sizes keep a preset's switches: the GQA ratio, the MLP-to-width ratio, and the ratio of
+# window to context (both divided by `shrink`). Counts are of non-embedding parameters at MHA.
+SIZES: dict[str, dict] = {
+    "tiny": dict(n_layers=4, d_model=128, n_heads=8, head_dim=16, shrink=32),  # tests and CPU demos
+    "20m": dict(n_layers=8, d_model=512, n_heads=8, head_dim=64, shrink=8),  # ~25M
+    "150m": dict(n_layers=12, d_model=1024, n_heads=16, head_dim=64, shrink=4),  # ~150M
+    "1b": dict(n_layers=16, d_model=2048, n_heads=16, head_dim=128, shrink=1),  # ~0.8B (+0.4B embeddings)
+    "7b": dict(n_layers=32, d_model=4096, n_heads=32, head_dim=128, shrink=1),  # the published shapes
+}
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.3)
+    return f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(choices)}"
+
+
+def preset(name: str, size: str = "7b", **overrides) -> ModelConfig:
+    """The config of an OlmPool model or baseline, at a size; keyword overrides apply last."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; {_suggest(name, PRESETS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; {_suggest(size, SIZES)}")
+    switches = dict(PRESETS[name])
+    shape = dict(SIZES[size])
+    shrink = shape.pop("shrink")
+    gqa_ratio = 32 // switches["n_kv_heads"]  # every 7B preset has 32 query heads
+    mlp_ratio = switches["mlp_hidden"] / 4096
+    multiple = 32 if size == "tiny" else 64
+    if size != "7b":
+        switches["n_kv_heads"] = max(1, shape["n_heads"] // gqa_ratio)
+        switches["mlp_hidden"] = multiple * math.ceil(mlp_ratio * shape["d_model"] / multiple)
+    switches["context_length"] = switches.get("context_length", 8192) // shrink
+    if switches.get("window"):
+        switches["window"] //= shrink
+    return ModelConfig(**(switches | shape | overrides))
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting: parameters and FLOPs from the config alone, and a one-screen summary
+
+
+def count_parameters(config: ModelConfig, embeddings: bool = True) -> int:
+    """Parameter count from the config alone (equals sum(p.numel()) of the built model)."""
+    q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    attention = config.d_model * (q_size + 2 * kv_size) + q_size * config.d_model
+    qk_norm = {"none": 0, "layerwise": q_size + kv_size, "headwise": 2 * config.head_dim}[config.qk_norm]
+    mlp = 3 * config.d_model * config.mlp_hidden
+    per_layer = attention + qk_norm + mlp + 2 * config.d_model
+    total = config.n_layers * per_layer + config.d_model  # final norm
+    if embeddings:
+        total += 2 * config.vocab_size * config.d_model  # untied input embedding and LM head
+    return total
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length seq_len, counting windows.
+
+    Matmuls: 6 per weight (the LM head included, the embedding lookup not). Attention: 12 per
+    (head dim x key) pair per query head, where a query at position i sees min(W, i + 1) keys,
+    averaged over the sequence: so sliding windows are credited only with the work they do.
+    """
+    matmul_params = count_parameters(config, embeddings=False) + config.vocab_size * config.d_model
+    attention = 0.0
+    for window in config.layer_windows:
+        w = seq_len if window is None else min(window, seq_len)
+        mean_keys = (seq_len * w - w * (w - 1) / 2) / seq_len  # mean over i of min(w, i + 1)
+        attention += 12 * config.n_heads * config.head_dim * mean_keys
+    return 6 * matmul_params + attention
 
 
 def describe(config: ModelConfig) -> str:
