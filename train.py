@@ -471,7 +471,8 @@ def cpu_threads(threads: int | None, resume_dir: Path | None) -> int:
     return torch.get_num_threads()  # torch's default (physical cores), or OMP_NUM_THREADS (torchrun sets 1)
 
 
-def activation_estimate(config: ModelConfig, plan: BatchPlan, args, device_type: str) -> dict[str, float]:
+def activation_estimate(config: ModelConfig, plan: BatchPlan, activation_checkpointing: bool, mask_documents: bool,
+                        device_type: str) -> dict[str, float]:
     """Bytes one process must hold for one micro-batch's backward pass, by part: an estimate from
     below (weights, optimizer and temporaries come on top), so that a refusal is sure. The logits
     dominate small models at long sequences: loss_sums makes them (micro_batch, seq_len, vocab) in
@@ -482,10 +483,10 @@ def activation_estimate(config: ModelConfig, plan: BatchPlan, args, device_type:
     # Per layer, roughly: the residual, norms, q/k/v, attention output and the MLP's three widths.
     per_layer = B * T * (6 * config.d_model + 2 * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
                          + 3 * config.mlp_hidden) * element
-    stored_layers = 1 if args.activation_checkpointing else config.n_layers
+    stored_layers = 1 if activation_checkpointing else config.n_layers
     parts["layers"] = stored_layers * per_layer + (config.n_layers * B * T * config.d_model * element
-                                                   if args.activation_checkpointing else 0)
-    dense_scores = config.attention_backend == "naive" or (args.mask_documents and config.attention_backend == "sdpa")
+                                                   if activation_checkpointing else 0)
+    dense_scores = config.attention_backend == "naive" or (mask_documents and config.attention_backend == "sdpa")
     if dense_scores:  # a (T, T) mask or score matrix per head and layer
         parts["attention scores"] = stored_layers * B * config.n_heads * T * T * 4
     return parts
@@ -506,7 +507,7 @@ def check_run_fits(config: ModelConfig, plan: BatchPlan, args, env: Distributed)
     """Refuse, before building anything, a micro-batch whose activations alone exceed the device's
     memory (a sure out-of-memory, or hours of swapping), with the estimate; note a window no shorter
     than the sequence once (allowed: its local layers then attend like global ones)."""
-    parts = activation_estimate(config, plan, args, env.device.type)
+    parts = activation_estimate(config, plan, args.activation_checkpointing, args.mask_documents, env.device.type)
     available, where = device_memory_bytes(env)
     if sum(parts.values()) > available:
         detail = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in parts.items())
@@ -796,11 +797,11 @@ def data_dir(args, env: Distributed) -> Path:
     return prepared(progress=False)
 
 
-def check_vocabulary(args, config: ModelConfig, folder: Path, resume_dir: Path | None):
+def check_vocabulary(init_from: str | None, config: ModelConfig, folder: Path, resume_dir: Path | None):
     """The model must cover the data's ids, and a checkpoint must come from data in the same vocabulary."""
-    for checkpoint in (resume_dir, args.init_from):  # first: a mismatch explains a size difference too
-        if checkpoint and not str(checkpoint).startswith("hf:"):
-            data.check_same_vocabulary(checkpoint, folder)
+    for source in (resume_dir, init_from):  # first: a mismatch explains a size difference too
+        if source and not str(source).startswith("hf:"):
+            data.check_same_vocabulary(source, folder)
     in_use = data.read_manifest(folder)["tokenizer"]["vocab_size"]
     if config.vocab_size < in_use:
         raise TrainError(f"--vocab_size {config.vocab_size} is smaller than the {in_use:,} ids of {folder}'s vocabulary; "
@@ -976,25 +977,21 @@ def train_step(model, optimizer, batches: list[data.Batch], plan: BatchPlan, arg
     return {"loss": loss, "z_loss": z_loss, "grad_norm": grad_norm, "finite": finite, "stop": totals[2].item() > 0}
 
 
-def evaluate(model, loader: data.TokenLoader, plan: BatchPlan, args, env: Distributed) -> float:
-    """Mean cross-entropy over the first --eval_batches global batches of the val split."""
-    return evaluate_losses(model, loader, plan, args, env)["val_loss"]
-
-
 @torch.no_grad()
-def evaluate_losses(model, loader: data.TokenLoader, plan: BatchPlan, args, env: Distributed) -> dict:
-    """Over --eval_batches global batches spread over the val split: val_loss, the mean cross-entropy
+def evaluate_losses(model, loader: data.TokenLoader, plan: BatchPlan, env: Distributed, batches: int,
+                    loss_chunk: int | None = None, fsdp: bool = False) -> dict:
+    """Over `batches` global batches spread over the val split: val_loss, the mean cross-entropy
     in nats per token of the data's vocabulary, and val_bits_per_byte, the same sum over the UTF-8
     bytes of text its targets stand for (data.bits_per_byte), which compares across vocabularies."""
     model.eval()
     byte_lengths = torch.from_numpy(data.tokenizer_for(loader.data_dir).byte_lengths)
     sums = torch.zeros(2, device=env.device, dtype=torch.float64)  # nats, bytes of this rank's targets
     targets = 0
-    for batch in loader.validation_batches(args.eval_batches):
+    for batch in loader.validation_batches(batches):
         sums[1] += byte_lengths[batch.targets].sum().item()
         for micro in micro_batches(batch, plan, env.device):
-            with autocast(env.device, args.fsdp):
-                sums[0] += model_loss_sums(model, micro, getattr(args, "loss_chunk", None))[0].double()
+            with autocast(env.device, fsdp):
+                sums[0] += model_loss_sums(model, micro, loss_chunk)[0].double()
         targets += plan.tokens
     if env.world_size > 1:
         dist.all_reduce(sums)
@@ -1369,7 +1366,7 @@ def run(args, env: Distributed, preemption: Preemption, make_loaders, checkpoint
 
     # Build, with the data's vocabulary checked before any weights are loaded.
     folder = data_dir(args, env)
-    check_vocabulary(args, config, folder, resume_dir)
+    check_vocabulary(args.init_from, config, folder, resume_dir)
     model, inner = build_model(config, args, env)
     optimizer = build_optimizer(model, args)
     train_loader, val_loader = make_loaders(args, plan, env, folder)
@@ -1400,7 +1397,8 @@ def run(args, env: Distributed, preemption: Preemption, make_loaders, checkpoint
             losses[step] = result["loss"]
             record = meter.record(step, lr, result, tokens_seen, time.perf_counter() - step_start)
             if val_loader is not None and (step % args.eval_every == 0 or step == last_step):
-                record.update(evaluate_losses(model, val_loader, plan, args, env))
+                record.update(evaluate_losses(model, val_loader, plan, env, args.eval_batches, args.loss_chunk,
+                                              args.fsdp))
                 val_losses[step] = record["val_loss"]
             meter.write(record, show=step % args.log_every == 0 or step in (first_step, last_step)
                         or "val_loss" in record, steps_left=last_step - step)

@@ -274,7 +274,7 @@ def test_bits_per_byte_is_nats_per_token_times_tokens_over_bytes_over_ln2(tmp_pa
     args = train.parse_args([*SMALL, "--data", str(compact), "--eval_batches", "2"])
     plan = train.BatchPlan(seq_len=16, sequences=4, micro_batch=2, accumulation=2)
     loader = data.TokenLoader(compact, "val", 16, 4)
-    losses = train.evaluate_losses(UniformModel(VOCAB), loader, plan, args, train.Distributed())
+    losses = train.evaluate_losses(UniformModel(VOCAB), loader, plan, train.Distributed(), args.eval_batches)
     tokens = 2 * plan.tokens
     stream = torch.cat([batch.targets.reshape(-1) for batch in loader.validation_batches(2)]).tolist()  # what it read
     assert len(stream) == tokens
