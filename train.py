@@ -19,8 +19,8 @@ resumed run continues to the token with the saved optimizer, loader and RNG stat
     python train.py --resume auto ...                           # after preemption: the same command again
 
 Every ModelConfig field is a flag (MODEL_FLAG_HELP gives each its help, olmpool.CHOICES its
-allowed values); flags given explicitly override `--preset` at `--size`. The recipe is OlmPool's (OLMo-core's pretraining
-scripts, ../shared/reference/olmpool.md): AdamW betas (0.9, 0.95), weight decay 0.1 except on
+allowed values); flags given explicitly override `--preset` at `--size`. The recipe is OlmPool's
+(OLMo-core's pretraining scripts, ../shared/reference/olmpool.md): AdamW betas (0.9, 0.95), weight decay 0.1 except on
 embeddings and 1-D parameters, z-loss 1e-5, gradient clipping at 1.0, warmup then cosine, loss
 normalized by the global number of target tokens. Sizes other than 7B use a larger learning rate
 (see LEARNING_RATES).
@@ -129,11 +129,31 @@ LOSS_CHUNK = 4096  # positions per cross-entropy chunk: at most 4096 x 100,352 f
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. The command line: every ModelConfig field is a flag, beside the run's own flags
+# Errors and messages, used throughout
 
 
 class TrainError(ValueError):
     """A problem with the user's run, flags or checkpoints; the message names it and the fix."""
+
+
+def log(env: Distributed, message: str):
+    if env.is_main:
+        print(message, flush=True)
+
+
+def warn(message: str):
+    """Print a warning once per run (rank 0, or a process outside torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The command line: every ModelConfig field is a flag, beside the run's own flags
 
 
 def int_or_none(text: str) -> int | None:
@@ -181,16 +201,6 @@ NULLABLE_FLAG_TYPES = {"window": int_or_none, "rope_theta_local": float_or_none,
                        "yarn_attention_factor": float_or_none}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(parser)
-    add_run_flags(parser)
-    add_recipe_flags(parser)
-    add_checkpoint_flags(parser)
-    return parser
-
-
 def add_model_flags(parser: argparse.ArgumentParser):
     model = parser.add_argument_group(
         "model", f"the architecture: --preset at --size, then any field below (default {DEFAULT_PRESET} at "
@@ -214,45 +224,44 @@ def add_model_flags(parser: argparse.ArgumentParser):
 
 
 def add_run_flags(parser: argparse.ArgumentParser):
-    run = parser.add_argument_group("run")
-    run.add_argument("--data", metavar="DIR", help="a folder made by `python data.py prepare` (default: the "
-                     "built-in corpus, prepared into data/builtin on first use)")
-    run.add_argument("--compact_vocab", type=int, metavar="N",
-                     help="train on a compact vocabulary of N ids built from the data's train split (bytes, EOS/pad, "
-                          "its most frequent dolma2 tokens; lossless): seq_len and losses then count compact tokens, "
-                          "and val is also reported in bits per byte. 0: dolma2. With --data, a dolma2 folder is "
-                          f"compacted into DIR_vN (default: {COMPACT_VOCAB_BY_SIZE} on the built-in corpus, else 0; "
-                          "with --data, the folder's own vocabulary; with --init_from, the checkpoint's)")
-    run.add_argument("--out", metavar="DIR", help="checkpoints and metrics.jsonl (default: runs/NAME)")
-    run.add_argument("--name", help="run name (default: from the preset, size and model flags)")
-    run.add_argument("--seed", type=int, default=0, help="weight init and data order (default: %(default)s)")
-    run.add_argument("--data_seed", type=int, help="data order only (default: --seed); keep it fixed across "
-                     "architectures so that they see the same tokens")
-    run.add_argument("--seq_len", type=int, help="tokens per sequence (default: the config's context_length)")
-    run.add_argument("--batch_tokens", type=int,
-                     help=f"global batch in tokens, a multiple of seq_len (default: {DEFAULT_SEQUENCES['cpu']} sequences "
-                          f"on CPU, so that `python train.py` takes minutes; {DEFAULT_SEQUENCES['cuda']} on GPU, which split "
-                          f"over up to 32 GPUs; OlmPool 7B: 4194304)")
-    run.add_argument("--micro_batch", type=int, help="sequences per device per forward pass; gradient "
-                     "accumulation makes up the rest of the global batch (default: 2 if it divides each process's "
-                     "share of the global batch, else 1, so that any world size dividing the batch runs)")
-    run.add_argument("--steps", type=int, default=100, help="optimizer steps the schedule spans (default: %(default)s)")
-    run.add_argument("--stop_at", type=int, metavar="STEP", help="save and stop after this step, leaving the "
-                     "schedule as --steps plans it (for time-limited jobs)")
-    run.add_argument("--mask_documents", action="store_true", help="attend only within each document (doc_ids "
-                     "to the model; use --attention_backend flex at long seq_len)")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="auto: the local GPU under torchrun, or cuda:0, else the CPU (default: %(default)s)")
-    run.add_argument("--threads", type=int, help="CPU threads per process (default: torch's, the physical cores; "
-                     "fewer on a busy machine; a resumed run keeps its first run's number, so its sums match exactly)")
-    run.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
-    run.add_argument("--compile", action="store_true", help="torch.compile each block")
-    run.add_argument("--activation_checkpointing", action="store_true",
-                     help="recompute each block's activations in the backward pass: less memory, ~1/3 more compute")
-    run.add_argument("--loss_chunk", type=int, default=LOSS_CHUNK, metavar="POSITIONS",
-                     help="cross-entropy over this many positions at a time, so (tokens x vocabulary) fp32 logits "
-                          "never exist at once (default: %(default)s; results do not depend on it)")
-
+    group = parser.add_argument_group("run")
+    group.add_argument("--data", metavar="DIR", help="a folder made by `python data.py prepare` (default: the "
+                       "built-in corpus, prepared into data/builtin on first use)")
+    group.add_argument("--compact_vocab", type=int, metavar="N",
+                       help="train on a compact vocabulary of N ids built from the data's train split (bytes, EOS/pad, "
+                            "its most frequent dolma2 tokens; lossless): seq_len and losses then count compact tokens, "
+                            "and val is also reported in bits per byte. 0: dolma2. With --data, a dolma2 folder is "
+                            f"compacted into DIR_vN (default: {COMPACT_VOCAB_BY_SIZE} on the built-in corpus, else 0; "
+                            "with --data, the folder's own vocabulary; with --init_from, the checkpoint's)")
+    group.add_argument("--out", metavar="DIR", help="checkpoints and metrics.jsonl (default: runs/NAME)")
+    group.add_argument("--name", help="run name (default: from the preset, size and model flags)")
+    group.add_argument("--seed", type=int, default=0, help="weight init and data order (default: %(default)s)")
+    group.add_argument("--data_seed", type=int, help="data order only (default: --seed); keep it fixed across "
+                       "architectures so that they see the same tokens")
+    group.add_argument("--seq_len", type=int, help="tokens per sequence (default: the config's context_length)")
+    group.add_argument("--batch_tokens", type=int,
+                       help=f"global batch in tokens, a multiple of seq_len (default: {DEFAULT_SEQUENCES['cpu']} sequences "
+                            f"on CPU, so that `python train.py` takes minutes; {DEFAULT_SEQUENCES['cuda']} on GPU, which split "
+                            f"over up to 32 GPUs; OlmPool 7B: 4194304)")
+    group.add_argument("--micro_batch", type=int, help="sequences per device per forward pass; gradient "
+                       "accumulation makes up the rest of the global batch (default: 2 if it divides each process's "
+                       "share of the global batch, else 1, so that any world size dividing the batch runs)")
+    group.add_argument("--steps", type=int, default=100, help="optimizer steps the schedule spans (default: %(default)s)")
+    group.add_argument("--stop_at", type=int, metavar="STEP", help="save and stop after this step, leaving the "
+                       "schedule as --steps plans it (for time-limited jobs)")
+    group.add_argument("--mask_documents", action="store_true", help="attend only within each document (doc_ids "
+                       "to the model; use --attention_backend flex at long seq_len)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: the local GPU under torchrun, or cuda:0, else the CPU (default: %(default)s)")
+    group.add_argument("--threads", type=int, help="CPU threads per process (default: torch's, the physical cores; "
+                       "fewer on a busy machine; a resumed run keeps its first run's number, so its sums match exactly)")
+    group.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
+    group.add_argument("--compile", action="store_true", help="torch.compile each block")
+    group.add_argument("--activation_checkpointing", action="store_true",
+                       help="recompute each block's activations in the backward pass: less memory, ~1/3 more compute")
+    group.add_argument("--loss_chunk", type=int, default=LOSS_CHUNK, metavar="POSITIONS",
+                       help="cross-entropy over this many positions at a time, so (tokens x vocabulary) fp32 logits "
+                            "never exist at once (default: %(default)s; results do not depend on it)")
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser):
@@ -275,7 +284,6 @@ def add_recipe_flags(parser: argparse.ArgumentParser):
                         "softmax normalizer near 1 (PaLM; default: %(default)s)")
     recipe.add_argument("--grad_clip", type=float, default=1.0,
                         help="clip the global gradient norm to this (default: %(default)s)")
-
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser):
@@ -304,17 +312,6 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser):
                              help="print a progress line every N steps (default: %(default)s)")
     checkpoints.add_argument("--peak_flops", type=float, help="peak FLOP/s of one device for MFU (default: a table of "
                              "GPUs; on CPU a matmul measured at start)")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        validate_run_args(args)
-        model_config(args)  # fail now, with the flags' names, rather than after setting up
-    except (TrainError, ValueError) as error:
-        parser.error(str(error))
-    return args
 
 
 # Run flags and the values they take: (flag, test, what the test asks, an example). A flag that is
@@ -354,32 +351,29 @@ def validate_run_args(args):
                          f"by train.py, or --resume auto")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(parser)
+    add_run_flags(parser)
+    add_recipe_flags(parser)
+    add_checkpoint_flags(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_run_args(args)
+        model_config(args)  # fail now, with the flags' names, rather than after setting up
+    except (TrainError, ValueError) as error:
+        parser.error(str(error))
+    return args
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Set-up: the architecture, the run's name, the processes and their memory
-
-
-def model_config(args) -> ModelConfig:
-    """--preset at --size, then every model flag given explicitly, --swa and --gqa. A new --n_heads
-    keeps the preset's GQA ratio unless --gqa or --n_kv_heads says otherwise."""
-    fields = [field.name for field in dataclasses.fields(ModelConfig)]
-    overrides = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    base = olmpool.preset(args.preset, args.size)
-    if args.swa and "window" not in overrides:
-        overrides["window"] = 4096 // olmpool.SIZES[args.size]["shrink"]
-    n_heads = overrides.get("n_heads", base.n_heads)
-    if args.gqa is not None:
-        if "n_kv_heads" in overrides:
-            raise TrainError(f"--gqa {args.gqa} and --n_kv_heads {overrides['n_kv_heads']} both set the key/value "
-                             f"heads; give one of them")
-        valid = olmpool.head_divisors(n_heads)  # the GQA ratios, as the n_kv_heads, divide n_heads
-        if args.gqa not in valid:
-            raise TrainError(f"--gqa {args.gqa} does not divide n_heads={n_heads}; use one of {', '.join(map(str, valid))}")
-        overrides["n_kv_heads"] = n_heads // args.gqa
-    elif "n_heads" in overrides and "n_kv_heads" not in overrides:  # keep the preset's GQA ratio, a switch
-        overrides["n_kv_heads"] = max(1, n_heads // (base.n_heads // base.n_kv_heads))
-    if "vocab_size" not in overrides and (vocab := data_vocab_size(args)):  # the model's vocabulary is the data's
-        overrides["vocab_size"] = data.padded_vocab_size(vocab)
-    return olmpool.preset(args.preset, args.size, **overrides)
 
 
 def compact_vocab_size(args) -> int | None:
@@ -407,6 +401,30 @@ def data_vocab_size(args) -> int | None:
     if getattr(args, "data", None) and (Path(args.data) / data.COMPACT_VOCAB_FILE).is_file():
         return data.read_compact_vocab(Path(args.data) / data.COMPACT_VOCAB_FILE)["vocab_size"]
     return requested or None  # a folder about to be compacted holds at most `requested` ids
+
+
+def model_config(args) -> ModelConfig:
+    """--preset at --size, then every model flag given explicitly, --swa and --gqa. A new --n_heads
+    keeps the preset's GQA ratio unless --gqa or --n_kv_heads says otherwise."""
+    fields = [field.name for field in dataclasses.fields(ModelConfig)]
+    overrides = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    base = olmpool.preset(args.preset, args.size)
+    if args.swa and "window" not in overrides:
+        overrides["window"] = 4096 // olmpool.SIZES[args.size]["shrink"]
+    n_heads = overrides.get("n_heads", base.n_heads)
+    if args.gqa is not None:
+        if "n_kv_heads" in overrides:
+            raise TrainError(f"--gqa {args.gqa} and --n_kv_heads {overrides['n_kv_heads']} both set the key/value "
+                             f"heads; give one of them")
+        valid = olmpool.head_divisors(n_heads)  # the GQA ratios, as the n_kv_heads, divide n_heads
+        if args.gqa not in valid:
+            raise TrainError(f"--gqa {args.gqa} does not divide n_heads={n_heads}; use one of {', '.join(map(str, valid))}")
+        overrides["n_kv_heads"] = n_heads // args.gqa
+    elif "n_heads" in overrides and "n_kv_heads" not in overrides:  # keep the preset's GQA ratio, a switch
+        overrides["n_kv_heads"] = max(1, n_heads // (base.n_heads // base.n_kv_heads))
+    if "vocab_size" not in overrides and (vocab := data_vocab_size(args)):  # the model's vocabulary is the data's
+        overrides["vocab_size"] = data.padded_vocab_size(vocab)
+    return olmpool.preset(args.preset, args.size, **overrides)
 
 
 def run_name(args) -> str:
@@ -526,51 +544,74 @@ def check_run_fits(config: ModelConfig, plan: BatchPlan, args, env: Distributed)
 # 3. Build: the same initial weights on any number of processes, then wrapped for parallelism
 
 
-def build_model(config: ModelConfig, args, env: Distributed) -> tuple[nn.Module, Transformer]:
-    """(the model to train, possibly wrapped; the olmpool.Transformer inside it).
+# Fields a fresh run may change on top of another checkpoint's weights: how positions are encoded
+# and how far (what context extension changes), and the attention kernel.
+INIT_FROM_MAY_CHANGE = ("attention_backend", "context_length", "rope_theta", "rope_theta_local", "rope_scaling",
+                        "rope_factor", "rope_scaling_layers", "rope_original_context", "yarn_beta_fast",
+                        "yarn_beta_slow", "yarn_attention_factor", "llama3_low_freq_factor", "llama3_high_freq_factor")
 
-    Weights are drawn on the CPU by olmpool's seeded init, so every world size starts from identical
-    weights. With --fsdp the model is built on the meta device, sharded, and then each rank fills
-    its shards one parameter at a time (fill_shards): no rank holds more than one full parameter at
-    once (the 1.6 GB embedding at 7B), rather than a full fp32 copy of the model (30 GB).
-    """
-    on_meta = bool(args.fsdp)
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        model = Transformer(config, seed=None if on_meta else args.seed)
-    if not on_meta:
-        if args.init_from:
-            load_initial_weights(model, args.init_from, config)
-        model.to(env.device)
-    # Order as in torchtitan: activation checkpointing, then compile, then sharding, all per block.
-    for block in model.layers:
-        if args.activation_checkpointing:
-            checkpoint_activations(block)
-        if args.compile:
-            block.compile()  # in place: parameter names, and so checkpoints, are unchanged
-    if args.fsdp:
-        if not dist.is_initialized():
-            raise TrainError("--fsdp needs a process group: launch with torchrun, e.g. "
-                             "`torchrun --nproc_per_node 1 train.py --fsdp ...`")
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-        if env.device.type == "cuda":  # bf16 compute and all-gathers, fp32 gradient reduction (torchtitan)
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        else:  # CPU: fp32 throughout
-            policy = MixedPrecisionPolicy()
-        for block in model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm, LM head
-        model.to_empty(device=env.device)
-        fill_shards(model, config, args.seed, args.init_from)
-        return model, model
-    if env.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
+def check_architecture(path: Path, config: ModelConfig, allowed: tuple[str, ...] = ("attention_backend",)):
+    """Refuse a checkpoint whose config.json differs from config in any field but `allowed`
+    (checkpoint.architecture_differences: the one comparison every script uses)."""
+    file = path / checkpoint.CONFIG_FILE
+    if not file.is_file():
+        raise TrainError(f"{file} not found: {path} is not a train.py checkpoint folder")
+    try:
+        saved = checkpoint.read_config(path)
+    except CheckpointError as error:
+        raise TrainError(str(error)) from None
+    differing = checkpoint.architecture_differences(saved, config, allowed)
+    if differing:
+        changes = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r}, this run {getattr(config, k)!r}"
+                            for k in differing)
+        flags = " ".join(f"--{k} {getattr(saved, k)}" for k in differing)
+        raise TrainError(f"{file} is a different architecture ({changes}). Rerun with the checkpoint's flags "
+                         f"({flags}), or train this architecture in another --out")
 
-        device_ids = [env.local_rank] if env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids), model
-    return model, model
+
+def hf_weights(source: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The state dict of hf:DIR (a Hugging Face folder, through hf_interop.load_hf), after checking
+    that it is config's architecture but for what --init_from may change."""
+    try:
+        import hf_interop
+    except ImportError:
+        raise TrainError(f"--init_from {source} needs hf_interop.py beside train.py to read Hugging Face "
+                         f"folders, and it is not there; convert the folder to a checkpoint elsewhere and "
+                         f"pass --init_from DIR") from None
+    try:
+        hf_model, summary = hf_interop.load_hf(source[3:])
+    except ValueError as error:  # hf_interop's errors name the file and the fix
+        raise TrainError(f"--init_from {source}: {error}") from None
+    differing = checkpoint.architecture_differences(hf_model.config, config, INIT_FROM_MAY_CHANGE)
+    if differing:
+        flags = " ".join(f"--{k} {getattr(hf_model.config, k)}" for k in differing)
+        raise TrainError(f"{source[3:]}/config.json is a different architecture in {', '.join(differing)}; "
+                         f"rerun with {flags}\n{summary}")
+    return hf_model.state_dict()
+
+
+def load_initial_weights(model: Transformer, source: str, config: ModelConfig):
+    """--init_from: a checkpoint folder's model.safetensors, or hf:DIR through hf_interop.load_hf."""
+    if source.startswith("hf:"):
+        model.load_state_dict(hf_weights(source, config))
+        return
+    path = Path(source)
+    check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
+    # Only safetensors: --init_from reads other people's folders, and DCP's .metadata (like any
+    # torch.save file) is a pickle, which can run code when loaded.
+    if not (path / checkpoint.WEIGHTS_FILE).is_file():
+        only_dcp = (path / "dcp").is_dir()
+        raise TrainError(f"{path} has no model.safetensors" + (
+            " (only dcp/, an FSDP checkpoint from before train.py wrote model.safetensors beside it). --init_from "
+            "reads weights from safetensors only, since DCP's metadata is a pickle that can run code. If the run "
+            "is your own, resume it under torchrun with --fsdp --resume DIR for one more step (the new checkpoint "
+            "has model.safetensors), then pass that" if only_dcp else
+            "; pass a step_N folder written by train.py, or hf:DIR for a Hugging Face folder"))
+    try:
+        model.load_state_dict(checkpoint.read_weights(path))
+    except CheckpointError as error:
+        raise TrainError(str(error)) from None
 
 
 class _ShardOf:
@@ -622,82 +663,12 @@ def fill_shards(model: Transformer, config: ModelConfig, seed: int, init_from: s
         shard.copy_(state[name])
 
 
-# Fields a fresh run may change on top of another checkpoint's weights: how positions are encoded
-# and how far (what context extension changes), and the attention kernel.
-INIT_FROM_MAY_CHANGE = ("attention_backend", "context_length", "rope_theta", "rope_theta_local", "rope_scaling",
-                        "rope_factor", "rope_scaling_layers", "rope_original_context", "yarn_beta_fast",
-                        "yarn_beta_slow", "yarn_attention_factor", "llama3_low_freq_factor", "llama3_high_freq_factor")
-
-
-def load_initial_weights(model: Transformer, source: str, config: ModelConfig):
-    """--init_from: a checkpoint folder's model.safetensors, or hf:DIR through hf_interop.load_hf."""
-    if source.startswith("hf:"):
-        model.load_state_dict(hf_weights(source, config))
-        return
-    path = Path(source)
-    check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
-    # Only safetensors: --init_from reads other people's folders, and DCP's .metadata (like any
-    # torch.save file) is a pickle, which can run code when loaded.
-    if not (path / checkpoint.WEIGHTS_FILE).is_file():
-        only_dcp = (path / "dcp").is_dir()
-        raise TrainError(f"{path} has no model.safetensors" + (
-            " (only dcp/, an FSDP checkpoint from before train.py wrote model.safetensors beside it). --init_from "
-            "reads weights from safetensors only, since DCP's metadata is a pickle that can run code. If the run "
-            "is your own, resume it under torchrun with --fsdp --resume DIR for one more step (the new checkpoint "
-            "has model.safetensors), then pass that" if only_dcp else
-            "; pass a step_N folder written by train.py, or hf:DIR for a Hugging Face folder"))
-    try:
-        model.load_state_dict(checkpoint.read_weights(path))
-    except CheckpointError as error:
-        raise TrainError(str(error)) from None
-
-
-def hf_weights(source: str, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The state dict of hf:DIR (a Hugging Face folder, through hf_interop.load_hf), after checking
-    that it is config's architecture but for what --init_from may change."""
-    try:
-        import hf_interop
-    except ImportError:
-        raise TrainError(f"--init_from {source} needs hf_interop.py beside train.py to read Hugging Face "
-                         f"folders, and it is not there; convert the folder to a checkpoint elsewhere and "
-                         f"pass --init_from DIR") from None
-    try:
-        hf_model, summary = hf_interop.load_hf(source[3:])
-    except ValueError as error:  # hf_interop's errors name the file and the fix
-        raise TrainError(f"--init_from {source}: {error}") from None
-    differing = checkpoint.architecture_differences(hf_model.config, config, INIT_FROM_MAY_CHANGE)
-    if differing:
-        flags = " ".join(f"--{k} {getattr(hf_model.config, k)}" for k in differing)
-        raise TrainError(f"{source[3:]}/config.json is a different architecture in {', '.join(differing)}; "
-                         f"rerun with {flags}\n{summary}")
-    return hf_model.state_dict()
-
-
-def check_architecture(path: Path, config: ModelConfig, allowed: tuple[str, ...] = ("attention_backend",)):
-    """Refuse a checkpoint whose config.json differs from config in any field but `allowed`
-    (checkpoint.architecture_differences: the one comparison every script uses)."""
-    file = path / checkpoint.CONFIG_FILE
-    if not file.is_file():
-        raise TrainError(f"{file} not found: {path} is not a train.py checkpoint folder")
-    try:
-        saved = checkpoint.read_config(path)
-    except CheckpointError as error:
-        raise TrainError(str(error)) from None
-    differing = checkpoint.architecture_differences(saved, config, allowed)
-    if differing:
-        changes = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r}, this run {getattr(config, k)!r}"
-                            for k in differing)
-        flags = " ".join(f"--{k} {getattr(saved, k)}" for k in differing)
-        raise TrainError(f"{file} is a different architecture ({changes}). Rerun with the checkpoint's flags "
-                         f"({flags}), or train this architecture in another --out")
-
-
 def checkpoint_activations(block: nn.Module):
     """Recompute the block in backward instead of storing its activations; parameter names unchanged."""
-    forward = block.forward
+    block_forward = block.forward
 
     def recomputing_forward(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(block_forward, *args, use_reentrant=False, **kwargs)
 
     block.forward = recomputing_forward
 
@@ -709,14 +680,51 @@ def autocast(device: torch.device, fsdp: bool):
     return contextlib.nullcontext()
 
 
-def build_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: none on embeddings (OLMo 2) and 1-D norm gains."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or name.endswith("embed.weight") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused: one kernel for all parameters, on GPU and CPU alike (4x the default on CPU).
-    return torch.optim.AdamW(groups, lr=peak_lr(args), betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
+def build_model(config: ModelConfig, args, env: Distributed) -> tuple[nn.Module, Transformer]:
+    """(the model to train, possibly wrapped; the olmpool.Transformer inside it).
+
+    Weights are drawn on the CPU by olmpool's seeded init, so every world size starts from identical
+    weights. With --fsdp the model is built on the meta device, sharded, and then each rank fills
+    its shards one parameter at a time (fill_shards): no rank holds more than one full parameter at
+    once (the 1.6 GB embedding at 7B), rather than a full fp32 copy of the model (30 GB).
+    """
+    on_meta = bool(args.fsdp)
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = Transformer(config, seed=None if on_meta else args.seed)
+    if not on_meta:
+        if args.init_from:
+            load_initial_weights(model, args.init_from, config)
+        model.to(env.device)
+    # Order as in torchtitan: activation checkpointing, then compile, then sharding, all per block.
+    for block in model.layers:
+        if args.activation_checkpointing:
+            checkpoint_activations(block)
+        if args.compile:
+            block.compile()  # in place: parameter names, and so checkpoints, are unchanged
+    if args.fsdp:
+        if not dist.is_initialized():
+            raise TrainError("--fsdp needs a process group: launch with torchrun, e.g. "
+                             "`torchrun --nproc_per_node 1 train.py --fsdp ...`")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        if env.device.type == "cuda":  # bf16 compute and all-gathers, fp32 gradient reduction (torchtitan)
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:  # CPU: fp32 throughout
+            policy = MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm, LM head
+        model.to_empty(device=env.device)
+        fill_shards(model, config, args.seed, args.init_from)
+        return model, model
+    if env.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids), model
+    return model, model
 
 
 def peak_lr(args) -> float:
@@ -725,6 +733,16 @@ def peak_lr(args) -> float:
 
 def warmup_steps(args) -> int:
     return args.warmup if args.warmup is not None else min(2000, max(1, args.steps // 10))
+
+
+def build_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: none on embeddings (OLMo 2) and 1-D norm gains."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or name.endswith("embed.weight") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused: one kernel for all parameters, on GPU and CPU alike (4x the default on CPU).
+    return torch.optim.AdamW(groups, lr=peak_lr(args), betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
 
 
 def lr_at(step: int, args) -> float:
@@ -759,6 +777,13 @@ class BatchPlan:
         return self.sequences * self.seq_len
 
 
+def default_micro_batch(sequences: int, world_size: int) -> int:
+    """2 when it divides each process's share of the global batch, else 1: the default never stops a
+    world size that divides the batch (2 CPU processes share the CPU default of 2 sequences)."""
+    share = sequences // world_size if sequences % world_size == 0 else sequences
+    return 2 if share % 2 == 0 else 1
+
+
 def batch_plan(args, config: ModelConfig, world_size: int, device_type: str = "cpu") -> BatchPlan:
     seq_len = args.seq_len or config.context_length
     batch_tokens = args.batch_tokens or DEFAULT_SEQUENCES[device_type] * seq_len
@@ -776,13 +801,6 @@ def batch_plan(args, config: ModelConfig, world_size: int, device_type: str = "c
                          f"a global batch of {sequences} sequences does not split over {world_size} processes; use "
                          f"--batch_tokens a multiple of {per_step * seq_len}")
     return BatchPlan(seq_len, sequences, micro_batch, sequences // per_step)
-
-
-def default_micro_batch(sequences: int, world_size: int) -> int:
-    """2 when it divides each process's share of the global batch, else 1: the default never stops a
-    world size that divides the batch (2 CPU processes share the CPU default of 2 sequences)."""
-    share = sequences // world_size if sequences % world_size == 0 else sequences
-    return 2 if share % 2 == 0 else 1
 
 
 def data_dir(args, env: Distributed) -> Path:
@@ -909,6 +927,10 @@ def loss_sums(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | Non
     return sums[0], sums[1]
 
 
+def forward(model, batch: data.Batch):
+    return model(batch.inputs, doc_ids=batch.doc_ids)
+
+
 def model_loss_sums(model, batch: data.Batch, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """loss_sums of the model's logits on batch without the logits ever existing whole.
 
@@ -929,10 +951,6 @@ def model_loss_sums(model, batch: data.Batch, chunk_size: int | None = None) -> 
     finally:
         del head.forward  # back to nn.Linear.forward
     return sums[0], sums[1]
-
-
-def forward(model, batch: data.Batch):
-    return model(batch.inputs, doc_ids=batch.doc_ids)
 
 
 def train_step(model, optimizer, batches: list[data.Batch], plan: BatchPlan, args, env: Distributed,
@@ -1073,22 +1091,6 @@ class Meter:
             self.file.close()
 
 
-def log(env: Distributed, message: str):
-    if env.is_main:
-        print(message, flush=True)
-
-
-def warn(message: str):
-    """Print a warning once per run (rank 0, or a process outside torchrun)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
-
-
-def duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 # ----------------------------------------------------------------------------------------------
 # 6. Save and resume: checkpoints written atomically, found, checked and read back
 
@@ -1199,101 +1201,6 @@ def set_aside_other_branch(out: Path, resume_dir: Path | None, env: Distributed)
     return back if returning else resume_dir
 
 
-def save_checkpoint(out: Path, step: int, tokens_seen: int, model, inner: Transformer, optimizer,
-                    loader: data.TokenLoader, args, env: Distributed, extras: dict | None = None) -> Path:
-    """Write OUT/step_N atomically: everything goes into a temporary folder, fsynced, renamed when
-    complete. train_state.json, written last, records every other file's size, which resume checks."""
-    final = checkpoint.step_folder(out, step)
-    temporary = out / f".tmp_{final.name}"
-    if env.is_main:
-        shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed mid-save
-        temporary.mkdir(parents=True)
-    env.barrier()
-    write_weights_and_optimizer(temporary, model, inner, optimizer, args.fsdp, env)
-    if env.is_main:
-        data.copy_vocabulary(loader.data_dir, temporary)  # the checkpoint names its tokenizer
-        files = {str(p.relative_to(temporary)): p.stat().st_size for p in sorted(temporary.rglob("*")) if p.is_file()}
-        state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "fsdp": args.fsdp,
-                 "world_size": env.world_size, "threads": torch.get_num_threads(),
-                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                 "rng": rng_state(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
-        state.update((extras or {}).get("train_state", {}))  # extend.py: the recipe and its source
-        (temporary / checkpoint.STATE_FILE).write_text(json.dumps(state) + "\n")  # last: marks it complete
-        fsync_tree(temporary)  # on disk before the rename, so a power cut never leaves a renamed, empty file
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        fsync_tree(out, files=False)  # the rename itself
-        if args.keep_checkpoints > 0:
-            for old in checkpoints_in(out)[:-args.keep_checkpoints]:
-                shutil.rmtree(old)
-    env.barrier()
-    return final
-
-
-def write_weights_and_optimizer(folder: Path, model, inner: Transformer, optimizer, fsdp: bool, env: Distributed):
-    """config.json and model.safetensors (checkpoint.write_model, on rank 0), and the optimizer: one
-    optimizer.pt, or with FSDP every rank's shards of model and optimizer in dcp/."""
-    if fsdp:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / "dcp")
-        # The weights again, gathered into full tensors on rank 0, in safetensors: a file anyone can
-        # load without unpickling (DCP's metadata is a pickle), for --init_from and hf_interop.
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if env.is_main:
-            checkpoint.write_model(folder, inner.config, full)
-        del full
-    elif env.is_main:
-        checkpoint.write_model(folder, inner.config, inner.state_dict())
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-
-
-def fsync_tree(folder: Path, files: bool = True):
-    """fsync every file under folder (if files) and every folder, so that what was written is on disk."""
-    inside = sorted(folder.rglob("*")) if files else []
-    paths = [p for p in inside if p.is_file()] + [p for p in inside if p.is_dir()] + [folder]
-    for path in paths:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def load_checkpoint(path: Path, model, inner: Transformer, optimizer, loader: data.TokenLoader, fsdp: bool,
-                    device: torch.device) -> tuple[int, int]:
-    """Restore weights, optimizer, loader position and RNG from `path`; returns (step, tokens seen)."""
-    check_architecture(path, inner.config)
-    state = json.loads((path / checkpoint.STATE_FILE).read_text())
-    if state["fsdp"] != bool(fsdp):
-        raise TrainError(f"{path} was saved {'with' if state['fsdp'] else 'without'} --fsdp; resume it the same way")
-    if fsdp:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        saved = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(saved, checkpoint_id=path / "dcp")  # reshards to this world size
-        set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
-    else:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        file = path / checkpoint.WEIGHTS_FILE
-        try:
-            inner.load_state_dict(load_file(file))
-            file = path / "optimizer.pt"  # one's own run's file, and still never unpickled beyond tensors
-            optimizer.load_state_dict(torch.load(file, map_location=device, weights_only=True))
-        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
-            raise TrainError(f"{file} is damaged ({str(error).splitlines()[0]}); resume another checkpoint "
-                             f"with --resume DIR, or move {path} away and use --resume auto") from None
-    loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
-    return state["step"], state["tokens_seen"]
-
-
 def rng_state() -> dict:
     """Every generator's state as JSON lists. Training draws no random numbers today (no dropout; the
     loader's order is seeded separately), but whatever is added later resumes exactly."""
@@ -1316,6 +1223,102 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+def fsync_tree(folder: Path, files: bool = True):
+    """fsync every file under folder (if files) and every folder, so that what was written is on disk."""
+    inside = sorted(folder.rglob("*")) if files else []
+    paths = [p for p in inside if p.is_file()] + [p for p in inside if p.is_dir()] + [folder]
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def write_weights_and_optimizer(folder: Path, model, transformer: Transformer, optimizer, fsdp: bool,
+                                env: Distributed):
+    """config.json and model.safetensors (checkpoint.write_model, on rank 0), and the optimizer: one
+    optimizer.pt, or with FSDP every rank's shards of model and optimizer in dcp/."""
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / "dcp")
+        # The weights again, gathered into full tensors on rank 0, in safetensors: a file anyone can
+        # load without unpickling (DCP's metadata is a pickle), for --init_from and hf_interop.
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.is_main:
+            checkpoint.write_model(folder, transformer.config, full)
+        del full
+    elif env.is_main:
+        checkpoint.write_model(folder, transformer.config, transformer.state_dict())
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+
+def save_checkpoint(out: Path, step: int, tokens_seen: int, model, transformer: Transformer, optimizer,
+                    loader: data.TokenLoader, args, env: Distributed, extras: dict | None = None) -> Path:
+    """Write OUT/step_N atomically: everything goes into a temporary folder, fsynced, renamed when
+    complete. train_state.json, written last, records every other file's size, which resume checks."""
+    final = checkpoint.step_folder(out, step)
+    temporary = out / f".tmp_{final.name}"
+    if env.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed mid-save
+        temporary.mkdir(parents=True)
+    env.barrier()
+    write_weights_and_optimizer(temporary, model, transformer, optimizer, args.fsdp, env)
+    if env.is_main:
+        data.copy_vocabulary(loader.data_dir, temporary)  # the checkpoint names its tokenizer
+        files = {str(p.relative_to(temporary)): p.stat().st_size for p in sorted(temporary.rglob("*")) if p.is_file()}
+        state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "fsdp": args.fsdp,
+                 "world_size": env.world_size, "threads": torch.get_num_threads(),
+                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                 "rng": rng_state(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+        state.update((extras or {}).get("train_state", {}))  # extend.py: the recipe and its source
+        (temporary / checkpoint.STATE_FILE).write_text(json.dumps(state) + "\n")  # last: marks it complete
+        fsync_tree(temporary)  # on disk before the rename, so a power cut never leaves a renamed, empty file
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        fsync_tree(out, files=False)  # the rename itself
+        if args.keep_checkpoints > 0:
+            for old in checkpoints_in(out)[:-args.keep_checkpoints]:
+                shutil.rmtree(old)
+    env.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, transformer: Transformer, optimizer, loader: data.TokenLoader, fsdp: bool,
+                    device: torch.device) -> tuple[int, int]:
+    """Restore weights, optimizer, loader position and RNG from `path`; returns (step, tokens seen)."""
+    check_architecture(path, transformer.config)
+    state = json.loads((path / checkpoint.STATE_FILE).read_text())
+    if state["fsdp"] != bool(fsdp):
+        raise TrainError(f"{path} was saved {'with' if state['fsdp'] else 'without'} --fsdp; resume it the same way")
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        saved = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(saved, checkpoint_id=path / "dcp")  # reshards to this world size
+        set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
+    else:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        file = path / checkpoint.WEIGHTS_FILE
+        try:
+            transformer.load_state_dict(load_file(file))
+            file = path / "optimizer.pt"  # one's own run's file, and still never unpickled beyond tensors
+            optimizer.load_state_dict(torch.load(file, map_location=device, weights_only=True))
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
+            raise TrainError(f"{file} is damaged ({str(error).splitlines()[0]}); resume another checkpoint "
+                             f"with --resume DIR, or move {path} away and use --resume auto") from None
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    return state["step"], state["tokens_seen"]
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. The run: set up, build, load data, loop, save
 
@@ -1329,87 +1332,6 @@ class Preemption:
 
     def request(self, signum, frame):
         self.requested = True
-
-
-def train(args, make_loaders=None, checkpoint_extras: dict | None = None) -> dict:
-    """Train as args say; returns {"losses": {step: loss}, "val_losses": {step: loss}, "checkpoint": path,
-    "preempted": whether SIGTERM stopped it (after saving)}.
-
-    extend.py's hooks: make_loaders(args, plan, env, folder) -> (train loader, val loader or None)
-    replaces build_loaders; checkpoint_extras {"train_state": dict} adds fields to every train_state.json.
-    """
-    validate_run_args(args)  # again, for callers that build args without parse_args
-    env = setup_distributed(args.device)
-    preemption = Preemption()
-    previous_handler = signal.signal(signal.SIGTERM, preemption.request)
-    previous_threads = torch.get_num_threads()
-    try:
-        return run(args, env, preemption, make_loaders or build_loaders, checkpoint_extras)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        torch.set_num_threads(previous_threads)
-        teardown_distributed(env)
-
-
-def run(args, env: Distributed, preemption: Preemption, make_loaders, checkpoint_extras: dict | None) -> dict:
-    """The run on one rank: set up, build, data, the loop, a checkpoint every --save_every steps."""
-    # Set up: the architecture, the batch, and where the run lives and resumes from.
-    config = model_config(args)
-    plan = batch_plan(args, config, env.world_size, env.device.type)
-    check_run_fits(config, plan, args, env)
-    out = Path(args.out or REPO_DIR / "runs" / (args.name or run_name(args)))
-    resume_dir = set_aside_other_branch(out, find_resume(args.resume, out), env)
-    if env.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(args.threads, resume_dir))
-    if env.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls left outside bf16
-
-    # Build, with the data's vocabulary checked before any weights are loaded.
-    folder = data_dir(args, env)
-    check_vocabulary(args.init_from, config, folder, resume_dir)
-    model, inner = build_model(config, args, env)
-    optimizer = build_optimizer(model, args)
-    train_loader, val_loader = make_loaders(args, plan, env, folder)
-    step, tokens_seen = 0, 0
-    if resume_dir:
-        step, tokens_seen = load_checkpoint(resume_dir, model, inner, optimizer, train_loader, args.fsdp, env.device)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    meter = Meter(out, config, plan, args.steps, args.peak_flops, env)
-    describe_run(args, env, config, plan, folder, train_loader, meter, out, resume_dir, step)
-
-    # The loop: one optimizer step, its record, an evaluation and a checkpoint when due.
-    losses, val_losses, last_saved = {}, {}, resume_dir
-    last_step = min(args.steps, args.stop_at if args.stop_at is not None else args.steps)
-    start_time, first_step = time.perf_counter(), step + 1
-    stopping = False  # agreed by every rank through train_step's all-reduce, so all stop at one step
-    try:
-        while step < last_step and not stopping:
-            step_start = time.perf_counter()
-            lr = lr_at(step, args)
-            batches = micro_batches(train_loader.next_batch(), plan, env.device)
-            result = train_step(model, optimizer, batches, plan, args, env, lr, preemption.requested)
-            if not result["finite"]:
-                raise non_finite_error(result, step + 1, lr, last_saved)
-            step += 1
-            tokens_seen += plan.tokens
-            stopping = result["stop"]
-            losses[step] = result["loss"]
-            record = meter.record(step, lr, result, tokens_seen, time.perf_counter() - step_start)
-            if val_loader is not None and (step % args.eval_every == 0 or step == last_step):
-                record.update(evaluate_losses(model, val_loader, plan, env, args.eval_batches, args.loss_chunk,
-                                              args.fsdp))
-                val_losses[step] = record["val_loss"]
-            meter.write(record, show=step % args.log_every == 0 or step in (first_step, last_step)
-                        or "val_loss" in record, steps_left=last_step - step)
-            if step % args.save_every == 0 or step == last_step or stopping:
-                last_saved = save_checkpoint(out, step, tokens_seen, model, inner, optimizer, train_loader, args, env,
-                                             extras=checkpoint_extras)
-    finally:
-        meter.close()
-    report_end(env, losses, first_step, step, last_step, stopping, resume_dir, last_saved, start_time)
-    return {"losses": losses, "val_losses": val_losses, "checkpoint": last_saved, "step": step, "out": out,
-            "preempted": stopping}
 
 
 def describe_run(args, env: Distributed, config: ModelConfig, plan: BatchPlan, folder: Path,
@@ -1451,6 +1373,88 @@ def report_end(env: Distributed, losses: dict, first_step: int, step: int, last_
         log(env, f"done: loss {losses[first_step]:.4f} at step {first_step} -> {losses[step]:.4f} at step {step} "
                  f"(mean of the last {len(recent)}: {sum(recent) / len(recent):.4f}), "
                  f"{time.perf_counter() - start_time:.0f}s; checkpoint {last_saved}")
+
+
+def run(args, env: Distributed, preemption: Preemption, make_loaders, checkpoint_extras: dict | None) -> dict:
+    """The run on one rank: set up, build, data, the loop, a checkpoint every --save_every steps."""
+    # Set up: the architecture, the batch, and where the run lives and resumes from.
+    config = model_config(args)
+    plan = batch_plan(args, config, env.world_size, env.device.type)
+    check_run_fits(config, plan, args, env)
+    out = Path(args.out or REPO_DIR / "runs" / (args.name or run_name(args)))
+    resume_dir = set_aside_other_branch(out, find_resume(args.resume, out), env)
+    if env.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(args.threads, resume_dir))
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls left outside bf16
+
+    # Build, with the data's vocabulary checked before any weights are loaded.
+    folder = data_dir(args, env)
+    check_vocabulary(args.init_from, config, folder, resume_dir)
+    model, transformer = build_model(config, args, env)
+    optimizer = build_optimizer(model, args)
+    train_loader, val_loader = make_loaders(args, plan, env, folder)
+    step, tokens_seen = 0, 0
+    if resume_dir:
+        step, tokens_seen = load_checkpoint(resume_dir, model, transformer, optimizer, train_loader, args.fsdp,
+                                            env.device)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    meter = Meter(out, config, plan, args.steps, args.peak_flops, env)
+    describe_run(args, env, config, plan, folder, train_loader, meter, out, resume_dir, step)
+
+    # The loop: one optimizer step, its record, an evaluation and a checkpoint when due.
+    losses, val_losses, last_saved = {}, {}, resume_dir
+    last_step = min(args.steps, args.stop_at if args.stop_at is not None else args.steps)
+    start_time, first_step = time.perf_counter(), step + 1
+    stopping = False  # agreed by every rank through train_step's all-reduce, so all stop at one step
+    try:
+        while step < last_step and not stopping:
+            step_start = time.perf_counter()
+            lr = lr_at(step, args)
+            batches = micro_batches(train_loader.next_batch(), plan, env.device)
+            result = train_step(model, optimizer, batches, plan, args, env, lr, preemption.requested)
+            if not result["finite"]:
+                raise non_finite_error(result, step + 1, lr, last_saved)
+            step += 1
+            tokens_seen += plan.tokens
+            stopping = result["stop"]
+            losses[step] = result["loss"]
+            record = meter.record(step, lr, result, tokens_seen, time.perf_counter() - step_start)
+            if val_loader is not None and (step % args.eval_every == 0 or step == last_step):
+                record.update(evaluate_losses(model, val_loader, plan, env, args.eval_batches, args.loss_chunk,
+                                              args.fsdp))
+                val_losses[step] = record["val_loss"]
+            meter.write(record, show=step % args.log_every == 0 or step in (first_step, last_step)
+                        or "val_loss" in record, steps_left=last_step - step)
+            if step % args.save_every == 0 or step == last_step or stopping:
+                last_saved = save_checkpoint(out, step, tokens_seen, model, transformer, optimizer, train_loader, args,
+                                             env, extras=checkpoint_extras)
+    finally:
+        meter.close()
+    report_end(env, losses, first_step, step, last_step, stopping, resume_dir, last_saved, start_time)
+    return {"losses": losses, "val_losses": val_losses, "checkpoint": last_saved, "step": step, "out": out,
+            "preempted": stopping}
+
+
+def train(args, make_loaders=None, checkpoint_extras: dict | None = None) -> dict:
+    """Train as args say; returns {"losses": {step: loss}, "val_losses": {step: loss}, "checkpoint": path,
+    "preempted": whether SIGTERM stopped it (after saving)}.
+
+    extend.py's hooks: make_loaders(args, plan, env, folder) -> (train loader, val loader or None)
+    replaces build_loaders; checkpoint_extras {"train_state": dict} adds fields to every train_state.json.
+    """
+    validate_run_args(args)  # again, for callers that build args without parse_args
+    env = setup_distributed(args.device)
+    preemption = Preemption()
+    previous_handler = signal.signal(signal.SIGTERM, preemption.request)
+    previous_threads = torch.get_num_threads()
+    try:
+        return run(args, env, preemption, make_loaders or build_loaders, checkpoint_extras)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        torch.set_num_threads(previous_threads)
+        teardown_distributed(env)
 
 
 def main(argv=None):
