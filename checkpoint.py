@@ -26,7 +26,7 @@ WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.json"  # train.py's, written last: its presence marks a step_N folder complete
 STEP_PATTERN = re.compile(r"step_(\d+)$")
 # Fields that only say how RoPE is computed: two configs that differ in them alone but compute the
-# same frequencies on every layer (e.g. ABF x16 of 500K, and a base of 8M) are one architecture.
+# same frequencies on every layer (e.g. ABF x16 of 500K, and a base of 8M) compute one function.
 ROPE_FIELDS = ("rope_theta", "rope_theta_local", "rope_scaling", "rope_factor", "rope_scaling_layers",
                "rope_original_context", "yarn_beta_fast", "yarn_beta_slow", "yarn_attention_factor",
                "llama3_low_freq_factor", "llama3_high_freq_factor")
@@ -55,13 +55,14 @@ def checkpoints_in(run: Path) -> list[Path]:
 
 
 def newest_checkpoint(path: Path) -> Path | None:
-    """A checkpoint folder itself (it holds config.json), else a run folder's newest complete checkpoint,
-    else None."""
+    """A checkpoint folder itself (it holds config.json), else a run folder's newest step_N that holds
+    the model files (config.json and model.safetensors), else None."""
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return path
-    found = checkpoints_in(path) if path.is_dir() else []
-    return found[-1] if found else None
+    found = [(int(m.group(1)), p) for p in path.glob("step_*") if (m := STEP_PATTERN.match(p.name))
+             and (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()] if path.is_dir() else []
+    return max(found)[1] if found else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def write_model(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
 
 
-def save_model(model: Transformer, folder) -> None:
+def save_model(model: Transformer, folder: Path | str) -> None:
     """A model's checkpoint folder (created if needed): config.json and model.safetensors."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,6 +102,12 @@ def read_json(path: Path, fix: str) -> dict:
     if not isinstance(found, dict):
         raise CheckpointError(f"{path} is not a JSON object; {fix}")
     return found
+
+
+def read_train_state(folder: Path) -> dict:
+    """train.py's train_state.json of a checkpoint folder, or {} where there is none (save_model's folders)."""
+    path = Path(folder) / STATE_FILE
+    return read_json(path, "re-save the checkpoint, or delete the file") if path.is_file() else {}
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -142,7 +149,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is unreadable ({error}); pass an intact checkpoint folder") from None
 
 
-def load_model(folder, attention_backend: str | None = None) -> Transformer:
+def load_model(folder: Path | str, attention_backend: str | None = None) -> Transformer:
     """A Transformer from a checkpoint folder, in its stored dtype, after checking that every tensor
     config.json implies is there with its shape."""
     config = read_config(folder)
@@ -170,16 +177,24 @@ def load_model(folder, attention_backend: str | None = None) -> Transformer:
 # Is it the same architecture?
 
 
-def architecture_differences(a: ModelConfig, b: ModelConfig, allowed: tuple[str, ...] = ()) -> list[str]:
-    """The ModelConfig fields, but `allowed`, in which a and b differ, leaving out differences of
-    spelling: the window fields count only when the layers' windows differ, and the RoPE fields only
-    when some layer's frequencies or attention scale differ."""
+def architecture_differences(a: ModelConfig, b: ModelConfig, allowed: tuple[str, ...] = (),
+                             by_function: bool = False) -> list[str]:
+    """The ModelConfig fields, but `allowed`, in which a and b differ. One layer pattern has several
+    spellings, so window and global_every count only when the layers' windows differ.
+
+    by_function: the question is whether a and b compute the same function (an export read back), so
+    the RoPE fields and context_length (the length YaRN, PI and llama3 stretch from, when
+    rope_original_context is None) count only when some layer's frequencies or attention scale
+    differ, and then whichever of them differ count even if `allowed`."""
     differing = [f.name for f in dataclasses.fields(ModelConfig)
                  if f.name not in allowed and getattr(a, f.name) != getattr(b, f.name)]
     if a.layer_windows == b.layer_windows:
         differing = [name for name in differing if name not in WINDOW_FIELDS]
-    if any(name in ROPE_FIELDS for name in differing) and same_rope(a, b):
-        differing = [name for name in differing if name not in ROPE_FIELDS]
+    if by_function:
+        rope_group = ROPE_FIELDS + ("context_length",)
+        differing = [name for name in differing if name not in rope_group]
+        if not same_rope(a, b):
+            differing += [name for name in rope_group if getattr(a, name) != getattr(b, name)]
     return differing
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -54,8 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import data
 import checkpoint
+import data
 import olmpool
 import train
 from olmpool import ModelConfig, Transformer
@@ -195,9 +194,7 @@ def resolve_source(text: str | None) -> tuple[str, ModelConfig, dict]:
         config = checkpoint.read_config(path)
     except checkpoint.CheckpointError as error:
         raise TrainError(f"--from {path}: {error}") from None
-    state_file = path / checkpoint.STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    return str(path), config, state
+    return str(path), config, checkpoint.read_train_state(path)
 
 
 def size_of(config: ModelConfig, state: dict) -> str:

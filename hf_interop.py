@@ -67,8 +67,6 @@ from checkpoint import CheckpointError, load_model, read_json, save_model
 from olmpool import PRESETS, SIZES, ModelConfig, Transformer, describe, preset
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # What each model_type means
 
@@ -750,11 +748,9 @@ def hf_config_json(config: ModelConfig, model_type: str, dtype: torch.dtype) -> 
     return hf_json
 
 
-
-
-# What an exported folder may say differently and still compute the same function: the pretraining
-# length (only a default for RoPE scaling, which is compared by its frequencies) and the kernel.
-ROUND_TRIP_MAY_CHANGE = ("context_length", "attention_backend")
+# What an exported folder may say differently and still compute the same function: the kernel (the
+# RoPE fields and context_length are compared by the frequencies they give, by_function).
+ROUND_TRIP_MAY_CHANGE = ("attention_backend",)
 
 
 def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None,
@@ -773,8 +769,7 @@ def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None
         source = Path(model_or_checkpoint_dir)
         refuse_compact_vocabulary(source)
         model = load_model(source)
-        if (source / "train_state.json").is_file():
-            train_state = read_json(source / "train_state.json", "re-save the checkpoint, or delete the file")
+        train_state = checkpoint.read_train_state(source) or None
     config = model.config
     chosen = stock_model_type(config, model_type)
     if tokenizer and config.vocab_size < data.VOCAB_SIZE:
@@ -803,7 +798,7 @@ def export_hf(model_or_checkpoint_dir, out_dir, dtype: torch.dtype | None = None
     (out_dir / MODEL_CARD).write_text(card)
     # Read back what we wrote with the importer: the same function, or the mapping above has a bug.
     plan = inspect_hf(out_dir, attention_backend=config.attention_backend)
-    differences = checkpoint.architecture_differences(config, plan.config, allowed=ROUND_TRIP_MAY_CHANGE)
+    differences = checkpoint.architecture_differences(config, plan.config, ROUND_TRIP_MAY_CHANGE, by_function=True)
     if differences:
         found = "; ".join(f"{k}: {getattr(config, k)} vs {getattr(plan.config, k)}" for k in differences)
         raise AssertionError(f"export of {chosen} does not round-trip: {found}")

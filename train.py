@@ -18,12 +18,11 @@ resumed run continues to the token with the saved optimizer, loader and RNG stat
         --rdzv_id olmpool_j train.py --fsdp ... --out /shared/runs/j --resume auto
     python train.py --resume auto ...                           # after preemption: the same command again
 
-Every ModelConfig field is a flag (MODEL_FLAG_HELP gives each its help, olmpool.CHOICES its
-allowed values); flags given explicitly override `--preset` at `--size`. The recipe is OlmPool's
-(OLMo-core's pretraining scripts, ../shared/reference/olmpool.md): AdamW betas (0.9, 0.95), weight decay 0.1 except on
-embeddings and 1-D parameters, z-loss 1e-5, gradient clipping at 1.0, warmup then cosine, loss
-normalized by the global number of target tokens. Sizes other than 7B use a larger learning rate
-(see LEARNING_RATES).
+Every ModelConfig field is a flag; flags given explicitly override `--preset` at `--size`. The
+recipe is OlmPool's (OLMo-core's pretraining scripts, ../shared/reference/olmpool.md): AdamW betas
+(0.9, 0.95), weight decay 0.1 except on embeddings and 1-D parameters, z-loss 1e-5, gradient
+clipping at 1.0, warmup then cosine, loss normalized by the global number of target tokens. Sizes
+other than 7B use a larger learning rate (see LEARNING_RATES).
 
 Parallelism: one process, or under torchrun DDP by default (NCCL on GPU, gloo on CPU) or FSDP2 by
 `--fsdp` (fully_shard per block then the root; bf16 parameters with fp32 gradient reduction on
@@ -58,17 +57,19 @@ and tokens count compact tokens, and losses are nats per compact token; val_bits
 across vocabularies. Other sizes, and --data folders, keep their own vocabulary (dolma2 unless the
 folder was prepared with --compact_vocab). A checkpoint refuses data in another vocabulary.
 
-The file reads top to bottom as a run does: 1. the command line, 2. set-up (the architecture, the
-processes, memory), 3. build (model, initial weights, optimizer, schedule), 4. data, 5. one step
-of the loop (the loss, the optimizer step, evaluation, logging), 6. save and resume, 7. the run
-itself (`run`), which calls them in that order, and `main`. The checkpoint folder's model files
-(config.json, model.safetensors) are written and read by checkpoint.py, which extend.py,
-evaluate.py and hf_interop.py share.
+The file reads top to bottom, each part defined before its first use: 1. the command line,
+2. set-up (the architecture, the processes, memory), 3. build (model, initial weights, optimizer,
+schedule), 4. data, 5. one step of the loop (the loss, the optimizer step, evaluation, logging),
+6. save and resume, 7. the run itself (`run`: set up, find the checkpoint to resume, prepare the
+data, build, loop, saving as it goes) and `main`. The model files of a checkpoint (config.json,
+model.safetensors) are written through checkpoint.py, whose readers extend.py, evaluate.py and
+hf_interop.py share.
 
-Reused by extend.py: build_parser, model_config, build_model, lr_at, data_dir, model_loss_sums,
-load_initial_weights, and train(args, make_loaders=..., checkpoint_extras=...), its two hooks (the
-long-document mix; the recipe in train_state.json). The loss is chunked over positions
-(ChunkedCrossEntropy, --loss_chunk), so full (tokens x vocabulary) fp32 logits never exist.
+Reused by extend.py: build_parser, parse_args, model_config, run_name, lr_at, data_dir, log,
+checkpoint_activations, model_loss_sums, load_initial_weights, and train(args, make_loaders=...,
+checkpoint_extras=...), its two hooks (the long-document mix; the recipe in train_state.json). The
+loss is chunked over positions (ChunkedCrossEntropy, --loss_chunk), so full (tokens x vocabulary)
+fp32 logits never exist.
 """
 
 from __future__ import annotations
@@ -164,6 +165,9 @@ def float_or_none(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+int_or_none.__name__, float_or_none.__name__ = "int or none", "float or none"  # argparse: "invalid int or none value"
+
+
 # Every ModelConfig field is a flag, with this help. A field without a row here stops build_parser
 # with a KeyError, so a new switch in olmpool.py cannot go missing from the command line.
 MODEL_FLAG_HELP = {
@@ -178,12 +182,12 @@ MODEL_FLAG_HELP = {
     "qk_norm": '"none" (Llama) | "layerwise" (Olmo 2/3) | "headwise" (Qwen 3, Gemma 3)',
     "window": "sliding window of the local layers (Olmo 3: 4096); none: every layer global",
     "global_every": "with a window, every 4th layer is global (3 local : 1 global) and so is the last; "
-                          "0: no global layer at all (every layer windowed, to study a model's reach)",
+                    "0: no global layer at all (every layer windowed, to study a model's reach)",
     "context_length": "pretraining sequence length (OlmPool: 4096 or 8192)",
     "rope_theta": "base of the RoPE frequencies (Llama 3, Olmo 3: 500K; Qwen 3: 1M)",
     "rope_theta_local": "RoPE base of the windowed layers (Gemma 3: 10K); none: rope_theta",
     "rope_scaling": '"abf" base x factor (OlmPool: 500K -> 8M) | "pi" positions / factor | "yarn" (Olmo 3 '
-                          'at 64K) | "llama3" stepwise per frequency (Llama 3.1)',
+                    'at 64K) | "llama3" stepwise per frequency (Llama 3.1)',
     "rope_factor": "the scaling factor (ABF 16 for 500K -> 8M; YaRN and llama3: 8)",
     "rope_scaling_layers": "scale only the global layers (Olmo 3's YaRN) or all layers",
     "rope_original_context": "the context the scaling stretches from; none: context_length",
@@ -484,7 +488,7 @@ def cpu_threads(threads: int | None, resume_dir: Path | None) -> int:
     --threads there."""
     if threads:
         return threads
-    if resume_dir and "threads" in (saved := json.loads((resume_dir / checkpoint.STATE_FILE).read_text())):
+    if resume_dir and "threads" in (saved := checkpoint.read_train_state(resume_dir)):
         return saved["threads"]
     return torch.get_num_threads()  # torch's default (physical cores), or OMP_NUM_THREADS (torchrun sets 1)
 
@@ -560,7 +564,8 @@ def check_architecture(path: Path, config: ModelConfig, allowed: tuple[str, ...]
     try:
         saved = checkpoint.read_config(path)
     except CheckpointError as error:
-        raise TrainError(str(error)) from None
+        raise TrainError(f"{file} is not a config written by train.py ({error}); pass an intact train.py checkpoint "
+                         f"folder, or hf:DIR for a Hugging Face folder") from None
     differing = checkpoint.architecture_differences(saved, config, allowed)
     if differing:
         changes = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r}, this run {getattr(config, k)!r}"
@@ -975,7 +980,7 @@ def train_step(model, optimizer, batches: list[data.Batch], plan: BatchPlan, arg
             else contextlib.nullcontext()
         with sync:
             with autocast(env.device, args.fsdp):
-                ce, z = model_loss_sums(model, batch, getattr(args, "loss_chunk", None))
+                ce, z = model_loss_sums(model, batch, args.loss_chunk)
             ((ce + args.z_loss * z) * scale).backward()
         ce_sum += ce.detach().double()
         z_sum += z.detach().double()
@@ -1103,7 +1108,7 @@ def checkpoint_problem(path: Path) -> str | None:
     parse, every file has the size train_state.json recorded at save time (older checkpoints: the
     weights' and optimizer's files exist), and model.safetensors' header covers the file. (Whether
     config.json is this run's architecture is check_architecture's question.)"""
-    state_file, config_file = path / "train_state.json", path / "config.json"
+    state_file, config_file = path / checkpoint.STATE_FILE, path / checkpoint.CONFIG_FILE
     parsed = {}
     for file in (state_file, config_file):
         try:
@@ -1116,21 +1121,22 @@ def checkpoint_problem(path: Path) -> str | None:
     if not isinstance(config, dict):
         return f"{config_file} is not a config (a JSON object of ModelConfig fields)"
     expected = state.get("files") or {name: None for name in (
-        ["dcp/.metadata"] if state["fsdp"] else ["model.safetensors", "optimizer.pt"])}
+        ["dcp/.metadata"] if state["fsdp"] else [checkpoint.WEIGHTS_FILE, "optimizer.pt"])}
     for name, size in expected.items():
         file = path / name
         if not file.is_file():
             return f"{file} is missing"
         if size is not None and file.stat().st_size != size:
             return f"{file} has {file.stat().st_size} bytes, but {size} were written (truncated or overwritten)"
-    if (path / "model.safetensors").is_file():
+    weights = path / checkpoint.WEIGHTS_FILE
+    if weights.is_file():
         from safetensors import safe_open
 
         try:
-            with safe_open(path / "model.safetensors", "pt"):
+            with safe_open(weights, "pt"):
                 pass
         except Exception as error:  # safetensors raises its own error type for any bad header
-            return f"{path / 'model.safetensors'} is unreadable ({error})"
+            return f"{weights} is unreadable ({error})"
     return None
 
 
@@ -1174,7 +1180,7 @@ def set_aside_other_branch(out: Path, resume_dir: Path | None, env: Distributed)
     A checkpoint resumed from OUT/abandoned/ moves back into out. Returns where resume_dir now is."""
     if resume_dir is None or not out.is_dir():
         return resume_dir
-    resumed_step = int(json.loads((resume_dir / "train_state.json").read_text())["step"])
+    resumed_step = int(checkpoint.read_train_state(resume_dir)["step"])
     # Complete or not (a save would overwrite an incomplete one), sorted by step.
     others = sorted((p for p in out.glob("step_*") if (m := checkpoint.STEP_PATTERN.match(p.name))
                      and int(m.group(1)) >= resumed_step and p.resolve() != resume_dir.resolve()),
@@ -1291,7 +1297,7 @@ def load_checkpoint(path: Path, model, transformer: Transformer, optimizer, load
                     device: torch.device) -> tuple[int, int]:
     """Restore weights, optimizer, loader position and RNG from `path`; returns (step, tokens seen)."""
     check_architecture(path, transformer.config)
-    state = json.loads((path / checkpoint.STATE_FILE).read_text())
+    state = checkpoint.read_train_state(path)
     if state["fsdp"] != bool(fsdp):
         raise TrainError(f"{path} was saved {'with' if state['fsdp'] else 'without'} --fsdp; resume it the same way")
     if fsdp:
