@@ -848,17 +848,24 @@ def markdown(analyses: dict, rows: list[dict], settings: Settings, primary: str)
         lines += ["", f"Sinks: Pearson r of sink share ({SINK_MEASURE}) with {measure}: {fmt(sinks['pearson'])}; " +
                   "; ".join(f"{k}: r {fmt(v['pearson'])} over {v['n']} models, mean sink {fmt(v['sink_mean'])}"
                             for k, v in sinks["by_qk_norm"].items()) + "."]
-        if a["budgets"]["table"]:
-            lines += ["", "Extension budgets (steps): " + "; ".join(
-                f"{m}: " + ", ".join(f"{b}: {fmt(v)}" for b, v in t.items()) for m, t in a["budgets"]["table"].items()),
-                "Gap best-worst by budget: " + ", ".join(f"{b}: {fmt(g)}"
-                                                         for b, g in a["budgets"]["gap_by_budget"].items())]
-        if a["early"]["table"]:
-            lines += ["", "Extended from pretraining step: " + "; ".join(
-                f"{m}: " + ", ".join(f"{p}: {fmt(v)}" for p, v in t.items()) for m, t in a["early"]["table"].items()),
-                "Spearman rho of the ranking vs the final checkpoint's: " +
-                ", ".join(f"{p}: {fmt(r)}" for p, r in a["early"]["spearman_vs_final"].items())]
+        lines += finding_table("Gaps after more extension data: the measure by extension budget (steps)",
+                               a["budgets"]["table"], "gap best - worst", a["budgets"]["gap_by_budget"])
+        lines += finding_table("The ranking is set early: the measure after extending from each pretraining step",
+                               a["early"]["table"], "Spearman rho vs the final step's ranking",
+                               a["early"]["spearman_vs_final"])
     return "\n".join(lines) + "\n"
+
+
+def finding_table(title: str, table: dict, summary_label: str, summary: dict) -> list[str]:
+    """A further finding as a markdown table: one row per run, one column per point, and a summary row."""
+    if not table:
+        return []
+    points = list(next(iter(table.values())))
+    if all(v is None for t in table.values() for v in t.values()):
+        return ["", f"{title}: not measured for these runs."]
+    lines = ["", f"{title}:", "", "| run | " + " | ".join(points) + " |", "|---|" + "---|" * len(points)]
+    lines += [f"| {run} | " + " | ".join(fmt(t.get(p)) for p in points) + " |" for run, t in table.items()]
+    return lines + [f"| **{summary_label}** | " + " | ".join(fmt(summary.get(p)) for p in points) + " |"]
 
 
 def seed_verdict(spread: dict) -> str:
@@ -867,6 +874,8 @@ def seed_verdict(spread: dict) -> str:
     between, seeds = spread.get("between_models_std"), spread.get("seed_std_mean")
     if seeds is None:
         return "One seed per model: rerun with `--seeds 0,1` to compare the spread between models with the seeds'."
+    if between is not None and between == 0 and seeds == 0:
+        return "Every model scores the same, on every seed: there is no difference to compare with the seed noise."
     ratio = between / seeds if between is not None and seeds > 0 else float("inf")
     return (f"The spread between models is {fmt(ratio, 1)}x the seed-to-seed spread: "
             + ("the differences between models stand out of the seed noise." if ratio >= 2 else
@@ -900,8 +909,8 @@ def plots(analyses: dict, out: Path) -> list[str]:
         written.append(path.name)
         for key, xlabel in (("budgets", "extension steps"), ("early", "pretraining step extended from")):
             t = a[key]["table"]
-            if not t:
-                continue
+            if not any(v is not None for values in t.values() for v in values.values()):
+                continue  # not measured for these runs (LongPPL: only the main extension's)
             figure, axis = plt.subplots(figsize=(6, 4))
             for model, values in t.items():
                 xs = [int(k) for k, v in values.items() if v is not None]
