@@ -47,11 +47,17 @@ def step_folder(run: Path, step: int) -> Path:
     return Path(run) / f"step_{step:07d}"
 
 
+def step_folders(run: Path, *holding: str) -> list[tuple[int, Path]]:
+    """(step, folder) of the step_N folders in a run folder that hold every file named, by step."""
+    run = Path(run)
+    found = [(int(m.group(1)), p) for p in run.glob("step_*") if (m := STEP_PATTERN.match(p.name))
+             and all((p / name).is_file() for name in holding)] if run.is_dir() else []
+    return sorted(found)
+
+
 def checkpoints_in(run: Path) -> list[Path]:
     """Complete checkpoints in a run folder, oldest first: step_N folders whose train_state.json was written."""
-    found = [(int(m.group(1)), p) for p in Path(run).glob("step_*") if (m := STEP_PATTERN.match(p.name))
-             and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in step_folders(run, STATE_FILE)]
 
 
 def newest_checkpoint(path: Path) -> Path | None:
@@ -60,9 +66,8 @@ def newest_checkpoint(path: Path) -> Path | None:
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return path
-    found = [(int(m.group(1)), p) for p in path.glob("step_*") if (m := STEP_PATTERN.match(p.name))
-             and (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()] if path.is_dir() else []
-    return max(found)[1] if found else None
+    found = step_folders(path, CONFIG_FILE, WEIGHTS_FILE)
+    return found[-1][1] if found else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,10 +142,11 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     path = folder / WEIGHTS_FILE
     if not path.is_file() and (folder / "dcp").is_dir():
-        raise CheckpointError(f"{folder} holds an FSDP checkpoint (dcp/), whose metadata is a pickle, which we "
-                              f"never load, and no model.safetensors. train.py writes one beside dcp/ since it checks "
-                              f"--init_from; for an older run you trust, resume it with --fsdp for one more step "
-                              f"(resume reads your own dcp/) and use the new checkpoint")
+        raise CheckpointError(f"{folder} has no model.safetensors (only dcp/, an FSDP checkpoint from before train.py "
+                              f"wrote model.safetensors beside it): it holds an FSDP checkpoint (dcp/), whose metadata "
+                              f"is a pickle, which can run code, so weights are read from safetensors only. If the run "
+                              f"is your own, resume it under torchrun with --fsdp --resume DIR for one more step (resume "
+                              f"reads your own dcp/), then use the new checkpoint")
     if not path.is_file():
         raise CheckpointError(f"{path} not found; an OlmPool checkpoint folder holds it beside config.json")
     try:

@@ -603,16 +603,8 @@ def load_initial_weights(model: Transformer, source: str, config: ModelConfig):
         return
     path = Path(source)
     check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
-    # Only safetensors: --init_from reads other people's folders, and DCP's .metadata (like any
-    # torch.save file) is a pickle, which can run code when loaded.
-    if not (path / checkpoint.WEIGHTS_FILE).is_file():
-        only_dcp = (path / "dcp").is_dir()
-        raise TrainError(f"{path} has no model.safetensors" + (
-            " (only dcp/, an FSDP checkpoint from before train.py wrote model.safetensors beside it). --init_from "
-            "reads weights from safetensors only, since DCP's metadata is a pickle that can run code. If the run "
-            "is your own, resume it under torchrun with --fsdp --resume DIR for one more step (the new checkpoint "
-            "has model.safetensors), then pass that" if only_dcp else
-            "; pass a step_N folder written by train.py, or hf:DIR for a Hugging Face folder"))
+    # Only safetensors (checkpoint.read_weights): --init_from reads other people's folders, and DCP's
+    # .metadata (like any torch.save file) is a pickle, which can run code when loaded.
     try:
         model.load_state_dict(checkpoint.read_weights(path))
     except CheckpointError as error:
@@ -1182,9 +1174,8 @@ def set_aside_other_branch(out: Path, resume_dir: Path | None, env: Distributed)
         return resume_dir
     resumed_step = int(checkpoint.read_train_state(resume_dir)["step"])
     # Complete or not (a save would overwrite an incomplete one), sorted by step.
-    others = sorted((p for p in out.glob("step_*") if (m := checkpoint.STEP_PATTERN.match(p.name))
-                     and int(m.group(1)) >= resumed_step and p.resolve() != resume_dir.resolve()),
-                    key=lambda p: int(checkpoint.STEP_PATTERN.match(p.name).group(1)))
+    others = [p for step, p in checkpoint.step_folders(out) if step >= resumed_step
+              and p.resolve() != resume_dir.resolve()]
     env.barrier()  # every rank has chosen resume_dir before anything moves
     if others and env.is_main:
         stamp = time.strftime("%Y%m%dT%H%M%S")
