@@ -687,7 +687,7 @@ def collect(settings: Settings, members: dict) -> list[dict]:
         shared = json.loads(path.read_text()).get("longppl", {})
     rows = []
     for key, (arch, seed) in members.items():
-        run_out = out / "runs" / arch.name / f"s{seed}"
+        run_out = run_folder(s, arch, seed)
         after, before = read_eval(run_out / "eval", arch.name), read_eval(run_out / "eval_before", arch.name)
         beyond = [v for L, v in after["recall"].items() if L > long_context]
         shared_cell = shared.get(key.replace("/", "@"), {}).get(str(ext_len), {})
