@@ -404,30 +404,30 @@ def _max_tile(dtype, head_dim):
     return 64 * 64 if head_dim > 128 else 128 * 128
 
 
-def _run(kernel, grid, args, kwargs):
+def _run(kernel, grid, kernel_args, kwargs):
     """Launch through torch.library.wrap_triton, so that torch.compile traces the kernel inside the ops below.
     The interpreter cannot run on the fake tensors torch.compile traces with, and wrap_triton leaves
     interpreted kernels unwrapped: there, tracing gets the outputs' shapes and strides only."""
-    if _INTERPRET and any(isinstance(a, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(a) for a in args):
+    if _INTERPRET and any(isinstance(a, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(a) for a in kernel_args):
         return
-    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    torch.library.wrap_triton(kernel)[grid](*kernel_args, **kwargs)
 
 
-def _launch(name, T, batch_heads, block_m, block_n, max_tile, args, constexprs):
+def _launch(name, T, batch_heads, block_m, block_n, max_tile, kernel_args, constexprs):
     """Run kernel `name` on a grid (row blocks, batch_heads). The forward and dQ kernels tile the
     queries (BLOCK_M rows per program); dK/dV tiles the keys (BLOCK_N rows)."""
     tile = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
     on_gpu = not _INTERPRET
     if on_gpu and block_m is None and block_n is None:
         grid = lambda meta: (triton.cdiv(T, meta[tile]), batch_heads)
-        _run(_autotuned(name, max_tile), grid, args, constexprs)
+        _run(_autotuned(name, max_tile), grid, kernel_args, constexprs)
         return
     default = _GPU_DEFAULT_BLOCK if on_gpu else _INTERPRETER_BLOCK
     blocks = {"BLOCK_M": block_m or default, "BLOCK_N": block_n or default}
     # The tutorial's rule: 8 warps only for 128 x 128 tiles and up.
     launch_options = {"num_warps": 8 if blocks["BLOCK_M"] * blocks["BLOCK_N"] >= 128 * 128 else 4} if on_gpu else {}
     grid = (triton.cdiv(T, blocks[tile]), batch_heads)
-    _run(_KERNELS[name], grid, args, {**blocks, **constexprs, **launch_options})
+    _run(_KERNELS[name], grid, kernel_args, {**blocks, **constexprs, **launch_options})
 
 
 def _dot_precision(dtype):
@@ -463,11 +463,11 @@ def _forward(q, k, v, W, block_m, block_n, visits=None, use_tma=False):
     o = torch.empty_like(q)  # q's layout when q is dense: (B, T, H, D) memory stays (B, T, H, D)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     sm_scale = 1.0 / math.sqrt(D)
-    args = (q, k, v, o, lse, visits, sm_scale * _LOG2E, T, W, H, group,
+    kernel_args = (q, k, v, o, lse, visits, sm_scale * _LOG2E, T, W, H, group,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o))
     constexprs = dict(HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), COUNT_VISITS=visits is not None,
                       USE_TMA=use_tma)
-    _launch("fwd", T, B * H, block_m, block_n, _max_tile(q.dtype, D), args, constexprs)
+    _launch("fwd", T, B * H, block_m, block_n, _max_tile(q.dtype, D), kernel_args, constexprs)
     return o, lse
 
 
