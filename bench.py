@@ -42,12 +42,13 @@ def bench_config(window: int) -> olmpool.ModelConfig:
 
 
 def hf_model_from(model: olmpool.Transformer):
-    """The same weights in transformers' Olmo3ForCausalLM, through hf_interop's config and names."""
+    """The same weights in transformers' Olmo3ForCausalLM, through hf_export's config and hf_interop's names."""
     from transformers import Olmo3Config, Olmo3ForCausalLM
 
+    import hf_export
     import hf_interop
 
-    hf_json = hf_interop.hf_config_json(model.config, "olmo3", torch.float32)
+    hf_json = hf_export.hf_config_json(model.config, "olmo3", torch.float32)
     hf = Olmo3ForCausalLM(Olmo3Config(**hf_json, attn_implementation="sdpa"))
     names = hf_interop.hf_names(model.config, "olmo")
     hf.load_state_dict({names[k]: v for k, v in model.state_dict().items()})
@@ -363,8 +364,9 @@ def print_vocabularies(results: dict, steps: int, rounds: int, threads: int):
             print(f"   {share:6.1%}  {key}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    description = "\n\n".join(__doc__.split("\n\n")[:2])  # the launch lines; what each section measures stays below
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="lengths up to 4K and fewer repeats (a smoke run)")
     parser.add_argument("--window", type=int, default=256, help="sliding window of the prefill comparison")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -379,39 +381,59 @@ def main():
                         "for a shared machine)")
     parser.add_argument("--decode", action="store_true", help="only section 4: greedy decode tokens/s at 4K and 16K")
     parser.add_argument("--new_tokens", type=int, default=32, help="tokens decoded per measurement (section 4)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     if args.train_gpu:
         return train_gpu()
     if args.vocab:
-        results = compare_vocabularies(args.vocab_sizes, args.steps, 2 if args.quick else args.rounds, args.threads)
-        print_vocabularies(results, args.steps, 2 if args.quick else args.rounds, args.threads)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+        rounds = 2 if args.quick else args.rounds
+        results = compare_vocabularies(args.vocab_sizes, args.steps, rounds, args.threads)
+        print_vocabularies(results, args.steps, rounds, args.threads)
+        write_results(args.json, results)
         return
     try:
         import transformers  # noqa: F401
     except ImportError:
         sys.exit("bench.py compares against Hugging Face transformers: pip install -r requirements-dev.txt")
     if args.decode:
-        return decode_section(args, {})
+        return decode_section(args.quick, args.window, args.new_tokens, args.json, {})
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: olmo3_like 20m, vocab 32000")
     print(olmpool.describe(bench_config(args.window)), "\n")
     results = {}
+    train = training_section(args.quick, results)
+    prefill_section(args.quick, args.window, results)
+    flops_section(train, results)
+    decode_section(args.quick, args.window, args.new_tokens, args.json, results)
 
-    repeats = 2 if args.quick else 10
-    train = compare_training(seq_len=512, batch=4, repeats=repeats)
+
+def write_results(path: str | None, results: dict) -> None:
+    """--json: the results of this run, where asked."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def training_section(quick: bool, results: dict) -> dict:
+    """1. training-step tokens/s, ours against HF."""
+    train = compare_training(seq_len=512, batch=4, repeats=2 if quick else 10)
     results["training"] = train
     print(f"1. training step at T=512 (batch 4): ours {train['ours_tokens_s']:.0f} tokens/s, "
           f"HF {train['hf_tokens_s']:.0f} tokens/s, ours/HF = {train['ratio']:.2f}  (goal >= 1.0)\n")
+    return train
 
-    lengths = [2048, 4096] if args.quick else [2048, 4096, 8192, 16384]
+
+def prefill_section(quick: bool, window: int, results: dict) -> None:
+    """2. prefill tokens/s and peak memory at each length, each cell a fresh process."""
+    lengths = [2048, 4096] if quick else [2048, 4096, 8192, 16384]
     rows = []
-    print(f"2. prefill, window {args.window}, batch 1 (each cell a fresh process)")
+    print(f"2. prefill, window {window}, batch 1 (each cell a fresh process)")
     print(f"{'T':>6} {'ours tok/s':>11} {'HF tok/s':>9} {'speed x':>8} {'ours MiB':>9} {'HF MiB':>8} {'memory':>7}")
     for T in lengths:
-        ours, theirs = measure_prefill("ours", T, args.window), measure_prefill("hf", T, args.window)
+        ours, theirs = measure_prefill("ours", T, window), measure_prefill("hf", T, window)
         agree = torch.allclose(torch.tensor(ours["logits"]), torch.tensor(theirs["logits"]), rtol=1e-3, atol=1e-3)
         row = dict(T=T, ours_tokens_s=T / ours["seconds"], hf_tokens_s=T / theirs["seconds"],
                    speedup=theirs["seconds"] / ours["seconds"], ours_peak_mib=ours["peak_mib"],
@@ -424,23 +446,24 @@ def main():
     results["prefill"] = rows
     print(f"   goal at 16K: speed >= 3x HF, memory <= 0.5x HF\n")
 
+
+def flops_section(train: dict, results: dict) -> None:
+    """3. our training FLOP/s over this machine's fp32 matmul rate."""
     peak = matmul_rate()
     results["matmul_flops"] = peak
     print(f"3. training FLOP/s (window-aware): {train['ours_flops'] / 1e9:.1f} GFLOP/s; fp32 matmul rate "
           f"{peak / 1e9:.1f} GFLOP/s; ratio {train['ours_flops'] / peak:.2f}")
-    decode_section(args, results)
 
 
-def decode_section(args, results: dict) -> None:
-    lengths = [4096] if args.quick else [4096, 16384]
-    print(f"\n4. greedy decode after a prompt of T tokens, window {args.window}, batch 1, {args.new_tokens} new tokens "
+def decode_section(quick: bool, window: int, new_tokens: int, json_path: str | None, results: dict) -> None:
+    """4. greedy decode tokens/s after each prompt length; the last section, so it writes --json."""
+    lengths = [4096] if quick else [4096, 16384]
+    print(f"\n4. greedy decode after a prompt of T tokens, window {window}, batch 1, {new_tokens} new tokens "
           f"({'cuda, bf16' if torch.cuda.is_available() else 'cpu, fp32'})")
     print(f"{'T':>6} {'ours tok/s':>11} {'HF tok/s':>9} {'speed x':>8}")
-    results["decode"] = compare_decode(lengths, args.new_tokens, args.window, repeats=1 if args.quick else 3)
+    results["decode"] = compare_decode(lengths, new_tokens, window, repeats=1 if quick else 3)
     print("   goal: ours faster than transformers' generate at 4K and 16K (speed x > 1)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_results(json_path, results)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import checkpoint
 import data
 import evaluate as ev
-import hf_interop
+import hf_export
 from olmpool import ModelConfig, Transformer, masked_softmax_attention, visible
 
 
@@ -244,7 +244,7 @@ def test_checkpoint_and_its_hf_export_score_identically_and_rerun_resumes(tmp_pa
     model = tiny_model()
     ours = tmp_path / "ours"
     checkpoint.save_model(model, ours)
-    hf_interop.export_hf(model, tmp_path / "exported")
+    hf_export.export_hf(model, tmp_path / "exported")
     kwargs = dict(lengths=[256, 512], tasks=["niah_single_1"], samples=2, seed=0, data_dir=heldout_folder,
                   short_context=64, short_step=32, windows=1, device="cpu", progress=False)
     results = ev.evaluate({"ours": str(ours), "exported": f"hf:{tmp_path / 'exported'}"}, out=tmp_path / "eval",

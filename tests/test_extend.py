@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import extend  # noqa: E402
-import hf_interop  # noqa: E402
+import hf_export  # noqa: E402
 import olmpool  # noqa: E402
 import train  # noqa: E402
 from olmpool import ModelConfig, Transformer, rope_frequencies  # noqa: E402
@@ -341,7 +341,7 @@ def test_export_of_an_extended_checkpoint_loads_in_transformers_with_our_logits(
         config = extend.extended_config(source.config, recipe, 4 * L)
         model = Transformer(config, seed=None)
         model.load_state_dict(source.state_dict())
-        hf_interop.export_hf(model, tmp_path / recipe)
+        hf_export.export_hf(model, tmp_path / recipe)
         written = json.loads((tmp_path / recipe / "config.json").read_text())
         theirs = AutoModelForCausalLM.from_pretrained(tmp_path / recipe, attn_implementation="eager",
                                                       dtype=torch.float32).eval()

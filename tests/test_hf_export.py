@@ -21,9 +21,11 @@ from hypothesis import given, settings, strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import data
+import hf_export
 import hf_interop
 from checkpoint import save_model
-from hf_interop import CheckpointError, export_hf, load_hf, summary
+from hf_export import export_hf
+from hf_interop import CheckpointError, load_hf, summary
 from olmpool import Transformer, generate, preset
 
 # Olmo 3's switches (post norm, layerwise QK norm, windows), as small as a dolma2 vocabulary allows:
@@ -62,7 +64,7 @@ def hf_tokenizer(exported):
 
 def dolma2_ids(text):
     """What the exported tokenizer must give: dolma2's ids, with special-token text special (see
-    hf_interop's tokenizer section); ordinary text gives exactly data.Tokenizer.encode's ids."""
+    hf_export's tokenizer section); ordinary text gives exactly data.Tokenizer.encode's ids."""
     ids = data.get_tokenizer().encoding.encode(text, allowed_special="all")
     if not any(token in text for token in data.SPECIAL_TOKENS):
         assert ids == data.get_tokenizer().encode(text)
@@ -228,7 +230,7 @@ def test_model_card_names_the_preset_the_recipe_and_the_source(checkpoint, tmp_p
     card = (tmp_path / "hf" / "README.md").read_text()
     assert str(checkpoint.resolve()) in card and "step 7, 7168 tokens seen" in card and '"lr": 0.003' in card
     assert "none of OlmPool's presets has this architecture" in card  # TINY is smaller than any preset size
-    full = hf_interop.model_card(preset(PRESET, size="tiny"), "olmo3")
+    full = hf_export.model_card(preset(PRESET, size="tiny"), "olmo3")
     assert f"preset('{PRESET}', size='tiny')" in full and "size='7b'" not in full
 
 
@@ -245,7 +247,7 @@ def test_compact_vocabulary_checkpoint_is_refused_naming_the_file_and_the_fix(ch
 def test_missing_cl100k_file_is_named_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv(data.BPE_FILE_ENV, str(tmp_path / "nowhere.tiktoken"))
     with pytest.raises(CheckpointError, match=r"cannot build the dolma2 tokenizer: .*nowhere.tiktoken.*--no_tokenizer"):
-        hf_interop.dolma2_hf_tokenizer.__wrapped__()  # uncached: the module's tokenizer may be built already
+        hf_export.dolma2_hf_tokenizer.__wrapped__()  # uncached: the module's tokenizer may be built already
 
 
 def test_toy_vocabulary_exports_without_a_tokenizer_unless_asked(tmp_path):
@@ -296,6 +298,6 @@ def test_import_summary_says_whether_the_tokenizer_gives_dolma2_ids(exported, tm
 def test_command_line_no_tokenizer_leaves_the_tokenizer_files_out(checkpoint, tmp_path, capsys):
     hf_interop.main(["export", str(checkpoint), "--out", str(tmp_path / "hf"), "--no_tokenizer"])
     assert "no tokenizer" in capsys.readouterr().out
-    left_out = (*hf_interop.TOKENIZER_FILES, hf_interop.GENERATION_CONFIG)
+    left_out = (*hf_export.TOKENIZER_FILES, hf_export.GENERATION_CONFIG)
     assert not any((tmp_path / "hf" / name).exists() for name in left_out)
     assert "No tokenizer files were exported" in (tmp_path / "hf" / "README.md").read_text()

@@ -12,9 +12,11 @@ import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM,
                           Olmo3Config, Olmo3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+import hf_export
 import hf_interop
 from checkpoint import architecture_differences, load_model, save_model
-from hf_interop import CheckpointError, export_hf, load_hf, summary
+from hf_export import export_hf
+from hf_interop import CheckpointError, load_hf, summary
 from olmpool import Transformer, preset
 
 # GQA (4 query heads, 2 kv heads), sequences of 24 tokens against windows of 5.
@@ -334,7 +336,7 @@ def test_export_loads_in_transformers_with_our_logits_and_imports_back_bit_for_b
     assert type(theirs).__name__ == hf_interop.STOCK_CLASSES[written]
     assert_same_logits(model, theirs.eval())
     back, _ = load_hf(tmp_path / "hf")
-    assert architecture_differences(model.config, back.config, hf_interop.ROUND_TRIP_MAY_CHANGE, by_function=True) == []
+    assert architecture_differences(model.config, back.config, hf_export.ROUND_TRIP_MAY_CHANGE, by_function=True) == []
     for (name, mine), (other_name, returned) in zip(model.state_dict().items(), back.state_dict().items()):
         assert name == other_name and torch.equal(mine, returned), name
 

@@ -385,8 +385,8 @@ def test_run_sh_sets_up_the_venv_and_runs_the_main_job():
 
 def test_init_from_an_exported_hugging_face_folder_takes_the_same_weights(checkpoint, tmp_path):
     """The real round trip: our checkpoint out through hf_interop to Olmo3's format, and back in."""
-    hf_interop = pytest.importorskip("hf_interop")
-    hf_interop.export_hf(checkpoint, tmp_path / "hf")
+    hf_export = pytest.importorskip("hf_export")
+    hf_export.export_hf(checkpoint, tmp_path / "hf")
     args = train.parse_args([*SMALL, "--init_from", f"hf:{tmp_path / 'hf'}"])
     model, inner = train.build_model(train.model_config(args), args, train.Distributed())
     assert_same_weights(inner.state_dict(), weights(checkpoint))
