@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import pool_analysis  # noqa: E402
 import sweep  # noqa: E402
 from sweep import Settings, Stage  # noqa: E402
 
@@ -197,17 +198,17 @@ def constructed_rows(score):
 
 def test_r_squared_is_one_for_a_line_and_two_thirds_with_an_orthogonal_term():
     rows = constructed_rows(lambda qk, gqa, swa, ctx: 2.0 * (qk + gqa + swa + ctx) + 1)
-    assert sweep.r_squared([r["harmful_count"] for r in rows], [r["y"] for r in rows]) == pytest.approx(1.0)
+    assert pool_analysis.r_squared([r["harmful_count"] for r in rows], [r["y"] for r in rows]) == pytest.approx(1.0)
     # var(count) = 4 x 1/4 = 1; qk - gqa is uncorrelated with the count and has variance 1/2: R² = 1 / 1.5
     rows = constructed_rows(lambda qk, gqa, swa, ctx: (qk + gqa + swa + ctx) + (qk - gqa))
-    assert sweep.r_squared([r["harmful_count"] for r in rows], [r["y"] for r in rows]) == pytest.approx(2 / 3)
-    assert np.isnan(sweep.r_squared([1, 1, 1, 1], [1, 2, 3, 4]))
+    assert pool_analysis.r_squared([r["harmful_count"] for r in rows], [r["y"] for r in rows]) == pytest.approx(2 / 3)
+    assert np.isnan(pool_analysis.r_squared([1, 1, 1, 1], [1, 2, 3, 4]))
 
 
 def test_pairwise_effects_give_each_choices_mean_and_spread_over_the_others():
     # qk's effect is 3 without windows and 7 with them (an interaction); gqa's is 1 everywhere
     rows = constructed_rows(lambda qk, gqa, swa, ctx: 3 * qk + gqa + 2 * swa + 0.5 * ctx + 4 * qk * swa)
-    effects = sweep.pairwise_effects(rows, "y")
+    effects = pool_analysis.pairwise_effects(rows, "y")
     assert effects["qk"]["n"] == 8
     assert (effects["qk"]["mean"], effects["qk"]["std"], effects["qk"]["min"], effects["qk"]["max"]) == \
         pytest.approx((5, 2, 3, 7))
@@ -216,14 +217,14 @@ def test_pairwise_effects_give_each_choices_mean_and_spread_over_the_others():
     assert effects["ctx"]["mean"] == pytest.approx(0.5)
     # a pair with a missing model is left out, not counted as zero
     rows = [r for r in rows if r["choices"] != dict(qk=1, gqa=0, swa=0, ctx=0)]
-    assert sweep.pairwise_effects(rows, "y")["qk"]["n"] == 7
+    assert pool_analysis.pairwise_effects(rows, "y")["qk"]["n"] == 7
 
 
 def test_spearman_is_one_for_any_monotone_map_and_handles_ties():
     x = [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert sweep.spearman(x, [np.exp(v) for v in x]) == pytest.approx(1.0)
-    assert sweep.spearman(x, [-v for v in x]) == pytest.approx(-1.0)
-    assert list(sweep.ranks([10, 20, 20, 30])) == [1.0, 2.5, 2.5, 4.0]
+    assert pool_analysis.spearman(x, [np.exp(v) for v in x]) == pytest.approx(1.0)
+    assert pool_analysis.spearman(x, [-v for v in x]) == pytest.approx(-1.0)
+    assert list(pool_analysis.ranks([10, 20, 20, 30])) == [1.0, 2.5, 2.5, 4.0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_the_analysis_of_a_constructed_pool_recovers_its_r2_effects_findings_and
                          and arch.name in sweep.representative(sweep.grid()) else {20: {"loss": loss + noise}},
                          "early": {250: {"loss": loss + noise}, 100: {"loss": 2 * loss}} if seed == 0
                          and arch.name in sweep.representative(sweep.grid()) else {250: {"loss": loss + noise}}})
-    analysis = sweep.analyze(rows, "loss", settings)
+    analysis = pool_analysis.analyze(rows, "loss", settings)
     assert analysis["models"] == 16
     assert analysis["pairwise"]["qk"]["mean"] == pytest.approx(0.5) and analysis["pairwise"]["qk"]["std"] < 1e-9
     assert analysis["pairwise"]["swa"]["mean"] == pytest.approx(0.2)
@@ -291,8 +292,8 @@ def test_the_analysis_of_a_constructed_pool_recovers_its_r2_effects_findings_and
     assert analysis["spread"]["seed_std_mean"] == pytest.approx(0.02 / np.sqrt(2))
     assert analysis["budgets"]["gap_by_budget"]["20"] == pytest.approx(analysis["budgets"]["gap_by_budget"]["80"])
     assert analysis["early"]["spearman_vs_final"]["100"] == pytest.approx(1.0)
-    text = sweep.markdown({"loss": analysis}, rows, settings, "loss")
+    text = pool_analysis.markdown({"loss": analysis}, rows, settings, "loss")
     assert "| count of harmful choices |" in text and "Spearman" in text and "post_LQK_2kv_128_SWA" in text
     assert "stand out of the seed noise" in text  # between-model std 0.15 vs seed std 0.014
-    assert set(sweep.plots({"loss": analysis}, tmp_path)) == {"loss_vs_count.png", "loss_by_budgets.png",
+    assert set(pool_analysis.plots({"loss": analysis}, tmp_path)) == {"loss_vs_count.png", "loss_by_budgets.png",
                                                              "loss_by_early.png"}
