@@ -115,8 +115,9 @@ def last_val_loss(metrics: Path) -> float | None:
 
 
 def read_eval(folder: Path, label: str) -> dict:
-    """{recall: {length: mean score x 100 over tasks}, loss: {length: held-out loss}, longppl_self: {...},
-    sink: {length: sink share}} from one evaluate.py results.json."""
+    """{recall: {length: mean score over tasks}, loss: {length: held-out loss}, longppl_self: {...},
+    sink: {length: sink share}} from one evaluate.py results.json. A recall cell's mean is already x 100
+    (RULER's metrics score 0-100), so it is taken as it is."""
     path = folder / "results.json"
     found = {"recall": {}, "loss": {}, "longppl_self": {}, "sink": {}}
     if not path.is_file():
@@ -126,7 +127,7 @@ def read_eval(folder: Path, label: str) -> dict:
     for key, cell in results.get("recall", {}).get(label, {}).items():
         task, length = key.rsplit("/", 1)
         if "mean" in cell:
-            by_length.setdefault(int(length), []).append(100 * cell["mean"])
+            by_length.setdefault(int(length), []).append(cell["mean"])
     found["recall"] = {L: float(np.mean(v)) for L, v in sorted(by_length.items())}
     for length, cell in results.get("longppl", {}).get(label, {}).items():
         if "loss" in cell:

@@ -297,3 +297,16 @@ def test_the_analysis_of_a_constructed_pool_recovers_its_r2_effects_findings_and
     assert "stand out of the seed noise" in text  # between-model std 0.15 vs seed std 0.014
     assert set(pool_analysis.plots({"loss": analysis}, tmp_path)) == {"loss_vs_count.png", "loss_by_budgets.png",
                                                              "loss_by_early.png"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The method (issue 22): each fault on a constructed case whose answer is known
+
+
+def test_a_recall_cell_of_50_percent_reads_50(tmp_path):
+    # evaluate.py's recall cells hold the mean score already x 100 (RULER's metrics return 0-100)
+    results = {"recall": {"m": {"niah_single_1/512": {"mean": 50.0, "n": 2},
+                                "niah_single_2/512": {"mean": 100.0, "n": 2},
+                                "niah_single_1/1024": {"skipped": "too short", "n": 0}}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert pool_analysis.read_eval(tmp_path, "m")["recall"] == {512: 75.0}
