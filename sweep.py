@@ -48,12 +48,45 @@ class SweepError(Exception):
 # blog post and paper state it; docs/reference.md). Everything else is the base preset's.
 
 CHOICES = ("qk", "gqa", "swa", "ctx")
-CHOICE_DESCRIPTIONS = {
-    "qk": "post norm + layerwise QK norm (harmful) vs pre norm, no QK norm",
+CHOICE_DESCRIPTIONS = {  # qk's depends on --qk_levels: qk_description
     "gqa": "GQA 4:1 (harmful) vs one kv head per query head",
     "swa": "sliding windows 3 local : 1 global (harmful) vs all global",
     "ctx": "shorter pretraining context (harmful) vs longer",
 }
+
+
+# The qk choice's two levels, harmful first, spelled as OlmPool's run names begin: the block norm (pre or
+# post), then the QK norm if any (_LQK layerwise, _HQK headwise). The default, post_LQK against pre, is
+# Olmo 3 against Llama and moves two switches at once; pre_LQK,pre moves QK norm alone (OlmPool's
+# G_pre_LQK_8kv_8k_14k against G_pre_8kv_8k_14k) and pre_HQK,pre or post_HQK,post_LQK reach headwise QK norm.
+QK_LEVELS = ("post_LQK", "pre")
+QK_NORM_SUFFIXES = {"": "none", "_LQK": "layerwise", "_HQK": "headwise"}
+
+
+def qk_level(level: str) -> tuple[str, str]:
+    """(norm_placement, qk_norm) of a qk level: 'post_LQK' -> ('post', 'layerwise'), 'pre' -> ('pre', 'none')."""
+    for placement in ("pre", "post"):
+        suffix = level[len(placement):] if level.startswith(placement) else None
+        if suffix in QK_NORM_SUFFIXES:
+            return placement, QK_NORM_SUFFIXES[suffix]
+    raise SweepError(f"--qk_levels: {level!r} is not a level; write the block norm (pre or post) and the QK norm "
+                     f"if any (_LQK layerwise, _HQK headwise), e.g. --qk_levels pre_LQK,pre (QK norm alone)")
+
+
+def check_qk_levels(levels: tuple[str, ...]) -> None:
+    if len(levels) != 2 or qk_level(levels[0]) == qk_level(levels[1]):
+        raise SweepError(f"--qk_levels {','.join(levels)}: give two different levels, the harmful first, e.g. "
+                         f"--qk_levels pre_LQK,pre (QK norm alone) or pre_HQK,pre (headwise QK norm)")
+
+
+def qk_description(levels: tuple[str, ...]) -> str:
+    """What the qk choice compares, and a warning where its levels differ in both switches."""
+    said = [f"{placement} norm, " + ("no QK norm" if qk_norm == "none" else f"{qk_norm} QK norm")
+            for placement, qk_norm in map(qk_level, levels)]
+    (harmful_placement, harmful_norm), (other_placement, other_norm) = map(qk_level, levels)
+    both = harmful_placement != other_placement and harmful_norm != other_norm
+    return f"{said[0]} (harmful) vs {said[1]}" + (" (TWO switches move at once: norm placement and QK norm; "
+                                                  "--qk_levels pre_LQK,pre moves one)" if both else "")
 
 
 @dataclass(frozen=True)
@@ -64,6 +97,7 @@ class Architecture:
     model_flags: tuple[str, ...]
     choices: dict = field(default_factory=dict, compare=False, hash=False)
     pretrain_context: int = 0
+    window: int | None = None  # the local layers' window; None where every layer is global
 
     @property
     def harmful_count(self) -> int:
@@ -88,10 +122,12 @@ def base_shape(base_preset: str, size: str, shape: dict | None = None):
         raise SweepError(f"the base shape {shape} on {base_preset} at {size}: {error}") from None
 
 
-def grid(base_preset: str = "H_post_LQK_32kv_8k_11k_SWA", size: str = "tiny", shape: dict | None = None
-         ) -> list[Architecture]:
+def grid(base_preset: str = "H_post_LQK_32kv_8k_11k_SWA", size: str = "tiny", shape: dict | None = None,
+         qk_levels: tuple[str, str] = QK_LEVELS) -> list[Architecture]:
     """The 16 combinations of the four choices on the base preset's shape at `size` (with `shape`'s fields
-    overriding it: context_length is the longer pretraining context, window the local layers' width)."""
+    overriding it: context_length is the longer pretraining context, window the local layers' width), the
+    qk choice between `qk_levels` (harmful first)."""
+    check_qk_levels(qk_levels)
     shape = {k: v for k, v in (shape or {}).items() if v is not None}
     base = base_shape(base_preset, size, shape)
     long_context = base.context_length
@@ -106,17 +142,20 @@ def grid(base_preset: str = "H_post_LQK_32kv_8k_11k_SWA", size: str = "tiny", sh
     for qk, gqa, swa, ctx in itertools.product((1, 0), repeat=4):
         kv = base.n_heads // 4 if gqa else base.n_heads
         context = long_context // 2 if ctx else long_context
-        name = ("post_LQK" if qk else "pre") + f"_{kv}kv_{context}" + ("_SWA" if swa else "")
+        level = qk_levels[0] if qk else qk_levels[1]
+        placement, qk_norm = qk_level(level)
+        name = level + f"_{kv}kv_{context}" + ("_SWA" if swa else "")
         flags = ("--preset", base_preset, "--size", size, *shape_flags,
-                 "--norm_placement", "post" if qk else "pre", "--qk_norm", "layerwise" if qk else "none",
+                 "--norm_placement", placement, "--qk_norm", qk_norm,
                  "--n_kv_heads", str(kv), "--window", str(window) if swa else "none",
                  "--global_every", "4", "--context_length", str(context))
-        runs.append(Architecture(name, flags, dict(qk=qk, gqa=gqa, swa=swa, ctx=ctx), context))
+        runs.append(Architecture(name, flags, dict(qk=qk, gqa=gqa, swa=swa, ctx=ctx), context,
+                                 window if swa else None))
     return runs
 
 
 def preset_architecture(name: str, size: str, base_preset: str = "H_post_LQK_32kv_8k_11k_SWA",
-                        shape: dict | None = None) -> Architecture:
+                        shape: dict | None = None, qk_levels: tuple[str, str] = QK_LEVELS) -> Architecture:
     """An OlmPool preset by name at the grid's shape: its own switches (kv ratio, MLP width, window,
     context, scaled like the grid's contexts), its choices read from its config (None where neither level)."""
     import olmpool
@@ -136,11 +175,11 @@ def preset_architecture(name: str, size: str, base_preset: str = "H_post_LQK_32k
     long_context = base_shape(base_preset, size, shape).context_length
     norm = (config.norm_placement, config.qk_norm)
     ratio = config.n_heads // config.n_kv_heads
-    choices = dict(qk=1 if norm == ("post", "layerwise") else 0 if norm == ("pre", "none") else None,
+    choices = dict(qk=1 if norm == qk_level(qk_levels[0]) else 0 if norm == qk_level(qk_levels[1]) else None,
                    gqa=1 if ratio >= 4 else 0 if ratio == 1 else None, swa=1 if config.window else 0,
                    ctx=1 if config.context_length < long_context else 0)
     flags = ("--preset", name, "--size", size, *(item for k, v in overrides.items() for item in (f"--{k}", str(v))))
-    return Architecture(name, flags, choices, config.context_length)
+    return Architecture(name, flags, choices, config.context_length, config.window)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,10 +337,12 @@ class Settings:
     device: str = "cpu"
     extra_train: tuple[str, ...] = ()
     shape: dict = field(default_factory=dict)  # SHAPE_FIELDS set on the base preset for every run
+    qk_levels: tuple[str, str] = QK_LEVELS  # the qk choice's levels, harmful first
 
     def __post_init__(self):
         if self.ext_steps < 1 or self.steps < 1:
             raise SweepError(f"--steps {self.steps} and --ext_steps {self.ext_steps} must be at least 1")
+        check_qk_levels(self.qk_levels)
 
     def long_context(self) -> int:
         return base_shape(self.base_preset, self.size, {k: v for k, v in self.shape.items() if v is not None}
@@ -314,7 +355,7 @@ class Settings:
         return [f * self.long_context() for f in self.eval_factors]
 
     def choice_descriptions(self) -> dict[str, str]:
-        return CHOICE_DESCRIPTIONS
+        return {"qk": qk_description(self.qk_levels), **CHOICE_DESCRIPTIONS}
 
     def as_dict(self) -> dict:
         """The settings as JSON values, as the index and the analysis record them."""
@@ -322,8 +363,9 @@ class Settings:
 
 
 def architectures(settings: Settings) -> list[Architecture]:
-    runs = grid(settings.base_preset, settings.size, settings.shape)
-    runs += [preset_architecture(p, settings.size, settings.base_preset, settings.shape) for p in settings.presets]
+    runs = grid(settings.base_preset, settings.size, settings.shape, settings.qk_levels)
+    runs += [preset_architecture(p, settings.size, settings.base_preset, settings.shape, settings.qk_levels)
+             for p in settings.presets]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise SweepError(f"two runs share a name in {names}; drop the duplicate preset")
@@ -595,7 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags; each one that is a Settings field has its name and takes its default from Settings."""
     d = Settings(out=Path("sweeps/mini"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p = parser.add_argument
+    add_run_flags(parser.add_argument, d)
+    add_sweep_flags(parser.add_argument, d)
+    return parser
+
+
+def add_run_flags(p, d: Settings) -> None:
+    """The grid and what every run shares: shape, data, seeds, budgets, recipe, evaluation."""
     p("--out", default="sweeps/mini", help="the sweep's folder: runs/, logs/, index, analysis (default: sweeps/mini)")
     p("--size", default=d.size, help=f"olmpool size of every run (default: {d.size})")
     p("--base_preset", default=d.base_preset, help="shape the grid's switches act on")
@@ -605,6 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("context_length", "the longer pretraining context; the shorter is half (OlmPool: 8192 / 4096)"),
                        ("window", "local layers' window (OlmPool: 4096)")):
         p(f"--{name}", type=int, help=f"{help}, for every run (default: the base preset's at --size)")
+    p("--qk_levels", type=names, default=d.qk_levels,
+      help=f"the qk choice's two levels, harmful first, as run names begin: pre or post, then _LQK or _HQK for "
+           f"layerwise or headwise QK norm (default: {shown(d.qk_levels)}, two switches at once; pre_LQK,pre "
+           "moves QK norm alone, pre_HQK,pre reaches headwise)")
     p("--presets", type=names, default=d.presets, help="comma-separated OlmPool presets to add to the 16-run grid")
     p("--only", type=names, default=d.only, help="comma-separated run names to keep (a subset of the grid)")
     p("--seeds", type=integers, default=d.seeds,
@@ -633,6 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
     p("--samples", type=int, default=d.samples, help=f"recall samples per task and length (default: {d.samples})")
     p("--windows", type=int, default=d.windows,
       help=f"held-out windows per length for loss, LongPPL, sinks (default: {d.windows})")
+
+
+def add_sweep_flags(p, d: Settings) -> None:
+    """The further findings, and how this command runs: analysis, jobs, devices, what it writes."""
     p("--budgets", type=integers, default=d.budgets, help="further finding: extension steps to compare, e.g. 20,40,120")
     p("--budget_models", type=names, default=d.budget_models, help="runs for --budgets (default: 3 representative)")
     p("--early_steps", type=integers, default=d.early_steps, help="further finding: pretraining steps to extend from")
@@ -649,7 +705,6 @@ def build_parser() -> argparse.ArgumentParser:
     p("--plan", action="store_true", help="print every stage, its command and whether it would run; run nothing")
     p("--analyze_only", action="store_true", help="only read finished results and write the analysis")
     p("--results", help="also copy the analysis, plots and index here (a folder to commit)")
-    return parser
 
 
 @dataclass(frozen=True)

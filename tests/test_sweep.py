@@ -310,3 +310,24 @@ def test_a_recall_cell_of_50_percent_reads_50(tmp_path):
                                 "niah_single_1/1024": {"skipped": "too short", "n": 0}}}}
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert pool_analysis.read_eval(tmp_path, "m")["recall"] == {512: 75.0}
+
+
+def test_the_qk_choice_can_move_one_switch_with_headwise_qk_norm_as_a_level(tmp_path):
+    runs = sweep.grid("H_post_LQK_32kv_8k_11k_SWA", "tiny", qk_levels=("pre_HQK", "pre"))
+    assert {"pre_HQK_2kv_128_SWA", "pre_8kv_256"} <= {r.name for r in runs} and len(runs) == 16
+    for run in runs:
+        flags = flags_of(["python", "train.py", *run.model_flags])
+        assert flags["--norm_placement"] == "pre"
+        assert flags["--qk_norm"] == ("headwise" if run.choices["qk"] else "none")
+    # a qk pair's pretraining commands differ in --qk_norm only (and their output folders)
+    settings = Settings(out=tmp_path, qk_levels=("pre_HQK", "pre"), only=("pre_HQK_8kv_256", "pre_8kv_256"))
+    a, b = [flags_of(s.command) for s in sweep.plan(settings)[0] if s.key.endswith("/pretrain")]
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"--qk_norm", "--out"}
+    assert "headwise QK norm" in settings.choice_descriptions()["qk"]
+    assert "two switches" not in settings.choice_descriptions()["qk"].lower()
+    # the default (Olmo 3 against Llama) moves two, and every table that names the choice says so
+    assert "two switches" in Settings(out=tmp_path).choice_descriptions()["qk"].lower()
+    assert sweep.preset_architecture("qwen3_like", "tiny", qk_levels=("pre_HQK", "pre")).choices["qk"] == 1
+    for wrong in (("middle", "pre"), ("pre", "pre"), ("post_LQK",)):
+        with pytest.raises(sweep.SweepError, match="pre_LQK,pre"):
+            Settings(out=tmp_path, qk_levels=wrong)
