@@ -239,32 +239,53 @@ def analyze(rows: list[dict], measure: str, settings) -> dict:
     return analysis
 
 
+def finding_by_model(rows: list[dict], key: str, measure: str) -> tuple[dict, dict]:
+    """A further finding (key: "budgets" or "early") over seed-averaged models, for the models whose runs
+    have more than one point: {model: {point: the measure's mean over seeds}} and {point: the seed-to-seed
+    std, mean over the models measured on more than one seed}."""
+    values = {}
+    for row in rows:
+        if len(row[key]) > 1:
+            for point, measured in row[key].items():
+                values.setdefault(row["name"], {}).setdefault(int(point), []).append(measured.get(measure))
+    points = sorted({p for by_point in values.values() for p in by_point})
+    table, spreads = {}, {p: [] for p in points}
+    for model, by_point in values.items():
+        table[model] = {}
+        for p in points:
+            seeds = [v for v in by_point.get(p, []) if v is not None]
+            table[model][str(p)] = float(np.mean(seeds)) if seeds else None
+            if len(seeds) > 1:
+                spreads[p].append(float(np.std(seeds, ddof=1)))
+    return table, {str(p): float(np.mean(s)) if s else None for p, s in spreads.items()}
+
+
 def budget_analysis(rows: list[dict], measure: str) -> dict:
-    """Per extension budget, each subset model's measure and the best-worst gap (does it shrink?)."""
-    table = {r["run"]: {str(b): v.get(measure) for b, v in sorted(r["budgets"].items())}
-             for r in rows if len(r["budgets"]) > 1}
-    budgets = sorted({int(b) for t in table.values() for b in t})
+    """Per extension budget, each subset model's measure (mean over seeds) and the best-worst gap between
+    those means (does it shrink?), beside the seed-to-seed spread."""
+    table, seed_std = finding_by_model(rows, "budgets", measure)
     gaps = {}
-    for b in budgets:
-        values = [t.get(str(b)) for t in table.values() if t.get(str(b)) is not None]
-        gaps[str(b)] = float(max(values) - min(values)) if len(values) > 1 else None
-    return {"table": table, "gap_by_budget": gaps}
+    for b in seed_std:
+        values = [t[b] for t in table.values() if t.get(b) is not None]
+        gaps[b] = float(max(values) - min(values)) if len(values) > 1 else None
+    return {"table": table, "seed_std": seed_std, "gap_by_budget": gaps}
 
 
 def early_analysis(rows: list[dict], measure: str, final_step: int) -> dict:
-    """Per pretraining step extended from, each subset model's measure; Spearman rho of each step's
-    ranking against the final checkpoint's."""
-    table = {r["run"]: {str(p): v.get(measure) for p, v in sorted(r["early"].items())}
-             for r in rows if len(r["early"]) > 1}
-    steps = sorted({int(p) for t in table.values() for p in t})
+    """Per pretraining step extended from, each subset model's measure (mean over seeds); Spearman rho of
+    each earlier step's ranking of the models against the final checkpoint's (the reference, not compared
+    with itself)."""
+    table, seed_std = finding_by_model(rows, "early", measure)
     models = list(table)
     final = [table[m].get(str(final_step)) for m in models]
     rho = {}
-    for p in steps:
-        values = [table[m].get(str(p)) for m in models]
+    for p in seed_std:
+        if int(p) == final_step:
+            continue
+        values = [table[m].get(p) for m in models]
         keep = [i for i in range(len(models)) if values[i] is not None and final[i] is not None]
-        rho[str(p)] = spearman([values[i] for i in keep], [final[i] for i in keep]) if len(keep) >= 3 else None
-    return {"table": table, "spearman_vs_final": rho}
+        rho[p] = spearman([values[i] for i in keep], [final[i] for i in keep]) if len(keep) >= 3 else None
+    return {"table": table, "seed_std": seed_std, "spearman_vs_final": rho}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,24 +336,30 @@ def markdown(analyses: dict, rows: list[dict], settings, primary: str) -> str:
         lines += ["", f"Sinks: Pearson r of sink share ({SINK_MEASURE}) with {measure}: {fmt(sinks['pearson'])}; " +
                   "; ".join(f"{k}: r {fmt(v['pearson'])} over {v['n']} models, mean sink {fmt(v['sink_mean'])}"
                             for k, v in sinks["by_qk_norm"].items()) + "."]
-        lines += finding_table("Gaps after more extension data: the measure by extension budget (steps)",
-                               a["budgets"]["table"], "gap best - worst", a["budgets"]["gap_by_budget"])
-        lines += finding_table("The ranking is set early: the measure after extending from each pretraining step",
-                               a["early"]["table"], "Spearman rho vs the final step's ranking",
-                               a["early"]["spearman_vs_final"])
+        budgets, early = a["budgets"], a["early"]
+        lines += finding_table("Gaps after more extension data: the measure by extension budget (steps), each "
+                               "model's mean over its seeds", budgets["table"],
+                               [("gap best - worst (between the means)", budgets["gap_by_budget"]),
+                                ("seed-to-seed std (mean over models)", budgets["seed_std"])])
+        lines += finding_table(f"The ranking is set early: the measure after extending from each pretraining step, "
+                               f"each model's mean over its seeds ({len(early['table'])} models)", early["table"],
+                               [(f"Spearman rho vs the final step's ranking (step {s.steps}: the reference)",
+                                 early["spearman_vs_final"]),
+                                ("seed-to-seed std (mean over models)", early["seed_std"])])
     return "\n".join(lines) + "\n"
 
 
-def finding_table(title: str, table: dict, summary_label: str, summary: dict) -> list[str]:
-    """A further finding as a markdown table: one row per run, one column per point, and a summary row."""
+def finding_table(title: str, table: dict, summaries: list[tuple[str, dict]]) -> list[str]:
+    """A further finding as a markdown table: one row per model, one column per point, and summary rows."""
     if not table:
         return []
     points = list(next(iter(table.values())))
     if all(v is None for t in table.values() for v in t.values()):
         return ["", f"{title}: not measured for these runs."]
-    lines = ["", f"{title}:", "", "| run | " + " | ".join(points) + " |", "|---|" + "---|" * len(points)]
-    lines += [f"| {run} | " + " | ".join(fmt(t.get(p)) for p in points) + " |" for run, t in table.items()]
-    return lines + [f"| **{summary_label}** | " + " | ".join(fmt(summary.get(p)) for p in points) + " |"]
+    lines = ["", f"{title}:", "", "| model | " + " | ".join(points) + " |", "|---|" + "---|" * len(points)]
+    lines += [f"| {model} | " + " | ".join(fmt(t.get(p)) for p in points) + " |" for model, t in table.items()]
+    return lines + [f"| **{label}** | " + " | ".join(fmt(summary.get(p)) for p in points) + " |"
+                    for label, summary in summaries]
 
 
 def seed_verdict(spread: dict) -> str:

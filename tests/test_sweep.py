@@ -331,3 +331,25 @@ def test_the_qk_choice_can_move_one_switch_with_headwise_qk_norm_as_a_level(tmp_
     for wrong in (("middle", "pre"), ("pre", "pre"), ("post_LQK",)):
         with pytest.raises(sweep.SweepError, match="pre_LQK,pre"):
             Settings(out=tmp_path, qk_levels=wrong)
+
+
+def finding_rows(points: dict) -> list[dict]:
+    """Rows of three models on two seeds with only the further findings: {(model, seed): {point: loss}}."""
+    return [{"run": f"{name}/s{seed}", "name": name, "seed": seed,
+             "budgets": {p: {"loss": v} for p, v in by_point.items()},
+             "early": {p: {"loss": v} for p, v in by_point.items()}} for (name, seed), by_point in points.items()]
+
+
+def test_budget_gaps_and_early_rankings_are_over_seed_averaged_models_and_the_final_step_is_only_the_reference():
+    # single runs spread 1.0 to 3.0 at step 20; the models' seed means are 2.0, 2.1 and 2.5
+    rows = finding_rows({("a", 0): {20: 1.0, 100: 5.0, 250: 1.0}, ("a", 1): {20: 3.0, 100: 1.0, 250: 3.0},
+                         ("b", 0): {20: 2.0, 100: 4.0, 250: 2.0}, ("b", 1): {20: 2.2, 100: 4.0, 250: 2.2},
+                         ("c", 0): {20: 2.5, 100: 6.0, 250: 2.5}, ("c", 1): {20: 2.5, 100: 6.0, 250: 2.5}})
+    budgets = pool_analysis.budget_analysis(rows, "loss")
+    assert set(budgets["table"]) == {"a", "b", "c"} and budgets["table"]["a"]["20"] == pytest.approx(2.0)
+    assert budgets["gap_by_budget"]["20"] == pytest.approx(0.5)  # not 2.0, the spread of single runs
+    early = pool_analysis.early_analysis(rows, "loss", final_step=250)
+    # seed means at step 100: 3, 4, 6, ranked as the final 2.0, 2.1, 2.5 (single runs would not be: a/s0 is 5.0)
+    assert early["spearman_vs_final"]["100"] == pytest.approx(1.0)
+    assert "250" not in early["spearman_vs_final"]  # the final step is not compared with itself
+    assert early["seed_std"]["100"] == pytest.approx(np.std([5.0, 1.0], ddof=1) / 3)
