@@ -12,6 +12,7 @@ choice_descriptions() and as_dict(). This module imports neither sweep.py nor to
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
@@ -71,8 +72,9 @@ def spearman(x, y) -> float:
 
 def pairwise_effects(rows: list[dict], measure: str, choices=None) -> dict:
     """For each choice (by default those the rows record), the pairs of models that differ in that choice
-    only: the effect (harmful level's measure minus the other's) per pair, and its mean, standard deviation,
-    min and max over the pairs, i.e. the spread over the other choices' combinations."""
+    only: the effect (harmful level's measure minus the other's) per pair with the two models' names, and
+    its mean, standard deviation, min and max over the pairs, i.e. the spread over the other choices'
+    combinations, and how many pairs have a positive and a negative effect."""
     choices = tuple(rows[0]["choices"]) if choices is None and rows else tuple(choices or ())
     effects = {}
     for choice in choices:
@@ -85,15 +87,17 @@ def pairwise_effects(rows: list[dict], measure: str, choices=None) -> dict:
                     any(row["choices"].get(c) not in (0, 1) for c in others):
                 continue
             rest = tuple(row["choices"][c] for c in others)
-            by_rest.setdefault(rest, {})[level] = value
-        pairs = [{"others": dict(zip(others, rest)), "effect": levels[1] - levels[0]}
+            by_rest.setdefault(rest, {})[level] = (value, row.get("name"))
+        pairs = [{"others": dict(zip(others, rest)), "effect": levels[1][0] - levels[0][0],
+                  "harmful": levels[1][1], "other": levels[0][1]}
                  for rest, levels in sorted(by_rest.items()) if 0 in levels and 1 in levels]
         values = np.array([p["effect"] for p in pairs])
         effects[choice] = {"pairs": pairs, "n": len(pairs),
                            "mean": float(values.mean()) if len(values) else float("nan"),
                            "std": float(values.std()) if len(values) else float("nan"),
                            "min": float(values.min()) if len(values) else float("nan"),
-                           "max": float(values.max()) if len(values) else float("nan")}
+                           "max": float(values.max()) if len(values) else float("nan"),
+                           "positive": int((values > 0).sum()), "negative": int((values < 0).sum())}
     return effects
 
 
@@ -155,7 +159,7 @@ def collect(settings, runs: dict) -> list[dict]:
         beyond = [v for L, v in after["recall"].items() if L > long_context]
         shared_cell = shared.get(key.replace("/", "@"), {}).get(str(ext_len), {})
         row = {"run": key, "name": arch.name, "seed": seed, "choices": arch.choices,
-               "harmful_count": arch.harmful_count, "pretrain_context": arch.pretrain_context,
+               "harmful_count": arch.harmful_count, "pretrain_context": arch.pretrain_context, "window": arch.window,
                "val_loss_pretrain": last_val_loss(run_out / "pretrain" / "metrics.jsonl"),
                "recall_by_length": after["recall"], "loss_by_length": after["loss"],
                "recall": float(np.mean(beyond)) if beyond else None,
@@ -181,6 +185,32 @@ def collect(settings, runs: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # The paper's analysis of the rows, one measure at a time
 
+# The measure split where it arises, at L, the longer pretraining context: the three parts sum to the
+# measure at the extended length (for recall: the mean beyond L).
+PARTS = {
+    "part_pretraining": "before extension, at L: the pretrained model",
+    "part_extension": "extension, at L: the extended model minus the pretrained one",
+    "part_length": "length-specific: the extended model at the extended length minus itself at L",
+}
+AVERAGED = ("recall", "loss", "longppl", "sink", "val_loss_pretrain", *PARTS, "sink_before")
+
+
+def mean_of(values) -> float | None:
+    """The mean of the values that were measured; None where none was."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def with_parts(row: dict, measure: str, context: int) -> dict:
+    """The row with the measure's parts at `context` (None where a term was not measured: LongPPL is
+    measured at the extended length only) and the sink share before extension beside the one after."""
+    by_length = {"loss": row.get("loss_by_length", {}), "recall": row.get("recall_by_length", {})}.get(measure, {})
+    after, before, total = by_length.get(context), row["before"].get(measure), row.get(measure)
+    minus = lambda a, b: None if a is None or b is None else a - b  # noqa: E731
+    return dict(row, part_pretraining=before, part_extension=minus(after, before), part_length=minus(total, after),
+                sink_before=row["before"].get("sink"))
+
+
 def average_seeds(rows: list[dict], measure: str) -> tuple[list[dict], dict]:
     """Rows averaged over seeds per model, and the seed-to-seed spread (mean over models of the std)."""
     by_name = {}
@@ -189,11 +219,9 @@ def average_seeds(rows: list[dict], measure: str) -> tuple[list[dict], dict]:
     merged, spreads = [], []
     for name, group in by_name.items():
         row = dict(group[0], run=name, seeds=[r["seed"] for r in group])
-        for key in ("recall", "loss", "longppl", "sink", "val_loss_pretrain"):
-            values = [r[key] for r in group if r.get(key) is not None]
-            row[key] = float(np.mean(values)) if values else None
-        values = [r["before"].get(measure) for r in group if r["before"].get(measure) is not None]
-        row["before"] = dict(group[0]["before"], **{measure: float(np.mean(values)) if values else None})
+        for key in AVERAGED:
+            row[key] = mean_of(r.get(key) for r in group)
+        row["before"] = {key: mean_of(r["before"].get(key) for r in group) for key in group[0]["before"]}
         seeds = [r[measure] for r in group if r.get(measure) is not None]
         if len(seeds) > 1:
             spreads.append(float(np.std(seeds, ddof=1)))
@@ -201,38 +229,88 @@ def average_seeds(rows: list[dict], measure: str) -> tuple[list[dict], dict]:
     return merged, {"seed_std_mean": float(np.mean(spreads)) if spreads else None, "models_with_seeds": len(spreads)}
 
 
+def effects_beside_seeds(runs: list[dict], models: list[dict], key: str) -> dict:
+    """pairwise_effects of `key` over the seed-averaged models, each choice with the mean effect on every
+    seed alone (pairs within one seed) and the std of those means over the seeds: the seed spread."""
+    effects = pairwise_effects(models, key)
+    seeds = sorted({r["seed"] for r in runs})
+    by_seed = {s: pairwise_effects([r for r in runs if r["seed"] == s], key) for s in seeds}
+    for choice, effect in effects.items():
+        means = {str(s): by_seed[s][choice]["mean"] for s in seeds if by_seed[s].get(choice, {}).get("n")}
+        effect["by_seed"] = means
+        effect["seed_std"] = float(np.std(list(means.values()), ddof=1)) if len(means) > 1 else None
+    return effects
+
+
+def swa_pairs(models: list[dict], effects: dict) -> dict:
+    """The swa pairs split by what they test, with each group's mean effect for every key of `effects`
+    ({key: pairwise effects}). A windowed model pretrained at a context no longer than its window saw every
+    token on its windowed layers, as a global layer does: the pair's pretrained models are the same function
+    at that length, and the pair tests only the windows met at extension (and at the longer lengths)."""
+    by_name = {m["name"]: m for m in models}
+
+    def extension_only(pair: dict) -> bool | None:
+        windowed = by_name.get(pair["harmful"], {})
+        return None if windowed.get("window") is None else windowed["pretrain_context"] <= windowed["window"]
+
+    groups = {}
+    for label, wanted in (("extension_only", True), ("pretraining_too", False)):
+        pairs = [p for p in next(iter(effects.values()))["swa"]["pairs"] if extension_only(p) is wanted]
+        if pairs:
+            groups[label] = {"pairs": [f"{p['harmful']} - {p['other']}" for p in pairs], "n": len(pairs),
+                             "mean": {key: mean_of(p["effect"] for p in e["swa"]["pairs"]
+                                                   if extension_only(p) is wanted) for key, e in effects.items()}}
+    return groups
+
+
+def sink_analysis(runs: list[dict], models: list[dict], measure: str) -> dict:
+    """Sink share against the measure, after extension (the extended models) and before it (the pretrained
+    models, against the measure before extension): Pearson r over all models and within each level of qk
+    and of swa, the mean sink share per level, and each choice's pairwise effect on the sink share."""
+    found = {}
+    for when, sink_key in (("after", "sink"), ("before", "sink_before")):
+        sinks = np.array([np.nan if m.get(sink_key) is None else m[sink_key] for m in models], float)
+        value = (lambda m: m.get(measure)) if when == "after" else (lambda m: m["before"].get(measure))
+        y = np.array([np.nan if value(m) is None else value(m) for m in models], float)
+        within = {}
+        for choice, level in itertools.product(("qk", "swa"), (1, 0)):
+            pick = np.array([m["choices"].get(choice) == level for m in models], bool)
+            measured = sinks[pick][np.isfinite(sinks[pick])]
+            within[f"{choice}={level}"] = {"n": int(pick.sum()), "pearson": pearson(sinks[pick], y[pick]),
+                                           "sink_mean": float(measured.mean()) if len(measured) else None}
+        found[when] = {"pearson": pearson(sinks, y), "within": within,
+                       "effects": effects_beside_seeds(runs, models, sink_key)}
+    return dict(found["after"], before=found["before"])
+
+
 def analyze(rows: list[dict], measure: str, settings) -> dict:
     """The paper's analysis on the rows (one per run) for one measure."""
     description, higher_is_better = MEASURES[measure]
-    merged, seeds = average_seeds(rows, measure)
+    runs = [with_parts(r, measure, settings.long_context()) for r in rows]
+    merged, seeds = average_seeds(runs, measure)
     scored = [r for r in merged if r.get(measure) is not None]
     y = np.array([r[measure] for r in scored], float)
     column = lambda key: np.array([np.nan if r.get(key) is None else r[key] for r in scored], float)  # noqa: E731
     before = np.array([np.nan if r["before"].get(measure) is None else r["before"][measure] for r in scored], float)
-    sinks = column("sink")
-    qk = np.array([r["choices"].get("qk") for r in scored], dtype=object)
-    sink_split = {}
-    for level, label in ((1, "post + QK norm"), (0, "pre, no QK norm")):
-        pick = qk == level
-        measured = sinks[pick][np.isfinite(sinks[pick])]
-        sink_split[label] = {"n": int(pick.sum()), "pearson": pearson(sinks[pick], y[pick]),
-                             "sink_mean": float(measured.mean()) if len(measured) else None}
-    model_spread = float(np.std(y, ddof=1)) if len(y) > 1 else None
+    effects = {key: effects_beside_seeds(runs, scored, key) for key in (measure, *PARTS)}
     analysis = {
         "measure": measure, "description": description, "higher_is_better": higher_is_better,
         "models": len(scored),
         "r2": {"harmful_count": r_squared(column("harmful_count"), y),
                "pretraining_val_loss": r_squared(column("val_loss_pretrain"), y),
                "before_extension": r_squared(before, y),
-               "sink_share": r_squared(sinks, y)},
+               "sink_share": r_squared(column("sink"), y)},
         "paper_r2_7b": {"harmful_count": 0.67, "pretraining_val_loss": 0.29, "before_extension": 0.32,
                         "sink_share": 0.38},
-        "pairwise": pairwise_effects(scored, measure),
-        "sinks": {"pearson": pearson(sinks, y), "by_qk_norm": sink_split},
-        "spread": {"between_models_std": model_spread, **seeds},
+        "pairwise": effects[measure],
+        "parts": {part: effects[part] for part in PARTS},
+        "parts_r2_count": {part: r_squared(column("harmful_count"), column(part)) for part in PARTS},
+        "swa_pairs": swa_pairs(scored, effects),
+        "sinks": sink_analysis(runs, scored, measure),
+        "spread": {"between_models_std": float(np.std(y, ddof=1)) if len(y) > 1 else None, **seeds},
         "table": [{k: r.get(k) for k in ("name", "seeds", "choices", "harmful_count", "val_loss_pretrain",
-                                           "recall", "loss", "longppl", "sink")} | {"before": r["before"][measure]}
-                  for r in merged],
+                                           "recall", "loss", "longppl", "sink", *PARTS)}
+                  | {"before": r["before"].get(measure)} for r in merged],
     }
     analysis["budgets"] = budget_analysis(rows, measure)
     analysis["early"] = early_analysis(rows, measure, settings.steps)
@@ -313,40 +391,121 @@ def markdown(analyses: dict, rows: list[dict], settings, primary: str) -> str:
         lines.append(f"| {r['name']} | {r['seed']} | {r['harmful_count']} | {fmt(r['val_loss_pretrain'])} | "
                      f"{fmt(r['before']['loss'])} | {recall} | {loss} | {fmt(r['recall'], 1)} | {fmt(r['longppl'])} | "
                      f"{fmt(r['sink'])} |")
-    descriptions = settings.choice_descriptions()
     for measure, a in analyses.items():
-        lines += ["", f"## {measure}: {a['description']} ({'higher' if a['higher_is_better'] else 'lower'} is better)",
-                  "", f"{a['models']} models (seeds averaged). Spread between models (std): "
-                  f"{fmt(a['spread']['between_models_std'])}; seed-to-seed (mean std over "
-                  f"{a['spread']['models_with_seeds']} models): {fmt(a['spread']['seed_std_mean'])}.", "",
-                  seed_verdict(a["spread"]), "",
-                  "| R² of the measure against | here | paper (7B, HELMET-32K) |", "|---|---|---|"]
-        for key, label in (("harmful_count", "count of harmful choices"), ("pretraining_val_loss", "pretraining loss"),
-                           ("before_extension", "the same measure before extension"), ("sink_share", "sink share")):
-            lines.append(f"| {label} | {fmt(a['r2'][key])} | {a['paper_r2_7b'][key]} |")
-        lines += ["", "Pairwise: the measure of the model with the harmful level minus that of its twin with the "
-                  "other level "
-                  f"({'negative' if a['higher_is_better'] else 'positive'}: the harmful level is worse).", "",
-                  "| choice (harmful level minus other) | pairs | mean effect | std over the others | min | max |",
-                  "|---|---|---|---|---|---|"]
-        for choice, e in a["pairwise"].items():
-            lines.append(f"| {choice}: {descriptions[choice]} | {e['n']} | {fmt(e['mean'])} | {fmt(e['std'])} | "
-                         f"{fmt(e['min'])} | {fmt(e['max'])} |")
-        sinks = a["sinks"]
-        lines += ["", f"Sinks: Pearson r of sink share ({SINK_MEASURE}) with {measure}: {fmt(sinks['pearson'])}; " +
-                  "; ".join(f"{k}: r {fmt(v['pearson'])} over {v['n']} models, mean sink {fmt(v['sink_mean'])}"
-                            for k, v in sinks["by_qk_norm"].items()) + "."]
-        budgets, early = a["budgets"], a["early"]
-        lines += finding_table("Gaps after more extension data: the measure by extension budget (steps), each "
-                               "model's mean over its seeds", budgets["table"],
-                               [("gap best - worst (between the means)", budgets["gap_by_budget"]),
-                                ("seed-to-seed std (mean over models)", budgets["seed_std"])])
-        lines += finding_table(f"The ranking is set early: the measure after extending from each pretraining step, "
-                               f"each model's mean over its seeds ({len(early['table'])} models)", early["table"],
-                               [(f"Spearman rho vs the final step's ranking (step {s.steps}: the reference)",
-                                 early["spearman_vs_final"]),
-                                ("seed-to-seed std (mean over models)", early["seed_std"])])
+        lines += measure_section(a, settings)
     return "\n".join(lines) + "\n"
+
+
+def measure_section(a: dict, settings) -> list[str]:
+    """One measure's section: spreads, R², the pairwise effects and where they arise, the SWA pairs, sinks
+    and the further findings."""
+    s, measure = settings, a["measure"]
+    lines = ["", f"## {measure}: {a['description']} ({'higher' if a['higher_is_better'] else 'lower'} is better)",
+             "", f"{a['models']} models (seeds averaged). Spread between models (std): "
+             f"{fmt(a['spread']['between_models_std'])}; seed-to-seed (mean std over "
+             f"{a['spread']['models_with_seeds']} models): {fmt(a['spread']['seed_std_mean'])}.", "",
+             seed_verdict(a["spread"]), "",
+             "| R² of the measure against | here | paper (7B, HELMET-32K) |", "|---|---|---|"]
+    for key, label in (("harmful_count", "count of harmful choices"), ("pretraining_val_loss", "pretraining loss"),
+                       ("before_extension", "the same measure before extension"), ("sink_share", "sink share")):
+        lines.append(f"| {label} | {fmt(a['r2'][key])} | {a['paper_r2_7b'][key]} |")
+    lines += effects_table(a, s.choice_descriptions()) + parts_table(a, s) + swa_lines(a, s) + sinks_table(a, s)
+    budgets, early = a["budgets"], a["early"]
+    lines += finding_table("Gaps after more extension data: the measure by extension budget (steps), each "
+                           "model's mean over its seeds", budgets["table"],
+                           [("gap best - worst (between the means)", budgets["gap_by_budget"]),
+                            ("seed-to-seed std (mean over models)", budgets["seed_std"])])
+    lines += finding_table(f"The ranking is set early: the measure after extending from each pretraining step, "
+                           f"each model's mean over its seeds ({len(early['table'])} models)", early["table"],
+                           [(f"Spearman rho vs the final step's ranking (step {s.steps}: the reference)",
+                             early["spearman_vs_final"]),
+                            ("seed-to-seed std (mean over models)", early["seed_std"])])
+    return lines
+
+
+def effect_cell(effect: dict, higher_is_better: bool | None) -> str:
+    """mean ± seed spread (in how many pairs the harmful level is worse; with None: higher)."""
+    count, word = ((effect["positive"], "higher") if higher_is_better is None else
+                   (effect["negative" if higher_is_better else "positive"], "worse"))
+    return f"{fmt(effect['mean'])} ± {fmt(effect.get('seed_std'))} ({word} in {count}/{effect['n']})"
+
+
+def effects_table(a: dict, descriptions: dict) -> list[str]:
+    better = "negative" if a["higher_is_better"] else "positive"
+    lines = ["", "Pairwise: the measure of the model with the harmful level minus that of its twin with the other "
+             f"level, over seed-averaged models ({better}: the harmful level is worse). Seed spread: the std over "
+             "seeds of the mean effect computed on each seed alone.", "",
+             "| choice (harmful level minus other) | pairs | mean effect | seed spread | harmful worse in | "
+             "std over the others | min | max |", "|---|---|---|---|---|---|---|---|"]
+    for choice, e in a["pairwise"].items():
+        worse = e["negative" if a["higher_is_better"] else "positive"]
+        lines.append(f"| {choice}: {descriptions[choice]} | {e['n']} | {fmt(e['mean'])} | {fmt(e.get('seed_std'))} | "
+                     f"{worse}/{e['n']} | {fmt(e['std'])} | {fmt(e['min'])} | {fmt(e['max'])} |")
+    return lines
+
+
+def parts_table(a: dict, settings) -> list[str]:
+    """Each effect beside its parts: before extension, the extension at L, and the length-specific part."""
+    L, extended = settings.long_context(), settings.ext_len()
+    title = "Where each effect arises"
+    if not any(e["n"] for part in a["parts"].values() for e in part.values()):
+        return ["", f"{title}: not measured for {a['measure']} (no value at the pretraining length {L})."]
+    descriptions, higher = settings.choice_descriptions(), a["higher_is_better"]
+    lines = ["", f"{title}: the measure at {extended} = before extension (the pretrained model at L = {L}) + "
+             f"extension (the extended model at {L} minus the pretrained one) + length-specific (the extended model "
+             f"at {extended} minus itself at {L}). Each cell: mean effect ± seed spread (pairs where the harmful "
+             "level is worse).", "",
+             f"| choice | total | before extension, at {L} | extension, at {L} | "
+             f"length-specific: {extended} minus {L} |",
+             "|---|---|---|---|---|"]
+    for choice, e in a["pairwise"].items():
+        lines.append(f"| {choice}: {descriptions[choice]} | {effect_cell(e, higher)} | " +
+                     " | ".join(effect_cell(a["parts"][part][choice], higher) for part in PARTS) + " |")
+    return lines + ["| **R² against the count of harmful choices** | " + fmt(a["r2"]["harmful_count"]) + " | " +
+                    " | ".join(fmt(a["parts_r2_count"][part]) for part in PARTS) + " |"]
+
+
+def swa_lines(a: dict, settings) -> list[str]:
+    """Which SWA pairs test only the windows met at extension, and each group's effect and parts."""
+    groups = a["swa_pairs"]
+    if "extension_only" not in groups:
+        return []
+    said = {label: f"{fmt(g['mean'][a['measure']])} (" + ", ".join(
+        f"{name} {fmt(g['mean'][part])}" for part, name in zip(PARTS, ("before extension", "extension",
+                                                                      "length-specific"))) + ")"
+            for label, g in groups.items()}
+    only = groups["extension_only"]
+    lines = ["", f"SWA pairs that test only the windows met at extension ({only['n']} of "
+             f"{sum(g['n'] for g in groups.values())}: {', '.join(only['pairs'])}): the windowed model was pretrained "
+             "at a context no longer than its window, so its windowed layers saw every token, as global ones do, "
+             "and the pair's pretrained models are the same function at that length. Their mean effect: "
+             f"{said['extension_only']}."]
+    if "pretraining_too" in groups:
+        lines[-1] += f" The other {groups['pretraining_too']['n']} pairs, windows in pretraining too: " \
+                     f"{said['pretraining_too']}."
+    return lines
+
+
+def sinks_table(a: dict, settings) -> list[str]:
+    """Sink share against the measure, before and after extension, within each level of qk and swa."""
+    sinks, L, extended = a["sinks"], settings.long_context(), settings.ext_len()
+    harmful, other = settings.qk_levels
+    labels = {"qk=1": f"qk {harmful}", "qk=0": f"qk {other}", "swa=1": "windowed", "swa=0": "all global"}
+    lines = ["", f"Sinks ({SINK_MEASURE}: attention on the first 100 tokens from the query at position 4000, or the "
+             "last when shorter). From a query beyond the window, windowed layers cannot see the first tokens, so "
+             "where windows exist this share also measures the windows: read it within each swa level.", "",
+             f"| sink share | after extension, at {extended} | before extension, at {L} |", "|---|---|---|",
+             f"| Pearson r with {a['measure']} (before: with {a['measure']} before extension), all models | "
+             f"{fmt(sinks['pearson'])} | {fmt(sinks['before']['pearson'])} |"]
+    for key, label in labels.items():
+        after, before = sinks["within"][key], sinks["before"]["within"][key]
+        lines.append(f"| r within {label} ({after['n']} models); mean sink share | {fmt(after['pearson'])}; "
+                     f"{fmt(after['sink_mean'])} | {fmt(before['pearson'])}; {fmt(before['sink_mean'])} |")
+    for choice in ("qk", "swa"):
+        lines.append(f"| {choice}'s effect on the sink share (± seed spread; pairs where it is higher) | "
+                     f"{effect_cell(sinks['effects'][choice], None)} | "
+                     f"{effect_cell(sinks['before']['effects'][choice], None)} |")
+    return lines
 
 
 def finding_table(title: str, table: dict, summaries: list[tuple[str, dict]]) -> list[str]:

@@ -353,3 +353,43 @@ def test_budget_gaps_and_early_rankings_are_over_seed_averaged_models_and_the_fi
     assert early["spearman_vs_final"]["100"] == pytest.approx(1.0)
     assert "250" not in early["spearman_vs_final"]  # the final step is not compared with itself
     assert early["seed_std"]["100"] == pytest.approx(np.std([5.0, 1.0], ddof=1) / 3)
+
+
+def decomposed_pool_rows() -> list[dict]:
+    """The grid on two seeds, the loss built from known parts: ctx acts before extension (+0.3), gqa in
+    the extension at L = 256 (+0.1), swa at the extended length only (+0.2, +0.3 where the windowed model was
+    pretrained at 128 = its window), and qk on seed 1 only (+0.04)."""
+    rows = []
+    for arch, seed in itertools.product(sweep.grid(), (0, 1)):
+        c = arch.choices
+        before = 3 + 0.3 * c["ctx"]
+        at_256 = before + 0.1 * c["gqa"]
+        at_2048 = at_256 + (0.2 + 0.1 * c["ctx"]) * c["swa"] + 0.04 * c["qk"] * seed
+        rows.append({"run": f"{arch.name}/s{seed}", "name": arch.name, "seed": seed, "choices": c,
+                     "harmful_count": arch.harmful_count, "pretrain_context": arch.pretrain_context,
+                     "window": arch.window, "val_loss_pretrain": before, "recall_by_length": {},
+                     "loss_by_length": {256: at_256, 2048: at_2048}, "recall": None, "loss": at_2048,
+                     "longppl": None, "sink": 0.1, "before": {"loss": before, "recall": None, "sink": 0.2},
+                     "budgets": {}, "early": {}})
+    return rows
+
+
+def test_each_effect_is_split_where_it_arises_with_its_seed_spread_and_the_swa_pairs_that_test_only_extension(
+        tmp_path):
+    settings = Settings(out=tmp_path)
+    analysis = pool_analysis.analyze(decomposed_pool_rows(), "loss", settings)
+    parts = {part: {choice: e["mean"] for choice, e in analysis["parts"][part].items()} for part in pool_analysis.PARTS}
+    assert parts["part_pretraining"] == pytest.approx(dict(qk=0, gqa=0, swa=0, ctx=0.3))
+    assert parts["part_extension"] == pytest.approx(dict(qk=0, gqa=0.1, swa=0, ctx=0))
+    assert parts["part_length"] == pytest.approx(dict(qk=0.02, gqa=0, swa=0.25, ctx=0.05))
+    assert analysis["pairwise"]["ctx"]["mean"] == pytest.approx(0.35)  # the parts add up to the effect
+    qk = analysis["pairwise"]["qk"]
+    assert qk["by_seed"] == pytest.approx({"0": 0.0, "1": 0.04})
+    assert qk["seed_std"] == pytest.approx(0.04 / np.sqrt(2)) and analysis["pairwise"]["gqa"]["seed_std"] == 0
+    # windowed models pretrained at 128 with window 128 saw every token in pretraining, as global ones
+    only, too = analysis["swa_pairs"]["extension_only"], analysis["swa_pairs"]["pretraining_too"]
+    assert only["n"] == 4 and all("_128_SWA - " in pair for pair in only["pairs"]) and too["n"] == 4
+    assert (only["mean"]["loss"], too["mean"]["loss"]) == pytest.approx((0.3, 0.2))
+    text = pool_analysis.markdown({"loss": analysis}, decomposed_pool_rows(), settings, "loss")
+    assert "Where each effect arises" in text and "test only the windows met at extension (4 of 8" in text
+    assert "0.350 ± 0.000 (worse in 8/8)" in text  # ctx: every pair, both seeds alike
