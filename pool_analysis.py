@@ -578,42 +578,55 @@ def plots(analyses: dict, out: Path) -> list[str]:
     return written
 
 
-def write_analysis(settings, rows: list[dict], primary: str, results_dir: Path | None, command: list[str],
-                   machine: str) -> dict:
+def rows_from_json(rows: list[dict]) -> list[dict]:
+    """Rows as collect makes them, from an analysis.json (JSON spells the lengths and steps as strings)."""
+    integer_keys = lambda mapping: {int(k): v for k, v in mapping.items()}  # noqa: E731
+    return [dict(row, **{key: integer_keys(row[key]) for key in ("recall_by_length", "loss_by_length", "budgets",
+                                                                  "early") if key in row}) for row in rows]
+
+
+def write_analysis(settings, rows: list[dict], primary: str, command: list[str], machine: str, out: Path,
+                   results_dir: Path | None = None, rows_from: dict | None = None) -> dict:
     """The analysis of the rows into OUT/analysis (analysis.json, analysis.md, plots), and with results_dir
-    a copy there with the sweep's index and COMMAND.md (the command and the machine)."""
-    out = Path(settings.out)
+    a copy there with the sweep's index and COMMAND.md. rows_from: where rows read from an earlier
+    analysis.json came from (its file, and the command and machine that collected them)."""
     analyses = {m: analyze(rows, m, settings) for m in MEASURES
                 if any(r.get(m) is not None for r in rows)}
     if primary not in analyses:
         raise AnalysisError(f"--measure {primary}: no run has it yet (finished runs: "
-                         f"{sum(r['loss'] is not None for r in rows)}); run the sweep first or pick "
-                         f"one of {sorted(analyses) or list(MEASURES)}")
+                            f"{sum(r['loss'] is not None for r in rows)}); run the sweep first or pick "
+                            f"one of {sorted(analyses) or list(MEASURES)}")
     analyses = {primary: analyses[primary]} | analyses
     report = {"command": command, "machine": machine, "settings": settings.as_dict(), "primary": primary,
-              "rows": rows, "analyses": analyses}
-    target = out / "analysis"
+              **({"rows_from": rows_from} if rows_from else {}), "rows": rows, "analyses": analyses}
+    target = Path(out) / "analysis"
     target.mkdir(parents=True, exist_ok=True)
     # NaN stands for an undefined statistic (a constant column); default=str for any stray value
     files.write_atomically(target / "analysis.json", json.dumps(report, indent=1, default=str))
     files.write_atomically(target / "analysis.md", markdown(analyses, rows, settings, primary))
     plots(analyses, target)
-    if results_dir is not None:  # the committed copy: small files only, never checkpoints
-        results_dir = Path(results_dir)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        for file in target.iterdir():
-            shutil.copy2(file, results_dir / file.name)
-        for name in ("index.json", "index.md"):
-            if (out / name).is_file():
-                shutil.copy2(out / name, results_dir / name)
-        index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}
-        ran = index.get("command")
-        text = (f"Analysis by\n\n```bash\n{' '.join(command)}\n```\n\non {machine}, "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')}.\n")
-        if ran and ran != command:
-            text = (f"Stages run by the last sweep command on {out}\n\n```bash\n{' '.join(ran)}\n```\n\non "
-                    f"{index.get('machine')}.\n\n" + text)
-        files.write_atomically(results_dir / "COMMAND.md", text)
+    if results_dir is not None:
+        copy_results(Path(out), Path(results_dir), command, machine, rows_from)
     return report
 
 
+def copy_results(out: Path, results_dir: Path, command: list[str], machine: str, rows_from: dict | None) -> None:
+    """The committed copy: the analysis, plots and index (small files only, never checkpoints) and
+    COMMAND.md, which says which commands made them, on which machines."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for file in (out / "analysis").iterdir():
+        shutil.copy2(file, results_dir / file.name)
+    for name in ("index.json", "index.md"):
+        if (out / name).is_file():
+            shutil.copy2(out / name, results_dir / name)
+    index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}
+    ran = index.get("command")
+    text = (f"Analysis by\n\n```bash\n{' '.join(command)}\n```\n\non {machine}, "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}.\n")
+    if ran and ran != command:
+        text = (f"Stages run by the last sweep command on {out}\n\n```bash\n{' '.join(ran)}\n```\n\non "
+                f"{index.get('machine')}.\n\n" + text)
+    if rows_from:
+        text = (f"Rows read from {rows_from['file']}, collected from the runs by\n\n```bash\n"
+                f"{' '.join(rows_from['command'] or [])}\n```\n\non {rows_from['machine']}.\n\n" + text)
+    files.write_atomically(results_dir / "COMMAND.md", text)

@@ -704,6 +704,8 @@ def add_sweep_flags(p, d: Settings) -> None:
       help="more train.py flags for every pretraining run, as one string")
     p("--plan", action="store_true", help="print every stage, its command and whether it would run; run nothing")
     p("--analyze_only", action="store_true", help="only read finished results and write the analysis")
+    p("--from_rows", help="analyse the rows an earlier analysis.json holds, with the settings it records (this "
+                          "command's --out, --measure, --results); no run is read or run")
     p("--results", help="also copy the analysis, plots and index here (a folder to commit)")
 
 
@@ -712,6 +714,7 @@ class Invocation:
     """What this command does with the settings: the flags that are not a run's settings."""
     plan: bool
     analyze_only: bool
+    from_rows: str | None
     results: str | None
     measure: str
     jobs: int
@@ -743,7 +746,7 @@ def settings_from_flags(flags: dict) -> tuple[Settings, Invocation]:
                                    "data": str(Path(flags["data"]).resolve()) if flags["data"] else None,
                                    "device": "cuda" if invocation.gpus else "cpu",
                                    "extra_train": tuple(flags["extra_train"].split()), "shape": shape})
-    if settings.data is None:  # prepared (a minute on first use) only once the flags are known good
+    if settings.data is None and not invocation.from_rows:  # prepared (a minute) once the flags are known good
         settings = dataclasses.replace(settings, data=default_data(settings.size))
     return settings, invocation
 
@@ -753,11 +756,36 @@ def run_folders(settings: Settings, members: dict) -> dict:
     return {key: (arch, seed, run_folder(settings, arch, seed)) for key, (arch, seed) in members.items()}
 
 
+def settings_from_record(record: dict) -> Settings:
+    """Settings as an index.json or analysis.json records them (JSON lists back to tuples); a field the
+    record lacks takes its default, which is what a sweep before that field ran with."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names}
+    return Settings(**values | {"out": Path(values["out"])})
+
+
+def analyse_rows(source: Path, out: Path, invocation: Invocation, command: list[str]) -> int:
+    """--from_rows: the analysis of the rows an earlier analysis.json holds, with the settings it records,
+    into OUT/analysis (and --results). The plan fills in what older rows lack (the windows)."""
+    report = json.loads(source.read_text())
+    settings = settings_from_record(report["settings"])
+    windows = {arch.name: arch.window for arch in architectures(settings)}
+    rows = [{"window": windows.get(row["name"]), **row} for row in pool_analysis.rows_from_json(report["rows"])]
+    rows_from = report.get("rows_from") or {"file": str(source), "command": report.get("command"),
+                                            "machine": report.get("machine")}
+    pool_analysis.write_analysis(settings, rows, invocation.measure, command, machine(), out, invocation.results,
+                                 rows_from)
+    print((out / "analysis" / "analysis.md").read_text())
+    return 0
+
+
 def main(argv=None) -> int:
     flags = vars(build_parser().parse_args(argv))
     command = [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]
     try:
         settings, invocation = settings_from_flags(flags)
+        if invocation.from_rows:
+            return analyse_rows(Path(invocation.from_rows), settings.out, invocation, command)
         stages, members = plan(settings)
         if invocation.plan:
             for stage in stages:
@@ -773,8 +801,8 @@ def main(argv=None) -> int:
                 failure = error  # analyse what finished, then report the failures
             write_index(stages, records, settings, command)
         rows = pool_analysis.collect(settings, run_folders(settings, members))
-        report = pool_analysis.write_analysis(settings, rows, invocation.measure, invocation.results, command,
-                                              machine())
+        report = pool_analysis.write_analysis(settings, rows, invocation.measure, command, machine(), settings.out,
+                                              invocation.results)
         print((Path(settings.out) / "analysis" / "analysis.md").read_text())
         if not invocation.analyze_only and failure is not None:
             raise failure

@@ -393,3 +393,20 @@ def test_each_effect_is_split_where_it_arises_with_its_seed_spread_and_the_swa_p
     text = pool_analysis.markdown({"loss": analysis}, decomposed_pool_rows(), settings, "loss")
     assert "Where each effect arises" in text and "test only the windows met at extension (4 of 8" in text
     assert "0.350 ± 0.000 (worse in 8/8)" in text  # ctx: every pair, both seeds alike
+
+
+def test_the_analysis_is_regenerated_from_the_rows_an_earlier_analysis_json_holds(tmp_path):
+    rows = [{k: v for k, v in row.items() if k != "window"} for row in decomposed_pool_rows()]  # an older file
+    earlier = {"command": ["sweep.py", "--out", "runs/x"], "machine": "an earlier machine",
+               "settings": Settings(out=tmp_path / "runs").as_dict(), "rows": rows}
+    (tmp_path / "analysis.json").write_text(json.dumps(earlier))
+    argv = ["--from_rows", str(tmp_path / "analysis.json"), "--out", str(tmp_path / "new"),
+            "--results", str(tmp_path / "results")]
+    assert sweep.main(argv) == 0
+    report = json.loads((tmp_path / "results" / "analysis.json").read_text())
+    loss = report["analyses"]["loss"]
+    assert loss["parts"]["part_pretraining"]["ctx"]["mean"] == pytest.approx(0.3)
+    assert loss["swa_pairs"]["extension_only"]["n"] == 4  # the windows come from the plan
+    assert report["rows_from"]["machine"] == "an earlier machine"
+    assert "an earlier machine" in (tmp_path / "results" / "COMMAND.md").read_text()
+    assert (tmp_path / "results" / "loss_vs_count.png").is_file()
