@@ -410,6 +410,8 @@ def measure_section(a: dict, settings) -> list[str]:
                        ("before_extension", "the same measure before extension"), ("sink_share", "sink share")):
         lines.append(f"| {label} | {fmt(a['r2'][key])} | {a['paper_r2_7b'][key]} |")
     lines += effects_table(a, s.choice_descriptions()) + parts_table(a, s) + swa_lines(a, s) + sinks_table(a, s)
+    if measure == "longppl":
+        lines += longppl_evaluator_lines(a, s)
     budgets, early = a["budgets"], a["early"]
     lines += finding_table("Gaps after more extension data: the measure by extension budget (steps), each "
                            "model's mean over its seeds", budgets["table"],
@@ -484,6 +486,22 @@ def swa_lines(a: dict, settings) -> list[str]:
         lines[-1] += f" The other {groups['pretraining_too']['n']} pairs, windows in pretraining too: " \
                      f"{said['pretraining_too']}."
     return lines
+
+
+def longppl_evaluator_lines(a: dict, settings) -> list[str]:
+    """Who chose LongPPL's key tokens and, where that was one of the compared runs, the bias it brings."""
+    evaluator = settings.longppl_evaluator_name()
+    if evaluator not in {row["name"] for row in a["table"]}:
+        return ["", f"LongPPL's key tokens were chosen by `{evaluator}`, a checkpoint outside the compared models."]
+    without = {}
+    for choice, e in a["pairwise"].items():
+        kept = [p["effect"] for p in e["pairs"] if evaluator not in (p["harmful"], p["other"])]
+        without[choice] = f"{choice} {fmt(mean_of(kept))} over {len(kept)} pairs"
+    return ["", f"LongPPL's key tokens were chosen by {evaluator}/s{settings.seeds[0]}, one of the compared runs: "
+            "under its own weights every key token has a loss below 2, so its LongPPL is capped at e² (7.39), and "
+            f"each pair that holds {evaluator} leans its way. Mean effects without those pairs: "
+            f"{', '.join(without.values())}. A checkpoint outside the grid (--longppl_evaluator FOLDER) has no "
+            "such bias."]
 
 
 def sinks_table(a: dict, settings) -> list[str]:

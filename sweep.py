@@ -354,6 +354,12 @@ class Settings:
     def eval_lengths(self) -> list[int]:
         return [f * self.long_context() for f in self.eval_factors]
 
+    def longppl_evaluator_name(self) -> str:
+        """The run (or the checkpoint folder outside the grid) whose extended model picks LongPPL's key tokens:
+        --longppl_evaluator, by default the run without a harmful choice."""
+        runs = architectures(self)
+        return self.longppl_evaluator or (representative(runs) or [r.name for r in runs])[0]
+
     def choice_descriptions(self) -> dict[str, str]:
         return {"qk": qk_description(self.qk_levels), **CHOICE_DESCRIPTIONS}
 
@@ -473,22 +479,41 @@ def run_stages(settings: Settings, arch: Architecture, seed: int, budget_models:
     return stages
 
 
+def outside_checkpoint(spec: str) -> str | None:
+    """A checkpoint outside the grid given to --longppl_evaluator (our folder or hf:DIR), absolute since
+    every stage runs in the repository's folder; None where spec names no folder."""
+    folder = Path(spec.removeprefix("hf:")).resolve()
+    if not folder.is_dir():
+        return None
+    return ("hf:" if spec.startswith("hf:") else "") + str(folder)
+
+
 def longppl_stage(settings: Settings, runs: list[Architecture], members: dict) -> Stage:
-    """LongPPL on the same key tokens for every extended model: one evaluator picks them, by default the run
-    without a harmful choice (the paper used a strong outside model; none is at hand offline)."""
+    """LongPPL on the same key tokens for every extended model: one evaluator picks them, evaluate.py's first
+    checkpoint. By default the run without a harmful choice, whose own LongPPL that choice caps (the analysis
+    says so); LongPPL's authors use a strong model outside the compared ones, which --longppl_evaluator
+    takes as a checkpoint folder (labelled "evaluator")."""
     s, names = settings, [r.name for r in runs]
     extended = [(key, step_dir(run_folder(s, arch, seed) / "extend", s.ext_steps))
                 for key, (arch, seed) in members.items()]
-    evaluator_name = s.longppl_evaluator or (representative(runs) or names)[0]
-    if evaluator_name not in names:
-        raise SweepError(f"--longppl_evaluator {evaluator_name!r}: no such run; the runs are {', '.join(names)}")
+    evaluator_name = s.longppl_evaluator_name()
+    outside = None if evaluator_name in names else outside_checkpoint(evaluator_name)
+    if evaluator_name not in names and outside is None:
+        raise SweepError(f"--longppl_evaluator {evaluator_name!r}: no such run; the runs are {', '.join(names)}; "
+                         f"or give a checkpoint folder outside the grid (our folder or hf:DIR)")
     extended.sort(key=lambda item: not item[0].startswith(evaluator_name + "/"))  # evaluate.py's evaluator: the first
+    checkpoints = [str(c) for _, c in extended]
+    labels = [k.replace("/", "@") for k, _ in extended]
+    inputs = [c for _, c in extended]
+    if outside is not None:
+        checkpoints, labels = [outside, *checkpoints], ["evaluator", *labels]
+        if (Path(outside) / "model.safetensors").is_file():  # our folder: the stamp records its weights too
+            inputs = [Path(outside), *inputs]
     longppl_out = Path(s.out) / "longppl"
     return Stage("longppl", [
-        python(), "evaluate.py", *[str(c) for _, c in extended],
-        "--labels", ",".join(k.replace("/", "@") for k, _ in extended),
+        python(), "evaluate.py", *checkpoints, "--labels", ",".join(labels),
         "--modes", "longppl", "--lengths", str(s.ext_len()), *held_out_flags(s), "--out", str(longppl_out)],
-        out=longppl_out, outputs=[longppl_out / "results.json"], inputs=[c for _, c in extended],
+        out=longppl_out, outputs=[longppl_out / "results.json"], inputs=inputs,
         after=[f"{k}/extend" for k, _ in extended], run=None, kind="evaluate")
 
 
@@ -693,8 +718,9 @@ def add_sweep_flags(p, d: Settings) -> None:
     p("--budget_models", type=names, default=d.budget_models, help="runs for --budgets (default: 3 representative)")
     p("--early_steps", type=integers, default=d.early_steps, help="further finding: pretraining steps to extend from")
     p("--early_models", type=names, default=d.early_models, help="runs for --early_steps (default: 3 representative)")
-    p("--longppl_evaluator", help="run whose extended model picks LongPPL's key tokens for all (default: the run "
-                                   "without a harmful choice)")
+    p("--longppl_evaluator", help="run whose extended model picks LongPPL's key tokens for all, or a checkpoint "
+                                   "folder outside the grid (our folder or hf:DIR; default: the run without a "
+                                   "harmful choice)")
     p("--measure", default="loss", choices=list(pool_analysis.MEASURES),
       help="the measure the analysis leads with (default: loss)")
     p("--jobs", type=int, default=1, help="stages at once (CPU); with --gpus, one per GPU")

@@ -410,3 +410,19 @@ def test_the_analysis_is_regenerated_from_the_rows_an_earlier_analysis_json_hold
     assert report["rows_from"]["machine"] == "an earlier machine"
     assert "an earlier machine" in (tmp_path / "results" / "COMMAND.md").read_text()
     assert (tmp_path / "results" / "loss_vs_count.png").is_file()
+
+
+def test_longppl_key_tokens_can_come_from_an_evaluator_outside_the_grid_and_one_inside_is_reported(tmp_path):
+    outside = fake_checkpoint(tmp_path / "strong", b"w")
+    stages, _ = sweep.plan(Settings(out=tmp_path, longppl_evaluator=str(outside)))
+    longppl = next(s for s in stages if s.key == "longppl")
+    flags = flags_of(longppl.command)
+    assert flags["positional"][0] == str(outside) and flags["--labels"].split(",")[0] == "evaluator"
+    assert len(flags["positional"]) == 17 and Path(outside) in longppl.inputs
+    # the default picks one of the compared runs: the analysis names it and the effects without its pairs
+    settings = Settings(out=tmp_path, seeds=(0, 1))
+    rows = [dict(row, longppl=row["loss"]) for row in decomposed_pool_rows()]
+    text = pool_analysis.markdown({"longppl": pool_analysis.analyze(rows, "longppl", settings)}, rows, settings,
+                                  "longppl")
+    assert "chosen by pre_8kv_256/s0, one of the compared runs" in text
+    assert "ctx 0.357 over 7 pairs" in text  # without pre_8kv_128 - pre_8kv_256: (4 x 0.4 + 3 x 0.3) / 7
