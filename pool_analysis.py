@@ -586,7 +586,7 @@ def plots(analyses: dict, out: Path) -> list[str]:
             for model, values in t.items():
                 xs = [int(k) for k, v in values.items() if v is not None]
                 axis.plot(xs, [values[str(x)] for x in xs], marker="o", label=model)
-            axis.set(xlabel=xlabel, ylabel=measure, title=f"{measure} by {xlabel}")
+            axis.set(xlabel=xlabel, ylabel=measure, title=f"{measure} by {xlabel}, mean over seeds")
             axis.legend(fontsize=6)
             figure.tight_layout()
             path = out / f"{measure}_by_{key}.png"
