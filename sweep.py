@@ -10,6 +10,7 @@ plots) and an index of every stage. docs/sweep.md explains the grid, resume and 
     python sweep.py --out sweeps/mini --presets G_pre_8kv_8k_14k,olmo3_like   # grid plus presets
     python sweep.py --out sweeps/mini --budgets 20,60,180 --early_steps 200,400   # the further findings
     python sweep.py --out sweeps/mini --analyze_only --results results/mini_pool  # tables and plots only
+    python sweep.py --from_rows results/mini_pool/analysis.json --results results/mini_pool  # committed rows
     python sweep.py --gpus 0,1,2,3 --size 20m ...            # one run per GPU
 """
 
@@ -677,13 +678,12 @@ def add_run_flags(p, d: Settings) -> None:
                        ("head_dim", "head width"), ("mlp_hidden", "SwiGLU width"),
                        ("context_length", "the longer pretraining context; the shorter is half (OlmPool: 8192 / 4096)"),
                        ("window", "local layers' window (OlmPool: 4096)")):
-        p(f"--{name}", type=int, help=f"{help}, for every run (default: the base preset's at --size)")
+        p(f"--{name}", type=int, help=f"{help} of every run (default: the base preset's)")
     p("--qk_levels", type=names, default=d.qk_levels,
-      help=f"the qk choice's two levels, harmful first, as run names begin: pre or post, then _LQK or _HQK for "
-           f"layerwise or headwise QK norm (default: {shown(d.qk_levels)}, two switches at once; pre_LQK,pre "
-           "moves QK norm alone, pre_HQK,pre reaches headwise)")
-    p("--presets", type=names, default=d.presets, help="comma-separated OlmPool presets to add to the 16-run grid")
-    p("--only", type=names, default=d.only, help="comma-separated run names to keep (a subset of the grid)")
+      help=f"the qk choice's levels, harmful first: pre/post, then _LQK/_HQK for layerwise/headwise QK norm "
+           f"(default: {shown(d.qk_levels)}, two switches; pre_LQK,pre moves QK norm alone)")
+    p("--presets", type=names, default=d.presets, help="OlmPool presets to add to the grid (comma-separated)")
+    p("--only", type=names, default=d.only, help="the runs to keep, by name (comma-separated)")
     p("--seeds", type=integers, default=d.seeds,
       help=f"init and data seeds; each seed runs the whole grid (default: {shown(d.seeds)})")
     p("--data", help="prepared data folder for every stage (default: train.py's built-in corpus, in its "
