@@ -1,49 +1,17 @@
-"""The mini pool: OlmPool's controlled experiment at a size one machine can run, and the paper's analysis.
+"""The mini pool: OlmPool's controlled experiment at a size one machine can run.
 
-OlmPool pretrained 26 architectures on the same data from the same initial weights, extended each to
-64K with the same recipe, and asked which architecture choices decide the long-context score. This
-script runs that experiment as a plain loop over a grid (nanochat's runs/scaling_laws.sh in spirit):
-every stage of every run is a normal, resumable command
-
-    train.py  -> RUN/pretrain      pretraining (same data, seeds, init seed, token budget for every run)
-    extend.py -> RUN/extend        context extension from the final checkpoint (same recipe and budget)
-    evaluate.py -> RUN/eval        the extended model: recall by length, held-out loss, LongPPL, sinks
-    evaluate.py -> RUN/eval_before the pretrained model at the longer pretraining length (before extension)
-    evaluate.py -> OUT/longppl     every extended model on the same LongPPL key tokens (one evaluator)
-
-then analyses the results with numpy (analysis.json, analysis.md, plots), and writes an index of every
-run, stage, command and duration (index.json, index.md).
+Every run of a grid (the study's four choices at two levels each, on one base shape) is pretrained
+(train.py), extended (extend.py) and evaluated (evaluate.py) with the same data, seeds and budgets,
+each stage an ordinary resumable command; pool_analysis.py then writes the paper's analysis (tables,
+plots) and an index of every stage. docs/sweep.md explains the grid, resume and the findings.
 
     python sweep.py --plan                                   # the 16-run grid's commands; runs nothing
     python sweep.py --out sweeps/mini --jobs 2 --threads 1   # run it (the same command resumes)
     python sweep.py --out sweeps/mini --presets G_pre_8kv_8k_14k,olmo3_like   # grid plus presets
     python sweep.py --out sweeps/mini --budgets 20,60,180 --early_steps 200,400   # the further findings
     python sweep.py --out sweeps/mini --analyze_only --results results/mini_pool  # tables and plots only
+    python sweep.py --from_rows results/mini_pool/analysis.json --results results/mini_pool  # committed rows
     python sweep.py --gpus 0,1,2,3 --size 20m ...            # one run per GPU
-
-The grid: the four OlmPool choices, each at two levels, the first named being the one the study
-found harmful for long context (../shared/reference/olmpool.md; the blog's "QK norm has the single
-largest individual impact ... GQA and shorter pretraining context each cause smaller drops, and
-sliding window attention costs about 1 point"):
-    qk      post norm with layerwise QK norm (Olmo 2/3)  vs  pre norm without QK norm (Llama)
-    gqa     4 query heads per key/value head             vs  one key/value head per query head
-    swa     3 local : 1 global layers, the preset's window vs  every layer global
-    ctx     the shorter pretraining context (4K / shrink) vs  the longer (8K / shrink)
-Everything else comes from --base_preset at --size (default Olmo 3's shape), so the runs differ in
-these switches only; the MLP width is kept (OlmPool widened it as kv heads shrank), so GQA runs have
-slightly fewer parameters. Run names follow OlmPool's pattern: post_LQK_2kv_128_SWA, pre_8kv_256.
-
-Resume: each stage writes a stamp (its exact command and the sha256 of its input checkpoint) into its
-output folder. A stage whose stamp says done with the same command and inputs, and whose outputs
-exist, is skipped; one whose command or input changed is wiped and rerun; an interrupted one is run
-again with the same command, which train.py and extend.py continue (--resume auto) and evaluate.py
-continues cell by cell. --threads and --device are not part of a stage's identity.
-
-Further findings (the blog's three), each on a subset given by flags:
-    --budgets S1,S2,...     extension steps, on --budget_models (default: 3 representative runs)
-    --early_steps P1,...    extend from these pretraining steps too (checkpoints kept every
-                            --save_every), on --early_models; rank correlation between points
-    sinks                   always: sink share against the score, correlation, split by QK norm
 """
 
 from __future__ import annotations
@@ -63,7 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import files
+import pool_analysis
 
 REPO_DIR = Path(__file__).resolve().parent
 STAMP_FILE = ".sweep_stage.json"
@@ -76,15 +45,49 @@ class SweepError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# The grid: four choices, two levels each, the harmful level first
+# The grid: four choices, two levels each, the harmful level first (the study's finding, as the OlmPool
+# blog post and paper state it; docs/reference.md). Everything else is the base preset's.
 
 CHOICES = ("qk", "gqa", "swa", "ctx")
-CHOICE_DESCRIPTIONS = {
-    "qk": "post norm + layerwise QK norm (harmful) vs pre norm, no QK norm",
+CHOICE_DESCRIPTIONS = {  # qk's depends on --qk_levels: qk_description
     "gqa": "GQA 4:1 (harmful) vs one kv head per query head",
     "swa": "sliding windows 3 local : 1 global (harmful) vs all global",
     "ctx": "shorter pretraining context (harmful) vs longer",
 }
+
+
+# The qk choice's two levels, harmful first, spelled as OlmPool's run names begin: the block norm (pre or
+# post), then the QK norm if any (_LQK layerwise, _HQK headwise). The default, post_LQK against pre, is
+# Olmo 3 against Llama and moves two switches at once; pre_LQK,pre moves QK norm alone (OlmPool's
+# G_pre_LQK_8kv_8k_14k against G_pre_8kv_8k_14k) and pre_HQK,pre or post_HQK,post_LQK reach headwise QK norm.
+QK_LEVELS = ("post_LQK", "pre")
+QK_NORM_SUFFIXES = {"": "none", "_LQK": "layerwise", "_HQK": "headwise"}
+
+
+def qk_level(level: str) -> tuple[str, str]:
+    """(norm_placement, qk_norm) of a qk level: 'post_LQK' -> ('post', 'layerwise'), 'pre' -> ('pre', 'none')."""
+    for placement in ("pre", "post"):
+        suffix = level[len(placement):] if level.startswith(placement) else None
+        if suffix in QK_NORM_SUFFIXES:
+            return placement, QK_NORM_SUFFIXES[suffix]
+    raise SweepError(f"--qk_levels: {level!r} is not a level; write the block norm (pre or post) and the QK norm "
+                     f"if any (_LQK layerwise, _HQK headwise), e.g. --qk_levels pre_LQK,pre (QK norm alone)")
+
+
+def check_qk_levels(levels: tuple[str, ...]) -> None:
+    if len(levels) != 2 or qk_level(levels[0]) == qk_level(levels[1]):
+        raise SweepError(f"--qk_levels {','.join(levels)}: give two different levels, the harmful first, e.g. "
+                         f"--qk_levels pre_LQK,pre (QK norm alone) or pre_HQK,pre (headwise QK norm)")
+
+
+def qk_description(levels: tuple[str, ...]) -> str:
+    """What the qk choice compares, and a warning where its levels differ in both switches."""
+    said = [f"{placement} norm, " + ("no QK norm" if qk_norm == "none" else f"{qk_norm} QK norm")
+            for placement, qk_norm in map(qk_level, levels)]
+    (harmful_placement, harmful_norm), (other_placement, other_norm) = map(qk_level, levels)
+    both = harmful_placement != other_placement and harmful_norm != other_norm
+    return f"{said[0]} (harmful) vs {said[1]}" + (" (TWO switches move at once: norm placement and QK norm; "
+                                                  "--qk_levels pre_LQK,pre moves one)" if both else "")
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Architecture:
     model_flags: tuple[str, ...]
     choices: dict = field(default_factory=dict, compare=False, hash=False)
     pretrain_context: int = 0
+    window: int | None = None  # the local layers' window; None where every layer is global
 
     @property
     def harmful_count(self) -> int:
@@ -119,10 +123,12 @@ def base_shape(base_preset: str, size: str, shape: dict | None = None):
         raise SweepError(f"the base shape {shape} on {base_preset} at {size}: {error}") from None
 
 
-def grid(base_preset: str = "H_post_LQK_32kv_8k_11k_SWA", size: str = "tiny", shape: dict | None = None
-         ) -> list[Architecture]:
+def grid(base_preset: str = "H_post_LQK_32kv_8k_11k_SWA", size: str = "tiny", shape: dict | None = None,
+         qk_levels: tuple[str, str] = QK_LEVELS) -> list[Architecture]:
     """The 16 combinations of the four choices on the base preset's shape at `size` (with `shape`'s fields
-    overriding it: context_length is the longer pretraining context, window the local layers' width)."""
+    overriding it: context_length is the longer pretraining context, window the local layers' width), the
+    qk choice between `qk_levels` (harmful first)."""
+    check_qk_levels(qk_levels)
     shape = {k: v for k, v in (shape or {}).items() if v is not None}
     base = base_shape(base_preset, size, shape)
     long_context = base.context_length
@@ -137,17 +143,20 @@ def grid(base_preset: str = "H_post_LQK_32kv_8k_11k_SWA", size: str = "tiny", sh
     for qk, gqa, swa, ctx in itertools.product((1, 0), repeat=4):
         kv = base.n_heads // 4 if gqa else base.n_heads
         context = long_context // 2 if ctx else long_context
-        name = ("post_LQK" if qk else "pre") + f"_{kv}kv_{context}" + ("_SWA" if swa else "")
+        level = qk_levels[0] if qk else qk_levels[1]
+        placement, qk_norm = qk_level(level)
+        name = level + f"_{kv}kv_{context}" + ("_SWA" if swa else "")
         flags = ("--preset", base_preset, "--size", size, *shape_flags,
-                 "--norm_placement", "post" if qk else "pre", "--qk_norm", "layerwise" if qk else "none",
+                 "--norm_placement", placement, "--qk_norm", qk_norm,
                  "--n_kv_heads", str(kv), "--window", str(window) if swa else "none",
                  "--global_every", "4", "--context_length", str(context))
-        runs.append(Architecture(name, flags, dict(qk=qk, gqa=gqa, swa=swa, ctx=ctx), context))
+        runs.append(Architecture(name, flags, dict(qk=qk, gqa=gqa, swa=swa, ctx=ctx), context,
+                                 window if swa else None))
     return runs
 
 
 def preset_architecture(name: str, size: str, base_preset: str = "H_post_LQK_32kv_8k_11k_SWA",
-                        shape: dict | None = None) -> Architecture:
+                        shape: dict | None = None, qk_levels: tuple[str, str] = QK_LEVELS) -> Architecture:
     """An OlmPool preset by name at the grid's shape: its own switches (kv ratio, MLP width, window,
     context, scaled like the grid's contexts), its choices read from its config (None where neither level)."""
     import olmpool
@@ -167,11 +176,11 @@ def preset_architecture(name: str, size: str, base_preset: str = "H_post_LQK_32k
     long_context = base_shape(base_preset, size, shape).context_length
     norm = (config.norm_placement, config.qk_norm)
     ratio = config.n_heads // config.n_kv_heads
-    choices = dict(qk=1 if norm == ("post", "layerwise") else 0 if norm == ("pre", "none") else None,
+    choices = dict(qk=1 if norm == qk_level(qk_levels[0]) else 0 if norm == qk_level(qk_levels[1]) else None,
                    gqa=1 if ratio >= 4 else 0 if ratio == 1 else None, swa=1 if config.window else 0,
                    ctx=1 if config.context_length < long_context else 0)
     flags = ("--preset", name, "--size", size, *(item for k, v in overrides.items() for item in (f"--{k}", str(v))))
-    return Architecture(name, flags, choices, config.context_length)
+    return Architecture(name, flags, choices, config.context_length, config.window)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,9 +249,7 @@ def write_stamp(stage: Stage, stamp: dict, status: str, seconds: float | None = 
     record = dict(stamp, status=status, full_command=stage.command, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     if seconds is not None:
         record["seconds"] = seconds
-    temporary = stage.out / (STAMP_FILE + ".tmp")
-    temporary.write_text(json.dumps(record, indent=1))
-    os.replace(temporary, stage.out / STAMP_FILE)
+    files.write_json_atomically(stage.out / STAMP_FILE, record)
 
 
 def decide(stage: Stage) -> str:
@@ -331,6 +338,12 @@ class Settings:
     device: str = "cpu"
     extra_train: tuple[str, ...] = ()
     shape: dict = field(default_factory=dict)  # SHAPE_FIELDS set on the base preset for every run
+    qk_levels: tuple[str, str] = QK_LEVELS  # the qk choice's levels, harmful first
+
+    def __post_init__(self):
+        if self.ext_steps < 1 or self.steps < 1:
+            raise SweepError(f"--steps {self.steps} and --ext_steps {self.ext_steps} must be at least 1")
+        check_qk_levels(self.qk_levels)
 
     def long_context(self) -> int:
         return base_shape(self.base_preset, self.size, {k: v for k, v in self.shape.items() if v is not None}
@@ -342,10 +355,24 @@ class Settings:
     def eval_lengths(self) -> list[int]:
         return [f * self.long_context() for f in self.eval_factors]
 
+    def longppl_evaluator_name(self) -> str:
+        """The run (or the checkpoint folder outside the grid) whose extended model picks LongPPL's key tokens:
+        --longppl_evaluator, by default the run without a harmful choice."""
+        runs = architectures(self)
+        return self.longppl_evaluator or (representative(runs) or [r.name for r in runs])[0]
+
+    def choice_descriptions(self) -> dict[str, str]:
+        return {"qk": qk_description(self.qk_levels), **CHOICE_DESCRIPTIONS}
+
+    def as_dict(self) -> dict:
+        """The settings as JSON values, as the index and the analysis record them."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
 
 def architectures(settings: Settings) -> list[Architecture]:
-    runs = grid(settings.base_preset, settings.size, settings.shape)
-    runs += [preset_architecture(p, settings.size, settings.base_preset, settings.shape) for p in settings.presets]
+    runs = grid(settings.base_preset, settings.size, settings.shape, settings.qk_levels)
+    runs += [preset_architecture(p, settings.size, settings.base_preset, settings.shape, settings.qk_levels)
+             for p in settings.presets]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise SweepError(f"two runs share a name in {names}; drop the duplicate preset")
@@ -453,22 +480,41 @@ def run_stages(settings: Settings, arch: Architecture, seed: int, budget_models:
     return stages
 
 
+def outside_checkpoint(spec: str) -> str | None:
+    """A checkpoint outside the grid given to --longppl_evaluator (our folder or hf:DIR), absolute since
+    every stage runs in the repository's folder; None where spec names no folder."""
+    folder = Path(spec.removeprefix("hf:")).resolve()
+    if not folder.is_dir():
+        return None
+    return ("hf:" if spec.startswith("hf:") else "") + str(folder)
+
+
 def longppl_stage(settings: Settings, runs: list[Architecture], members: dict) -> Stage:
-    """LongPPL on the same key tokens for every extended model: one evaluator picks them, by default the run
-    without a harmful choice (the paper used a strong outside model; none is at hand offline)."""
+    """LongPPL on the same key tokens for every extended model: one evaluator picks them, evaluate.py's first
+    checkpoint. By default the run without a harmful choice, whose own LongPPL that choice caps (the analysis
+    says so); LongPPL's authors use a strong model outside the compared ones, which --longppl_evaluator
+    takes as a checkpoint folder (labelled "evaluator")."""
     s, names = settings, [r.name for r in runs]
     extended = [(key, step_dir(run_folder(s, arch, seed) / "extend", s.ext_steps))
                 for key, (arch, seed) in members.items()]
-    evaluator_name = s.longppl_evaluator or (representative(runs) or names)[0]
-    if evaluator_name not in names:
-        raise SweepError(f"--longppl_evaluator {evaluator_name!r}: no such run; the runs are {', '.join(names)}")
+    evaluator_name = s.longppl_evaluator_name()
+    outside = None if evaluator_name in names else outside_checkpoint(evaluator_name)
+    if evaluator_name not in names and outside is None:
+        raise SweepError(f"--longppl_evaluator {evaluator_name!r}: no such run; the runs are {', '.join(names)}; "
+                         f"or give a checkpoint folder outside the grid (our folder or hf:DIR)")
     extended.sort(key=lambda item: not item[0].startswith(evaluator_name + "/"))  # evaluate.py's evaluator: the first
+    checkpoints = [str(c) for _, c in extended]
+    labels = [k.replace("/", "@") for k, _ in extended]
+    inputs = [c for _, c in extended]
+    if outside is not None:
+        checkpoints, labels = [outside, *checkpoints], ["evaluator", *labels]
+        if (Path(outside) / "model.safetensors").is_file():  # our folder: the stamp records its weights too
+            inputs = [Path(outside), *inputs]
     longppl_out = Path(s.out) / "longppl"
     return Stage("longppl", [
-        python(), "evaluate.py", *[str(c) for _, c in extended],
-        "--labels", ",".join(k.replace("/", "@") for k, _ in extended),
+        python(), "evaluate.py", *checkpoints, "--labels", ",".join(labels),
         "--modes", "longppl", "--lengths", str(s.ext_len()), *held_out_flags(s), "--out", str(longppl_out)],
-        out=longppl_out, outputs=[longppl_out / "results.json"], inputs=[c for _, c in extended],
+        out=longppl_out, outputs=[longppl_out / "results.json"], inputs=inputs,
         after=[f"{k}/extend" for k, _ in extended], run=None, kind="evaluate")
 
 
@@ -565,366 +611,6 @@ def execute(stages: list[Stage], settings: Settings, jobs: int, gpus: list[str],
     return records
 
 
-# ----------------------------------------------------------------------------------------------
-# Statistics (numpy only)
-
-def r_squared(x, y) -> float:
-    """R² of the least-squares line y ~ a + b x, which is the square of Pearson's r; nan when x or y is constant."""
-    return pearson(x, y) ** 2
-
-
-def pearson(x, y) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def ranks(values) -> np.ndarray:
-    """Ranks from 1, ties sharing their mean rank (as Spearman's rho wants)."""
-    values = np.asarray(values, float)
-    order = np.argsort(values, kind="stable")
-    result = np.empty(len(values))
-    result[order] = np.arange(1, len(values) + 1)
-    for value in np.unique(values):
-        tied = values == value
-        result[tied] = result[tied].mean()
-    return result
-
-
-def spearman(x, y) -> float:
-    return pearson(ranks(x), ranks(y)) if len(x) >= 3 else float("nan")
-
-
-def pairwise_effects(rows: list[dict], measure: str, choices=CHOICES) -> dict:
-    """For each choice, the pairs of models that differ in that choice only: the effect (harmful level's
-    measure minus the other's) per pair, and its mean, standard deviation, min and max over the pairs, i.e.
-    the spread over the other choices' combinations."""
-    effects = {}
-    for choice in choices:
-        others = [c for c in choices if c != choice]
-        by_rest = {}
-        for row in rows:
-            level = row["choices"].get(choice)
-            value = row.get(measure)
-            if level not in (0, 1) or value is None or not np.isfinite(value) or \
-                    any(row["choices"].get(c) not in (0, 1) for c in others):
-                continue
-            rest = tuple(row["choices"][c] for c in others)
-            by_rest.setdefault(rest, {})[level] = value
-        pairs = [{"others": dict(zip(others, rest)), "effect": levels[1] - levels[0]}
-                 for rest, levels in sorted(by_rest.items()) if 0 in levels and 1 in levels]
-        values = np.array([p["effect"] for p in pairs])
-        effects[choice] = {"pairs": pairs, "n": len(pairs),
-                           "mean": float(values.mean()) if len(values) else float("nan"),
-                           "std": float(values.std()) if len(values) else float("nan"),
-                           "min": float(values.min()) if len(values) else float("nan"),
-                           "max": float(values.max()) if len(values) else float("nan")}
-    return effects
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading the results of one run
-
-def last_val_loss(metrics: Path) -> float | None:
-    """The pretraining run's last validation loss (a resumed run appends; the later line counts)."""
-    value = None
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "val_loss" in record:
-                value = record["val_loss"]
-    return value
-
-
-def read_eval(folder: Path, label: str) -> dict:
-    """{recall: {length: mean score x 100 over tasks}, loss: {length: held-out loss}, longppl_self: {...},
-    sink: {length: sink share}} from one evaluate.py results.json."""
-    path = folder / "results.json"
-    found = {"recall": {}, "loss": {}, "longppl_self": {}, "sink": {}}
-    if not path.is_file():
-        return found
-    results = json.loads(path.read_text())
-    by_length = {}
-    for key, cell in results.get("recall", {}).get(label, {}).items():
-        task, length = key.rsplit("/", 1)
-        if "mean" in cell:
-            by_length.setdefault(int(length), []).append(100 * cell["mean"])
-    found["recall"] = {L: float(np.mean(v)) for L, v in sorted(by_length.items())}
-    for length, cell in results.get("longppl", {}).get(label, {}).items():
-        if "loss" in cell:
-            found["loss"][int(length)] = cell["loss"]
-            found["longppl_self"][int(length)] = cell.get("longppl")
-    for length, cell in results.get("attention", {}).get(label, {}).items():
-        per_layer = cell.get("per_layer", {}).get(SINK_MEASURE)
-        if per_layer:
-            found["sink"][int(length)] = float(np.mean(per_layer))
-    return found
-
-
-# The authors' sink share: attention mass on the first 100 tokens from the query at position 4000
-# (here the last position when shorter), averaged over layers and heads (evaluate.py's sink_first_100).
-SINK_MEASURE = "sink_first_100"
-MEASURES = {  # name: (description, higher is better)
-    "recall": ("RULER-style recall x 100, mean over tasks and the lengths beyond the longer pretraining context", True),
-    "loss": ("held-out loss (nats/token) at the extended length", False),
-    "longppl": ("LongPPL at the extended length, key tokens from one evaluator for every model", False),
-}
-
-
-def collect(settings: Settings, members: dict) -> list[dict]:
-    """One row per run: its choices, pretraining val loss, scores by length, the measures."""
-    s, out = settings, Path(settings.out)
-    long_context, ext_len = s.long_context(), s.ext_len()
-    shared = {}
-    path = out / "longppl" / "results.json"
-    if path.is_file():
-        shared = json.loads(path.read_text()).get("longppl", {})
-    rows = []
-    for key, (arch, seed) in members.items():
-        run_out = run_folder(s, arch, seed)
-        after, before = read_eval(run_out / "eval", arch.name), read_eval(run_out / "eval_before", arch.name)
-        beyond = [v for L, v in after["recall"].items() if L > long_context]
-        shared_cell = shared.get(key.replace("/", "@"), {}).get(str(ext_len), {})
-        row = {"run": key, "name": arch.name, "seed": seed, "choices": arch.choices,
-               "harmful_count": arch.harmful_count, "pretrain_context": arch.pretrain_context,
-               "val_loss_pretrain": last_val_loss(run_out / "pretrain" / "metrics.jsonl"),
-               "recall_by_length": after["recall"], "loss_by_length": after["loss"],
-               "recall": float(np.mean(beyond)) if beyond else None,
-               "loss": after["loss"].get(ext_len), "longppl": shared_cell.get("longppl"),
-               "longppl_self": after["longppl_self"].get(ext_len),
-               "sink": after["sink"].get(ext_len),
-               "before": {"recall": before["recall"].get(long_context), "loss": before["loss"].get(long_context),
-                          "sink": before["sink"].get(long_context)}}
-        for tag, folder in (("budgets", "eval_extend_b"), ("early", "eval_extend_p")):
-            row[tag] = {}
-            for sub in sorted(run_out.glob(folder + "*")):
-                number = int(sub.name[len(folder):])
-                found = read_eval(sub, arch.name)
-                beyond = [v for L, v in found["recall"].items() if L > long_context]
-                row[tag][number] = {"loss": found["loss"].get(ext_len),
-                                    "recall": float(np.mean(beyond)) if beyond else None}
-        row["budgets"].setdefault(s.ext_steps, {"loss": row["loss"], "recall": row["recall"]})
-        row["early"].setdefault(s.steps, {"loss": row["loss"], "recall": row["recall"]})
-        rows.append(row)
-    return rows
-
-
-def average_seeds(rows: list[dict], measure: str) -> tuple[list[dict], dict]:
-    """Rows averaged over seeds per model, and the seed-to-seed spread (mean over models of the std)."""
-    by_name = {}
-    for row in rows:
-        by_name.setdefault(row["name"], []).append(row)
-    merged, spreads = [], []
-    for name, group in by_name.items():
-        row = dict(group[0], run=name, seeds=[r["seed"] for r in group])
-        for key in ("recall", "loss", "longppl", "sink", "val_loss_pretrain"):
-            values = [r[key] for r in group if r.get(key) is not None]
-            row[key] = float(np.mean(values)) if values else None
-        values = [r["before"].get(measure) for r in group if r["before"].get(measure) is not None]
-        row["before"] = dict(group[0]["before"], **{measure: float(np.mean(values)) if values else None})
-        seeds = [r[measure] for r in group if r.get(measure) is not None]
-        if len(seeds) > 1:
-            spreads.append(float(np.std(seeds, ddof=1)))
-        merged.append(row)
-    return merged, {"seed_std_mean": float(np.mean(spreads)) if spreads else None, "models_with_seeds": len(spreads)}
-
-
-def analyze(rows: list[dict], measure: str, settings: Settings) -> dict:
-    """The paper's analysis on the rows (one per run) for one measure."""
-    description, higher_is_better = MEASURES[measure]
-    merged, seeds = average_seeds(rows, measure)
-    scored = [r for r in merged if r.get(measure) is not None]
-    y = np.array([r[measure] for r in scored], float)
-    column = lambda key: np.array([np.nan if r.get(key) is None else r[key] for r in scored], float)  # noqa: E731
-    before = np.array([np.nan if r["before"].get(measure) is None else r["before"][measure] for r in scored], float)
-    sinks = column("sink")
-    qk = np.array([r["choices"].get("qk") for r in scored], dtype=object)
-    sink_split = {}
-    for level, label in ((1, "post + QK norm"), (0, "pre, no QK norm")):
-        pick = qk == level
-        measured = sinks[pick][np.isfinite(sinks[pick])]
-        sink_split[label] = {"n": int(pick.sum()), "pearson": pearson(sinks[pick], y[pick]),
-                             "sink_mean": float(measured.mean()) if len(measured) else None}
-    model_spread = float(np.std(y, ddof=1)) if len(y) > 1 else None
-    analysis = {
-        "measure": measure, "description": description, "higher_is_better": higher_is_better,
-        "models": len(scored),
-        "r2": {"harmful_count": r_squared(column("harmful_count"), y),
-               "pretraining_val_loss": r_squared(column("val_loss_pretrain"), y),
-               "before_extension": r_squared(before, y),
-               "sink_share": r_squared(sinks, y)},
-        "paper_r2_7b": {"harmful_count": 0.67, "pretraining_val_loss": 0.29, "before_extension": 0.32,
-                        "sink_share": 0.38},
-        "pairwise": pairwise_effects(scored, measure),
-        "sinks": {"pearson": pearson(sinks, y), "by_qk_norm": sink_split},
-        "spread": {"between_models_std": model_spread, **seeds},
-        "table": [{k: r.get(k) for k in ("name", "seeds", "choices", "harmful_count", "val_loss_pretrain",
-                                           "recall", "loss", "longppl", "sink")} | {"before": r["before"][measure]}
-                  for r in merged],
-    }
-    analysis["budgets"] = budget_analysis(rows, measure)
-    analysis["early"] = early_analysis(rows, measure, settings.steps)
-    return analysis
-
-
-def budget_analysis(rows: list[dict], measure: str) -> dict:
-    """Per extension budget, each subset model's measure and the best-worst gap (does it shrink?)."""
-    table = {r["run"]: {str(b): v.get(measure) for b, v in sorted(r["budgets"].items())}
-             for r in rows if len(r["budgets"]) > 1}
-    budgets = sorted({int(b) for t in table.values() for b in t})
-    gaps = {}
-    for b in budgets:
-        values = [t.get(str(b)) for t in table.values() if t.get(str(b)) is not None]
-        gaps[str(b)] = float(max(values) - min(values)) if len(values) > 1 else None
-    return {"table": table, "gap_by_budget": gaps}
-
-
-def early_analysis(rows: list[dict], measure: str, final_step: int) -> dict:
-    """Per pretraining step extended from, each subset model's measure; Spearman rho of each step's
-    ranking against the final checkpoint's."""
-    table = {r["run"]: {str(p): v.get(measure) for p, v in sorted(r["early"].items())}
-             for r in rows if len(r["early"]) > 1}
-    steps = sorted({int(p) for t in table.values() for p in t})
-    models = list(table)
-    final = [table[m].get(str(final_step)) for m in models]
-    rho = {}
-    for p in steps:
-        values = [table[m].get(str(p)) for m in models]
-        keep = [i for i in range(len(models)) if values[i] is not None and final[i] is not None]
-        rho[str(p)] = spearman([values[i] for i in keep], [final[i] for i in keep]) if len(keep) >= 3 else None
-    return {"table": table, "spearman_vs_final": rho}
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing: tables, plots, index
-
-def fmt(value, digits=3) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def markdown(analyses: dict, rows: list[dict], settings: Settings, primary: str) -> str:
-    s = settings
-    lines = [f"# Mini pool: {len({r['name'] for r in rows})} models at size {s.size}, seeds {list(s.seeds)}", "",
-             f"Pretraining {s.steps} steps x {s.batch_sequences * s.long_context()} tokens; extension "
-             f"({s.recipe}) to {s.ext_len()} tokens, {s.ext_steps} steps x {s.ext_batch_sequences} sequence(s). "
-             f"Primary measure: **{primary}** ({MEASURES[primary][0]}).", "",
-             "## Per model", "",
-             "| model | seed | harmful | val loss (pretrain) | before: loss @" + str(s.long_context()) +
-             " | recall by length | held-out loss by length | recall beyond pretraining | LongPPL | sink share |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["harmful_count"], r["name"], r["seed"])):
-        recall = ", ".join(f"{L}: {v:.0f}" for L, v in r["recall_by_length"].items()) or "–"
-        loss = ", ".join(f"{L}: {v:.3f}" for L, v in r["loss_by_length"].items()) or "–"
-        lines.append(f"| {r['name']} | {r['seed']} | {r['harmful_count']} | {fmt(r['val_loss_pretrain'])} | "
-                     f"{fmt(r['before']['loss'])} | {recall} | {loss} | {fmt(r['recall'], 1)} | {fmt(r['longppl'])} | "
-                     f"{fmt(r['sink'])} |")
-    for measure, a in analyses.items():
-        lines += ["", f"## {measure}: {a['description']} ({'higher' if a['higher_is_better'] else 'lower'} is better)",
-                  "", f"{a['models']} models (seeds averaged). Spread between models (std): "
-                  f"{fmt(a['spread']['between_models_std'])}; seed-to-seed (mean std over "
-                  f"{a['spread']['models_with_seeds']} models): {fmt(a['spread']['seed_std_mean'])}.", "",
-                  seed_verdict(a["spread"]), "",
-                  "| R² of the measure against | here | paper (7B, HELMET-32K) |", "|---|---|---|"]
-        for key, label in (("harmful_count", "count of harmful choices"), ("pretraining_val_loss", "pretraining loss"),
-                           ("before_extension", "the same measure before extension"), ("sink_share", "sink share")):
-            lines.append(f"| {label} | {fmt(a['r2'][key])} | {a['paper_r2_7b'][key]} |")
-        lines += ["", "Pairwise: the measure of the model with the harmful level minus that of its twin with the "
-                  "other level "
-                  f"({'negative' if a['higher_is_better'] else 'positive'}: the harmful level is worse).", "",
-                  "| choice (harmful level minus other) | pairs | mean effect | std over the others | min | max |",
-                  "|---|---|---|---|---|---|"]
-        for choice, e in a["pairwise"].items():
-            lines.append(f"| {choice}: {CHOICE_DESCRIPTIONS[choice]} | {e['n']} | {fmt(e['mean'])} | {fmt(e['std'])} | "
-                         f"{fmt(e['min'])} | {fmt(e['max'])} |")
-        sinks = a["sinks"]
-        lines += ["", f"Sinks: Pearson r of sink share ({SINK_MEASURE}) with {measure}: {fmt(sinks['pearson'])}; " +
-                  "; ".join(f"{k}: r {fmt(v['pearson'])} over {v['n']} models, mean sink {fmt(v['sink_mean'])}"
-                            for k, v in sinks["by_qk_norm"].items()) + "."]
-        lines += finding_table("Gaps after more extension data: the measure by extension budget (steps)",
-                               a["budgets"]["table"], "gap best - worst", a["budgets"]["gap_by_budget"])
-        lines += finding_table("The ranking is set early: the measure after extending from each pretraining step",
-                               a["early"]["table"], "Spearman rho vs the final step's ranking",
-                               a["early"]["spearman_vs_final"])
-    return "\n".join(lines) + "\n"
-
-
-def finding_table(title: str, table: dict, summary_label: str, summary: dict) -> list[str]:
-    """A further finding as a markdown table: one row per run, one column per point, and a summary row."""
-    if not table:
-        return []
-    points = list(next(iter(table.values())))
-    if all(v is None for t in table.values() for v in t.values()):
-        return ["", f"{title}: not measured for these runs."]
-    lines = ["", f"{title}:", "", "| run | " + " | ".join(points) + " |", "|---|" + "---|" * len(points)]
-    lines += [f"| {run} | " + " | ".join(fmt(t.get(p)) for p in points) + " |" for run, t in table.items()]
-    return lines + [f"| **{summary_label}** | " + " | ".join(fmt(summary.get(p)) for p in points) + " |"]
-
-
-def seed_verdict(spread: dict) -> str:
-    """Whether the differences between models stand out of the seed-to-seed noise (the issue's test for a
-    second seed)."""
-    between, seeds = spread.get("between_models_std"), spread.get("seed_std_mean")
-    if seeds is None:
-        return "One seed per model: rerun with `--seeds 0,1` to compare the spread between models with the seeds'."
-    if between is not None and between == 0 and seeds == 0:
-        return "Every model scores the same, on every seed: there is no difference to compare with the seed noise."
-    ratio = between / seeds if between is not None and seeds > 0 else float("inf")
-    return (f"The spread between models is {fmt(ratio, 1)}x the seed-to-seed spread: "
-            + ("the differences between models stand out of the seed noise." if ratio >= 2 else
-               "the differences between models are NOT clearly larger than the seed noise."))
-
-
-def plots(analyses: dict, out: Path) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    written = []
-    for measure, a in analyses.items():
-        table = [r for r in a["table"] if r.get(measure) is not None]
-        if not table:
-            continue
-        figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for r in table:
-            qk = r["choices"].get("qk")
-            axes[0].scatter(r["harmful_count"], r[measure], color="tab:red" if qk == 1 else "tab:blue")
-            axes[0].annotate(r["name"], (r["harmful_count"], r[measure]), fontsize=6)
-            if r.get("sink") is not None:
-                axes[1].scatter(r["sink"], r[measure], color="tab:red" if qk == 1 else "tab:blue")
-        axes[0].set(xlabel="count of harmful choices", ylabel=measure,
-                    title=f"{measure} vs count (R² {fmt(a['r2']['harmful_count'], 2)}); red: QK norm")
-        axes[1].set(xlabel=f"sink share ({SINK_MEASURE})", ylabel=measure,
-                    title=f"sinks (r {fmt(a['sinks']['pearson'], 2)}); red: QK norm, blue: none")
-        figure.tight_layout()
-        path = out / f"{measure}_vs_count.png"
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        written.append(path.name)
-        for key, xlabel in (("budgets", "extension steps"), ("early", "pretraining step extended from")):
-            t = a[key]["table"]
-            if not any(v is not None for values in t.values() for v in values.values()):
-                continue  # not measured for these runs (LongPPL: only the main extension's)
-            figure, axis = plt.subplots(figsize=(6, 4))
-            for model, values in t.items():
-                xs = [int(k) for k, v in values.items() if v is not None]
-                axis.plot(xs, [values[str(x)] for x in xs], marker="o", label=model)
-            axis.set(xlabel=xlabel, ylabel=measure, title=f"{measure} by {xlabel}")
-            axis.legend(fontsize=6)
-            figure.tight_layout()
-            path = out / f"{measure}_by_{key}.png"
-            figure.savefig(path, dpi=120)
-            plt.close(figure)
-            written.append(path.name)
-    return written
-
-
 def write_index(stages: list[Stage], records: list[dict], settings: Settings, command: list[str]) -> None:
     out = Path(settings.out)
     times = {r["key"]: r for r in records}
@@ -934,13 +620,13 @@ def write_index(stages: list[Stage], records: list[dict], settings: Settings, co
         entries.append({"key": stage.key, "run": stage.run, "kind": stage.kind, "out": str(stage.out),
                         "status": stamp.get("status", "not run"), "seconds": stamp.get("seconds"),
                         "this_time": times.get(stage.key, {}).get("decision"), "command": stage.command})
-    index = {"command": command, "machine": machine(), "settings": settings_dict(settings), "stages": entries}
-    (out / "index.json").write_text(json.dumps(index, indent=1))
+    index = {"command": command, "machine": machine(), "settings": settings.as_dict(), "stages": entries}
+    files.write_json_atomically(out / "index.json", index)
     lines = [f"# Sweep index: {out}", "", f"Command: `{' '.join(command)}`", "", f"Machine: {index['machine']}", "",
              "| stage | status | seconds | this time | output |", "|---|---|---|---|---|"]
-    lines += [f"| {e['key']} | {e['status']} | {fmt(e['seconds'], 0)} | {e['this_time'] or '–'} | {e['out']} |"
-              for e in entries]
-    (out / "index.md").write_text("\n".join(lines) + "\n")
+    lines += [f"| {e['key']} | {e['status']} | {pool_analysis.fmt(e['seconds'], 0)} | {e['this_time'] or '–'} | "
+              f"{e['out']} |" for e in entries]
+    files.write_atomically(out / "index.md", "\n".join(lines) + "\n")
 
 
 def machine() -> str:
@@ -952,47 +638,6 @@ def machine() -> str:
         device, torch_version = "unknown", "unknown"
     return f"{platform.node()}: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, " \
            f"{device}, python {platform.python_version()}, torch {torch_version}"
-
-
-def settings_dict(settings: Settings) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()}
-
-
-def write_analysis(settings: Settings, members: dict, primary: str, results_dir: Path | None,
-                   command: list[str]) -> dict:
-    out = Path(settings.out)
-    rows = collect(settings, members)
-    analyses = {m: analyze(rows, m, settings) for m in MEASURES
-                if any(r.get(m) is not None for r in rows)}
-    if primary not in analyses:
-        raise SweepError(f"--measure {primary}: no run has it yet (finished runs: "
-                         f"{sum(r['loss'] is not None for r in rows)}); run the sweep first or pick "
-                         f"one of {sorted(analyses) or list(MEASURES)}")
-    analyses = {primary: analyses[primary]} | analyses
-    report = {"command": command, "machine": machine(), "settings": settings_dict(settings), "primary": primary,
-              "rows": rows, "analyses": analyses}
-    target = out / "analysis"
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "analysis.json").write_text(json.dumps(report, indent=1, default=str))
-    (target / "analysis.md").write_text(markdown(analyses, rows, settings, primary))
-    plots(analyses, target)
-    if results_dir is not None:  # the committed copy: small files only, never checkpoints
-        results_dir = Path(results_dir)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        for file in target.iterdir():
-            shutil.copy2(file, results_dir / file.name)
-        for name in ("index.json", "index.md"):
-            if (out / name).is_file():
-                shutil.copy2(out / name, results_dir / name)
-        index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}
-        ran = index.get("command")
-        text = (f"Analysis by\n\n```bash\n{' '.join(command)}\n```\n\non {machine()}, "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')}.\n")
-        if ran and ran != command:
-            text = (f"Stages run by the last sweep command on {out}\n\n```bash\n{' '.join(ran)}\n```\n\non "
-                    f"{index.get('machine')}.\n\n" + text)
-        (results_dir / "COMMAND.md").write_text(text)
-    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1009,56 +654,97 @@ def names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def shown(value) -> str:
+    """A default as the flag spells it: 1,2,4,8 for a tuple."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The flags; each one that is a Settings field has its name and takes its default from Settings."""
+    d = Settings(out=Path("sweeps/mini"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p = parser.add_argument
+    add_run_flags(parser.add_argument, d)
+    add_sweep_flags(parser.add_argument, d)
+    return parser
+
+
+def add_run_flags(p, d: Settings) -> None:
+    """The grid and what every run shares: shape, data, seeds, budgets, recipe, evaluation."""
     p("--out", default="sweeps/mini", help="the sweep's folder: runs/, logs/, index, analysis (default: sweeps/mini)")
-    p("--size", default="tiny", help="olmpool size of every run (default: tiny)")
-    p("--base_preset", default="H_post_LQK_32kv_8k_11k_SWA", help="shape the grid's switches act on")
+    p("--size", default=d.size, help=f"olmpool size of every run (default: {d.size})")
+    p("--base_preset", default=d.base_preset, help="shape the grid's switches act on")
     for name, help in (("n_layers", "layers"), ("d_model", "width"),
                        ("n_heads", "query heads (GQA 4:1 needs a multiple of 4)"),
                        ("head_dim", "head width"), ("mlp_hidden", "SwiGLU width"),
                        ("context_length", "the longer pretraining context; the shorter is half (OlmPool: 8192 / 4096)"),
                        ("window", "local layers' window (OlmPool: 4096)")):
-        p(f"--{name}", type=int, help=f"{help}, for every run (default: the base preset's at --size)")
-    p("--presets", type=names, default=(), help="comma-separated OlmPool presets to add to the 16-run grid")
-    p("--only", type=names, default=(), help="comma-separated run names to keep (a subset of the grid)")
-    p("--seeds", type=integers, default=(0,), help="init and data seeds; each seed runs the whole grid (default: 0)")
+        p(f"--{name}", type=int, help=f"{help} of every run (default: the base preset's)")
+    p("--qk_levels", type=names, default=d.qk_levels,
+      help=f"the qk choice's levels, harmful first: pre/post, then _LQK/_HQK for layerwise/headwise QK norm "
+           f"(default: {shown(d.qk_levels)}, two switches; pre_LQK,pre moves QK norm alone)")
+    p("--presets", type=names, default=d.presets, help="OlmPool presets to add to the grid (comma-separated)")
+    p("--only", type=names, default=d.only, help="the runs to keep, by name (comma-separated)")
+    p("--seeds", type=integers, default=d.seeds,
+      help=f"init and data seeds; each seed runs the whole grid (default: {shown(d.seeds)})")
     p("--data", help="prepared data folder for every stage (default: train.py's built-in corpus, in its "
                      "compact vocabulary where train.py uses one at --size)")
-    p("--steps", type=int, default=250, help="pretraining steps (default: 250)")
-    p("--batch_sequences", type=int, default=8,
-      help="pretraining batch in sequences of the longer context; every run gets the same tokens per step (default: 8)")
-    p("--save_every", type=int, default=50, help="pretraining checkpoints kept every N steps (default: 50)")
+    p("--steps", type=int, default=d.steps, help=f"pretraining steps (default: {d.steps})")
+    p("--batch_sequences", type=int, default=d.batch_sequences, help="pretraining batch in sequences of the longer "
+      f"context; every run gets the same tokens per step (default: {d.batch_sequences})")
+    p("--save_every", type=int, default=d.save_every,
+      help=f"pretraining checkpoints kept every N steps (default: {d.save_every})")
     p("--lr", type=float, help="pretraining peak learning rate (default: train.py's for the size)")
-    p("--min_lr_ratio", type=float, default=1.0,
-      help="pretraining's final / peak lr (default: 1, a constant lr after warmup, as OlmPool's runs, whose "
-           "cosine was planned for trillions of tokens and stopped at ~140B, never decayed)")
-    p("--recipe", default="olmpool", help="extend.py's recipe (default: olmpool)")
-    p("--ext_factor", type=int, default=8, help="extended length / the longer pretraining context (OlmPool: 8)")
-    p("--ext_steps", type=int, default=20,
-      help="extension steps (default: 20: 41K tokens, 8%% of pretraining's 512K at the defaults; OlmPool: 10B of 140B)")
-    p("--ext_batch_sequences", type=int, default=1, help="extension batch in sequences (default: 1)")
-    p("--eval_factors", type=integers, default=(1, 2, 4, 8),
-      help="evaluation lengths as multiples of the longer pretraining context (default: 1,2,4,8)")
-    p("--tasks", default="niah_single_1", help="evaluate.py recall tasks, or none (default: niah_single_1)")
-    p("--samples", type=int, default=10, help="recall samples per task and length (default: 10)")
-    p("--windows", type=int, default=8, help="held-out windows per length for loss, LongPPL, sinks (default: 8)")
-    p("--budgets", type=integers, default=(), help="further finding: extension steps to compare, e.g. 20,40,120")
-    p("--budget_models", type=names, default=(), help="runs for --budgets (default: 3 representative)")
-    p("--early_steps", type=integers, default=(), help="further finding: pretraining steps to extend from")
-    p("--early_models", type=names, default=(), help="runs for --early_steps (default: 3 representative)")
-    p("--longppl_evaluator", help="run whose extended model picks LongPPL's key tokens for all (default: the run "
-                                   "without a harmful choice)")
-    p("--measure", default="loss", choices=list(MEASURES), help="the measure the analysis leads with (default: loss)")
+    p("--min_lr_ratio", type=float, default=d.min_lr_ratio,
+      help=f"pretraining's final / peak lr (default: {d.min_lr_ratio:g}, a constant lr after warmup, as OlmPool's "
+           "runs, whose cosine was planned for trillions of tokens and stopped at ~140B, never decayed)")
+    p("--recipe", default=d.recipe, help=f"extend.py's recipe (default: {d.recipe})")
+    p("--ext_factor", type=int, default=d.ext_factor,
+      help=f"extended length / the longer pretraining context (default: {d.ext_factor}; OlmPool: 8)")
+    p("--ext_steps", type=int, default=d.ext_steps, help=f"extension steps (default: {d.ext_steps}: 41K tokens, 8%% "
+      "of pretraining's 512K at the defaults; OlmPool: 10B of 140B)")
+    p("--ext_batch_sequences", type=int, default=d.ext_batch_sequences,
+      help=f"extension batch in sequences (default: {d.ext_batch_sequences})")
+    p("--eval_factors", type=integers, default=d.eval_factors,
+      help=f"evaluation lengths as multiples of the longer pretraining context (default: {shown(d.eval_factors)})")
+    p("--tasks", default=d.tasks, help=f"evaluate.py recall tasks, or none (default: {d.tasks})")
+    p("--samples", type=int, default=d.samples, help=f"recall samples per task and length (default: {d.samples})")
+    p("--windows", type=int, default=d.windows,
+      help=f"held-out windows per length for loss, LongPPL, sinks (default: {d.windows})")
+
+
+def add_sweep_flags(p, d: Settings) -> None:
+    """The further findings, and how this command runs: analysis, jobs, devices, what it writes."""
+    p("--budgets", type=integers, default=d.budgets, help="further finding: extension steps to compare, e.g. 20,40,120")
+    p("--budget_models", type=names, default=d.budget_models, help="runs for --budgets (default: 3 representative)")
+    p("--early_steps", type=integers, default=d.early_steps, help="further finding: pretraining steps to extend from")
+    p("--early_models", type=names, default=d.early_models, help="runs for --early_steps (default: 3 representative)")
+    p("--longppl_evaluator", help="run whose extended model picks LongPPL's key tokens for all, or a checkpoint "
+                                   "folder outside the grid (our folder or hf:DIR; default: the run without a "
+                                   "harmful choice)")
+    p("--measure", default="loss", choices=list(pool_analysis.MEASURES),
+      help="the measure the analysis leads with (default: loss)")
     p("--jobs", type=int, default=1, help="stages at once (CPU); with --gpus, one per GPU")
-    p("--threads", type=int, default=1, help="CPU threads per stage (default: 1)")
+    p("--threads", type=int, default=d.threads, help=f"CPU threads per stage (default: {d.threads})")
     p("--gpus", type=names, default=(), help="comma-separated GPU ids: one stage per GPU, on cuda")
-    p("--extra_train", default="", help="more train.py flags for every pretraining run, as one string")
+    p("--extra_train", default=" ".join(d.extra_train),
+      help="more train.py flags for every pretraining run, as one string")
     p("--plan", action="store_true", help="print every stage, its command and whether it would run; run nothing")
     p("--analyze_only", action="store_true", help="only read finished results and write the analysis")
+    p("--from_rows", help="analyse the rows an earlier analysis.json holds, with the settings it records (this "
+                          "command's --out, --measure, --results); no run is read or run")
     p("--results", help="also copy the analysis, plots and index here (a folder to commit)")
-    return parser
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What this command does with the settings: the flags that are not a run's settings."""
+    plan: bool
+    analyze_only: bool
+    from_rows: str | None
+    results: str | None
+    measure: str
+    jobs: int
+    gpus: tuple[str, ...]
 
 
 def default_data(size: str) -> str:
@@ -1074,48 +760,80 @@ def default_data(size: str) -> str:
     return str(data.prepare_builtin_corpus())
 
 
-def settings_from(args) -> Settings:
-    if args.ext_steps < 1 or args.steps < 1:
-        raise SweepError(f"--steps {args.steps} and --ext_steps {args.ext_steps} must be at least 1")
-    # absolute, since every stage runs in the repository's folder whatever the caller's
-    return Settings(out=Path(args.out).resolve(), size=args.size, base_preset=args.base_preset, presets=args.presets,
-                    only=args.only, seeds=args.seeds,
-                    data=str(Path(args.data).resolve()) if args.data else default_data(args.size),
-                    steps=args.steps, min_lr_ratio=args.min_lr_ratio,
-                    batch_sequences=args.batch_sequences, save_every=args.save_every, lr=args.lr, recipe=args.recipe,
-                    ext_factor=args.ext_factor, ext_steps=args.ext_steps, ext_batch_sequences=args.ext_batch_sequences,
-                    eval_factors=args.eval_factors, tasks=args.tasks, samples=args.samples, windows=args.windows,
-                    budgets=args.budgets, budget_models=args.budget_models, early_steps=args.early_steps,
-                    early_models=args.early_models, longppl_evaluator=args.longppl_evaluator, threads=args.threads,
-                    device="cuda" if args.gpus else "cpu", extra_train=tuple(args.extra_train.split()),
-                    shape={k: getattr(args, k) for k in SHAPE_FIELDS if getattr(args, k) is not None})
+def settings_from_flags(flags: dict) -> tuple[Settings, Invocation]:
+    """Settings and Invocation from the parsed flags ({flag name: value}, named as their fields), with the
+    values derived from flags computed here and nowhere else: absolute paths (every stage runs in the
+    repository's folder, whatever the caller's), the device from --gpus, --extra_train split into flags,
+    the shape fields gathered, and the built-in corpus where --data is not given."""
+    flags = dict(flags)
+    invocation = Invocation(**{f.name: flags.pop(f.name) for f in dataclasses.fields(Invocation)})
+    shape = {k: value for k in SHAPE_FIELDS if (value := flags.pop(k)) is not None}
+    settings = Settings(**flags | {"out": Path(flags["out"]).resolve(),
+                                   "data": str(Path(flags["data"]).resolve()) if flags["data"] else None,
+                                   "device": "cuda" if invocation.gpus else "cpu",
+                                   "extra_train": tuple(flags["extra_train"].split()), "shape": shape})
+    if settings.data is None and not invocation.from_rows:  # prepared (a minute) once the flags are known good
+        settings = dataclasses.replace(settings, data=default_data(settings.size))
+    return settings, invocation
+
+
+def run_folders(settings: Settings, members: dict) -> dict:
+    """{run key: (Architecture, seed, its folder)}, as pool_analysis.collect reads the runs."""
+    return {key: (arch, seed, run_folder(settings, arch, seed)) for key, (arch, seed) in members.items()}
+
+
+def settings_from_record(record: dict) -> Settings:
+    """Settings as an index.json or analysis.json records them (JSON lists back to tuples); a field the
+    record lacks takes its default, which is what a sweep before that field ran with."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names}
+    return Settings(**values | {"out": Path(values["out"])})
+
+
+def analyse_rows(source: Path, out: Path, invocation: Invocation, command: list[str]) -> int:
+    """--from_rows: the analysis of the rows an earlier analysis.json holds, with the settings it records,
+    into OUT/analysis (and --results). The plan fills in what older rows lack (the windows)."""
+    report = json.loads(source.read_text())
+    settings = settings_from_record(report["settings"])
+    windows = {arch.name: arch.window for arch in architectures(settings)}
+    rows = [{"window": windows.get(row["name"]), **row} for row in pool_analysis.rows_from_json(report["rows"])]
+    rows_from = report.get("rows_from") or {"file": str(source), "command": report.get("command"),
+                                            "machine": report.get("machine")}
+    pool_analysis.write_analysis(settings, rows, invocation.measure, command, machine(), out, invocation.results,
+                                 rows_from)
+    print((out / "analysis" / "analysis.md").read_text())
+    return 0
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    flags = vars(build_parser().parse_args(argv))
     command = [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]
     try:
-        settings = settings_from(args)
+        settings, invocation = settings_from_flags(flags)
+        if invocation.from_rows:
+            return analyse_rows(Path(invocation.from_rows), settings.out, invocation, command)
         stages, members = plan(settings)
-        if args.plan:
+        if invocation.plan:
             for stage in stages:
                 print(f"[{decide(stage)}] {stage.key}\n    {' '.join(stage.command)}")
             return 0
-        if not args.analyze_only:
+        if not invocation.analyze_only:
             Path(settings.out).mkdir(parents=True, exist_ok=True)
-            jobs = len(args.gpus) if args.gpus else max(1, args.jobs)
+            jobs = len(invocation.gpus) if invocation.gpus else max(1, invocation.jobs)
             records, failure = [], None
             try:
-                records = execute(stages, settings, jobs, list(args.gpus))
+                records = execute(stages, settings, jobs, list(invocation.gpus))
             except SweepError as error:
                 failure = error  # analyse what finished, then report the failures
             write_index(stages, records, settings, command)
-        report = write_analysis(settings, members, args.measure, args.results, command)
+        rows = pool_analysis.collect(settings, run_folders(settings, members))
+        report = pool_analysis.write_analysis(settings, rows, invocation.measure, command, machine(), settings.out,
+                                              invocation.results)
         print((Path(settings.out) / "analysis" / "analysis.md").read_text())
-        if not args.analyze_only and failure is not None:
+        if not invocation.analyze_only and failure is not None:
             raise failure
         return 0 if report else 1
-    except SweepError as error:
+    except (SweepError, pool_analysis.AnalysisError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import pool_analysis  # noqa: E402
 import sweep  # noqa: E402
 from sweep import Settings, Stage  # noqa: E402
 
@@ -197,17 +198,17 @@ def constructed_rows(score):
 
 def test_r_squared_is_one_for_a_line_and_two_thirds_with_an_orthogonal_term():
     rows = constructed_rows(lambda qk, gqa, swa, ctx: 2.0 * (qk + gqa + swa + ctx) + 1)
-    assert sweep.r_squared([r["harmful_count"] for r in rows], [r["y"] for r in rows]) == pytest.approx(1.0)
+    assert pool_analysis.r_squared([r["harmful_count"] for r in rows], [r["y"] for r in rows]) == pytest.approx(1.0)
     # var(count) = 4 x 1/4 = 1; qk - gqa is uncorrelated with the count and has variance 1/2: R² = 1 / 1.5
     rows = constructed_rows(lambda qk, gqa, swa, ctx: (qk + gqa + swa + ctx) + (qk - gqa))
-    assert sweep.r_squared([r["harmful_count"] for r in rows], [r["y"] for r in rows]) == pytest.approx(2 / 3)
-    assert np.isnan(sweep.r_squared([1, 1, 1, 1], [1, 2, 3, 4]))
+    assert pool_analysis.r_squared([r["harmful_count"] for r in rows], [r["y"] for r in rows]) == pytest.approx(2 / 3)
+    assert np.isnan(pool_analysis.r_squared([1, 1, 1, 1], [1, 2, 3, 4]))
 
 
 def test_pairwise_effects_give_each_choices_mean_and_spread_over_the_others():
     # qk's effect is 3 without windows and 7 with them (an interaction); gqa's is 1 everywhere
     rows = constructed_rows(lambda qk, gqa, swa, ctx: 3 * qk + gqa + 2 * swa + 0.5 * ctx + 4 * qk * swa)
-    effects = sweep.pairwise_effects(rows, "y")
+    effects = pool_analysis.pairwise_effects(rows, "y")
     assert effects["qk"]["n"] == 8
     assert (effects["qk"]["mean"], effects["qk"]["std"], effects["qk"]["min"], effects["qk"]["max"]) == \
         pytest.approx((5, 2, 3, 7))
@@ -216,14 +217,14 @@ def test_pairwise_effects_give_each_choices_mean_and_spread_over_the_others():
     assert effects["ctx"]["mean"] == pytest.approx(0.5)
     # a pair with a missing model is left out, not counted as zero
     rows = [r for r in rows if r["choices"] != dict(qk=1, gqa=0, swa=0, ctx=0)]
-    assert sweep.pairwise_effects(rows, "y")["qk"]["n"] == 7
+    assert pool_analysis.pairwise_effects(rows, "y")["qk"]["n"] == 7
 
 
 def test_spearman_is_one_for_any_monotone_map_and_handles_ties():
     x = [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert sweep.spearman(x, [np.exp(v) for v in x]) == pytest.approx(1.0)
-    assert sweep.spearman(x, [-v for v in x]) == pytest.approx(-1.0)
-    assert list(sweep.ranks([10, 20, 20, 30])) == [1.0, 2.5, 2.5, 4.0]
+    assert pool_analysis.spearman(x, [np.exp(v) for v in x]) == pytest.approx(1.0)
+    assert pool_analysis.spearman(x, [-v for v in x]) == pytest.approx(-1.0)
+    assert list(pool_analysis.ranks([10, 20, 20, 30])) == [1.0, 2.5, 2.5, 4.0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_the_analysis_of_a_constructed_pool_recovers_its_r2_effects_findings_and
                          and arch.name in sweep.representative(sweep.grid()) else {20: {"loss": loss + noise}},
                          "early": {250: {"loss": loss + noise}, 100: {"loss": 2 * loss}} if seed == 0
                          and arch.name in sweep.representative(sweep.grid()) else {250: {"loss": loss + noise}}})
-    analysis = sweep.analyze(rows, "loss", settings)
+    analysis = pool_analysis.analyze(rows, "loss", settings)
     assert analysis["models"] == 16
     assert analysis["pairwise"]["qk"]["mean"] == pytest.approx(0.5) and analysis["pairwise"]["qk"]["std"] < 1e-9
     assert analysis["pairwise"]["swa"]["mean"] == pytest.approx(0.2)
@@ -291,8 +292,137 @@ def test_the_analysis_of_a_constructed_pool_recovers_its_r2_effects_findings_and
     assert analysis["spread"]["seed_std_mean"] == pytest.approx(0.02 / np.sqrt(2))
     assert analysis["budgets"]["gap_by_budget"]["20"] == pytest.approx(analysis["budgets"]["gap_by_budget"]["80"])
     assert analysis["early"]["spearman_vs_final"]["100"] == pytest.approx(1.0)
-    text = sweep.markdown({"loss": analysis}, rows, settings, "loss")
+    text = pool_analysis.markdown({"loss": analysis}, rows, settings, "loss")
     assert "| count of harmful choices |" in text and "Spearman" in text and "post_LQK_2kv_128_SWA" in text
     assert "stand out of the seed noise" in text  # between-model std 0.15 vs seed std 0.014
-    assert set(sweep.plots({"loss": analysis}, tmp_path)) == {"loss_vs_count.png", "loss_by_budgets.png",
+    assert set(pool_analysis.plots({"loss": analysis}, tmp_path)) == {"loss_vs_count.png", "loss_by_budgets.png",
                                                              "loss_by_early.png"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The method (issue 22): each fault on a constructed case whose answer is known
+
+
+def test_a_recall_cell_of_50_percent_reads_50(tmp_path):
+    # evaluate.py's recall cells hold the mean score already x 100 (RULER's metrics return 0-100)
+    results = {"recall": {"m": {"niah_single_1/512": {"mean": 50.0, "n": 2},
+                                "niah_single_2/512": {"mean": 100.0, "n": 2},
+                                "niah_single_1/1024": {"skipped": "too short", "n": 0}}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert pool_analysis.read_eval(tmp_path, "m")["recall"] == {512: 75.0}
+
+
+def test_the_qk_choice_can_move_one_switch_with_headwise_qk_norm_as_a_level(tmp_path):
+    runs = sweep.grid("H_post_LQK_32kv_8k_11k_SWA", "tiny", qk_levels=("pre_HQK", "pre"))
+    assert {"pre_HQK_2kv_128_SWA", "pre_8kv_256"} <= {r.name for r in runs} and len(runs) == 16
+    for run in runs:
+        flags = flags_of(["python", "train.py", *run.model_flags])
+        assert flags["--norm_placement"] == "pre"
+        assert flags["--qk_norm"] == ("headwise" if run.choices["qk"] else "none")
+    # a qk pair's pretraining commands differ in --qk_norm only (and their output folders)
+    settings = Settings(out=tmp_path, qk_levels=("pre_HQK", "pre"), only=("pre_HQK_8kv_256", "pre_8kv_256"))
+    a, b = [flags_of(s.command) for s in sweep.plan(settings)[0] if s.key.endswith("/pretrain")]
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"--qk_norm", "--out"}
+    assert "headwise QK norm" in settings.choice_descriptions()["qk"]
+    assert "two switches" not in settings.choice_descriptions()["qk"].lower()
+    # the default (Olmo 3 against Llama) moves two, and every table that names the choice says so
+    assert "two switches" in Settings(out=tmp_path).choice_descriptions()["qk"].lower()
+    assert sweep.preset_architecture("qwen3_like", "tiny", qk_levels=("pre_HQK", "pre")).choices["qk"] == 1
+    for wrong in (("middle", "pre"), ("pre", "pre"), ("post_LQK",)):
+        with pytest.raises(sweep.SweepError, match="pre_LQK,pre"):
+            Settings(out=tmp_path, qk_levels=wrong)
+
+
+def finding_rows(points: dict) -> list[dict]:
+    """Rows of three models on two seeds with only the further findings: {(model, seed): {point: loss}}."""
+    return [{"run": f"{name}/s{seed}", "name": name, "seed": seed,
+             "budgets": {p: {"loss": v} for p, v in by_point.items()},
+             "early": {p: {"loss": v} for p, v in by_point.items()}} for (name, seed), by_point in points.items()]
+
+
+def test_budget_gaps_and_early_rankings_are_over_seed_averaged_models_and_the_final_step_is_only_the_reference():
+    # single runs spread 1.0 to 3.0 at step 20; the models' seed means are 2.0, 2.1 and 2.5
+    rows = finding_rows({("a", 0): {20: 1.0, 100: 5.0, 250: 1.0}, ("a", 1): {20: 3.0, 100: 1.0, 250: 3.0},
+                         ("b", 0): {20: 2.0, 100: 4.0, 250: 2.0}, ("b", 1): {20: 2.2, 100: 4.0, 250: 2.2},
+                         ("c", 0): {20: 2.5, 100: 6.0, 250: 2.5}, ("c", 1): {20: 2.5, 100: 6.0, 250: 2.5}})
+    budgets = pool_analysis.budget_analysis(rows, "loss")
+    assert set(budgets["table"]) == {"a", "b", "c"} and budgets["table"]["a"]["20"] == pytest.approx(2.0)
+    assert budgets["gap_by_budget"]["20"] == pytest.approx(0.5)  # not 2.0, the spread of single runs
+    early = pool_analysis.early_analysis(rows, "loss", final_step=250)
+    # seed means at step 100: 3, 4, 6, ranked as the final 2.0, 2.1, 2.5 (single runs would not be: a/s0 is 5.0)
+    assert early["spearman_vs_final"]["100"] == pytest.approx(1.0)
+    assert "250" not in early["spearman_vs_final"]  # the final step is not compared with itself
+    assert early["seed_std"]["100"] == pytest.approx(np.std([5.0, 1.0], ddof=1) / 3)
+
+
+def decomposed_pool_rows() -> list[dict]:
+    """The grid on two seeds, the loss built from known parts: ctx acts before extension (+0.3), gqa in
+    the extension at L = 256 (+0.1), swa at the extended length only (+0.2, +0.3 where the windowed model was
+    pretrained at 128 = its window), and qk on seed 1 only (+0.04)."""
+    rows = []
+    for arch, seed in itertools.product(sweep.grid(), (0, 1)):
+        c = arch.choices
+        before = 3 + 0.3 * c["ctx"]
+        at_256 = before + 0.1 * c["gqa"]
+        at_2048 = at_256 + (0.2 + 0.1 * c["ctx"]) * c["swa"] + 0.04 * c["qk"] * seed
+        rows.append({"run": f"{arch.name}/s{seed}", "name": arch.name, "seed": seed, "choices": c,
+                     "harmful_count": arch.harmful_count, "pretrain_context": arch.pretrain_context,
+                     "window": arch.window, "val_loss_pretrain": before, "recall_by_length": {},
+                     "loss_by_length": {256: at_256, 2048: at_2048}, "recall": None, "loss": at_2048,
+                     "longppl": None, "sink": 0.1, "before": {"loss": before, "recall": None, "sink": 0.2},
+                     "budgets": {}, "early": {}})
+    return rows
+
+
+def test_each_effect_is_split_where_it_arises_with_its_seed_spread_and_the_swa_pairs_that_test_only_extension(
+        tmp_path):
+    settings = Settings(out=tmp_path)
+    analysis = pool_analysis.analyze(decomposed_pool_rows(), "loss", settings)
+    parts = {part: {choice: e["mean"] for choice, e in analysis["parts"][part].items()} for part in pool_analysis.PARTS}
+    assert parts["part_pretraining"] == pytest.approx(dict(qk=0, gqa=0, swa=0, ctx=0.3))
+    assert parts["part_extension"] == pytest.approx(dict(qk=0, gqa=0.1, swa=0, ctx=0))
+    assert parts["part_length"] == pytest.approx(dict(qk=0.02, gqa=0, swa=0.25, ctx=0.05))
+    assert analysis["pairwise"]["ctx"]["mean"] == pytest.approx(0.35)  # the parts add up to the effect
+    qk = analysis["pairwise"]["qk"]
+    assert qk["by_seed"] == pytest.approx({"0": 0.0, "1": 0.04})
+    assert qk["seed_std"] == pytest.approx(0.04 / np.sqrt(2)) and analysis["pairwise"]["gqa"]["seed_std"] == 0
+    # windowed models pretrained at 128 with window 128 saw every token in pretraining, as global ones
+    only, too = analysis["swa_pairs"]["extension_only"], analysis["swa_pairs"]["pretraining_too"]
+    assert only["n"] == 4 and all("_128_SWA - " in pair for pair in only["pairs"]) and too["n"] == 4
+    assert (only["mean"]["loss"], too["mean"]["loss"]) == pytest.approx((0.3, 0.2))
+    text = pool_analysis.markdown({"loss": analysis}, decomposed_pool_rows(), settings, "loss")
+    assert "Where each effect arises" in text and "test only the windows met at extension (4 of 8" in text
+    assert "0.350 ± 0.000 (worse in 8/8)" in text  # ctx: every pair, both seeds alike
+
+
+def test_the_analysis_is_regenerated_from_the_rows_an_earlier_analysis_json_holds(tmp_path):
+    rows = [{k: v for k, v in row.items() if k != "window"} for row in decomposed_pool_rows()]  # an older file
+    earlier = {"command": ["sweep.py", "--out", "runs/x"], "machine": "an earlier machine",
+               "settings": Settings(out=tmp_path / "runs").as_dict(), "rows": rows}
+    (tmp_path / "analysis.json").write_text(json.dumps(earlier))
+    argv = ["--from_rows", str(tmp_path / "analysis.json"), "--out", str(tmp_path / "new"),
+            "--results", str(tmp_path / "results")]
+    assert sweep.main(argv) == 0
+    report = json.loads((tmp_path / "results" / "analysis.json").read_text())
+    loss = report["analyses"]["loss"]
+    assert loss["parts"]["part_pretraining"]["ctx"]["mean"] == pytest.approx(0.3)
+    assert loss["swa_pairs"]["extension_only"]["n"] == 4  # the windows come from the plan
+    assert report["rows_from"]["machine"] == "an earlier machine"
+    assert "an earlier machine" in (tmp_path / "results" / "COMMAND.md").read_text()
+    assert (tmp_path / "results" / "loss_vs_count.png").is_file()
+
+
+def test_longppl_key_tokens_can_come_from_an_evaluator_outside_the_grid_and_one_inside_is_reported(tmp_path):
+    outside = fake_checkpoint(tmp_path / "strong", b"w")
+    stages, _ = sweep.plan(Settings(out=tmp_path, longppl_evaluator=str(outside)))
+    longppl = next(s for s in stages if s.key == "longppl")
+    flags = flags_of(longppl.command)
+    assert flags["positional"][0] == str(outside) and flags["--labels"].split(",")[0] == "evaluator"
+    assert len(flags["positional"]) == 17 and Path(outside) in longppl.inputs
+    # the default picks one of the compared runs: the analysis names it and the effects without its pairs
+    settings = Settings(out=tmp_path, seeds=(0, 1))
+    rows = [dict(row, longppl=row["loss"]) for row in decomposed_pool_rows()]
+    text = pool_analysis.markdown({"longppl": pool_analysis.analyze(rows, "longppl", settings)}, rows, settings,
+                                  "longppl")
+    assert "chosen by pre_8kv_256/s0, one of the compared runs" in text
+    assert "ctx 0.357 over 7 pairs" in text  # without pre_8kv_128 - pre_8kv_256: (4 x 0.4 + 3 x 0.3) / 7
