@@ -1,4 +1,4 @@
-"""Evaluate checkpoints offline: RULER-style recall, LongPPL and attention sinks, side by side.
+r"""Evaluate checkpoints offline: RULER-style recall, LongPPL and attention sinks, side by side.
 
     python evaluate.py runs/tiny hf:/models/Olmo-3-7B --lengths 4096,8192 --out eval/cmp
     python evaluate.py CKPT --lengths 256,1024 --tasks niah_single_1,niah_multikey_2 --samples 20 \
@@ -6,41 +6,9 @@
     python evaluate.py A B C --modes longppl --evaluator A --data data/long --lengths 32768
     python evaluate.py ... --out eval/cmp      # the same command again reuses every finished cell
 
-A checkpoint is our folder (config.json + model.safetensors, or a train.py run folder, whose newest
-step_N is taken) or `hf:DIR`, a local Hugging Face folder (hf_interop.load_hf). Every checkpoint
-gets identical prompts and identical held-out tokens. OUT gets results.json (every number, the
-seed, versions and the exact command), results.md (the tables) and PNG plots. Cells already in
-results.json with the same settings and the same weights are not recomputed.
-
-Modes (--modes, default all three):
-- recall: RULER's synthetic tasks as RULER defines them (NVIDIA/RULER scripts/data/synthetic/*.py:
-  templates, needles, generation caps, string_match_all) and HELMET's JSON KV. Prompts are sized
-  with the checkpoint's tokenizer so that prompt plus generation cap fits each length (binary
-  search on the haystack), then decoded greedily through the KV cache, batched.
-  Exact: niah_single_1, niah_multikey_2, niah_multikey_3, vt, cwe, fwe. Deviations, named in every
-  table: the essay-haystack tasks (niah_single_2/3, niah_multikey_1, niah_multivalue,
-  niah_multiquery) use Python's own pydoc help-topic prose instead of Paul Graham's essays, split
-  into sentences by a regular expression instead of nltk; json_kv builds HELMET's prompt around
-  json.dumps of fresh uuid pairs since HELMET's data files are a download; qa_1/qa_2 are not run.
-  Every prompt starts with the end-of-document token, the separator our models saw before every
-  document in pretraining (RULER's tokenizers add their BOS the same way).
-- longppl: LongPPL (Fang et al., ICLR 2025; PKU-ML/LongPPL longppl/longppl.py). Key tokens are
-  those with LSD = loss(short context) - loss(full context) > 2 and LCL = log p(full context) > -2
-  (natural log), the short context being the 4,096 tokens before a block of 1,024 tokens
-  (--short_context, --short_step; the first short_context tokens are never key tokens). One
-  evaluator checkpoint (--evaluator) picks the key tokens, so every model is scored on the same
-  tokens; LongPPL = exp(mean loss on them). Beside it: plain perplexity, held-out loss, and loss
-  by position bucket, on windows of the --data folder's val split.
-- attention: from sampled query rows, never a T x T matrix: sink share (mass on the first token,
-  the first 4, and the first 100 for the query at position 4,000, as the OlmPool authors measured;
-  at shorter lengths the last position), local share (mass on the 100 tokens before the query,
-  itself excluded), saturated heads (largest weight > 0.8), per layer and head. During NIAH
-  (recall mode) the answer-generating query's mass on the needle's tokens and its lift over
-  uniform (mass / (needle tokens / visible tokens)).
-
-Aggregates: per length, the plain mean over tasks; then over lengths; effective length = the
-longest length whose mean exceeds 85.6 (RULER: Llama-2-7B's score at 4K). Each cell reports its
-sample count and a 95% confidence interval (normal approximation over per-sample scores).
+A checkpoint is our folder (or a train.py run folder: its newest step) or hf:DIR, a local Hugging
+Face folder. OUT gets results.json, results.md (the tables) and PNG plots. Every measure, its
+definition and its source (RULER, HELMET, LongPPL): docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -49,14 +17,8 @@ import argparse
 import functools
 import json
 import math
-import os
-import random
-import re
-import string
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,375 +27,15 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import files
 import olmpool
+import ruler
+from progress import Progress
+from ruler import EvaluationError  # one error class for the evaluation's inputs, the prompts' included
 
 RESULTS_FILE = "results.json"
 TABLES_FILE = "results.md"
 EFFECTIVE_THRESHOLD = 85.6  # RULER: Llama-2-7B's mean at 4K
-RULER_TASK_COUNT = 13
-
-
-class EvaluationError(ValueError):
-    """A problem with the evaluation's inputs: the message names the value and the fix."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring (RULER scripts/eval/synthetic/constants.py; HELMET's substring exact match)
-
-
-def string_match_all(predictions: list[str], references: list[list[str]]) -> float:
-    """RULER: per sample, the fraction of gold strings found (case-insensitive substring); mean x100."""
-    return 100.0 * sum(sum(r.lower() in p.lower() for r in refs) / len(refs)
-                       for p, refs in zip(predictions, references)) / len(predictions)
-
-
-def string_match_part(predictions: list[str], references: list[list[str]]) -> float:
-    """RULER (QA): per sample, 1 if any gold string is found (case-insensitive substring); mean x100."""
-    return 100.0 * sum(max(r.lower() in p.lower() for r in refs)
-                       for p, refs in zip(predictions, references)) / len(predictions)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalization, which HELMET's substring_exact_match applies to both sides."""
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def substring_exact_match(predictions: list[str], references: list[list[str]]) -> float:
-    """HELMET (JSON KV): 1 if any normalized gold string is inside the normalized output; mean x100."""
-    return 100.0 * sum(max(normalize_answer(r) in normalize_answer(p) for r in refs)
-                       for p, refs in zip(predictions, references)) / len(predictions)
-
-
-def postprocess_prediction(text: str) -> str:
-    """RULER's postprocess_pred: control characters become newlines, then strip."""
-    return re.sub(r"[\x00-\x1f]", "\n", text.strip()).strip()
-
-
-# ----------------------------------------------------------------------------------------------
-# Tasks: RULER's synthetic generators (scripts/data/synthetic/*.py) and HELMET's JSON KV
-
-NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
-                 "I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
-                 "{type_needle_v} for {query} mentioned in the provided text?")
-NIAH_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
-NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-VT_TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
-               "Question: Find all variables that are assigned the value {query} in the text above.")
-VT_ANSWER_PREFIX = (" Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables "
-                    "are assigned the value {query}, they are: ")
-CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
-                "ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?")
-CWE_ANSWER_PREFIX = " Answer: The top 10 words that appear most often in the list are:"
-FWE_TEMPLATE = ("Read the following coded text and track the frequency of each coded word. Find the three most "
-                "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
-                "the dots '....'. What are the three most frequently appeared words in the above coded text?")
-FWE_ANSWER_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
-# HELMET data.py load_json_kv (after lost-in-the-middle's kv_retrieval prompt), zero-shot.
-JSON_KV_TEMPLATE = ("{context}\n\nExtract the value corresponding to the specified key in the JSON object below.\n\n"
-                    "Key: {query}\nCorresponding value:")
-DEPTHS = [int(d) for d in np.round(np.linspace(0, 100, num=40, endpoint=True))]  # RULER's needle depths (%)
-
-ESSAY_DEVIATION = "essay haystack = Python's pydoc help topics, not Paul Graham's essays"
-JSON_KV_DEVIATION = "JSON KV built here (json.dumps of uuid pairs), not HELMET's data files"
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    kind: str  # "niah" | "vt" | "cwe" | "fwe" | "json_kv"
-    max_new_tokens: int  # RULER's tokens_to_generate; HELMET's generation_max_length for JSON KV
-    metric: str = "string_match_all"
-    haystack: str = "noise"  # niah: "noise" | "essay" | "needle"
-    key_type: str = "words"
-    value_type: str = "numbers"
-    num_keys: int = 1
-    num_values: int = 1
-    num_queries: int = 1
-    deviation: str | None = None
-
-
-TASKS = {t.name: t for t in [
-    Task("niah_single_1", "niah", 128, haystack="noise"),
-    Task("niah_single_2", "niah", 128, haystack="essay", deviation=ESSAY_DEVIATION),
-    Task("niah_single_3", "niah", 128, haystack="essay", value_type="uuids", deviation=ESSAY_DEVIATION),
-    Task("niah_multikey_1", "niah", 128, haystack="essay", num_keys=4, deviation=ESSAY_DEVIATION),
-    Task("niah_multikey_2", "niah", 128, haystack="needle"),
-    Task("niah_multikey_3", "niah", 128, haystack="needle", key_type="uuids", value_type="uuids"),
-    Task("niah_multivalue", "niah", 128, haystack="essay", num_values=4, deviation=ESSAY_DEVIATION),
-    Task("niah_multiquery", "niah", 128, haystack="essay", num_keys=4, num_queries=4, deviation=ESSAY_DEVIATION),
-    Task("vt", "vt", 30),
-    Task("cwe", "cwe", 120),
-    Task("fwe", "fwe", 50),
-    Task("json_kv", "json_kv", 100, metric="substring_exact_match", deviation=JSON_KV_DEVIATION),
-]}
-TASK_GROUPS = {"ruler": [n for n in TASKS if n != "json_kv"], "exact": ["niah_single_1", "niah_multikey_2",
-               "niah_multikey_3", "vt", "cwe", "fwe"], "all": list(TASKS)}
-METRICS = {"string_match_all": string_match_all, "string_match_part": string_match_part,
-           "substring_exact_match": substring_exact_match}
-
-
-@dataclass
-class Sample:
-    task: str
-    length: int
-    index: int
-    prompt: str  # the input and RULER's answer prefix: the model continues this text
-    answers: list[str]
-    needles: list[str] = field(default_factory=list)  # needle sentences holding the answers (NIAH)
-    tokens: list[int] = field(default_factory=list)  # the prompt as the model reads it
-
-
-def _word_lists():
-    """wonderwords' noun, adjective and verb lists (RULER's source), deduplicated and sorted."""
-    global _WORDS
-    if _WORDS is None:
-        from importlib.resources import files
-        assets = files("wonderwords") / "assets"
-        read = lambda name: sorted({w.strip() for w in (assets / name).read_text().splitlines() if w.strip()})  # noqa: E731
-        _WORDS = {"nouns": read("nounlist.txt"), "adjectives": read("adjectivelist.txt"), "verbs": read("verblist.txt")}
-        _WORDS["cwe"] = sorted(set(_WORDS["nouns"] + _WORDS["adjectives"] + _WORDS["verbs"]))
-    return _WORDS
-
-
-_WORDS = None
-_ESSAY = None
-
-
-def essay_words() -> list[str]:
-    """The local stand-in for RULER's essay haystack: pydoc's help topics (prose every Python ships), as words."""
-    global _ESSAY
-    if _ESSAY is None:
-        from pydoc_data.topics import topics
-        _ESSAY = re.sub(r"\s+", " ", " ".join(topics[name] for name in sorted(topics))).split(" ")
-    return _ESSAY
-
-
-def split_sentences(text: str) -> list[str]:
-    """A regular-expression stand-in for nltk's sent_tokenize."""
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
-
-
-def random_value(kind: str, rng: random.Random) -> str:
-    """RULER's needle keys and values: 7-digit numbers, adjective-noun words, uuid4 strings."""
-    if kind == "numbers":
-        return str(rng.randint(10 ** 6, 10 ** 7 - 1))
-    if kind == "words":  # uniform over adjective-noun pairs, as RULER's sorted list of all pairs
-        words = _word_lists()
-        return f"{rng.choice(words['adjectives'])}-{rng.choice(words['nouns'])}"
-    if kind == "uuids":
-        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    raise EvaluationError(f"unknown needle type {kind!r}; use numbers, words or uuids")
-
-
-def make_niah(task: Task, size: int, rng: random.Random) -> tuple[str, list[str], list[str]]:
-    num_keys = max(task.num_keys, task.num_queries)
-    keys, values, needles = [], [], []
-    for _ in range(num_keys):
-        keys.append(random_value(task.key_type, rng))
-        values.append([])
-        for _ in range(task.num_values):
-            values[-1].append(random_value(task.value_type, rng))
-            needles.append(NEEDLE.format(type_needle_v=task.value_type, key=keys[-1], value=values[-1][-1]))
-    rng.shuffle(needles)
-    if task.haystack == "essay":
-        words = essay_words()
-        text = " ".join((words * (size // len(words) + 1))[:size])
-        sentences = split_sentences(text)
-        cuts = [0] + sorted(int(len(sentences) * d / 100) for d in rng.sample(DEPTHS, len(needles))) + [len(sentences)]
-        pieces = []
-        for i in range(1, len(cuts)):
-            pieces.append(" ".join(sentences[cuts[i - 1]:cuts[i]]))
-            if i - 1 < len(needles):
-                pieces.append(needles[i - 1])
-        context = " ".join(pieces)
-    else:
-        if task.haystack == "noise":
-            sentences = [NOISE] * size
-        else:  # "needle": the haystack is distractor needles with their own random keys and values
-            sentences = [NEEDLE.format(type_needle_v=task.value_type, key=random_value(task.key_type, rng),
-                                       value=random_value(task.value_type, rng)) for _ in range(size)]
-        for index, needle in zip(sorted(rng.sample(range(size), len(needles)), reverse=True), needles):
-            sentences.insert(index, needle)
-        context = "\n".join(sentences)
-    asked = rng.sample(range(num_keys), task.num_queries)
-    queries = [keys[i] for i in asked]
-    answers = [a for i in asked for a in values[i]]
-    query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
-    template, type_needle_v = NIAH_TEMPLATE + NIAH_ANSWER_PREFIX, task.value_type
-    if task.num_queries * task.num_values == 1:  # RULER's singular wording
-        for plural, singular in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
-            template = template.replace(plural, singular)
-        type_needle_v = type_needle_v[:-1]
-    prompt = template.format(type_needle_v=type_needle_v, context=context, query=query)
-    held = [n for n in needles if any(f"for {q} is:" in n for q in queries)]
-    return prompt, answers, held
-
-
-def vt_chain(rng: random.Random, num_hops: int, name_length: int) -> tuple[list[str], list[str], str]:
-    names = []
-    while len(set(names)) < num_hops + 1:
-        names.append("".join(rng.choices(string.ascii_uppercase, k=name_length)))
-    names = list(dict.fromkeys(names))[:num_hops + 1]
-    value = str(rng.randint(10000, 99998))  # numpy randint(10000, 99999): the high end is exclusive
-    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(num_hops)]
-    return names, chain, value
-
-
-def vt_text(rng: random.Random, size: int, num_hops: int, name_length: int) -> tuple[str, list[str]]:
-    names, chain, value = vt_chain(rng, num_hops, name_length)
-    sentences = [NOISE] * size
-    for j, position in enumerate(sorted(rng.sample(range(len(sentences)), len(chain)))):
-        sentences.insert(position + j, chain[j])
-    context = "\n".join(sentences).replace(". \n", ".\n")
-    return (VT_TEMPLATE + VT_ANSWER_PREFIX).format(context=context, query=value, num_v=num_hops + 1), names
-
-
-def make_vt(task: Task, size: int, rng: random.Random, example: str) -> tuple[str, list[str], list[str]]:
-    prompt, names = vt_text(rng, size, num_hops=4, name_length=5)
-    return example + "\n" + prompt, names, []
-
-
-def vt_example(rng: random.Random, tokenizer, budget: int) -> str:
-    """RULER's one-shot example: a chain of 3-letter names in noise sized to `budget` tokens, answered."""
-    state = rng.getstate()
-
-    def example(size):
-        rng.setstate(state)
-        prompt, names = vt_text(rng, size, num_hops=4, name_length=3)
-        return prompt + " " + " ".join(names)
-
-    size = largest_fitting(lambda s: len(tokenizer.encode(example(s))) <= budget, 5, 1000)
-    return example(size or 5)
-
-
-def cwe_list(rng: random.Random, num_words: int, common_repeats: int, uncommon_repeats: int) -> tuple[str, list[str]]:
-    words = _word_lists()["cwe"]
-    if num_words > len(words):
-        raise EvaluationError(f"cwe needs {num_words} distinct words; the word list holds {len(words)}: lower --lengths")
-    chosen = rng.sample(words, num_words)
-    common, uncommon = chosen[:10], chosen[10:]
-    listed = common * common_repeats + uncommon * uncommon_repeats
-    rng.shuffle(listed)
-    return " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed)), common
-
-
-def make_cwe(task: Task, size: int, rng: random.Random, length: int) -> tuple[str, list[str], list[str]]:
-    # RULER: below 4K, the one-shot example has 20 words (3x / 1x) and the list repeats 6x / 1x.
-    (ex_words, ex_common, ex_rare), (common_x, rare_x) = ((20, 3, 1), (6, 1)) if length < 4096 else ((40, 10, 3), (30, 3))
-    example_context, example_answer = cwe_list(rng, ex_words, ex_common, ex_rare)
-    example = (CWE_TEMPLATE + CWE_ANSWER_PREFIX).format(context=example_context) + " " + " ".join(
-        f"{i + 1}. {w}" for i, w in enumerate(example_answer))
-    context, common = cwe_list(rng, size, common_x, rare_x)
-    return example + "\n" + (CWE_TEMPLATE + CWE_ANSWER_PREFIX).format(context=context), common, []
-
-
-def riemann_zeta(alpha: float, terms: int = 100_000) -> float:
-    k = np.arange(1, terms + 1, dtype=np.float64)
-    return float((k ** -alpha).sum() + terms ** (1 - alpha) / (alpha - 1) - 0.5 * terms ** -alpha)
-
-
-def make_fwe(task: Task, size: int, rng: random.Random, length: int, alpha: float = 2.0) -> tuple[str, list[str], list[str]]:
-    vocab_size = (length - task.max_new_tokens) // 50  # RULER: max_seq_length // 50 coded words
-    if vocab_size < 4:
-        raise EvaluationError(f"fwe at length {length} has {vocab_size} coded words; it needs 4: use a length >= "
-                              f"{4 * 50 + task.max_new_tokens}")
-    vocab = []
-    while len(set(vocab)) < vocab_size:
-        vocab.append("".join(rng.choices(string.ascii_lowercase, k=6)))
-    vocab = sorted(set(vocab))
-    rng.shuffle(vocab)
-    vocab[0] = "..."  # the top rank is noise
-    counts = (size * np.arange(1, vocab_size + 1, dtype=np.float64) ** -alpha / riemann_zeta(alpha)).astype(int)
-    words = [w for w, n in zip(vocab, counts) for _ in range(n)]
-    rng.shuffle(words)
-    return (FWE_TEMPLATE + FWE_ANSWER_PREFIX).format(context=" ".join(words)), vocab[1:4], []
-
-
-def make_json_kv(task: Task, size: int, rng: random.Random) -> tuple[str, list[str], list[str]]:
-    pairs = {random_value("uuids", rng): random_value("uuids", rng) for _ in range(size)}
-    key = rng.choice(list(pairs))
-    prompt = JSON_KV_TEMPLATE.format(context="JSON data:\n" + json.dumps(pairs), query=json.dumps(key))
-    return prompt, [pairs[key]], [f"{json.dumps(key)}: {json.dumps(pairs[key])}"]
-
-
-def largest_fitting(fits, low: int, high: int) -> int | None:
-    """The largest n in [low, high] with fits(n), assuming fits is monotone (RULER's binary search)."""
-    best = None
-    while low <= high:
-        mid = (low + high) // 2
-        if fits(mid):
-            best, low = mid, mid + 1
-        else:
-            high = mid - 1
-    return best
-
-
-def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
-    return random.Random(f"olmpool-eval/{seed}/{task}/{length}/{index}")  # str seeds are hashed stably (SHA-512)
-
-
-def build_samples(task_name: str, length: int, n: int, seed: int, tokenizer, eos_id: int) -> list[Sample]:
-    """n prompts of one task that fit `length` tokens with the task's generation cap, reproducible from seed.
-
-    As RULER: one binary search (on sample 0) fixes the haystack size; a sample that still overflows
-    shrinks its haystack step by step."""
-    if task_name not in TASKS:
-        raise EvaluationError(f"unknown task {task_name!r}; choose from {', '.join(TASKS)} or a group "
-                              f"({', '.join(TASK_GROUPS)})")
-    task = TASKS[task_name]
-    budget = length - task.max_new_tokens - 1  # the leading end-of-document token
-
-    vt_examples = {}
-
-    def generate(index: int, size: int):
-        rng = sample_rng(seed, task_name, length, index)
-        if task.kind == "niah":
-            return make_niah(task, size, rng)
-        if task.kind == "vt":
-            if index not in vt_examples:
-                vt_examples[index] = vt_example(sample_rng(seed, "vt-example", length, index), tokenizer,
-                                                min(500, budget // 4))  # RULER: 500 tokens; scaled at toy lengths
-            return make_vt(task, size, rng, vt_examples[index])
-        if task.kind == "cwe":
-            return make_cwe(task, size, rng, length)
-        if task.kind == "fwe":
-            return make_fwe(task, size, rng, length)
-        return make_json_kv(task, size, rng)
-
-    def n_tokens(index, size):
-        return len(tokenizer.encode(generate(index, size)[0]))
-
-    smallest = {"niah": 1, "vt": 5, "cwe": 11, "fwe": 10, "json_kv": 1}[task.kind]
-    if n_tokens(0, smallest) > budget:
-        raise EvaluationError(f"{task_name} does not fit length {length}: its smallest prompt is "
-                              f"{n_tokens(0, smallest)} tokens, plus {task.max_new_tokens} to generate; use a longer length")
-    # An upper bound: tokens grow at least about one per haystack unit.
-    high = smallest
-    while n_tokens(0, high) <= budget and high < 10_000_000:
-        high *= 2
-    if task.kind == "cwe":
-        high = min(high, len(_word_lists()["cwe"]))
-    size = largest_fitting(lambda s: n_tokens(0, s) <= budget, smallest, high)
-    samples = []
-    for index in range(n):
-        used = size
-        while True:
-            prompt, answers, needles = generate(index, used)
-            tokens = [eos_id] + tokenizer.encode(prompt)
-            if len(tokens) + task.max_new_tokens <= length or used <= smallest:
-                break
-            used = max(smallest, used - max(1, size // 50))
-        if len(tokens) + task.max_new_tokens > length:
-            raise EvaluationError(f"{task_name} sample {index} overflows length {length}; use a longer length")
-        samples.append(Sample(task_name, length, index, prompt, answers, needles, tokens))
-    return samples
-
-
-def score(task_name: str, prediction: str, answers: list[str]) -> float:
-    return METRICS[TASKS[task_name].metric]([prediction], [answers])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,14 +54,14 @@ def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
-def decode_batches(samples: list[Sample], generate, batch_size: int, progress=None) -> list[list[int]]:
+def decode_batches(samples: list[ruler.Sample], generate, batch_size: int, progress=None) -> list[list[int]]:
     """New tokens for every sample. Only prompts of equal length share a batch (no padding), so a
     sample's output never depends on its neighbours or on batch_size."""
     outputs: list[list[int] | None] = [None] * len(samples)
     by_length: dict[int, list[int]] = {}
     for i, sample in enumerate(samples):
         by_length.setdefault(len(sample.tokens), []).append(i)
-    max_new = TASKS[samples[0].task].max_new_tokens
+    max_new = ruler.TASKS[samples[0].task].max_new_tokens
     for indices in by_length.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
@@ -523,7 +125,7 @@ def needle_mass(rows: torch.Tensor, span: tuple[int, int], query_position: int) 
     return rows[:, start:end].sum(-1), (end - start) / (query_position + 1)
 
 
-def needle_token_span(sample: Sample, tokenizer, needle: str) -> tuple[int, int]:
+def needle_token_span(sample: ruler.Sample, tokenizer, needle: str) -> tuple[int, int]:
     """Token positions [start, end) of a needle sentence in the sample's tokens (+1: the leading EOS)."""
     at = sample.prompt.index(needle)
     start = 1 + len(tokenizer.encode(sample.prompt[:at]))
@@ -639,23 +241,6 @@ def tokenizer_identity(tokenizer) -> str:
 # ----------------------------------------------------------------------------------------------
 # Results: one JSON file, cells reused when their settings match
 
-class Progress:
-    """Units done, rate and ETA on stderr every `every` seconds."""
-
-    def __init__(self, total: int, what: str, every: float = 10.0, enabled: bool = True):
-        self.total, self.what, self.every, self.enabled = max(total, 1), what, every, enabled
-        self.done, self.start, self.last = 0, time.monotonic(), time.monotonic()
-
-    def advance(self, n: int = 1):
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self.last > self.every or self.done == self.total):
-            self.last = now
-            elapsed = now - self.start
-            eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-            print(f"  {self.what}: {self.done}/{self.total}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", file=sys.stderr)
-
-
 def load_results(out: Path) -> dict:
     path = out / RESULTS_FILE
     if path.is_file():
@@ -667,10 +252,9 @@ def load_results(out: Path) -> dict:
 
 
 def save_results(out: Path, results: dict) -> None:
+    """results.json written whole (never half a file), NaN written as NaN (allow_nan), as it always was."""
     out.mkdir(parents=True, exist_ok=True)
-    temporary = out / (RESULTS_FILE + ".tmp")
-    temporary.write_text(json.dumps(results, indent=1, allow_nan=True))
-    os.replace(temporary, out / RESULTS_FILE)  # never a half-written results file
+    files.write_json_atomically(out / RESULTS_FILE, results, indent=1, allow_nan=True)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
@@ -710,26 +294,26 @@ def run_recall(generate, tokenizer, tasks: list[str], lengths: list[int], sample
                     progress.advance(samples)
                 continue
             try:
-                batch = build_samples(task_name, length, samples, seed, tokenizer, eos_id)
+                batch = ruler.build_samples(task_name, length, samples, seed, tokenizer, eos_id)
             except EvaluationError as error:
                 cells.setdefault(task_name, {})[str(length)] = {"skipped": str(error), "n": 0}
                 if progress:
                     progress.advance(samples)
                 continue
             outputs = decode_batches(batch, generate, batch_size, progress)
-            predictions = [postprocess_prediction(tokenizer.decode(cut_at_eos(o, eos_id))) for o in outputs]
-            scores = [score(task_name, p, s.answers) for p, s in zip(predictions, batch)]
+            predictions = [ruler.postprocess_prediction(tokenizer.decode(cut_at_eos(o, eos_id))) for o in outputs]
+            scores = [ruler.score(task_name, p, s.answers) for p, s in zip(predictions, batch)]
             mean, ci = mean_ci(scores)
             result = {"n": len(scores), "mean": mean, "ci95": ci, "scores": scores, "predictions": predictions,
                       "answers": [s.answers for s in batch], "prompt_tokens": [len(s.tokens) for s in batch],
-                      "max_new_tokens": TASKS[task_name].max_new_tokens}
-            if model is not None and TASKS[task_name].kind == "niah":
+                      "max_new_tokens": ruler.TASKS[task_name].max_new_tokens}
+            if model is not None and ruler.TASKS[task_name].kind == "niah":
                 result["needle_attention"] = measure_needle_attention(model, tokenizer, batch[:needle_samples])
             cells.setdefault(task_name, {})[str(length)] = result
     return cells
 
 
-def measure_needle_attention(model, tokenizer, samples: list[Sample]) -> dict:
+def measure_needle_attention(model, tokenizer, samples: list[ruler.Sample]) -> dict:
     """Mass the answer-generating query (the prompt's last position) puts on the answer's needle, per layer
     (mean and max over heads), and its lift over uniform attention."""
     per_layer_mean, per_layer_max, lifts = [], [], []
@@ -810,20 +394,6 @@ def run_attention(model, windows: list[torch.Tensor], query_at: int = 4000) -> d
 
 # ----------------------------------------------------------------------------------------------
 # The whole evaluation, resumable
-
-def parse_tasks(text: str) -> list[str]:
-    names = []
-    for part in text.split(","):
-        part = part.strip()
-        if part in TASK_GROUPS:
-            names += TASK_GROUPS[part]
-        elif part in TASKS:
-            names.append(part)
-        elif part:
-            raise EvaluationError(f"--tasks: unknown task {part!r}; choose from {', '.join(TASKS)} or a group "
-                                  f"({', '.join(TASK_GROUPS)})")
-    return list(dict.fromkeys(names))
-
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -939,7 +509,7 @@ def attention_cell(model, held_out, length: int) -> dict:
 
 def write_reports(results: dict, out: Path, labels: list[str], lengths: list[int], tasks: list[str]) -> None:
     """results.json with the deviations named, results.md's tables and the plots."""
-    results["deviations"] = deviations(tasks)
+    results["deviations"] = ruler.deviations(tasks)
     save_results(out, results)
     (out / TABLES_FILE).write_text(markdown_tables(results, labels, lengths, tasks))
     plot(results, labels, lengths, tasks, out)
@@ -955,7 +525,7 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     evaluator: the label whose model picks LongPPL's key tokens (default: the first checkpoint)."""
     out = Path(out)
     device = device or default_device()
-    tasks = TASK_GROUPS["exact"] if tasks is None else tasks
+    tasks = ruler.TASK_GROUPS["exact"] if tasks is None else tasks
     check_inputs(checkpoints, lengths, modes, data_dir, short_context, short_step)
     checkpoints = {label: resolve_checkpoint(spec) for label, spec in checkpoints.items()}
     evaluator = evaluator or next(iter(checkpoints))
@@ -998,12 +568,6 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     return results
 
 
-def deviations(tasks: list[str]) -> list[str]:
-    found = sorted({TASKS[t].deviation for t in tasks if TASKS[t].deviation})
-    ruler = [t for t in tasks if t != "json_kv"]
-    return [f"RULER-offline ({len(ruler)} of {RULER_TASK_COUNT} tasks)"] + found
-
-
 # ----------------------------------------------------------------------------------------------
 # Tables and plots
 
@@ -1024,7 +588,7 @@ def _fmt(value, digits=1):
 
 
 def markdown_tables(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> str:
-    lines = [f"Deviations: {'; '.join(deviations(tasks))}.", ""]
+    lines = [f"Deviations: {'; '.join(ruler.deviations(tasks))}.", ""]
     if any(cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths):
         lines += ["## Recall (score x100, mean ± 95% CI, n samples)", "",
                   "| model | task | " + " | ".join(str(L) for L in lengths) + " |",
@@ -1036,7 +600,7 @@ def markdown_tables(results: dict, labels: list[str], lengths: list[int], tasks:
                     c = cell(results, "recall", label, f"{t}/{L}") or {}
                     row.append("skipped" if "skipped" in c else "-" if "mean" not in c else
                                f"{c['mean']:.1f} ± {_fmt(c['ci95'])} (n={c['n']})")
-                lines.append(f"| {label} | {t}{' *' if TASKS[t].deviation else ''} | " + " | ".join(row) + " |")
+                lines.append(f"| {label} | {t}{' *' if ruler.TASKS[t].deviation else ''} | " + " | ".join(row) + " |")
             summary = recall_summary(results, label, tasks, lengths)
             lines.append(f"| {label} | **mean** | " + " | ".join(_fmt(summary["per_length"][L]) for L in lengths) + " |")
         lines += ["", "| model | mean over lengths | effective length (> 85.6) |", "|---|---|---|"]
@@ -1184,7 +748,7 @@ def before_after_table(results: dict, labels: list[str], lengths: list[int], tas
                  if (c := results.get("key_tokens", {}).get(str(n))) and "settings" in c), None)
     lines += ["", f"Loss: held-out nats/token. LongPPL key tokens chosen by `{evaluator}`"
               + (f"; {note}" if note else "") + f". Recall: mean of {', '.join(tasks)} (x100; "
-              + "; ".join(deviations(tasks)) + ")."]
+              + "; ".join(ruler.deviations(tasks)) + ")."]
     return "\n".join(lines)
 
 
@@ -1196,8 +760,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoints", nargs="+", help="our checkpoint or run folders, or hf:DIR")
     parser.add_argument("--labels", help="comma-separated names for the checkpoints (default: their paths)")
     parser.add_argument("--lengths", default="4096,8192,16384,32768,65536", help="comma-separated lengths in tokens")
-    parser.add_argument("--tasks", default="exact", help=f"comma-separated tasks or groups ({', '.join(TASK_GROUPS)}): "
-                                                         f"{', '.join(TASKS)}")
+    parser.add_argument("--tasks", default="exact", help=f"comma-separated tasks or groups "
+                                                         f"({', '.join(ruler.TASK_GROUPS)}): {', '.join(ruler.TASKS)}")
     parser.add_argument("--modes", default="recall,longppl,attention", help="any of recall, longppl, attention")
     parser.add_argument("--samples", type=int, default=100, help="samples per task and length (RULER 500, HELMET 100)")
     parser.add_argument("--seed", type=int, default=0, help="prompts are a function of the seed, task, length and index")
@@ -1226,8 +790,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples < 1:
         parser.error(f"--samples {args.samples} must be at least 1")
     try:
-        evaluate(dict(zip(labels, args.checkpoints)), lengths, args.out, tasks=parse_tasks(args.tasks), modes=modes,
-                 samples=args.samples, seed=args.seed, data_dir=args.data, evaluator=args.evaluator,
+        evaluate(dict(zip(labels, args.checkpoints)), lengths, args.out, tasks=ruler.parse_tasks(args.tasks),
+                 modes=modes, samples=args.samples, seed=args.seed, data_dir=args.data, evaluator=args.evaluator,
                  short_context=args.short_context, short_step=args.short_step, windows=args.windows,
                  batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                  command=[sys.executable] + sys.argv)

@@ -1,22 +1,20 @@
-"""evaluate.py: RULER's scoring, prompts that fit and hold their answer, LongPPL's key tokens, attention shares,
-and the same scores for a checkpoint and its Hugging Face export.
+"""evaluate.py: recall through decoding and scoring, LongPPL's key tokens, attention shares, and the same
+scores for a checkpoint and its Hugging Face export (ruler.py's prompts and metrics: test_ruler.py).
 
 Models are tiny random ones with the dolma2 vocabulary; lengths are a few hundred tokens."""
 
 import json
-import re
-from collections import Counter
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import checkpoint
 import data
 import evaluate as ev
 import hf_export
+import ruler
 from olmpool import ModelConfig, Transformer, masked_softmax_attention, visible
+from test_ruler import solve  # the oracle that reads each task's answer out of its prompt
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,90 +29,6 @@ def tiny_model(window=None, seed=0) -> Transformer:
     config = ModelConfig(vocab_size=100_352, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8,
                          mlp_hidden=64, window=window, global_every=2, context_length=256, rope_theta=10_000.0)
     return Transformer(config, seed=seed).eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring: RULER's string_match_all / string_match_part and HELMET's substring exact match
-
-
-def test_string_match_all_is_the_mean_fraction_of_gold_strings_found():
-    predictions = ["The numbers are 1234567 and 7654321.", "nothing here", "UUID ABC-def"]
-    references = [["1234567", "7654321", "1111111"], ["42"], ["abc-DEF"]]
-    # 2/3, 0, 1 (case-insensitive): mean 5/9.
-    assert ev.string_match_all(predictions, references) == pytest.approx(100 * (2 / 3 + 0 + 1) / 3)
-
-
-def test_string_match_part_counts_a_sample_when_any_gold_string_is_found():
-    predictions = ["Paris, France", "in 1990", "no idea"]
-    references = [["paris", "lyon"], ["1989", "1991"], ["x"]]
-    assert ev.string_match_part(predictions, references) == pytest.approx(100 / 3)
-
-
-def test_substring_exact_match_normalizes_case_punctuation_and_articles():
-    assert ev.substring_exact_match(["The value is: 'A1B2'."], [["a1b2"]]) == 100.0
-    assert ev.substring_exact_match(["a1b"], [["a1b2"]]) == 0.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompts: fit their length, hold the answer where the task says, reproducible from the seed
-
-
-def solve(task: str, prompt: str) -> str:
-    """An oracle that reads the answer out of the prompt text the way each task defines it."""
-    if task.startswith("niah"):
-        query = re.findall(r"What (?:is|are all) the special magic \w+ for (.+) mentioned in the provided text\?", prompt)[-1]
-        keys = re.split(r", and |, ", query)
-        values = [v for key in keys for v in re.findall(rf"One of the special magic \w+ for {re.escape(key)} is: (\S+)\.",
-                                                        prompt)]
-        return " ".join(values)
-    if task == "vt":
-        main = prompt[prompt.rindex("Memorize and track"):]
-        value = re.findall(r"assigned the value (\d+) in the text above", main)[0]
-        names = [re.search(rf"VAR (\w+) = {value}\n", main).group(1)]
-        while (step := re.search(rf"VAR (\w+) = VAR {names[-1]} ", main)) is not None:
-            names.append(step.group(1))
-        return " ".join(names)
-    if task == "cwe":
-        listed = prompt[prompt.rindex("Memorize the ones that appear most often.\n"):prompt.rindex("\nQuestion:")]
-        counts = Counter(re.findall(r"\d+\. (\S+)", listed))
-        return " ".join(w for w, _ in counts.most_common(10))
-    if task == "fwe":
-        coded = prompt[prompt.rindex("coded words. ") + len("coded words. "):prompt.rindex("\nQuestion:")]
-        counts = Counter(w for w in coded.split() if w != "...")
-        return " ".join(w for w, _ in counts.most_common(3))
-    if task == "json_kv":
-        pairs = json.loads(prompt[prompt.index("JSON data:\n") + 11:prompt.index("\n\nExtract the value")])
-        return pairs[json.loads(re.search(r"Key: (\".*\")\n", prompt).group(1))]
-    raise AssertionError(task)
-
-
-@settings(max_examples=12)
-@given(task=st.sampled_from([t for t in ev.TASKS if t != "cwe"]), length=st.integers(450, 1500),
-       seed=st.integers(0, 10 ** 6))
-def test_prompt_fits_its_length_holds_the_answer_and_is_reproducible(tokenizer, task, length, seed):
-    samples = ev.build_samples(task, length, 2, seed, tokenizer, data.EOS_ID)
-    again = ev.build_samples(task, length, 2, seed, tokenizer, data.EOS_ID)
-    other = ev.build_samples(task, length, 2, seed + 1, tokenizer, data.EOS_ID)
-    for sample, same, different in zip(samples, again, other):
-        assert len(sample.tokens) + ev.TASKS[task].max_new_tokens <= length
-        assert sample.tokens[0] == data.EOS_ID and sample.tokens[1:] == tokenizer.encode(sample.prompt)
-        assert (same.prompt, same.answers) == (sample.prompt, sample.answers)
-        assert different.prompt != sample.prompt
-        assert ev.score(task, solve(task, sample.prompt), sample.answers) == 100.0
-        for needle in sample.needles:  # each answer's needle sits once in the context, before the question
-            assert sample.prompt.count(needle) == 1
-            assert sample.prompt.index(needle) < sample.prompt.rindex("\n")
-
-
-def test_cwe_prompt_repeats_the_ten_common_words_most(tokenizer):
-    sample = ev.build_samples("cwe", 1500, 1, 0, tokenizer, data.EOS_ID)[0]
-    assert len(sample.tokens) + 120 <= 1500 and len(sample.answers) == 10
-    assert set(solve("cwe", sample.prompt).split()) == set(sample.answers)
-
-
-def test_a_prompt_that_cannot_fit_is_refused_with_the_fix(tokenizer):
-    with pytest.raises(ev.EvaluationError, match="does not fit length 300"):
-        ev.build_samples("cwe", 300, 1, 0, tokenizer, data.EOS_ID)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +64,7 @@ def test_oracle_scores_100_and_a_constant_model_scores_0(tokenizer):
 
 def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tokenizer):
     model = tiny_model()
-    samples = ev.build_samples("niah_single_1", 400, 3, 0, tokenizer, data.EOS_ID)
+    samples = ruler.build_samples("niah_single_1", 400, 3, 0, tokenizer, data.EOS_ID)
     for s in samples[1:]:
         s.tokens = s.tokens[:len(samples[0].tokens)]  # equal lengths, so they share one batch
     generate = ev.model_generator(model, data.EOS_ID)
@@ -262,7 +176,7 @@ def test_checkpoint_and_its_hf_export_score_identically_and_rerun_resumes(tmp_pa
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished cell was recomputed")
-    monkeypatch.setattr(ev, "build_samples", must_not_run)
+    monkeypatch.setattr(ruler, "build_samples", must_not_run)
     monkeypatch.setattr(ev, "run_losses", must_not_run)
     monkeypatch.setattr(ev, "run_attention", must_not_run)
     monkeypatch.setattr(ev, "find_key_tokens", must_not_run)
