@@ -516,7 +516,7 @@ def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_
             source["documents"] += 1
             tokens += len(ids) + 1
             rate = tokens / max(time.monotonic() - start, 1e-9)
-            meter.advance(n_bytes, note=f"{tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tokens/s")
+            meter.advance(n_bytes, note=f"{tokens:,} tokens, {rate / 1e6:.2f}M tokens/s")
             if max_tokens and tokens >= max_tokens:
                 break
         if tokens == 0:
