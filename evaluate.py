@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import compact_vocabulary
 import data
 import files
 import olmpool
@@ -210,7 +211,7 @@ def checkpoint_fingerprint(spec: str) -> str:
 
 
 def load_checkpoint(spec: str, device: str, dtype: torch.dtype | None):
-    """(model, tokenizer, description) for our folder or hf:DIR; tokenizer from data.tokenizer_for."""
+    """(model, tokenizer, description) for our folder or hf:DIR; tokenizer from compact_vocabulary.tokenizer_for."""
     import hf_interop
     if spec.startswith("hf:"):
         folder = spec[3:]
@@ -219,10 +220,10 @@ def load_checkpoint(spec: str, device: str, dtype: torch.dtype | None):
         folder = spec
         model = checkpoint.load_model(folder)
         summary = olmpool.describe(model.config)
-    tokenizer = data.tokenizer_for(folder)
+    tokenizer = compact_vocabulary.tokenizer_for(folder)
     if spec.startswith("hf:") and not 100_278 <= model.config.vocab_size <= 100_352 and not hasattr(tokenizer, "eos_id"):
         print(f"warning: {spec} has vocab_size {model.config.vocab_size}, not dolma2's 100,278 (padded to 100,352), yet "
-              f"evaluate.py reads it with dolma2 (data.tokenizer_for); its scores are meaningless unless it uses "
+              f"evaluate.py reads it with dolma2 (compact_vocabulary.tokenizer_for); its scores are meaningless unless it uses "
               f"dolma2", file=sys.stderr)
     vocab = getattr(tokenizer, "vocab_size", None) or getattr(getattr(tokenizer, "encoding", None), "n_vocab", None)
     if vocab is not None and vocab > model.config.vocab_size:
@@ -490,7 +491,7 @@ def recall_cells(results: dict, out: Path, label: str, model, tokenizer, tasks: 
 
 def longppl_cell(model, label: str, model_tokenizer: str, data_dir, key_tokens: dict, held_out, length: int) -> dict:
     """Held-out loss and LongPPL of one model at one length, on the evaluator's key tokens (or why they are missing)."""
-    data_tokenizer = tokenizer_identity(data.tokenizer_for(data_dir))
+    data_tokenizer = tokenizer_identity(compact_vocabulary.tokenizer_for(data_dir))
     if model_tokenizer != data_tokenizer:
         raise EvaluationError(f"{label} reads {model_tokenizer} tokens but {data_dir} was prepared with "
                               f"{data_tokenizer}; prepare the held-out data with this checkpoint's tokenizer")

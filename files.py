@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 
-def write_atomically(path: Path | str, content: str | bytes) -> Path:
-    """Write content to path through a temporary file in the same folder and one rename."""
+def write_atomically(path: Path | str, content: str | bytes | Sequence[bytes | memoryview]) -> Path:
+    """Write content to path through a temporary file in the same folder and one rename. Content
+    may be a sequence of byte parts, written one after the other: a large file (a token shard)
+    then needs no second copy in memory."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if isinstance(content, str):
+        content = content.encode()
+    parts = [content] if isinstance(content, (bytes, bytearray, memoryview)) else content
     try:
         with open(temporary, "wb") as file:
-            file.write(content.encode() if isinstance(content, str) else content)
+            for part in parts:
+                file.write(part)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

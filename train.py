@@ -35,7 +35,7 @@ Checkpoints (OUT/step_0001000/, written under a temporary name, fsynced, renamed
     optimizer.pt        AdamW's state_dict, read with torch.load(weights_only=True) (without --fsdp)
     dcp/                model and optimizer, sharded, via torch.distributed.checkpoint (with --fsdp)
     train_state.json    step, tokens seen, loader position, the arguments, RNG states, every file's size
-    compact_vocab.json  the data's compact vocabulary, when it has one (data.tokenizer_for reads it)
+    compact_vocab.json  the data's compact vocabulary, when it has one (compact_vocabulary.tokenizer_for reads it)
 `--resume auto` continues from the newest intact checkpoint in --out (nothing there: a fresh
 start), skipping damaged ones with a warning; resuming an older one moves the newer ones aside to
 OUT/abandoned/. `--init_from DIR` (or `hf:DIR`, through hf_interop.py) only takes a checkpoint's
@@ -99,6 +99,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 import checkpoint
+import compact_vocabulary
 import data
 import olmpool
 from checkpoint import CheckpointError, checkpoints_in
@@ -401,7 +402,7 @@ def data_vocab_size(args) -> int | None:
     """Ids of the compact vocabulary this run's data will use, or None for dolma2 (the preset's)."""
     requested = compact_vocab_size(args)
     if requested:
-        data.check_compact_vocab_size(requested)  # at parse time, naming the minimum
+        compact_vocabulary.check_compact_vocab_size(requested)  # at parse time, naming the minimum
     if getattr(args, "data", None) and (Path(args.data) / data.COMPACT_VOCAB_FILE).is_file():
         return data.read_compact_vocab(Path(args.data) / data.COMPACT_VOCAB_FILE)["vocab_size"]
     return requested or None  # a folder about to be compacted holds at most `requested` ids
@@ -427,7 +428,7 @@ def model_config(args) -> ModelConfig:
     elif "n_heads" in overrides and "n_kv_heads" not in overrides:  # keep the preset's GQA ratio, a switch
         overrides["n_kv_heads"] = max(1, n_heads // (base.n_heads // base.n_kv_heads))
     if "vocab_size" not in overrides and (vocab := data_vocab_size(args)):  # the model's vocabulary is the data's
-        overrides["vocab_size"] = data.padded_vocab_size(vocab)
+        overrides["vocab_size"] = compact_vocabulary.padded_vocab_size(vocab)
     return olmpool.preset(args.preset, args.size, **overrides)
 
 
@@ -804,8 +805,8 @@ def data_dir(args, env: Distributed) -> Path:
     """The data folder, in the vocabulary --compact_vocab asks for (built on first use)."""
     def prepared(progress: bool) -> Path:
         if args.data:
-            return data.folder_in_vocab(args.data, args.compact_vocab, progress=progress)
-        return data.prepare_builtin_corpus(progress=progress, compact_vocab=compact_vocab_size(args))
+            return compact_vocabulary.folder_in_vocab(args.data, args.compact_vocab, progress=progress)
+        return compact_vocabulary.prepare_builtin_corpus(progress=progress, compact_vocab=compact_vocab_size(args))
     if env.is_main:  # one process tokenizes; the others find it ready after the barrier
         prepared(progress=True)
     env.barrier()
@@ -816,11 +817,11 @@ def check_vocabulary(init_from: str | None, config: ModelConfig, folder: Path, r
     """The model must cover the data's ids, and a checkpoint must come from data in the same vocabulary."""
     for source in (resume_dir, init_from):  # first: a mismatch explains a size difference too
         if source and not str(source).startswith("hf:"):
-            data.check_same_vocabulary(source, folder)
+            compact_vocabulary.check_same_vocabulary(source, folder)
     in_use = data.read_manifest(folder)["tokenizer"]["vocab_size"]
     if config.vocab_size < in_use:
         raise TrainError(f"--vocab_size {config.vocab_size} is smaller than the {in_use:,} ids of {folder}'s vocabulary; "
-                         f"leave --vocab_size out (it follows the data) or give at least {data.padded_vocab_size(in_use)}")
+                         f"leave --vocab_size out (it follows the data) or give at least {compact_vocabulary.padded_vocab_size(in_use)}")
 
 
 def build_loaders(args, plan: BatchPlan, env: Distributed, folder: Path):
@@ -997,9 +998,9 @@ def evaluate_losses(model, loader: data.TokenLoader, plan: BatchPlan, env: Distr
                     loss_chunk: int | None = None, fsdp: bool = False) -> dict:
     """Over `batches` global batches spread over the val split: val_loss, the mean cross-entropy
     in nats per token of the data's vocabulary, and val_bits_per_byte, the same sum over the UTF-8
-    bytes of text its targets stand for (data.bits_per_byte), which compares across vocabularies."""
+    bytes of text its targets stand for (compact_vocabulary.bits_per_byte), which compares across vocabularies."""
     model.eval()
-    byte_lengths = torch.from_numpy(data.tokenizer_for(loader.data_dir).byte_lengths)
+    byte_lengths = torch.from_numpy(compact_vocabulary.tokenizer_for(loader.data_dir).byte_lengths)
     sums = torch.zeros(2, device=env.device, dtype=torch.float64)  # nats, bytes of this rank's targets
     targets = 0
     for batch in loader.validation_batches(batches):
@@ -1012,7 +1013,7 @@ def evaluate_losses(model, loader: data.TokenLoader, plan: BatchPlan, env: Distr
         dist.all_reduce(sums)
     model.train()
     nats, n_bytes = sums.tolist()
-    return {"val_loss": nats / targets, "val_bits_per_byte": data.bits_per_byte(nats, n_bytes)}
+    return {"val_loss": nats / targets, "val_bits_per_byte": compact_vocabulary.bits_per_byte(nats, n_bytes)}
 
 
 @functools.cache
@@ -1265,7 +1266,7 @@ def save_checkpoint(out: Path, step: int, tokens_seen: int, model, transformer: 
     env.barrier()
     write_weights_and_optimizer(temporary, model, transformer, optimizer, args.fsdp, env)
     if env.is_main:
-        data.copy_vocabulary(loader.data_dir, temporary)  # the checkpoint names its tokenizer
+        compact_vocabulary.copy_vocabulary(loader.data_dir, temporary)  # the checkpoint names its tokenizer
         files = {str(p.relative_to(temporary)): p.stat().st_size for p in sorted(temporary.rglob("*")) if p.is_file()}
         state = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "fsdp": args.fsdp,
                  "world_size": env.world_size, "threads": torch.get_num_threads(),

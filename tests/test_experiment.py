@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import compact_vocabulary  # noqa: E402
 import data  # noqa: E402
 import experiment  # noqa: E402
 
@@ -24,7 +25,7 @@ def corpus(tmp_path_factory):
     documents = data.builtin_documents(Path(sysconfig.get_paths()["stdlib"]), sources)
     data.write_corpus(documents, out / "dolma2", 0.1, data.DEFAULT_SHARD_TOKENS, sources, total_bytes=1,
                       max_tokens=200_000, progress=False)
-    return data.compact_folder(out / "dolma2", 512, out / "compact", progress=False)
+    return compact_vocabulary.compact_folder(out / "dolma2", 512, out / "compact", progress=False)
 
 
 def test_the_main_job_runs_every_stage_prints_one_table_and_resumes_without_redoing(corpus, tmp_path, capfd):

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import compact_vocabulary  # noqa: E402
 import data  # noqa: E402
 import extend  # noqa: E402
 import hf_export  # noqa: E402
@@ -322,7 +323,7 @@ def test_extension_starts_from_the_source_weights_and_records_recipe_and_source(
 
 
 def test_extended_checkpoint_keeps_the_sources_compact_vocabulary(corpus, tmp_path):
-    compact = data.compact_folder(corpus, 512, tmp_path / "compact", progress=False)
+    compact = compact_vocabulary.compact_folder(corpus, 512, tmp_path / "compact", progress=False)
     source = train.train(train.parse_args([*PRETRAIN, "--data", str(compact), "--out", str(tmp_path / "pre"),
                                            "--steps", "1"]))["checkpoint"]
     summary = run_extension(compact, source, tmp_path / "ext", "--steps", "1", "--held_out_documents", "0")

@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without a conftest
+import compact_vocabulary  # noqa: E402
 import data  # noqa: E402
 import olmpool  # noqa: E402
 import train  # noqa: E402
@@ -38,12 +39,12 @@ def dolma2_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compact_corpus(dolma2_corpus):
-    return data.compact_folder(dolma2_corpus, VOCAB, progress=False)
+    return compact_vocabulary.compact_folder(dolma2_corpus, VOCAB, progress=False)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(compact_corpus):
-    return data.tokenizer_for(compact_corpus)
+    return compact_vocabulary.tokenizer_for(compact_corpus)
 
 
 def documents_of(folder, split):
@@ -111,7 +112,7 @@ def test_a_compact_folder_holds_the_same_documents_as_its_dolma2_source(dolma2_c
 
 
 def test_mapping_and_coverage_are_reproducible_from_the_same_data(dolma2_corpus, compact_corpus, tmp_path):
-    again = data.compact_folder(dolma2_corpus, VOCAB, tmp_path / "again", progress=False)
+    again = compact_vocabulary.compact_folder(dolma2_corpus, VOCAB, tmp_path / "again", progress=False)
     file = data.COMPACT_VOCAB_FILE
     assert (again / file).read_bytes() == (compact_corpus / file).read_bytes()
     shards = lambda folder: [s["sha256"] for s in data.read_manifest(folder)["splits"]["train"]["shards"]]
@@ -135,14 +136,14 @@ def test_the_table_ranks_train_ids_by_frequency_and_ignores_val(tmp_path):
     train_split.add_document([words[0]] * 5 + [words[1]] * 9 + [words[2]] * 5)  # beta, then alpha = gamma by id
     val_split.add_document([words[3]] * 100)  # frequent in val only: not in the table
     data.write_manifest(folder, {"train": train_split.close(), "val": val_split.close()})
-    vocab = data.build_compact_vocab(folder, VOCAB)
+    vocab = compact_vocabulary.build_compact_vocab(folder, VOCAB)
     assert vocab["dolma2_ids"] == [words[1], *sorted([words[0], words[2]])]
     assert vocab["vocab_size"] == 258 + 3  # a corpus with few distinct ids gives a smaller vocabulary
     assert vocab["train_coverage"] == 1.0
 
 
 def test_a_damaged_or_missing_vocabulary_file_is_refused_naming_it(dolma2_corpus, tmp_path):
-    folder = data.compact_folder(dolma2_corpus, VOCAB, tmp_path / "damaged", progress=False)
+    folder = compact_vocabulary.compact_folder(dolma2_corpus, VOCAB, tmp_path / "damaged", progress=False)
     path = folder / data.COMPACT_VOCAB_FILE
     vocab = json.loads(path.read_text())
     vocab["dolma2_ids"][0], vocab["dolma2_ids"][1] = vocab["dolma2_ids"][1], vocab["dolma2_ids"][0]
@@ -156,7 +157,7 @@ def test_a_damaged_or_missing_vocabulary_file_is_refused_naming_it(dolma2_corpus
 
 def test_too_small_a_vocabulary_is_refused_with_the_minimum(dolma2_corpus, tmp_path):
     with pytest.raises(data.DataError, match="use at least 512"):
-        data.compact_folder(dolma2_corpus, 300, tmp_path / "small", progress=False)
+        compact_vocabulary.compact_folder(dolma2_corpus, 300, tmp_path / "small", progress=False)
 
 
 def test_the_loader_masks_documents_at_the_compact_eos(compact_corpus, tokenizer):
@@ -194,7 +195,7 @@ def checkpoint(compact_corpus, tmp_path_factory):
 def other_mapping(tmp_path_factory):
     """Same vocabulary size, another corpus (email's sources), so another mapping."""
     folder = tmp_path_factory.mktemp("email") / "email"
-    data.prepare([str(STDLIB / "email" / "*.py")], folder, val_fraction=0.2, progress=False, compact_vocab=VOCAB)
+    compact_vocabulary.prepare([str(STDLIB / "email" / "*.py")], folder, val_fraction=0.2, progress=False, compact_vocab=VOCAB)
     return folder
 
 
@@ -202,7 +203,7 @@ def test_a_checkpoint_carries_the_datas_mapping(checkpoint, compact_corpus):
     folder = checkpoint["checkpoint"]
     assert (folder / data.COMPACT_VOCAB_FILE).read_bytes() == (compact_corpus / data.COMPACT_VOCAB_FILE).read_bytes()
     assert json.loads((folder / "config.json").read_text())["vocab_size"] == VOCAB
-    assert data.tokenizer_for(folder).mapping_sha256 == data.tokenizer_for(compact_corpus).mapping_sha256
+    assert compact_vocabulary.tokenizer_for(folder).mapping_sha256 == compact_vocabulary.tokenizer_for(compact_corpus).mapping_sha256
 
 
 def test_a_checkpoint_trained_with_one_mapping_refuses_data_prepared_with_another(checkpoint, other_mapping,
@@ -216,15 +217,15 @@ def test_a_checkpoint_trained_with_one_mapping_refuses_data_prepared_with_anothe
             train.train(train.parse_args([*SMALL, "--data", str(other_mapping), "--steps", "3", *flags]))
         assert str(ours) in str(error.value) and str(theirs) in str(error.value), error.value
     with pytest.raises(data.DataError, match=f"dolma2 \\(no {data.COMPACT_VOCAB_FILE} in {dolma2_corpus}\\)"):
-        data.check_same_vocabulary(folder, dolma2_corpus)
+        compact_vocabulary.check_same_vocabulary(folder, dolma2_corpus)
 
 
 def test_compact_vocab_flag_and_a_folder_of_another_vocabulary_are_refused(compact_corpus):
     with pytest.raises(data.DataError, match=f"--compact_vocab 0 asks for dolma2, but {compact_corpus} holds"):
-        data.folder_in_vocab(compact_corpus, 0)
+        compact_vocabulary.folder_in_vocab(compact_corpus, 0)
     with pytest.raises(data.DataError, match=f"pass --compact_vocab {VOCAB}"):
-        data.folder_in_vocab(compact_corpus, 1024)
-    assert data.folder_in_vocab(compact_corpus, VOCAB) == compact_corpus
+        compact_vocabulary.folder_in_vocab(compact_corpus, 1024)
+    assert compact_vocabulary.folder_in_vocab(compact_corpus, VOCAB) == compact_corpus
 
 
 def test_generation_through_a_compact_vocab_model_decodes_to_valid_text(checkpoint):
@@ -233,7 +234,7 @@ def test_generation_through_a_compact_vocab_model_decodes_to_valid_text(checkpoi
     folder = checkpoint["checkpoint"]
     model = olmpool.Transformer(olmpool.ModelConfig(**json.loads((folder / "config.json").read_text())), seed=None)
     model.load_state_dict(load_file(folder / "model.safetensors"))
-    tokenizer = data.tokenizer_for(folder)
+    tokenizer = compact_vocabulary.tokenizer_for(folder)
     prompt = "def naïve(x):"
     generated = olmpool.generate(model.eval(), torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=40,
                                  temperature=1.0, generator=torch.Generator().manual_seed(0))[0].tolist()
@@ -258,7 +259,7 @@ class UniformModel(torch.nn.Module):
 
 def test_bits_per_byte_is_nats_per_token_times_tokens_over_bytes_over_ln2(tmp_path):
     # By hand: 6 tokens at 2 nats each over 4 bytes of text = 12 nats / 4 bytes = 3 nats/byte.
-    assert data.bits_per_byte(12.0, 4) == pytest.approx(3 / math.log(2))
+    assert compact_vocabulary.bits_per_byte(12.0, 4) == pytest.approx(3 / math.log(2))
     # Through train.py's evaluation: ASCII val text, so that the bytes of any run of targets are the
     # length of their decoded text (EOS stands for no text).
     dolma2 = data.get_tokenizer()
@@ -269,8 +270,8 @@ def test_bits_per_byte_is_nats_per_token_times_tokens_over_bytes_over_ln2(tmp_pa
         splits["train"].add_document(dolma2.encode(f"def f{i}(x):\n    return x * {i}\n"))
         splits["val"].add_document(dolma2.encode(f"The zebra number {i} quietly jumped."))
     data.write_manifest(folder, {split: writer.close() for split, writer in splits.items()})
-    compact = data.compact_folder(folder, VOCAB, progress=False)
-    tokenizer = data.tokenizer_for(compact)
+    compact = compact_vocabulary.compact_folder(folder, VOCAB, progress=False)
+    tokenizer = compact_vocabulary.tokenizer_for(compact)
     args = train.parse_args([*SMALL, "--data", str(compact), "--eval_batches", "2"])
     plan = train.BatchPlan(seq_len=16, sequences=4, micro_batch=2, accumulation=2)
     loader = data.TokenLoader(compact, "val", 16, 4)
