@@ -533,9 +533,8 @@ def measure_peak(config: ModelConfig, seq_len: int, micro_batch: int, activation
 
     torch.manual_seed(0)
     model = Transformer(config, seed=0)
-    if activation_checkpointing:
-        for block in model.layers:
-            train.checkpoint_activations(block)
+    for block in model.layers:
+        block.activation_checkpointing = activation_checkpointing
     tokens = torch.randint(0, config.vocab_size, (micro_batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     doc_ids = torch.zeros(micro_batch, seq_len, dtype=torch.int32)
     doc_ids[:, seq_len // 2:] = 1  # two documents per row, so document masking is in play
