@@ -55,6 +55,7 @@ import torch
 
 import checkpoint
 import data
+import memory
 import olmpool
 import train
 from olmpool import ModelConfig, Transformer

@@ -88,7 +88,6 @@ import shutil
 import signal
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,10 +95,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.utils.checkpoint
 
 import checkpoint
 import data
+import memory
 import olmpool
 from checkpoint import CheckpointError, checkpoints_in
 from olmpool import ModelConfig, Transformer
@@ -126,7 +125,7 @@ COMPACT_VOCAB_BY_SIZE = {"tiny": 8192}
 # process ended by SIGTERM, so a scheduler tells "preempted, saved, resume me" (143) from "finished" (0).
 PREEMPTED_EXIT_STATUS = 143
 ABANDONED_FOLDER = "abandoned"  # OUT/abandoned/TIME/step_N: checkpoints of a branch given up by a rollback
-LOSS_CHUNK = 4096  # positions per cross-entropy chunk: at most 4096 x 100,352 fp32 logits (1.6 GB) at once
+LOSS_CHUNK = olmpool.LOSS_CHUNK  # --loss_chunk's default: the model's chunked loss's own
 
 
 # ----------------------------------------------------------------------------------------------
