@@ -492,27 +492,6 @@ def cpu_threads(threads: int | None, resume_dir: Path | None) -> int:
     return torch.get_num_threads()  # torch's default (physical cores), or OMP_NUM_THREADS (torchrun sets 1)
 
 
-def activation_estimate(config: ModelConfig, plan: BatchPlan, activation_checkpointing: bool, mask_documents: bool,
-                        device_type: str) -> dict[str, float]:
-    """Bytes one process must hold for one micro-batch's backward pass, by part: an estimate from
-    below (weights, optimizer and temporaries come on top), so that a refusal is sure. The logits
-    dominate small models at long sequences: loss_sums makes them (micro_batch, seq_len, vocab) in
-    fp32, and the backward pass a gradient of the same size."""
-    B, T = plan.micro_batch, plan.seq_len
-    element = 2 if device_type == "cuda" else 4  # bf16 autocast on GPU, fp32 on CPU
-    parts = {"logits": 2 * B * T * config.vocab_size * 4}
-    # Per layer, roughly: the residual, norms, q/k/v, attention output and the MLP's three widths.
-    per_layer = B * T * (6 * config.d_model + 2 * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
-                         + 3 * config.mlp_hidden) * element
-    stored_layers = 1 if activation_checkpointing else config.n_layers
-    parts["layers"] = stored_layers * per_layer + (config.n_layers * B * T * config.d_model * element
-                                                   if activation_checkpointing else 0)
-    dense_scores = config.attention_backend == "naive" or (mask_documents and config.attention_backend == "sdpa")
-    if dense_scores:  # a (T, T) mask or score matrix per head and layer
-        parts["attention scores"] = stored_layers * B * config.n_heads * T * T * 4
-    return parts
-
-
 def device_memory_bytes(env: Distributed) -> tuple[int, str]:
     """(bytes one process may use, what the number is)."""
     if env.device.type == "cuda":
@@ -524,19 +503,22 @@ def device_memory_bytes(env: Distributed) -> tuple[int, str]:
         f", {total / local / 2**30:.0f} GiB for each of its {local} processes" if local > 1 else "")
 
 
-def check_run_fits(config: ModelConfig, plan: BatchPlan, args, env: Distributed):
+def check_run_fits(config: ModelConfig, plan: BatchPlan, env: Distributed, activation_checkpointing: bool,
+                   mask_documents: bool, warmup: int | None, steps: int):
     """Refuse, before building anything, a micro-batch whose activations alone exceed the device's
-    memory (a sure out-of-memory, or hours of swapping), with the estimate; note a window no shorter
-    than the sequence once (allowed: its local layers then attend like global ones)."""
-    parts = activation_estimate(config, plan, args.activation_checkpointing, args.mask_documents, env.device.type)
+    memory (memory.activation_estimate: a sure out-of-memory, or hours of swapping), with the
+    estimate; note a warmup as long as the run, and a window no shorter than the sequence, once
+    (allowed: its local layers then attend like global ones)."""
+    parts = memory.activation_estimate(config, plan.micro_batch, plan.seq_len, activation_checkpointing,
+                                       mask_documents, env.device.type)
     available, where = device_memory_bytes(env)
     if sum(parts.values()) > available:
         detail = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in parts.items())
         raise TrainError(f"--seq_len {plan.seq_len} with --micro_batch {plan.micro_batch} needs at least "
                          f"{sum(parts.values()) / 2**30:.0f} GiB of activations per process ({detail} GiB), but "
                          f"{where}; lower --micro_batch (accumulation keeps the global batch) or --seq_len")
-    if args.warmup is not None and args.warmup >= args.steps:
-        log(env, f"note: --warmup {args.warmup} >= --steps {args.steps}: the learning rate rises for the whole run "
+    if warmup is not None and warmup >= steps:
+        log(env, f"note: --warmup {warmup} >= --steps {steps}: the learning rate rises for the whole run "
                  f"and never decays")
     if config.window is not None and config.window >= plan.seq_len:
         log(env, f"note: window {config.window} >= seq_len {plan.seq_len}: every layer sees the whole sequence, so "
@@ -1265,7 +1247,7 @@ def run(args, env: Distributed, preemption: Preemption, make_loaders, checkpoint
     # Set up: the architecture, the batch, and where the run lives and resumes from.
     config = model_config(args)
     plan = batch_plan(args, config, env.world_size, env.device.type)
-    check_run_fits(config, plan, args, env)
+    check_run_fits(config, plan, env, args.activation_checkpointing, args.mask_documents, args.warmup, args.steps)
     out = Path(args.out or REPO_DIR / "runs" / (args.name or run_name(args)))
     resume_dir = set_aside_other_branch(out, find_resume(args.resume, out), env)
     if env.device.type == "cpu":

@@ -1,7 +1,7 @@
 """Tests for extend.py and what it adds to train.py and data.py: each recipe's RoPE at hand-checked
 frequencies, weights carried unchanged, the long-document mix's proportions and resume, FSDP2's
-meta-device init on 2 processes, export to transformers, the memory plan against a measurement,
-and a short extension on CPU. (The chunked cross-entropy is tested in test_model.py.)
+meta-device init on 2 processes, export to transformers, and a short extension on CPU. (The
+chunked cross-entropy is tested in test_model.py, the memory plan in test_memory.py.)
 """
 
 import dataclasses
@@ -323,27 +323,3 @@ def test_fsdp_on_meta_gives_the_weights_and_first_losses_of_one_process(corpus, 
     from safetensors.torch import load_file
     for name, tensor in load_file(Path(one["checkpoint"]) / "model.safetensors").items():
         torch.testing.assert_close(two.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
-
-
-# ----------------------------------------------------------------------------------------------
-# --dry_run
-
-
-def test_the_7b_plan_at_64k_on_8_gpus_needs_fsdp_and_says_what_fits(capsys):
-    config = extend.extended_config(olmpool.preset("H_post_LQK_32kv_8k_11k_SWA", "7b", attention_backend="flex"),
-                                    "olmpool", 65536)
-    plan = extend.plan_memory(config, 65536, 1, 8, fsdp=True, activation_checkpointing=True, loss_chunk=4096)
-    assert plan.total < 80 * 2**30
-    args = extend.parse_args(["--dry_run", "--seq_len", "65536", "--gpus", "8"])
-    text = extend.memory_plan(config, args)  # DDP, no checkpointing
-    assert "does NOT fit" in text and "--fsdp --activation_checkpointing" in text
-    for line in ("parameters", "gradients", "optimizer", "saved activations", "largest transient"):
-        assert line in text
-
-
-def test_the_planned_saved_activations_match_autograds_within_5_percent():
-    config = ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16,
-                         mlp_hidden=192, window=64, context_length=512)
-    measured = extend.measure_peak(config, 512, 1, activation_checkpointing=False, loss_chunk=4096)
-    planned = extend.plan_memory(config, 512, 1, 1, False, False, 4096, activation_bytes=4).activations
-    assert measured["saved_activations"] == pytest.approx(planned, rel=0.05)
