@@ -573,18 +573,19 @@ class Transformer(nn.Module):
 
         With a cache, tokens continue the sequence already in it (positions start at cache.length)
         and the cache is extended. doc_ids (B, T) restricts attention to within each document.
-        targets: (summed cross-entropy, summed logsumexp^2 for the z-loss) over the targets >= 0, fp32
-        scalars, computed loss_chunk positions at a time (ChunkedCrossEntropy) from the final-normed
-        states and the LM head's weight, so the (tokens x vocabulary) logits never exist whole. The
-        head's weight is read here, inside this forward, so FSDP2 (which gathers the root module's
-        parameters for its forward), DDP and compile see an ordinary call.
+        targets: a (2,) fp32 tensor, the summed cross-entropy and the summed logsumexp^2 (the
+        z-loss) over the targets >= 0 (`ce_sum, z_sum = model(tokens, targets=targets)`), computed
+        loss_chunk positions at a time (ChunkedCrossEntropy) from the final-normed states and the
+        LM head's weight, so the (tokens x vocabulary) logits never exist whole. The head's weight
+        is read here, inside this forward, so FSDP2 (which gathers the root module's parameters for
+        its forward), DDP and compile see an ordinary call. One tensor, not two views of it: FSDP2
+        warns about a forward that returns views.
         """
         hidden = self.hidden_states(tokens, cache, doc_ids)  # (B, T, d_model)
         if targets is None:
             return self.lm_head(hidden)
-        sums = ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+        return ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
                                          targets.reshape(-1), loss_chunk or LOSS_CHUNK)
-        return sums[0], sums[1]
 
     def hidden_states(self, tokens, cache=None, doc_ids=None):
         """The final-normed states (B, T, d_model) the LM head reads: logits for chosen positions only."""

@@ -817,7 +817,8 @@ def micro_batches(batch: data.Batch, plan: BatchPlan, device) -> list[data.Batch
 def model_loss_sums(model, batch: data.Batch, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, summed logsumexp^2) of the model on batch: olmpool.Transformer.forward
     with targets, which computes them in chunks of positions so the logits never exist whole."""
-    return model(batch.inputs, doc_ids=batch.doc_ids, targets=batch.targets, loss_chunk=chunk_size)
+    sums = model(batch.inputs, doc_ids=batch.doc_ids, targets=batch.targets, loss_chunk=chunk_size)
+    return sums[0], sums[1]
 
 
 def train_step(model, optimizer, batches: list[data.Batch], plan: BatchPlan, args, env: Distributed,
