@@ -55,6 +55,7 @@ import torch
 
 import checkpoint
 import data
+import memory
 import olmpool
 import train
 from olmpool import ModelConfig, Transformer
@@ -341,9 +342,11 @@ def extend(args) -> dict:
     config = resolve(args, source_config, source_state, "cuda" if args.dry_run else device_type)
     if args.dry_run:
         print(describe_recipe(args, source, source_config, config))
-        print(memory_plan(config, args))
+        print(memory.memory_plan(config, args.seq_len, args.micro_batch, args.gpus, args.fsdp,
+                                 args.activation_checkpointing, args.loss_chunk, args.gpu_memory))
         if args.measure:
-            print(compare_with_measurement(config, args))
+            print(memory.compare_with_measurement(config, args.seq_len, args.micro_batch,
+                                                  args.activation_checkpointing, args.loss_chunk))
         return {}
     args.init_from = source
     name = Path(source.removeprefix("hf:"))
@@ -386,181 +389,6 @@ def main(argv=None):
     except (TrainError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-
-
-# ----------------------------------------------------------------------------------------------
-# --dry_run: the memory plan per GPU
-
-
-GIB = 2**30
-
-
-@dataclass
-class MemoryPlan:
-    """Bytes per GPU of one training step, by what holds them (see memory_plan)."""
-    lines: list  # (name, bytes, why)
-    persistent: int  # parameters, gradients, optimizer
-    activations: int  # saved for backward at the end of the forward pass
-    transient: int  # the largest short-lived allocation on top
-    transients: dict
-
-    @property
-    def total(self) -> int:
-        return self.persistent + self.activations + self.transient
-
-
-def saved_bytes_per_token_per_layer(config: ModelConfig, activation_bytes: int, document_masks: bool,
-                                    backend: str, seq_len: int) -> int:
-    """What one block saves for backward, per token, as olmpool's block computes it (s = activation_bytes).
-
-    Counted from autograd's saved tensors on CPU (measure_peak): each RMSNorm keeps its fp32 input,
-    the fp32 normalized value and its output (2 x (8 + s) d for the two block norms); attention
-    keeps the rotated q and k, v, its output, the reshaped output the o_proj reads (3 s q_size +
-    2 s kv_size), a float32 logsumexp per head and the layer's RoPE cos/sin tables (8 head_dim); a
-    QK norm adds its fp32 input and normalized value (8 (q_size + kv_size)); SwiGLU keeps gate, up,
-    silu(gate) and their product (4 s F). SDPA with document masks keeps a dense additive mask (s
-    bytes per key, T keys per token) per layer: at 64K, use the flex backend instead.
-    """
-    s, d, F = activation_bytes, config.d_model, config.mlp_hidden
-    q_size, kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    qk_norm = 8 * (q_size + kv_size) if config.qk_norm != "none" else 0
-    per_token = (2 * (8 + s) * d + 3 * s * q_size + 2 * s * kv_size + 4 * config.n_heads + 8 * config.head_dim
-                 + qk_norm + 4 * s * F)
-    if document_masks and backend == "sdpa":
-        per_token += s * seq_len
-    return per_token
-
-
-def plan_memory(config: ModelConfig, seq_len: int, micro_batch: int, gpus: int, fsdp: bool,
-                activation_checkpointing: bool, loss_chunk: int, activation_bytes: int = 2,
-                document_masks: bool = True) -> MemoryPlan:
-    """Memory of one process: AdamW in fp32 (parameters, gradients, two moments), activations in
-    activation_bytes (bf16: 2 on GPU), one micro-batch of seq_len tokens."""
-    P = olmpool.count_parameters(config)
-    block = P - olmpool.count_parameters(dataclasses.replace(config, n_layers=config.n_layers - 1)) if config.n_layers > 1 \
-        else P - 2 * config.vocab_size * config.d_model - config.d_model
-    root = P - block * config.n_layers  # embeddings, LM head, final norm
-    shards = gpus if fsdp else 1
-    tokens = micro_batch * seq_len
-    s = activation_bytes
-    per_layer = saved_bytes_per_token_per_layer(config, s, document_masks, config.attention_backend, seq_len)
-    outside = (8 + s) * config.d_model + 4  # the final norm (its output is what the chunked loss keeps), logsumexp
-    lines = [("parameters (fp32)", 4 * P // shards, f"{P / 1e9:.2f}B x 4 bytes" + (f" / {gpus} shards" if fsdp else "")),
-             ("gradients (fp32)", 4 * P // shards, "same as the parameters"),
-             ("optimizer (AdamW, fp32)", 8 * P // shards, "two moments per parameter")]
-    persistent = 16 * P // shards
-    if activation_checkpointing:
-        saved = tokens * (s * config.d_model * config.n_layers + outside)
-        why = f"each block's input only: {s} x d_model x {config.n_layers} layers x {tokens:,} tokens"
-    else:
-        saved = tokens * (per_layer * config.n_layers + outside)
-        why = f"{per_layer:,} bytes per token per layer x {config.n_layers} layers x {tokens:,} tokens"
-    lines.append(("saved activations", saved, why))
-    transients = {
-        "recomputed block (checkpointing)": tokens * per_layer if activation_checkpointing else 0,
-        "MLP backward": 3 * s * config.mlp_hidden * tokens,  # gradients of gate, up and their product
-        "attention mask (sdpa, dense)": micro_batch * seq_len * seq_len * 2
-        if document_masks and config.attention_backend == "sdpa" else 0,
-        "loss chunk": 3 * 4 * min(loss_chunk, tokens) * config.vocab_size,  # fp32 logits, softmax, gradient
-        "FSDP gathered block (+prefetch) and its gradient": 3 * s * block if fsdp else 0,
-        "FSDP gathered root (embeddings, LM head)": 2 * s * root if fsdp else 0,
-    }
-    # The gathered parameters coexist with whichever compute transient is largest.
-    gathered = transients["FSDP gathered block (+prefetch) and its gradient"] + \
-        transients["FSDP gathered root (embeddings, LM head)"]
-    compute = max(v for k, v in transients.items() if not k.startswith("FSDP"))
-    largest = max((k for k in transients if not k.startswith("FSDP")), key=transients.get)
-    lines.append((f"largest transient: {largest}", compute, "the biggest short-lived allocation of the step"))
-    if fsdp:
-        lines.append(("FSDP all-gathered parameters", gathered, f"one block ({block / 1e6:.0f}M) x2 for prefetch, its "
-                      f"gradient, and the root ({root / 1e6:.0f}M), in {s}-byte precision"))
-    return MemoryPlan(lines, persistent, saved, compute + gathered, transients)
-
-
-def memory_plan(config: ModelConfig, args) -> str:
-    """--dry_run: the plan per GPU, whether it fits --gpu_memory, and what would if it does not."""
-    kwargs = dict(seq_len=args.seq_len, micro_batch=args.micro_batch, gpus=args.gpus, fsdp=args.fsdp,
-                  activation_checkpointing=args.activation_checkpointing, loss_chunk=args.loss_chunk)
-    plan = plan_memory(config, **kwargs)
-    budget = args.gpu_memory * GIB
-    out = [f"memory plan per GPU: {olmpool.count_parameters(config) / 1e9:.2f}B parameters, sequence {args.seq_len:,}, "
-           f"micro-batch {args.micro_batch}, {args.gpus} GPU(s), {'FSDP2' if args.fsdp else 'DDP (replicated)'}, "
-           f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, bf16 activations, "
-           f"attention backend {config.attention_backend}"]
-    out += [f"  {name:52s} {size / GIB:8.2f} GiB  {why}" for name, size, why in plan.lines]
-    fits = plan.total <= budget
-    out.append(f"  {'total':52s} {plan.total / GIB:8.2f} GiB  of {args.gpu_memory:g} GiB: "
-               f"{'fits' if fits else 'does NOT fit'} (without context parallelism; allocator slack, communication "
-               f"buffers and backward's activation gradients are not counted: on CPU the measured peak ran up to "
-               f"22% above the plan, so keep ~20% free)")
-    if not fits:
-        options = []
-        for name, change in (("--fsdp", dict(fsdp=True)), ("--activation_checkpointing", dict(activation_checkpointing=True)),
-                             ("--fsdp --activation_checkpointing", dict(fsdp=True, activation_checkpointing=True)),
-                             ("--micro_batch 1", dict(micro_batch=1)), ("--gpus 16", dict(gpus=16, fsdp=True)),
-                             ("--gpus 32", dict(gpus=32, fsdp=True))):
-            total = plan_memory(config, **(kwargs | change)).total
-            if total <= budget and change != {k: kwargs[k] for k in change}:
-                options.append(f"{name} ({total / GIB:.1f} GiB)")
-        cp = plan_memory(config, **(kwargs | dict(seq_len=args.seq_len // 8)))  # activations split over 8 ranks
-        options.append(f"context parallelism of 8 as OlmPool did (activations / 8: ~"
-                       f"{(cp.activations + cp.transient + plan.persistent) / GIB:.1f} GiB; not implemented here)")
-        out.append("  would fit: " + "; ".join(options))
-    return "\n".join(out)
-
-
-def compare_with_measurement(config: ModelConfig, args) -> str:
-    """--measure: the plan in fp32 for one process against measure_peak on this CPU."""
-    plan = plan_memory(config, args.seq_len, args.micro_batch, 1, False, args.activation_checkpointing,
-                       args.loss_chunk, activation_bytes=4)
-    measured = measure_peak(config, args.seq_len, args.micro_batch, args.activation_checkpointing, args.loss_chunk)
-    planned_peak = plan.activations + max(plan.transients.values())
-    return (f"measured on this CPU in fp32, one process, micro-batch {args.micro_batch} of {args.seq_len}:\n"
-            f"  saved activations (autograd's saved tensors): measured {measured['saved_activations'] / 2**20:.1f} MiB, "
-            f"planned {plan.activations / 2**20:.1f} MiB ({plan.activations / measured['saved_activations'] - 1:+.1%})\n"
-            f"  peak RSS growth over one forward and backward: measured {measured['peak_growth'] / 2**20:.1f} MiB, "
-            f"planned activations + largest transient {planned_peak / 2**20:.1f} MiB "
-            f"({planned_peak / max(1, measured['peak_growth']) - 1:+.1%})")
-
-
-def measure_peak(config: ModelConfig, seq_len: int, micro_batch: int, activation_checkpointing: bool,
-                 loss_chunk: int) -> dict:
-    """Measured on this CPU, in fp32: (a) the bytes saved for backward (autograd's saved-tensor hooks,
-    each storage once) and (b) the growth of the process's peak RSS over one forward and backward
-    at seq_len, after a short warm-up step has allocated gradients. Compare with plan_memory(...,
-    activation_bytes=4): (a) with its saved activations, (b) with activations + largest transient."""
-    import resource
-
-    torch.manual_seed(0)
-    model = Transformer(config, seed=0)
-    if activation_checkpointing:
-        for block in model.layers:
-            train.checkpoint_activations(block)
-    tokens = torch.randint(0, config.vocab_size, (micro_batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
-    doc_ids = torch.zeros(micro_batch, seq_len, dtype=torch.int32)
-    doc_ids[:, seq_len // 2:] = 1  # two documents per row, so document masking is in play
-
-    def step(length):
-        batch = data.Batch(tokens[:, :length], tokens[:, 1:length + 1], doc_ids[:, :length])
-        ce, z = train.model_loss_sums(model, batch, loss_chunk)
-        (ce / length).backward()
-
-    step(16)  # gradients exist from here on (not set to None)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step(seq_len)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    storages, parameters = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(tensor):
-        if tensor.is_floating_point() and tensor.untyped_storage().data_ptr() not in parameters:
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        batch = data.Batch(tokens[:, :seq_len], tokens[:, 1:], doc_ids)
-        train.model_loss_sums(model, batch, loss_chunk)
-    saved = sum(storages.values())
-    return {"saved_activations": saved, "peak_growth": after - before}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Usage:
     from olmpool import ModelConfig, Transformer, preset
     config = preset("H_post_LQK_32kv_8k_11k_SWA", size="tiny")
     model = Transformer(config)
-    logits = model(tokens)                     # (B, T, vocab_size)
+    logits = model(tokens)                          # (B, T, vocab_size)
+    ce_sum, z_sum = model(tokens, targets=targets)  # loss sums in chunks: no (B, T, vocab) logits
     print(generate(model, prompt, max_new_tokens=20))
 
 Semantics, each stated once here and pinned by a test:
@@ -35,11 +36,12 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,41 +70,53 @@ def head_divisors(n_heads: int) -> list[int]:
     return [d for d in range(1, n_heads + 1) if n_heads % d == 0]
 
 
+def switch(default, help: str):
+    """A ModelConfig field: its default and its one help text, which train.py's flag shows too."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     # Sizes. Defaults are the Olmo-3-7B-like shape (the OlmPool "H" family).
-    vocab_size: int = 100_352  # dolma2 tokenizer: 100,278 ids padded to a multiple of 128
-    n_layers: int = 32
-    d_model: int = 4096
-    n_heads: int = 32  # query heads
-    n_kv_heads: int = 32  # key/value heads; fewer than n_heads is GQA (Llama 3, Qwen 3: 8 of 32)
-    head_dim: int = 128
-    mlp_hidden: int = 11008  # SwiGLU width; OlmPool widens it as n_kv_heads shrinks (11008-14336)
+    vocab_size: int = switch(100_352, "vocabulary rows (train.py: the data's; dolma2: 100,278 ids padded to a "
+                                      "multiple of 128, 100,352)")
+    n_layers: int = switch(32, "transformer blocks")
+    d_model: int = switch(4096, "width of the residual stream")
+    n_heads: int = switch(32, "query heads")
+    n_kv_heads: int = switch(32, "key/value heads; fewer than n_heads is GQA (Llama 3, Qwen 3: 8 of 32)")
+    head_dim: int = switch(128, "width of one attention head")
+    mlp_hidden: int = switch(11008, "SwiGLU width; OlmPool widens it as n_kv_heads shrinks (11008-14336)")
 
     # The four OlmPool switches (and the block norm that travels with QK norm).
-    norm_placement: str = "post"  # "pre": x + f(norm(x)) (Llama, Qwen 3); "post": x + norm(f(x)) (Olmo 2/3)
-    qk_norm: str = "layerwise"  # "none" (Llama) | "layerwise" (Olmo 2/3) | "headwise" (Qwen 3, Gemma 3)
-    window: int | None = None  # sliding window W of local layers (Olmo 3: 4096); None: every layer global
-    global_every: int = 4  # with a window, every 4th layer is global (3 local : 1 global) and so is the last;
-    #                        0: no global layer at all (every layer windowed, to study a model's reach)
-    context_length: int = 8192  # pretraining sequence length (OlmPool: 4096 or 8192)
+    norm_placement: str = switch("post", '"pre": x + f(norm(x)) (Llama, Qwen 3); "post": x + norm(f(x)) (Olmo 2/3)')
+    qk_norm: str = switch("layerwise", '"none" (Llama) | "layerwise" (Olmo 2/3) | "headwise" (Qwen 3, Gemma 3)')
+    window: int | None = switch(None, "sliding window W of the local layers (Olmo 3: 4096); None: every layer "
+                                      "global")
+    global_every: int = switch(4, "with a window, every 4th layer is global (3 local : 1 global) and so is the "
+                                  "last; 0: no global layer at all (every layer windowed, to study a model's reach)")
+    context_length: int = switch(8192, "pretraining sequence length (OlmPool: 4096 or 8192)")
 
     # Positions. Scaling is how context extension stretches RoPE beyond context_length.
-    rope_theta: float = 500_000.0  # base of RoPE frequencies (Llama 3, Olmo 3: 500K; Qwen 3: 1M)
-    rope_theta_local: float | None = None  # base for windowed layers if different (Gemma 3: 10K); None: rope_theta
-    rope_scaling: str = "none"  # "abf" base x factor (OlmPool: 500K -> 8M) | "pi" positions / factor
-    #                             | "yarn" (Olmo 3 at 64K) | "llama3" stepwise per frequency (Llama 3.1)
-    rope_factor: float = 1.0  # the scaling factor (ABF 16 for 500K -> 8M; YaRN and llama3: 8)
-    rope_scaling_layers: str = "global"  # scale only global layers (Olmo 3's YaRN) or "all" layers
-    rope_original_context: int | None = None  # context the scaling stretches from; None: context_length
-    yarn_beta_fast: float = 32.0  # YaRN: frequencies rotating more than this many times are kept
-    yarn_beta_slow: float = 1.0  # YaRN: frequencies rotating fewer times are fully interpolated
-    yarn_attention_factor: float | None = None  # YaRN: cos/sin scale; None: 0.1 ln(factor) + 1
-    llama3_low_freq_factor: float = 1.0  # llama3: wavelengths above context / 1 are divided by factor
-    llama3_high_freq_factor: float = 4.0  # llama3: wavelengths below context / 4 are kept
+    rope_theta: float = switch(500_000.0, "base of the RoPE frequencies (Llama 3, Olmo 3: 500K; Qwen 3: 1M)")
+    rope_theta_local: float | None = switch(None, "RoPE base of the windowed layers (Gemma 3: 10K); None: "
+                                                  "rope_theta")
+    rope_scaling: str = switch("none", '"none" | "abf" base x factor (OlmPool: 500K -> 8M) | "pi" positions / '
+                                       'factor | "yarn" (Olmo 3 at 64K) | "llama3" stepwise per frequency '
+                                       '(Llama 3.1)')
+    rope_factor: float = switch(1.0, "the scaling factor (ABF 16 for 500K -> 8M; YaRN and llama3: 8)")
+    rope_scaling_layers: str = switch("global", 'scale only the "global" layers (Olmo 3\'s YaRN) or "all" layers')
+    rope_original_context: int | None = switch(None, "the context the scaling stretches from; None: "
+                                                     "context_length")
+    yarn_beta_fast: float = switch(32.0, "YaRN: frequencies rotating more than this many times are kept")
+    yarn_beta_slow: float = switch(1.0, "YaRN: frequencies rotating fewer times are fully interpolated")
+    yarn_attention_factor: float | None = switch(None, "YaRN: cos/sin scale; None: 0.1 ln(factor) + 1")
+    llama3_low_freq_factor: float = switch(1.0, "llama3: wavelengths above context / this are divided by the "
+                                                "factor")
+    llama3_high_freq_factor: float = switch(4.0, "llama3: wavelengths below context / this are kept")
 
-    norm_eps: float = 1e-6  # RMSNorm epsilon (Olmo, Qwen: 1e-6; Llama: 1e-5)
-    attention_backend: str = "sdpa"  # "naive" (reference) | "sdpa" | "flex" | "triton"; all compute the same
+    norm_eps: float = switch(1e-6, "RMSNorm epsilon (Olmo, Qwen: 1e-6; Llama: 1e-5)")
+    attention_backend: str = switch("sdpa", '"naive" (reference) | "sdpa" | "flex" | "triton"; all compute the '
+                                            'same')
 
     def __post_init__(self):
         def check(ok: bool, message: str):
@@ -145,6 +159,14 @@ class ModelConfig:
     @property
     def original_context(self) -> int:
         return self.rope_original_context or self.context_length
+
+
+# The fields that only say how RoPE is computed: its frequencies and attention scale on each layer
+# kind (rope_frequencies). context_length joins them for YaRN, PI and llama3 when
+# rope_original_context is None, since it is then the length they stretch from.
+ROPE_FIELDS = ("rope_theta", "rope_theta_local", "rope_scaling", "rope_factor", "rope_scaling_layers",
+               "rope_original_context", "yarn_beta_fast", "yarn_beta_slow", "yarn_attention_factor",
+               "llama3_low_freq_factor", "llama3_high_freq_factor")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +348,16 @@ def attention_triton(q, k, v, window, doc_ids=None):
     """The Triton kernel of kernels.py: skips blocks outside the window, O(T * W) work."""
     if doc_ids is not None:
         raise ValueError("attention_backend='triton' does not mask documents; use 'flex' or 'sdpa'")
-    from kernels import sliding_window_attention
+    try:
+        from kernels import sliding_window_attention
+    except ModuleNotFoundError as error:
+        if error.name != "kernels":  # kernels.py is there but needs triton: that message says so
+            raise
+        raise ModuleNotFoundError(
+            "attention_backend='triton' needs kernels.py, the Triton kernel, importable beside olmpool.py; copy "
+            "kernels.py from the OlmPool repository (it sits next to olmpool.py there) and `pip install triton`, "
+            "or use attention_backend 'sdpa', 'flex' or 'naive', which need only torch and compute the same",
+            name="kernels") from None
 
     return sliding_window_attention(q, k, v, window)
 
@@ -338,6 +369,88 @@ def attention(q, k, v, window: int | None, backend: str = "sdpa", doc_ids: torch
     """Causal attention of q (B, H, T, D) over k, v (B, H_kv, T, D), each query seeing the last
     `window` keys (all if None), and only its own document if doc_ids (B, T) is given."""
     return ATTENTION[backend](q, k, v, window, doc_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss: cross-entropy and z-loss in chunks of positions, so the logits never exist whole
+
+
+LOSS_CHUNK = 4096  # positions per cross-entropy chunk: at most 4096 x 100,352 fp32 logits (1.6 GB) at once
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """(summed cross-entropy, summed logsumexp^2) of logits = inputs @ weight.T (or of inputs, the
+    logits themselves, when weight is None), chunk_size positions at a time, in fp32.
+
+    Forward keeps only each position's logsumexp; backward recomputes one chunk's logits at a time,
+    so the fp32 (positions x vocabulary) tensors (logits, softmax, their gradient) never exist
+    beyond one chunk: 64K tokens x 100,352 in fp32 is 26 GB, a 4096-position chunk 1.6 GB. Targets
+    below 0 are ignored. Gradients: d ce / d logits = softmax - onehot(target), d lse^2 / d logits
+    = 2 lse softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, weight, targets, chunk_size):  # inputs (N, C) or logits (N, V); targets (N,)
+        normalizers = torch.empty(inputs.shape[0], dtype=torch.float32, device=inputs.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=inputs.device)
+        for start in range(0, inputs.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = ChunkedCrossEntropy.logits(inputs[rows], weight)  # (chunk, V) fp32
+            normalizer = torch.logsumexp(logits, dim=-1)
+            valid = targets[rows] >= 0
+            target_logits = logits.gather(-1, targets[rows].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            ce_sum += torch.where(valid, normalizer - target_logits, 0.0).sum()
+            normalizers[rows] = torch.where(valid, normalizer, 0.0)
+        ctx.save_for_backward(inputs, weight, targets, normalizers)
+        ctx.chunk_size, ctx.compute_dtype = chunk_size, torch.get_autocast_dtype(inputs.device.type) \
+            if torch.is_autocast_enabled(inputs.device.type) else None
+        return torch.stack([ce_sum, normalizers.pow(2).sum()])
+
+    @staticmethod
+    def logits(inputs, weight, compute_dtype=None):
+        if weight is None:
+            return inputs.float()
+        if compute_dtype is not None:  # backward runs outside autocast: match the forward's matmul precision
+            inputs, weight = inputs.to(compute_dtype), weight.to(compute_dtype)
+        return F.linear(inputs, weight).float()
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        inputs, weight, targets, normalizers = ctx.saved_tensors
+        grad_ce, grad_z = grad_sums[0], grad_sums[1]
+        grad_inputs = torch.empty_like(inputs) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, inputs.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logits = ChunkedCrossEntropy.logits(inputs[rows], weight, ctx.compute_dtype)  # (chunk, V)
+            valid = (targets[rows] >= 0).float()
+            softmax = torch.exp(logits - normalizers[rows].unsqueeze(-1))
+            grad_logits = softmax * ((grad_ce + 2 * grad_z * normalizers[rows]) * valid).unsqueeze(-1)
+            grad_logits.scatter_add_(-1, targets[rows].clamp(min=0).unsqueeze(-1), (-grad_ce * valid).unsqueeze(-1))
+            if weight is None:
+                grad_inputs[rows] = grad_logits.to(inputs.dtype)
+                continue
+            dtype = ctx.compute_dtype or inputs.dtype
+            grad_logits = grad_logits.to(dtype)
+            if grad_inputs is not None:
+                grad_inputs[rows] = (grad_logits @ weight.to(dtype)).to(inputs.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ inputs[rows].to(dtype)).float()
+        return grad_inputs, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def loss_sums(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and summed logsumexp^2 (the z-loss) over targets (B, T), in fp32, of
+    logits (B, T, vocab) already computed (Transformer.forward with targets never makes them).
+
+    One logsumexp serves both: cross-entropy = logsumexp(logits) - logits[target]. Computed in
+    chunks of positions (ChunkedCrossEntropy), so no fp32 copy of all the logits is made; targets
+    below 0 are ignored.
+    """
+    sums = ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), None, targets.reshape(-1),
+                                     chunk_size or LOSS_CHUNK)
+    return sums[0], sums[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,8 +528,18 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        # True: keep only the block's input for the backward pass and recompute the rest there
+        # (train.py's --activation_checkpointing): less memory, one more forward, same results.
+        self.activation_checkpointing = False
 
     def forward(self, x, positions, cache=None, doc_ids=None):
+        if self.activation_checkpointing:
+            return torch.utils.checkpoint.checkpoint(self.sublayers, x, positions, cache, doc_ids,
+                                                     use_reentrant=False)
+        return self.sublayers(x, positions, cache, doc_ids)
+
+    def sublayers(self, x, positions, cache=None, doc_ids=None):
+        """x plus attention, then plus the MLP, each normed where the block's norm placement says."""
         attend = lambda h: self.attention(h, positions, cache, doc_ids)  # noqa: E731
         if self.norm_placement == "pre":  # Llama, Qwen 3: normalize each sublayer's input
             h = x + attend(self.attention_norm(x))
@@ -439,27 +562,30 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02):
-        """OLMo 2's initialization: every matrix from N(0, 0.02) truncated at 3 std, norms 1.
+        """OLMo 2's initialization (initial_values), copied into the parameters on their device and dtype."""
+        parameters = dict(self.named_parameters())
+        for name, value in initial_values(self.config, seed, std):
+            parameters[name].copy_(value.to(parameters[name].dtype))
 
-        Drawn on the CPU from a generator seeded with `seed`, parameter by parameter in name order,
-        so the weights are the same on any device and any number of processes.
-        """
-        generator = torch.Generator().manual_seed(seed)
-        for name, param in self.named_parameters():
-            if param.ndim == 1:
-                value = torch.ones(param.shape)
-            else:
-                value = torch.empty(param.shape)
-                nn.init.trunc_normal_(value, 0.0, std, -3 * std, 3 * std, generator=generator)
-            param.copy_(value.to(param.dtype))
-
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, doc_ids: torch.Tensor | None = None):
-        """Logits (B, T, vocab_size) for tokens (B, T).
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, doc_ids: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, loss_chunk: int | None = None):
+        """Logits (B, T, vocab_size) for tokens (B, T); with targets (B, T), the loss sums instead.
 
         With a cache, tokens continue the sequence already in it (positions start at cache.length)
         and the cache is extended. doc_ids (B, T) restricts attention to within each document.
+        targets: a (2,) fp32 tensor, the summed cross-entropy and the summed logsumexp^2 (the
+        z-loss) over the targets >= 0 (`ce_sum, z_sum = model(tokens, targets=targets)`), computed
+        loss_chunk positions at a time (ChunkedCrossEntropy) from the final-normed states and the
+        LM head's weight, so the (tokens x vocabulary) logits never exist whole. The head's weight
+        is read here, inside this forward, so FSDP2 (which gathers the root module's parameters for
+        its forward), DDP and compile see an ordinary call. One tensor, not two views of it: FSDP2
+        warns about a forward that returns views.
         """
-        return self.lm_head(self.hidden_states(tokens, cache, doc_ids))
+        hidden = self.hidden_states(tokens, cache, doc_ids)  # (B, T, d_model)
+        if targets is None:
+            return self.lm_head(hidden)
+        return ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+                                         targets.reshape(-1), loss_chunk or LOSS_CHUNK)
 
     def hidden_states(self, tokens, cache=None, doc_ids=None):
         """The final-normed states (B, T, d_model) the LM head reads: logits for chosen positions only."""
@@ -474,6 +600,26 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         return self.norm(x)
+
+
+def initial_values(config: ModelConfig, seed: int = 0, std: float = 0.02):
+    """Yield (name, value) for each parameter of Transformer(config), in named_parameters() order:
+    OLMo 2's initialization, every matrix from N(0, std) truncated at 3 std, every norm weight 1.
+
+    The values are float32 on the CPU, drawn parameter by parameter from one generator seeded with
+    seed, so the weights are the same on any device and any number of processes: a sharded model
+    keeps its part of each full value as it comes (train.fill_shards), holding one at a time.
+    """
+    with torch.device("meta"):  # the names and shapes only, without memory
+        shapes = [(name, p.shape) for name, p in Transformer(config, seed=None).named_parameters()]
+    generator = torch.Generator().manual_seed(seed)
+    for name, shape in shapes:
+        if len(shape) == 1:
+            yield name, torch.ones(shape)
+        else:
+            value = torch.empty(shape)
+            nn.init.trunc_normal_(value, 0.0, std, -3 * std, 3 * std, generator=generator)
+            yield name, value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,7 +742,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
 # Presets: the 26 OlmPool models at their release names, the three baselines, and smaller sizes
 
 # name: (norm, qk_norm, n_kv_heads, context, mlp_hidden, sliding window). The architecture comes from
-# the table transcribed from the paper's appendix (../shared/reference/olmpool.md). Where a name
+# the table in the paper's appendix (Bertsch et al. 2026; transcribed in docs/reference.md). Where a name
 # disagrees with that table (H_post_LQK_8kv_4k_11k_SWA has MLP 13312; K_post_HQK_8kv_12k is pre-norm,
 # as its Hugging Face class says), the table wins. "_fp8" marks pretraining with float8 linears,
 # which changes numerics but not the architecture.

@@ -88,7 +88,6 @@ import shutil
 import signal
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,11 +95,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.utils.checkpoint
 
 import checkpoint
 import compact_vocabulary
 import data
+import memory
 import olmpool
 from checkpoint import CheckpointError, checkpoints_in
 from olmpool import ModelConfig, Transformer
@@ -127,7 +126,7 @@ COMPACT_VOCAB_BY_SIZE = {"tiny": 8192}
 # process ended by SIGTERM, so a scheduler tells "preempted, saved, resume me" (143) from "finished" (0).
 PREEMPTED_EXIT_STATUS = 143
 ABANDONED_FOLDER = "abandoned"  # OUT/abandoned/TIME/step_N: checkpoints of a branch given up by a rollback
-LOSS_CHUNK = 4096  # positions per cross-entropy chunk: at most 4096 x 100,352 fp32 logits (1.6 GB) at once
+LOSS_CHUNK = olmpool.LOSS_CHUNK  # --loss_chunk's default: the model's chunked loss's own
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,27 +493,6 @@ def cpu_threads(threads: int | None, resume_dir: Path | None) -> int:
     return torch.get_num_threads()  # torch's default (physical cores), or OMP_NUM_THREADS (torchrun sets 1)
 
 
-def activation_estimate(config: ModelConfig, plan: BatchPlan, activation_checkpointing: bool, mask_documents: bool,
-                        device_type: str) -> dict[str, float]:
-    """Bytes one process must hold for one micro-batch's backward pass, by part: an estimate from
-    below (weights, optimizer and temporaries come on top), so that a refusal is sure. The logits
-    dominate small models at long sequences: loss_sums makes them (micro_batch, seq_len, vocab) in
-    fp32, and the backward pass a gradient of the same size."""
-    B, T = plan.micro_batch, plan.seq_len
-    element = 2 if device_type == "cuda" else 4  # bf16 autocast on GPU, fp32 on CPU
-    parts = {"logits": 2 * B * T * config.vocab_size * 4}
-    # Per layer, roughly: the residual, norms, q/k/v, attention output and the MLP's three widths.
-    per_layer = B * T * (6 * config.d_model + 2 * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
-                         + 3 * config.mlp_hidden) * element
-    stored_layers = 1 if activation_checkpointing else config.n_layers
-    parts["layers"] = stored_layers * per_layer + (config.n_layers * B * T * config.d_model * element
-                                                   if activation_checkpointing else 0)
-    dense_scores = config.attention_backend == "naive" or (mask_documents and config.attention_backend == "sdpa")
-    if dense_scores:  # a (T, T) mask or score matrix per head and layer
-        parts["attention scores"] = stored_layers * B * config.n_heads * T * T * 4
-    return parts
-
-
 def device_memory_bytes(env: Distributed) -> tuple[int, str]:
     """(bytes one process may use, what the number is)."""
     if env.device.type == "cuda":
@@ -526,19 +504,22 @@ def device_memory_bytes(env: Distributed) -> tuple[int, str]:
         f", {total / local / 2**30:.0f} GiB for each of its {local} processes" if local > 1 else "")
 
 
-def check_run_fits(config: ModelConfig, plan: BatchPlan, args, env: Distributed):
+def check_run_fits(config: ModelConfig, plan: BatchPlan, env: Distributed, activation_checkpointing: bool,
+                   mask_documents: bool, warmup: int | None, steps: int):
     """Refuse, before building anything, a micro-batch whose activations alone exceed the device's
-    memory (a sure out-of-memory, or hours of swapping), with the estimate; note a window no shorter
-    than the sequence once (allowed: its local layers then attend like global ones)."""
-    parts = activation_estimate(config, plan, args.activation_checkpointing, args.mask_documents, env.device.type)
+    memory (memory.activation_estimate: a sure out-of-memory, or hours of swapping), with the
+    estimate; note a warmup as long as the run, and a window no shorter than the sequence, once
+    (allowed: its local layers then attend like global ones)."""
+    parts = memory.activation_estimate(config, plan.micro_batch, plan.seq_len, activation_checkpointing,
+                                       mask_documents, env.device.type)
     available, where = device_memory_bytes(env)
     if sum(parts.values()) > available:
         detail = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in parts.items())
         raise TrainError(f"--seq_len {plan.seq_len} with --micro_batch {plan.micro_batch} needs at least "
                          f"{sum(parts.values()) / 2**30:.0f} GiB of activations per process ({detail} GiB), but "
                          f"{where}; lower --micro_batch (accumulation keeps the global batch) or --seq_len")
-    if args.warmup is not None and args.warmup >= args.steps:
-        log(env, f"note: --warmup {args.warmup} >= --steps {args.steps}: the learning rate rises for the whole run "
+    if warmup is not None and warmup >= steps:
+        log(env, f"note: --warmup {warmup} >= --steps {steps}: the learning rate rises for the whole run "
                  f"and never decays")
     if config.window is not None and config.window >= plan.seq_len:
         log(env, f"note: window {config.window} >= seq_len {plan.seq_len}: every layer sees the whole sequence, so "
@@ -612,34 +593,28 @@ def load_initial_weights(model: Transformer, source: str, config: ModelConfig):
         raise TrainError(str(error)) from None
 
 
-class _ShardOf:
-    """Stands in for one sharded parameter where code writes a full value with copy_: keeps only
-    this rank's part of it (DTensor's own split, computed locally with no communication)."""
+@torch.no_grad()
+def copy_into_shard(param: torch.Tensor, full: torch.Tensor):
+    """Write this rank's part of the full value `full` into the FSDP2-sharded parameter `param` (a
+    DTensor): DTensor's own split, computed locally with no communication."""
+    from torch.distributed.tensor import distribute_tensor
 
-    def __init__(self, param):
-        self.param, self.shape, self.ndim, self.dtype = param, param.shape, param.ndim, param.dtype
-
-    @torch.no_grad()
-    def copy_(self, full: torch.Tensor):
-        from torch.distributed.tensor import distribute_tensor
-
-        mine = distribute_tensor(full.to(self.dtype), self.param.device_mesh, self.param.placements,
-                                 src_data_rank=None).to_local()
-        self.param.to_local().copy_(mine)
+    mine = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None).to_local()
+    param.to_local().copy_(mine)
 
 
 @torch.no_grad()
 def fill_shards(model: Transformer, config: ModelConfig, seed: int, init_from: str | None):
     """Weights for a model built on meta and sharded by FSDP2, identical to a one-process run's.
 
-    Fresh: olmpool's own Transformer.init_weights runs over stand-ins for the sharded parameters, so
-    the same generator draws the same full-size values in the same order, one parameter at a time,
-    and each rank keeps its shard. --init_from: a checkpoint's tensors, read one at a time from
-    model.safetensors (a Hugging Face folder is read whole, once, on the CPU).
+    Fresh: olmpool.initial_values draws the full values Transformer.init_weights would, one
+    parameter at a time, and each rank keeps its shard. --init_from: a checkpoint's tensors, read one
+    at a time from model.safetensors (a Hugging Face folder is read whole, once, on the CPU).
     """
-    shards = [(name, _ShardOf(param)) for name, param in model.named_parameters()]
+    shards = dict(model.named_parameters())
     if not init_from:
-        Transformer.init_weights(types.SimpleNamespace(named_parameters=lambda: iter(shards)), seed)
+        for name, value in olmpool.initial_values(config, seed):
+            copy_into_shard(shards[name], value)
         return
     path = Path(init_from)
     if not init_from.startswith("hf:") and (path / checkpoint.WEIGHTS_FILE).is_file():
@@ -647,28 +622,18 @@ def fill_shards(model: Transformer, config: ModelConfig, seed: int, init_from: s
 
         check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
         with safe_open(path / checkpoint.WEIGHTS_FILE, "pt") as file:
-            missing = sorted(set(name for name, _ in shards) - set(file.keys()))
+            missing = sorted(set(shards) - set(file.keys()))
             if missing:
                 raise TrainError(f"{path / checkpoint.WEIGHTS_FILE} lacks {', '.join(missing[:3])}; pass a "
                                  f"checkpoint of this architecture")
-            for name, shard in shards:
-                shard.copy_(file.get_tensor(name))
+            for name, shard in shards.items():
+                copy_into_shard(shard, file.get_tensor(name))
         return
     full = Transformer(config, seed=None)  # hf: read whole on the CPU, then split
     load_initial_weights(full, init_from, config)
     state = full.state_dict()
-    for name, shard in shards:
-        shard.copy_(state[name])
-
-
-def checkpoint_activations(block: nn.Module):
-    """Recompute the block in backward instead of storing its activations; parameter names unchanged."""
-    block_forward = block.forward
-
-    def recomputing_forward(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(block_forward, *args, use_reentrant=False, **kwargs)
-
-    block.forward = recomputing_forward
+    for name, shard in shards.items():
+        copy_into_shard(shard, state[name])
 
 
 def autocast(device: torch.device, fsdp: bool):
@@ -695,8 +660,7 @@ def build_model(config: ModelConfig, args, env: Distributed) -> tuple[nn.Module,
         model.to(env.device)
     # Order as in torchtitan: activation checkpointing, then compile, then sharding, all per block.
     for block in model.layers:
-        if args.activation_checkpointing:
-            checkpoint_activations(block)
+        block.activation_checkpointing = args.activation_checkpointing  # olmpool.Block recomputes in backward
         if args.compile:
             block.compile()  # in place: parameter names, and so checkpoints, are unchanged
     if args.fsdp:
@@ -851,103 +815,10 @@ def micro_batches(batch: data.Batch, plan: BatchPlan, device) -> list[data.Batch
 # 5. One step of the loop: the loss, the optimizer step, evaluation, and what is logged
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """(summed cross-entropy, summed logsumexp^2) of logits = inputs @ weight.T (or of inputs, the
-    logits themselves, when weight is None), chunk_size positions at a time, in fp32.
-
-    Forward keeps only each position's logsumexp; backward recomputes one chunk's logits at a time,
-    so the fp32 (positions x vocabulary) tensors (logits, softmax, their gradient) never exist
-    beyond one chunk: 64K tokens x 100,352 in fp32 is 26 GB, a 4096-position chunk 1.6 GB. Targets
-    below 0 are ignored. Gradients: d ce / d logits = softmax - onehot(target), d lse^2 / d logits
-    = 2 lse softmax.
-    """
-
-    @staticmethod
-    def forward(ctx, inputs, weight, targets, chunk_size):  # inputs (N, C) or logits (N, V); targets (N,)
-        normalizers = torch.empty(inputs.shape[0], dtype=torch.float32, device=inputs.device)
-        ce_sum = torch.zeros((), dtype=torch.float32, device=inputs.device)
-        for start in range(0, inputs.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = ChunkedCrossEntropy.logits(inputs[rows], weight)  # (chunk, V) fp32
-            normalizer = torch.logsumexp(logits, dim=-1)
-            valid = targets[rows] >= 0
-            target_logits = logits.gather(-1, targets[rows].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            ce_sum += torch.where(valid, normalizer - target_logits, 0.0).sum()
-            normalizers[rows] = torch.where(valid, normalizer, 0.0)
-        ctx.save_for_backward(inputs, weight, targets, normalizers)
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, torch.get_autocast_dtype(inputs.device.type) \
-            if torch.is_autocast_enabled(inputs.device.type) else None
-        return torch.stack([ce_sum, normalizers.pow(2).sum()])
-
-    @staticmethod
-    def logits(inputs, weight, compute_dtype=None):
-        if weight is None:
-            return inputs.float()
-        if compute_dtype is not None:  # backward runs outside autocast: match the forward's matmul precision
-            inputs, weight = inputs.to(compute_dtype), weight.to(compute_dtype)
-        return nn.functional.linear(inputs, weight).float()
-
-    @staticmethod
-    def backward(ctx, grad_sums):
-        inputs, weight, targets, normalizers = ctx.saved_tensors
-        grad_ce, grad_z = grad_sums[0], grad_sums[1]
-        grad_inputs = torch.empty_like(inputs) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for start in range(0, inputs.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            logits = ChunkedCrossEntropy.logits(inputs[rows], weight, ctx.compute_dtype)  # (chunk, V)
-            valid = (targets[rows] >= 0).float()
-            softmax = torch.exp(logits - normalizers[rows].unsqueeze(-1))
-            grad_logits = softmax * ((grad_ce + 2 * grad_z * normalizers[rows]) * valid).unsqueeze(-1)
-            grad_logits.scatter_add_(-1, targets[rows].clamp(min=0).unsqueeze(-1), (-grad_ce * valid).unsqueeze(-1))
-            if weight is None:
-                grad_inputs[rows] = grad_logits.to(inputs.dtype)
-                continue
-            dtype = ctx.compute_dtype or inputs.dtype
-            grad_logits = grad_logits.to(dtype)
-            if grad_inputs is not None:
-                grad_inputs[rows] = (grad_logits @ weight.to(dtype)).to(inputs.dtype)
-            if grad_weight is not None:
-                grad_weight += (grad_logits.T @ inputs[rows].to(dtype)).float()
-        return grad_inputs, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
-
-
-def loss_sums(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy and summed logsumexp^2 (the z-loss) over targets (B, T), in fp32.
-
-    One logsumexp serves both: cross-entropy = logsumexp(logits) - logits[target]. Computed in
-    chunks of positions (ChunkedCrossEntropy), so no fp32 copy of all the logits is made; targets
-    below 0 are ignored.
-    """
-    sums = ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), None, targets.reshape(-1),
-                                     chunk_size or LOSS_CHUNK)
-    return sums[0], sums[1]
-
-
-def forward(model, batch: data.Batch):
-    return model(batch.inputs, doc_ids=batch.doc_ids)
-
-
 def model_loss_sums(model, batch: data.Batch, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """loss_sums of the model's logits on batch without the logits ever existing whole.
-
-    For this one call, the LM head's forward becomes the chunked loss of its input (the final-normed
-    hidden states) against batch.targets. It still runs inside the model's forward, so DDP, FSDP2
-    (which gathers the head's weight for the root's forward) and compile see an ordinary forward.
-    """
-    head = getattr(model, "module", model).lm_head  # DDP wraps the Transformer; FSDP2 does not
-    targets = batch.targets.reshape(-1)
-
-    def chunked_loss(hidden):  # (B, T, d_model) -> (2,)
-        return ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets,
-                                         chunk_size or LOSS_CHUNK)
-
-    head.forward = chunked_loss
-    try:
-        sums = forward(model, batch)
-    finally:
-        del head.forward  # back to nn.Linear.forward
+    """(summed cross-entropy, summed logsumexp^2) of the model on batch: olmpool.Transformer.forward
+    with targets, which computes them in chunks of positions so the logits never exist whole."""
+    sums = model(batch.inputs, doc_ids=batch.doc_ids, targets=batch.targets, loss_chunk=chunk_size)
     return sums[0], sums[1]
 
 
@@ -1378,7 +1249,7 @@ def run(args, env: Distributed, preemption: Preemption, make_loaders, checkpoint
     # Set up: the architecture, the batch, and where the run lives and resumes from.
     config = model_config(args)
     plan = batch_plan(args, config, env.world_size, env.device.type)
-    check_run_fits(config, plan, args, env)
+    check_run_fits(config, plan, env, args.activation_checkpointing, args.mask_documents, args.warmup, args.steps)
     out = Path(args.out or REPO_DIR / "runs" / (args.name or run_name(args)))
     resume_dir = set_aside_other_branch(out, find_resume(args.resume, out), env)
     if env.device.type == "cpu":

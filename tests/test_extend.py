@@ -1,7 +1,7 @@
 """Tests for extend.py and what it adds to train.py and data.py: each recipe's RoPE at hand-checked
-frequencies, weights carried unchanged, chunked cross-entropy equal to the full one, the
-long-document mix's proportions and resume, FSDP2's meta-device init on 2 processes, export to
-transformers, the memory plan against a measurement, and a short extension on CPU.
+frequencies, weights carried unchanged, the long-document mix's proportions and resume, FSDP2's
+meta-device init on 2 processes, export to transformers, and a short extension on CPU. (The
+chunked cross-entropy is tested in test_model.py, the memory plan in test_memory.py.)
 """
 
 import dataclasses
@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -136,69 +134,6 @@ def test_an_already_extended_source_and_an_unknown_recipe_are_refused_naming_the
         extend.extended_config(source_config(rope_scaling="yarn", rope_factor=8.0), "olmpool", 4 * L)
     with pytest.raises(train.TrainError, match="choose from olmpool"):
         extend.extended_config(source_config(), "abf", 4 * L)
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunked cross-entropy
-
-
-def full_loss_sums(logits, targets):
-    """The reference: full fp32 logits, ignored targets (< 0) dropped."""
-    logits = logits.float()
-    valid = targets >= 0
-    normalizer = torch.logsumexp(logits, dim=-1)
-    target_logits = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return ((normalizer - target_logits) * valid).sum(), (normalizer.pow(2) * valid).sum()
-
-
-@settings(max_examples=40)
-@given(n=st.integers(1, 40), vocab=st.integers(2, 50), width=st.integers(1, 12), chunk=st.integers(1, 50),
-       ignored=st.lists(st.booleans(), min_size=40, max_size=40), seed=st.integers(0, 2**16))
-def test_chunked_cross_entropy_equals_the_full_one_in_value_and_gradient(n, vocab, width, chunk, ignored, seed):
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, width, generator=generator, dtype=torch.float64).float().requires_grad_()
-    weight = torch.randn(vocab, width, generator=generator).requires_grad_()
-    targets = torch.randint(0, vocab, (n,), generator=generator)
-    targets[torch.tensor(ignored[:n])] = -100
-    z_weight = 0.37
-
-    ce, z = full_loss_sums(hidden @ weight.T, targets)
-    (ce + z_weight * z).backward()
-    expected = ce.detach(), z.detach(), hidden.grad.clone(), weight.grad.clone()
-    hidden.grad = weight.grad = None
-
-    sums = train.ChunkedCrossEntropy.apply(hidden, weight, targets, chunk)  # from hidden states and the LM head
-    (sums[0] + z_weight * sums[1]).backward()
-    torch.testing.assert_close(sums[0], expected[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sums[1], expected[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(hidden.grad, expected[2], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(weight.grad, expected[3], rtol=1e-5, atol=1e-5)
-
-    logits = (hidden @ weight.T).detach().reshape(1, n, vocab).requires_grad_()  # from logits: train.loss_sums
-    ce, z = train.loss_sums(logits, targets.reshape(1, n), chunk_size=chunk)
-    (ce + z_weight * z).backward()
-    reference = logits.detach().clone().requires_grad_()
-    ce_full, z_full = full_loss_sums(reference, targets.reshape(1, n))
-    (ce_full + z_weight * z_full).backward()
-    torch.testing.assert_close(ce, ce_full, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits.grad, reference.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_the_models_chunked_loss_equals_the_loss_of_its_logits():
-    model = Transformer(source_config(vocab_size=300), seed=1)
-    tokens = torch.randint(0, 300, (2, 41), generator=torch.Generator().manual_seed(1))
-    batch = data.Batch(tokens[:, :-1], tokens[:, 1:])
-    ce, z = train.model_loss_sums(model, batch, chunk_size=7)
-    ce.backward()
-    chunked = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    ce_full, z_full = full_loss_sums(model(batch.inputs), batch.targets)
-    ce_full.backward()
-    torch.testing.assert_close(ce, ce_full, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(z, z_full, rtol=1e-5, atol=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(chunked[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert type(model.lm_head).forward is torch.nn.Linear.forward and "forward" not in vars(model.lm_head)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,27 +324,3 @@ def test_fsdp_on_meta_gives_the_weights_and_first_losses_of_one_process(corpus, 
     from safetensors.torch import load_file
     for name, tensor in load_file(Path(one["checkpoint"]) / "model.safetensors").items():
         torch.testing.assert_close(two.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
-
-
-# ----------------------------------------------------------------------------------------------
-# --dry_run
-
-
-def test_the_7b_plan_at_64k_on_8_gpus_needs_fsdp_and_says_what_fits(capsys):
-    config = extend.extended_config(olmpool.preset("H_post_LQK_32kv_8k_11k_SWA", "7b", attention_backend="flex"),
-                                    "olmpool", 65536)
-    plan = extend.plan_memory(config, 65536, 1, 8, fsdp=True, activation_checkpointing=True, loss_chunk=4096)
-    assert plan.total < 80 * 2**30
-    args = extend.parse_args(["--dry_run", "--seq_len", "65536", "--gpus", "8"])
-    text = extend.memory_plan(config, args)  # DDP, no checkpointing
-    assert "does NOT fit" in text and "--fsdp --activation_checkpointing" in text
-    for line in ("parameters", "gradients", "optimizer", "saved activations", "largest transient"):
-        assert line in text
-
-
-def test_the_planned_saved_activations_match_autograds_within_5_percent():
-    config = ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16,
-                         mlp_hidden=192, window=64, context_length=512)
-    measured = extend.measure_peak(config, 512, 1, activation_checkpointing=False, loss_chunk=4096)
-    planned = extend.plan_memory(config, 512, 1, 1, False, False, 4096, activation_bytes=4).activations
-    assert measured["saved_activations"] == pytest.approx(planned, rel=0.05)

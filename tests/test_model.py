@@ -1,5 +1,6 @@
 """The model's specification: every property olmpool.py promises, one test each."""
 
+import dataclasses
 import math
 
 import pytest
@@ -463,3 +464,151 @@ def test_import_needs_only_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=olmpool.__file__.rsplit("/", 1)[0])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_initial_values_are_a_fresh_transformers_parameters_name_by_name():
+    for config in (tiny(), tiny(qk_norm="headwise", norm_placement="pre"), tiny(qk_norm="none", n_layers=1)):
+        for seed in (0, 7):
+            model = Transformer(config, seed=seed)
+            values = list(olmpool.initial_values(config, seed))
+            assert [name for name, _ in values] == [name for name, _ in model.named_parameters()]
+            for (name, value), parameter in zip(values, model.parameters()):
+                assert torch.equal(value, parameter), (name, seed)
+
+
+def test_every_config_field_has_one_help_text_for_its_flag():
+    for field in dataclasses.fields(ModelConfig):
+        assert field.metadata["help"].strip(), field.name
+    assert '"headwise" (Qwen 3, Gemma 3)' in ModelConfig.__dataclass_fields__["qk_norm"].metadata["help"]
+
+
+def test_rope_fields_are_exactly_the_fields_that_change_rope():
+    yarn = tiny(head_dim=32, context_length=4096, rope_scaling="yarn", rope_factor=8.0)
+    llama3 = dataclasses.replace(yarn, rope_scaling="llama3")
+    changes = {"rope_theta": (yarn, 1e6), "rope_theta_local": (yarn, 1e4), "rope_scaling": (yarn, "pi"),
+               "rope_factor": (yarn, 4.0), "rope_scaling_layers": (yarn, "all"), "rope_original_context": (yarn, 512),
+               "yarn_beta_fast": (yarn, 8.0), "yarn_beta_slow": (yarn, 0.25), "yarn_attention_factor": (yarn, 1.5),
+               "llama3_low_freq_factor": (llama3, 2.0), "llama3_high_freq_factor": (llama3, 8.0)}
+    assert tuple(changes) == olmpool.ROPE_FIELDS
+
+    def rope(config):  # both layer kinds: frequencies and attention scale
+        return [(f.tolist(), scale) for f, scale in (olmpool.rope_frequencies(config, g) for g in (True, False))]
+
+    for name, (config, value) in changes.items():
+        assert rope(dataclasses.replace(config, **{name: value})) != rope(config), name
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss: chunked cross-entropy equals the full one
+
+
+def full_loss_sums(logits, targets):
+    """The reference: full fp32 logits, ignored targets (< 0) dropped."""
+    logits = logits.float()
+    valid = targets >= 0
+    normalizer = torch.logsumexp(logits, dim=-1)
+    target_logits = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return ((normalizer - target_logits) * valid).sum(), (normalizer.pow(2) * valid).sum()
+
+
+@settings(max_examples=40)
+@given(n=st.integers(1, 40), vocab=st.integers(2, 50), width=st.integers(1, 12), chunk=st.integers(1, 50),
+       ignored=st.lists(st.booleans(), min_size=40, max_size=40), seed=st.integers(0, 2**16))
+def test_chunked_cross_entropy_equals_the_full_one_in_value_and_gradient(n, vocab, width, chunk, ignored, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, width, generator=generator, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(vocab, width, generator=generator).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    targets[torch.tensor(ignored[:n])] = -100
+    z_weight = 0.37
+
+    ce, z = full_loss_sums(hidden @ weight.T, targets)
+    (ce + z_weight * z).backward()
+    expected = ce.detach(), z.detach(), hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    sums = olmpool.ChunkedCrossEntropy.apply(hidden, weight, targets, chunk)  # from hidden states and the LM head
+    (sums[0] + z_weight * sums[1]).backward()
+    torch.testing.assert_close(sums[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums[1], expected[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad, expected[3], rtol=1e-5, atol=1e-5)
+
+    logits = (hidden @ weight.T).detach().reshape(1, n, vocab).requires_grad_()  # from logits: olmpool.loss_sums
+    ce, z = olmpool.loss_sums(logits, targets.reshape(1, n), chunk_size=chunk)
+    (ce + z_weight * z).backward()
+    reference = logits.detach().clone().requires_grad_()
+    ce_full, z_full = full_loss_sums(reference, targets.reshape(1, n))
+    (ce_full + z_weight * z_full).backward()
+    torch.testing.assert_close(ce, ce_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_models_chunked_loss_equals_the_loss_of_its_logits():
+    model = Transformer(ModelConfig(vocab_size=300, n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8,
+                                    mlp_hidden=64, window=8, context_length=32), seed=1)
+    tokens = torch.randint(0, 300, (2, 41), generator=torch.Generator().manual_seed(1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    ce, z = model(inputs, targets=targets, loss_chunk=7)
+    ce.backward()
+    chunked = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    ce_full, z_full = full_loss_sums(model(inputs), targets)
+    ce_full.backward()
+    torch.testing.assert_close(ce, ce_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z, z_full, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(chunked[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert type(model.lm_head).forward is torch.nn.Linear.forward and "forward" not in vars(model.lm_head)
+
+
+def test_activation_checkpointing_keeps_names_losses_and_gradients_exactly():
+    config = tiny(attention_backend="sdpa")
+    tokens = random_tokens(config, length=25)
+    results = []
+    for checkpointing in (False, True):
+        model = Transformer(config, seed=3)
+        for block in model.layers:
+            block.activation_checkpointing = checkpointing
+        ce, z = model(tokens[:, :-1], targets=tokens[:, 1:], loss_chunk=5)
+        (ce + 1e-4 * z).backward()
+        results.append((ce, z, {name: p.grad for name, p in model.named_parameters()}, model.state_dict().keys()))
+    (ce, z, grads, keys), (ce_ac, z_ac, grads_ac, keys_ac) = results
+    assert torch.equal(ce, ce_ac) and torch.equal(z, z_ac) and list(keys) == list(keys_ac)
+    for name in grads:
+        assert torch.equal(grads[name], grads_ac[name]), name
+
+
+# ----------------------------------------------------------------------------------------------
+# olmpool.py alone: torch and the standard library only
+
+
+ALONE = """
+import olmpool, torch
+config = olmpool.preset("H_post_LQK_32kv_8k_11k_SWA", size="tiny", n_layers=2)
+model = olmpool.Transformer(config)
+tokens = torch.randint(0, config.vocab_size, (1, 12))
+print("logits", tuple(model(tokens).shape))
+model.config.attention_backend = "triton"
+try:
+    model(tokens)
+except ModuleNotFoundError as error:
+    print("triton:", error)
+"""
+
+
+def test_olmpool_py_copied_alone_runs_a_forward_and_the_triton_backend_says_where_kernels_py_is(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(olmpool.__file__, tmp_path / "olmpool.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", ALONE], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "logits (1, 12, 100352)" in done.stdout
+    triton_line = done.stdout.split("triton:", 1)[1]
+    for words in ("kernels.py", "beside olmpool.py", "'sdpa', 'flex' or 'naive'"):
+        assert words in triton_line, triton_line

@@ -250,11 +250,12 @@ class UniformModel(torch.nn.Module):
 
     def __init__(self, vocab_size):
         super().__init__()
-        self.lm_head = torch.nn.Linear(1, vocab_size, bias=False)  # train.py's loss reads the LM head
+        self.lm_head = torch.nn.Linear(1, vocab_size, bias=False)
         torch.nn.init.zeros_(self.lm_head.weight)
 
-    def forward(self, inputs, doc_ids=None):
-        return self.lm_head(torch.zeros(*inputs.shape, 1))
+    def forward(self, inputs, doc_ids=None, targets=None, loss_chunk=None):  # olmpool.Transformer's signature
+        logits = self.lm_head(torch.zeros(*inputs.shape, 1))
+        return logits if targets is None else torch.stack(olmpool.loss_sums(logits, targets, loss_chunk))
 
 
 def test_bits_per_byte_is_nats_per_token_times_tokens_over_bytes_over_ln2(tmp_path):
