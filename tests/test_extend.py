@@ -23,7 +23,6 @@ import data  # noqa: E402
 import extend  # noqa: E402
 import hf_interop  # noqa: E402
 import olmpool  # noqa: E402
-import settings  # noqa: E402
 import train  # noqa: E402
 from olmpool import ModelConfig, Transformer, rope_frequencies  # noqa: E402
 
@@ -297,7 +296,7 @@ def test_a_corpus_without_long_documents_is_refused_naming_data_py_prepare(tmp_p
 
 
 def test_no_default_checkpoint_says_how_to_make_one(monkeypatch, tmp_path):
-    monkeypatch.setattr(settings, "REPO_DIR", tmp_path)
+    monkeypatch.setattr("settings.REPO_DIR", tmp_path)
     with pytest.raises(train.TrainError, match="python train.py"):
         extend.default_source()
 
