@@ -1067,8 +1067,8 @@ def default_data(size: str) -> str:
     import inspect
 
     import data
-    import train
-    compact = getattr(train, "COMPACT_VOCAB_BY_SIZE", {}).get(size, 0)
+    import settings
+    compact = settings.COMPACT_VOCAB_BY_SIZE.get(size, 0)
     if compact and "compact_vocab" in inspect.signature(data.prepare_builtin_corpus).parameters:
         return str(data.prepare_builtin_corpus(compact_vocab=compact))
     return str(data.prepare_builtin_corpus())
