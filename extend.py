@@ -213,8 +213,10 @@ def resolve(settings: ExtendConfig, source_config: ModelConfig, source_state: di
     return dataclasses.replace(settings, **filled, model=dataclasses.asdict(config), gqa=None, swa=False), config
 
 
-def describe_recipe(settings: ExtendConfig, source: Source | str, source_config: ModelConfig, config: ModelConfig) -> str:
-    spec = RECIPES[settings.recipe]
+def describe_recipe(settings: ExtendConfig, source: Source | str, source_config: ModelConfig,
+                    config: ModelConfig) -> str:
+    s = settings
+    spec = RECIPES[s.recipe]
     layers = {"all": "every layer", "global": "global layers only"}[config.rope_scaling_layers]
     if config.rope_scaling == "abf":
         rope = (f"ABF: theta {source_config.rope_theta:g} -> {source_config.rope_theta * config.rope_factor:g} "
@@ -228,16 +230,16 @@ def describe_recipe(settings: ExtendConfig, source: Source | str, source_config:
     else:
         rope = f"{config.rope_scaling} x{config.rope_factor:g} on {layers}"
     return "\n".join([
-        f"recipe {settings.recipe}: {spec.description}",
-        f"  source {source}: context {source_config.context_length}, size {settings.size}",
+        f"recipe {s.recipe}: {spec.description}",
+        f"  source {source}: context {source_config.context_length}, size {s.size}",
         f"  RoPE: {rope}",
-        f"  sequence {settings.seq_len} ({settings.seq_len / source_config.context_length:g}x), batch "
-        f"{settings.batch_tokens // settings.seq_len} sequences = {settings.batch_tokens:,} tokens, {settings.steps} steps = "
-        f"{settings.steps * settings.batch_tokens:,} tokens",
-        f"  lr: warmup {settings.warmup} steps to {settings.lr:.5g}, then {settings.schedule} to {settings.lr * settings.min_lr_ratio:g}; "
-        f"AdamW betas ({settings.beta1}, {settings.beta2}), weight decay {settings.weight_decay}, z-loss {settings.z_loss}, clip "
-        f"{settings.grad_clip}; a fresh optimizer",
-        f"  data: long-document mix, intra-document masking; cross-entropy in chunks of {settings.loss_chunk} positions"])
+        f"  sequence {s.seq_len} ({s.seq_len / source_config.context_length:g}x), batch "
+        f"{s.batch_tokens // s.seq_len} sequences = {s.batch_tokens:,} tokens, {s.steps} steps = "
+        f"{s.steps * s.batch_tokens:,} tokens",
+        f"  lr: warmup {s.warmup} steps to {s.lr:.5g}, then {s.schedule} to {s.lr * s.min_lr_ratio:g}; "
+        f"AdamW betas ({s.beta1}, {s.beta2}), weight decay {s.weight_decay}, z-loss {s.z_loss}, clip "
+        f"{s.grad_clip}; a fresh optimizer",
+        f"  data: long-document mix, intra-document masking; cross-entropy in chunks of {s.loss_chunk} positions"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +315,8 @@ def extend(settings: ExtendConfig) -> dict:
         if settings.measure:
             print(compare_with_measurement(config, settings))
         return {}
-    settings = dataclasses.replace(settings, init_from=str(source), out=settings.out or str(default_out(source, settings)))
+    settings = dataclasses.replace(settings, init_from=str(source),
+                                   out=settings.out or str(default_out(source, settings)))
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         print(describe_recipe(settings, source, source_config, config), flush=True)

@@ -130,8 +130,9 @@ def add_model_flags(group):
     for field in dataclasses.fields(ModelConfig):
         kind, nullable = flag_type(hints[field.name])
         parse = {int: int_or_none, float: float_or_none}[kind] if nullable else kind
+        metavar = "MODE" if field.name in olmpool.CHOICES else "X" if kind is float else "N"
         group.add_argument(f"--{field.name}", type=parse, choices=olmpool.CHOICES.get(field.name),
-                           default=argparse.SUPPRESS, metavar="MODE" if field.name in olmpool.CHOICES else "X" if kind is float else "N",
+                           default=argparse.SUPPRESS, metavar=metavar,
                            help=f"{model_flag_help(field)} [{getattr(shown, field.name)}]")
 
 
@@ -194,13 +195,14 @@ def to_argv(values, kind: type | None = None, only: tuple[str, ...] | None = Non
     A dict of fields: each one, in its order. None and False give no flag."""
     kind = kind or type(values)
     fields = {f.name: f for f in dataclasses.fields(kind)}
-    if isinstance(values, dict):
-        pairs = list(values.items())
-    else:
-        pairs = [(name, getattr(values, name)) for name, f in fields.items() if (only is None or name in only)
-                 and name != "model" and getattr(values, name) != f.default]
-        pairs += [] if only is not None else [(name, "none" if value is None else value)
-                                             for name, value in values.model.items()]
+    pairs = list(values.items()) if isinstance(values, dict) else []
+    for name, field in ({} if isinstance(values, dict) else fields).items():
+        if only is not None and name not in only:
+            continue
+        if name == "model":  # each one given explicitly, "none" included
+            pairs += [(key, "none" if value is None else value) for key, value in values.model.items()]
+        elif getattr(values, name) != field.default:
+            pairs.append((name, getattr(values, name)))
     argv = []
     for name, value in pairs:
         flag = fields[name].metadata.get("flag", f"--{name}") if name in fields else f"--{name}"

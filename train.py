@@ -14,7 +14,7 @@ recipe, the checkpoint folder, parallelism and the vocabulary.
         --steps 34000 --save_every 1000 --keep_checkpoints 0 --resume auto        # the OlmPool 7B recipe
     # several nodes (the usual torchrun rendezvous; run the same line on every node):
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
-        --rdzv_id olmpool_j train.py --fsdp ... --out /shared/runs/j --resume auto
+        --rdzv_id olmpool_j train.py --fsdp ... --out /mnt/nfs/runs/j --resume auto
     python train.py --resume auto ...                           # after preemption: the same command again
 """
 
@@ -327,7 +327,8 @@ def build_optimizer(model: nn.Module, settings: TrainConfig) -> torch.optim.Adam
         (no_decay if param.ndim < 2 or name.endswith("embed.weight") else decay).append(param)
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Fused: one kernel for all parameters, on GPU and CPU alike (4x the default on CPU).
-    return torch.optim.AdamW(groups, lr=peak_lr(settings), betas=(settings.beta1, settings.beta2), eps=settings.eps, fused=True)
+    return torch.optim.AdamW(groups, lr=peak_lr(settings), betas=(settings.beta1, settings.beta2), eps=settings.eps,
+                             fused=True)
 
 
 def lr_at(step: int, settings: TrainConfig) -> float:
@@ -376,7 +377,9 @@ def batch_plan(settings: TrainConfig, config: ModelConfig, world_size: int, devi
         raise TrainError(f"--batch_tokens {batch_tokens} is not a whole number of sequences of seq_len={seq_len}; "
                          f"use a multiple of {seq_len}, e.g. {max(1, round(batch_tokens / seq_len)) * seq_len}")
     sequences = batch_tokens // seq_len
-    micro_batch = settings.micro_batch if settings.micro_batch is not None else default_micro_batch(sequences, world_size)
+    micro_batch = settings.micro_batch
+    if micro_batch is None:
+        micro_batch = default_micro_batch(sequences, world_size)
     per_step = world_size * micro_batch
     if sequences % per_step:
         raise TrainError(f"a global batch of {sequences} sequences ({batch_tokens} tokens / seq_len {seq_len}) does "
@@ -742,12 +745,14 @@ def describe_run(settings: TrainConfig, env: Distributed, config: ModelConfig, p
     log(env, f"data {folder}: {train_loader.n_tokens:,} train tokens ({data.read_manifest(folder)['tokenizer']['name']}, "
              f"model vocab {config.vocab_size:,}), {train_loader.steps_per_epoch} steps per epoch")
     features = [f"{torch.get_num_threads()} thread(s)" if env.device.type == "cpu" else "",
-                "FSDP" if settings.fsdp else "DDP" if env.world_size > 1 else "", "compiled" if settings.compile else "",
+                "FSDP" if settings.fsdp else "DDP" if env.world_size > 1 else "",
+                "compiled" if settings.compile else "",
                 "activation checkpointing" if settings.activation_checkpointing else ""]
     log(env, f"batch: {plan.sequences} sequences of {plan.seq_len} = {plan.tokens:,} tokens per step = {env.world_size} "
              f"process(es) x micro-batch {plan.micro_batch} x {plan.accumulation} accumulation; device {env.device}"
              + "".join(f", {feature}" for feature in features if feature))
-    log(env, f"{settings.steps} steps, lr {peak_lr(settings):g} ({settings.schedule}, {warmup_steps(settings)} warmup), "
+    log(env, f"{settings.steps} steps, lr {peak_lr(settings):g} ({settings.schedule}, {warmup_steps(settings)} "
+             f"warmup), "
              f"{meter.flops / 1e9:.3f} GFLOP/token, MFU vs {meter.peak_source}; out {out}"
              + (f"; resumed from {resume_dir} at step {step}" if resume_dir else ""))
 

@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without a conftest
 import data  # noqa: E402
+import extend  # noqa: E402
 import olmpool  # noqa: E402
+import settings  # noqa: E402
 import train  # noqa: E402
 from checkpoint import checkpoints_in  # noqa: E402
 
@@ -91,6 +93,23 @@ def test_explicit_flags_override_the_preset_and_gqa_sets_kv_heads():
     assert train.model_config(train.parse_args(["--preset", "llama3_like", "--swa"])).window == 4096 // 32
     assert train.model_config(train.parse_args(["--window", "none"])).window is None
     assert train.model_config(train.parse_args(["--window", "64", "--n_layers", "3"])).layer_windows == [64, 64, None]
+
+
+def test_settings_written_back_as_flags_parse_to_the_same_settings():
+    for flags in ([], ["--qk_norm", "headwise", "--gqa", "4", "--window", "none", "--steps", "7", "--mask_documents",
+                       "--lr", "1e-3", "--init_from", "hf:/x", "--peak_flops", "1e12"]):
+        parsed = train.parse_args(flags)
+        assert train.parse_args(settings.to_argv(parsed)) == parsed
+    assert settings.to_argv({"source": "/a", "seq_len": 64, "fsdp": True, "lr": None}, extend.ExtendConfig) == [
+        "--from", "/a", "--seq_len", "64", "--fsdp"]
+
+
+def test_saved_settings_of_any_age_read_back_with_defaults_for_what_they_lack():
+    saved = settings.to_record(train.parse_args(["--gqa", "2", "--steps", "9", "--d_model", "64"]))
+    assert settings.from_record(settings.TrainConfig, saved) == train.parse_args(["--gqa", "2", "--steps", "9",
+                                                                                   "--d_model", "64"])
+    older = settings.from_record(settings.TrainConfig, {"steps": 9, "a_flag_since_removed": 1})
+    assert older == settings.TrainConfig(steps=9)
 
 
 def test_gqa_that_does_not_divide_n_heads_is_refused_naming_the_valid_values(capsys):
