@@ -275,6 +275,11 @@ class Source:
         return json.dumps(stats)
 
 
+def as_given(flag: str, source) -> str:
+    """How a message names a source: with the flag that gave it (--from DIR), if any."""
+    return f"{flag} {source}" if flag else str(source)
+
+
 def parse_source(spec: str | Path) -> Source:
     """The one reader of the hf: prefix: "hf:DIR" is a Hugging Face folder, anything else our folder,
     as written (find_source resolves a run folder). Reads nothing."""
@@ -284,17 +289,17 @@ def parse_source(spec: str | Path) -> Source:
 
 def find_source(spec: str | Path, flag: str = "--from") -> Source:
     """One model's folder: hf:DIR, a checkpoint folder, or a run folder's newest checkpoint holding
-    the model files; a folder without config.json is refused naming `flag` (the spec's flag) and the fix."""
+    the model files. A folder without config.json is refused naming `flag` (the spec's flag) and the fix."""
     source = parse_source(spec)
     if source.hf:
         if not (source.folder / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{flag} {source}: no {source.folder / CONFIG_FILE}; hf:DIR names a local Hugging "
-                                  f"Face model folder")
+            raise CheckpointError(f"{as_given(flag, source)}: no {source.folder / CONFIG_FILE}; hf:DIR names a "
+                                  f"local Hugging Face model folder")
         return source
     folder = newest_checkpoint(source.folder) or source.folder
     if not (folder / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{flag} {folder}: no config.json there; pass a checkpoint folder (runs/X/step_N), "
-                              f"a run folder holding some, or hf:DIR for a Hugging Face folder")
+        raise CheckpointError(f"{as_given(flag, folder)}: no config.json there; pass a checkpoint folder "
+                              f"(runs/X/step_N), a run folder holding some, or hf:DIR for a Hugging Face folder")
     return Source(folder)
 
 
@@ -303,41 +308,43 @@ def hf_interop_for(source: Source, flag: str):
     try:
         import hf_interop
     except ImportError:
-        raise CheckpointError(f"{flag} {source} needs hf_interop.py beside train.py to read Hugging Face folders, "
-                              f"and it is not there; convert the folder to a checkpoint elsewhere and pass "
-                              f"{flag} DIR") from None
+        raise CheckpointError(f"{as_given(flag, source)} needs hf_interop.py beside train.py to read Hugging Face "
+                              f"folders, and it is not there; convert the folder to a checkpoint elsewhere and pass "
+                              f"{as_given(flag, 'DIR')}") from None
     return hf_interop
 
 
 def source_config(source: Source, flag: str = "--from") -> ModelConfig:
     """The architecture of a source without reading its weights (a Hugging Face folder: its
     config.json and the safetensors headers, hf_interop.inspect_hf)."""
+    reader = hf_interop_for(source, flag).inspect_hf if source.hf else None
     try:
-        if source.hf:
-            return hf_interop_for(source, flag).inspect_hf(source.folder).config
-        return read_config(source.folder)
-    except CheckpointError as error:
-        raise CheckpointError(f"{flag} {source}: {error}") from None
+        return reader(source.folder).config if reader else read_config(source.folder)
+    except ValueError as error:  # hf_interop's and read_config's errors name the file and the fix
+        raise CheckpointError(f"{as_given(flag, source)}: {error}") from None
 
 
 def load_source(spec: str | Path | Source, expected: ModelConfig | None = None, allowed: tuple[str, ...] = (),
                 dtype: torch.dtype | None = None, flag: str = "--init_from") -> tuple[Transformer, str]:
-    """(model, summary) of a source: our checkpoint folder (checkpoint.load_model, in the stored
-    dtype) or hf:DIR (hf_interop.load_hf, its import summary); dtype casts it. With `expected`, the
-    source must be that architecture but for the fields `allowed` (a fresh run: INIT_FROM_MAY_CHANGE).
+    """(model, summary) of one model's weights: our checkpoint folder through load_model, or hf:DIR
+    through hf_interop.load_hf (summary: its import notes; ours: olmpool.describe), in the stored
+    dtype, or in `dtype`. With `expected`, the source must be that architecture but for the fields
+    `allowed` (a fresh run on other weights: INIT_FROM_MAY_CHANGE). Errors are CheckpointError,
+    naming the file, `flag` (where the spec came from; "" for none) and the fix.
 
-    The one loader of "DIR or hf:DIR", for train.py (--init_from), extend.py (--from) and
-    evaluate.py. A spec as the user wrote it resolves with find_source (a run folder: its newest
-    checkpoint); the Source it gives also has .folder (where a tokenizer or compact_vocab.json
-    lies), .train_state() and .fingerprint() (the weight files' sizes and times, to notice a
-    rewritten checkpoint); source_config reads the architecture alone.
+    The one loader of "DIR or hf:DIR" (train.py --init_from, extend.py --from, evaluate.py). The
+    spec is taken as written: find_source(spec) first resolves a run folder to its newest
+    checkpoint and refuses a folder without config.json. The Source either gives has .folder (where
+    the tokenizer or compact_vocab.json lies), .hf, .train_state() and .fingerprint() (the weight
+    files' sizes and times, to notice a rewritten checkpoint); str(source) is its spec again, and
+    source_config(source) reads the architecture without the weights.
     """
     source = spec if isinstance(spec, Source) else parse_source(spec)
     if source.hf:
         try:
             model, summary = hf_interop_for(source, flag).load_hf(str(source.folder), dtype=dtype)
         except ValueError as error:  # hf_interop's errors name the file and the fix
-            raise CheckpointError(f"{flag} {source}: {error}") from None
+            raise CheckpointError(f"{as_given(flag, source)}: {error}") from None
         differing = architecture_differences(model.config, expected, allowed) if expected else []
         if differing:
             flags = " ".join(f"--{k} {getattr(model.config, k)}" for k in differing)
