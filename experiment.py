@@ -20,9 +20,10 @@ the ones that must agree (--data --seed --data_seed --threads --device --compact
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoint
@@ -30,34 +31,27 @@ import data
 import evaluate
 import extend
 import train
+from files import write_atomically
+from settings import (RUN, TrainConfig, TrainError, command_line, compact_vocab_size, model_config, parse,
+                      run_folder, run_name, setting, to_argv)
 
 PRETRAIN_STEPS = 1500  # 768K tokens at the tiny default: about 3 minutes on 2 CPU cores
-# train.py flags that extend.py must see too, so that both stages use the same data and machine.
-SHARED_FLAGS = ("--data", "--seed", "--data_seed", "--threads", "--device", "--compact_vocab")
+# train.py settings that extend.py must share, so that both stages use the same data and machine.
+SHARED_SETTINGS = ("data", "seed", "data_seed", "threads", "device", "compact_vocab")
+EXPERIMENT = "experiment (what experiment.py adds to train.py's flags)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="experiment.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="olmpool", choices=[r for r in extend.RECIPES if r != "none"],
-                        help="the extension recipe compared with the `none` control (default: %(default)s)")
-    parser.add_argument("--extend_steps", type=int, default=150,
-                        help="extension steps, 2 sequences of 4L each on CPU (default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=10,
-                        help="recall prompts per task and length (default: %(default)s)")
-    parser.add_argument("--tasks", default="niah_single_1,niah_multikey_2",
-                        help="RULER-style tasks for the recall columns (default: %(default)s)")
-    return parser
-
-
-def shared_flags(train_argv: list[str]) -> list[str]:
-    """The SHARED_FLAGS (with their values) among train.py's arguments."""
-    shared = []
-    for i, word in enumerate(train_argv):
-        name = word.split("=", 1)[0]
-        if name in SHARED_FLAGS:
-            shared += [word] if "=" in word else train_argv[i:i + 2]
-    return shared
+@dataclass
+class ExperimentConfig(TrainConfig):
+    """train.py's settings for the pretraining stage (more steps by default), plus the other stages'."""
+    steps: int = setting(PRETRAIN_STEPS, "pretraining steps (default: %(default)s)", RUN)
+    recipe: str = setting("olmpool", "the extension recipe compared with the `none` control (default: %(default)s)",
+                          EXPERIMENT, choices=tuple(r for r in extend.RECIPES if r != "none"))
+    extend_steps: int = setting(150, "extension steps, 2 sequences of 4L each on CPU (default: %(default)s)",
+                                EXPERIMENT)
+    samples: int = setting(10, "recall prompts per task and length (default: %(default)s)", EXPERIMENT)
+    tasks: str = setting("niah_single_1,niah_multikey_2", "RULER-style tasks for the recall columns (default: "
+                         "%(default)s)", EXPERIMENT, metavar="TASKS")
 
 
 def run(command: list[str], what: str):
@@ -69,35 +63,36 @@ def run(command: list[str], what: str):
 
 
 def main(argv=None):
-    own, train_argv = build_parser().parse_known_args(argv)
-    if not any(word.split("=")[0] == "--steps" for word in train_argv):
-        train_argv = [*train_argv, "--steps", str(PRETRAIN_STEPS)]
-    train_args = train.parse_args(train_argv)  # refuses bad train.py flags before anything runs
-    base = Path(train_args.out) if train_args.out else \
-        train.REPO_DIR / "runs" / f"{train_args.name or train.run_name(train_args)}-experiment"
+    settings = parse(ExperimentConfig, command_line(ExperimentConfig, "experiment.py", __doc__), argv,
+                     check=model_config)  # refuses bad train.py flags before anything runs
+    base = Path(settings.out) if settings.out else run_folder(f"{settings.name or run_name(settings)}-experiment")
     python = sys.executable
-    run([python, "train.py", *train_argv, "--out", str(base / "pretrain")], "1/3 pretrain")
+    pretrain = [*to_argv(dataclasses.replace(settings, out=None), TrainConfig), "--out", str(base / "pretrain")]
+    run([python, "train.py", *pretrain], "1/3 pretrain")
     source = checkpoint.checkpoints_in(base / "pretrain")[-1]
-    length = train_args.seq_len or train.model_config(train_args).context_length
+    length = settings.seq_len or model_config(settings).context_length
     extended = {}
-    for recipe in (own.recipe, "none"):
+    for recipe in (settings.recipe, "none"):
         out = base / f"extend-{recipe}"
-        run([python, "extend.py", "--from", str(source), "--recipe", recipe, "--seq_len", str(4 * length),
-             "--steps", str(own.extend_steps), "--out", str(out), *shared_flags(train_argv)], f"2/3 extend ({recipe})")
+        stage = to_argv({"source": str(source), "recipe": recipe, "seq_len": 4 * length, "steps": settings.extend_steps,
+                         "out": str(out)}, extend.ExtendConfig)
+        run([python, "extend.py", *stage, *to_argv(settings, TrainConfig, only=SHARED_SETTINGS)],
+            f"2/3 extend ({recipe})")
         extended[recipe] = checkpoint.checkpoints_in(out)[-1]
-    train_args.init_from = str(source)  # so that data_dir picks the checkpoint's vocabulary, as the stages did
-    folder = train.data_dir(train_args, train.Distributed())  # the data the run trained on (already prepared)
+    # The data the run trained on (already prepared), in the vocabulary its stages used.
+    folder = train.data_dir(settings.data, compact_vocab_size(settings), train.Distributed())
     print(f"\n=== 3/3 evaluate at {length} and {4 * length} tokens -> {base / 'eval'}", flush=True)
-    checkpoints = {"pretrained": str(source), "extended": str(extended[own.recipe]),
+    checkpoints = {"pretrained": str(source), "extended": str(extended[settings.recipe]),
                    "none control": str(extended["none"])}
-    table = evaluate.before_after(checkpoints, folder, length, base / "eval", tasks=own.tasks.split(","),
-                                  samples=own.samples, seed=train_args.seed)
-    (base / "eval" / "before_after.md").write_text(table + "\n")
+    table = evaluate.before_after(checkpoints, folder, length, base / "eval", tasks=settings.tasks.split(","),
+                                  samples=settings.samples, seed=settings.seed)
+    write_atomically(base / "eval" / "before_after.md", table + "\n")
     print(f"\n(saved in {base / 'eval' / 'before_after.md'}; plots and every number beside it)")
     return table
+
 
 if __name__ == "__main__":
     try:
         main()
-    except (train.TrainError, data.DataError) as error:
+    except (TrainError, data.DataError) as error:
         sys.exit(f"error: {error}")

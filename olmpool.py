@@ -77,46 +77,43 @@ def switch(default, help: str):
 
 @dataclass
 class ModelConfig:
-    # Sizes. Defaults are the Olmo-3-7B-like shape (the OlmPool "H" family).
-    vocab_size: int = switch(100_352, "vocabulary rows (train.py: the data's; dolma2: 100,278 ids padded to a "
-                                      "multiple of 128, 100,352)")
+    # Sizes. Defaults are the Olmo-3-7B-like shape (the OlmPool "H" family). dolma2 has 100,278 ids,
+    # padded to a multiple of 128; train.py sets vocab_size from its data. OlmPool widens mlp_hidden
+    # as n_kv_heads shrinks (11008-14336), keeping parameters roughly equal.
+    vocab_size: int = switch(100_352, "vocabulary rows (dolma2: 100,278 padded)")
     n_layers: int = switch(32, "transformer blocks")
     d_model: int = switch(4096, "width of the residual stream")
     n_heads: int = switch(32, "query heads")
-    n_kv_heads: int = switch(32, "key/value heads; fewer than n_heads is GQA (Llama 3, Qwen 3: 8 of 32)")
+    n_kv_heads: int = switch(32, "key/value heads; fewer than n_heads is GQA")
     head_dim: int = switch(128, "width of one attention head")
-    mlp_hidden: int = switch(11008, "SwiGLU width; OlmPool widens it as n_kv_heads shrinks (11008-14336)")
+    mlp_hidden: int = switch(11008, "SwiGLU width (OlmPool: 11008-14336)")
 
-    # The four OlmPool switches (and the block norm that travels with QK norm).
-    norm_placement: str = switch("post", '"pre": x + f(norm(x)) (Llama, Qwen 3); "post": x + norm(f(x)) (Olmo 2/3)')
+    # The four OlmPool switches (and the block norm that travels with QK norm). "pre" is
+    # x + f(norm(x)); "post" is x + norm(f(x)). Windowed layers see W keys, themselves included.
+    norm_placement: str = switch("post", '"pre" (Llama, Qwen 3) | "post" (Olmo 2/3)')
     qk_norm: str = switch("layerwise", '"none" (Llama) | "layerwise" (Olmo 2/3) | "headwise" (Qwen 3, Gemma 3)')
-    window: int | None = switch(None, "sliding window W of the local layers (Olmo 3: 4096); None: every layer "
-                                      "global")
-    global_every: int = switch(4, "with a window, every 4th layer is global (3 local : 1 global) and so is the "
-                                  "last; 0: no global layer at all (every layer windowed, to study a model's reach)")
-    context_length: int = switch(8192, "pretraining sequence length (OlmPool: 4096 or 8192)")
+    window: int | None = switch(None, "local layers' window (Olmo 3: 4096); None: all global")
+    # 0: no global layer at all (every layer windowed, to study a model's reach).
+    global_every: int = switch(4, "every Nth layer and the last are global; 0: none")
+    context_length: int = switch(8192, "pretraining length (OlmPool: 4096 or 8192)")
 
-    # Positions. Scaling is how context extension stretches RoPE beyond context_length.
-    rope_theta: float = switch(500_000.0, "base of the RoPE frequencies (Llama 3, Olmo 3: 500K; Qwen 3: 1M)")
-    rope_theta_local: float | None = switch(None, "RoPE base of the windowed layers (Gemma 3: 10K); None: "
-                                                  "rope_theta")
-    rope_scaling: str = switch("none", '"none" | "abf" base x factor (OlmPool: 500K -> 8M) | "pi" positions / '
-                                       'factor | "yarn" (Olmo 3 at 64K) | "llama3" stepwise per frequency '
-                                       '(Llama 3.1)')
-    rope_factor: float = switch(1.0, "the scaling factor (ABF 16 for 500K -> 8M; YaRN and llama3: 8)")
-    rope_scaling_layers: str = switch("global", 'scale only the "global" layers (Olmo 3\'s YaRN) or "all" layers')
-    rope_original_context: int | None = switch(None, "the context the scaling stretches from; None: "
-                                                     "context_length")
-    yarn_beta_fast: float = switch(32.0, "YaRN: frequencies rotating more than this many times are kept")
-    yarn_beta_slow: float = switch(1.0, "YaRN: frequencies rotating fewer times are fully interpolated")
+    # Positions. Scaling is how context extension stretches RoPE beyond context_length: "abf"
+    # multiplies the base by the factor (OlmPool: 500K -> 8M), "pi" divides positions by it, "yarn"
+    # interpolates by frequency (Olmo 3 at 64K), "llama3" steps per frequency (Llama 3.1).
+    rope_theta: float = switch(500_000.0, "RoPE base (Llama 3, Olmo 3: 500K; Qwen 3: 1M)")
+    rope_theta_local: float | None = switch(None, "RoPE base of windowed layers (Gemma 3: 10K)")
+    rope_scaling: str = switch("none", '"none" | "abf" | "pi" | "yarn" | "llama3"')
+    rope_factor: float = switch(1.0, "scaling factor (ABF 500K -> 8M: 16; YaRN: 8)")
+    rope_scaling_layers: str = switch("global", 'scale "global" layers only (Olmo 3) or "all"')
+    rope_original_context: int | None = switch(None, "the length scaling stretches from")
+    yarn_beta_fast: float = switch(32.0, "YaRN: faster-turning frequencies are kept")
+    yarn_beta_slow: float = switch(1.0, "YaRN: slower-turning ones are interpolated")
     yarn_attention_factor: float | None = switch(None, "YaRN: cos/sin scale; None: 0.1 ln(factor) + 1")
-    llama3_low_freq_factor: float = switch(1.0, "llama3: wavelengths above context / this are divided by the "
-                                                "factor")
-    llama3_high_freq_factor: float = switch(4.0, "llama3: wavelengths below context / this are kept")
+    llama3_low_freq_factor: float = switch(1.0, "llama3: longer wavelengths are divided")
+    llama3_high_freq_factor: float = switch(4.0, "llama3: shorter wavelengths are kept")
 
-    norm_eps: float = switch(1e-6, "RMSNorm epsilon (Olmo, Qwen: 1e-6; Llama: 1e-5)")
-    attention_backend: str = switch("sdpa", '"naive" (reference) | "sdpa" | "flex" | "triton"; all compute the '
-                                            'same')
+    norm_eps: float = switch(1e-6, "RMSNorm eps (Olmo, Qwen: 1e-6; Llama: 1e-5)")
+    attention_backend: str = switch("sdpa", '"naive" | "sdpa" | "flex" | "triton"; same math')
 
     def __post_init__(self):
         def check(ok: bool, message: str):

@@ -750,13 +750,11 @@ class Invocation:
 def default_data(size: str) -> str:
     """The built-in corpus as train.py would use it at this size (its compact vocabulary where train.py has
     one for the size), prepared once here so that every stage, evaluate.py included, names the same folder."""
-    import inspect
-
     import compact_vocabulary
     import data
-    import train
-    compact = getattr(train, "COMPACT_VOCAB_BY_SIZE", {}).get(size, 0)
-    if compact and "compact_vocab" in inspect.signature(compact_vocabulary.prepare_builtin_corpus).parameters:
+    import settings
+    compact = settings.COMPACT_VOCAB_BY_SIZE.get(size, 0)
+    if compact:
         return str(compact_vocabulary.prepare_builtin_corpus(compact_vocab=compact))
     return str(data.prepare_builtin_corpus())
 

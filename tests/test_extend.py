@@ -232,7 +232,7 @@ def test_a_corpus_without_long_documents_is_refused_naming_data_py_prepare(tmp_p
 
 
 def test_no_default_checkpoint_says_how_to_make_one(monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "REPO_DIR", tmp_path)
+    monkeypatch.setattr("settings.REPO_DIR", tmp_path)
     with pytest.raises(train.TrainError, match="python train.py"):
         extend.default_source()
 
@@ -249,9 +249,9 @@ def test_extension_starts_from_the_source_weights_and_records_recipe_and_source(
     assert state["loader"]["kind"] == "long_document_mix"
     # step 0: every weight is the source's (build_model with the resolved args, before any step)
     args = extend.parse_args([*EXTEND, "--data", str(corpus), "--from", str(pretrained), "--recipe", "olmo3"])
-    extend.resolve(args, *extend.resolve_source(str(pretrained))[1:], "cpu")
-    args.init_from = str(pretrained)
-    model, _ = train.build_model(train.model_config(args), args, train.Distributed())
+    args, config = extend.resolve(args, *extend.resolve_source(str(pretrained))[1:], "cpu")
+    args = dataclasses.replace(args, init_from=str(pretrained))
+    model, _ = train.build_model(config, args, train.Distributed())
     from safetensors.torch import load_file
     for name, tensor in load_file(Path(pretrained) / "model.safetensors").items():
         assert torch.equal(model.state_dict()[name], tensor), name

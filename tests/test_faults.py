@@ -24,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 from test_train import SMALL, assert_same_weights, run, weights  # noqa: E402
@@ -38,7 +39,7 @@ def corpus(tmp_path_factory):
 
 
 def step_names(out):
-    return [p.name for p in train.checkpoints_in(out)]
+    return [p.name for p in checkpoint.checkpoints_in(out)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ def test_init_from_never_unpickles_a_crafted_dcp_metadata_file(corpus, tmp_path)
     with pytest.raises(train.TrainError, match=r"has no model.safetensors \(only dcp/.*safetensors only"):
         run(corpus, tmp_path / "out", "--steps", "1", "--init_from", str(crafted))
     assert not (tmp_path / "ran").exists()
-    assert not train.checkpoints_in(tmp_path / "out") if (tmp_path / "out").exists() else True
+    assert not checkpoint.checkpoints_in(tmp_path / "out") if (tmp_path / "out").exists() else True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def test_a_rollback_moves_the_abandoned_branch_aside_and_auto_continues_the_chos
     branch = ["--steps", "8", "--save_every", "2", "--keep_checkpoints", "2", "--lr", "1e-3"]
     run(corpus, out, *branch, "--resume", str(out / "step_0000002"), "--stop_at", "4")
     assert step_names(out) == ["step_0000002", "step_0000004"]  # the new step 4, and where it branched
-    [aside] = (out / train.ABANDONED_FOLDER).iterdir()
+    [aside] = (out / checkpoint.ABANDONED_FOLDER).iterdir()
     for name in ("step_0000004", "step_0000006", "step_0000008"):  # kept whole, not deleted
         assert_same_weights(weights(aside / name), old[name])
     assert not torch.equal(weights(out / "step_0000004")["embed.weight"], old["step_0000004"]["embed.weight"])
@@ -97,7 +98,7 @@ def test_a_rollback_moves_the_abandoned_branch_aside_and_auto_continues_the_chos
     run(corpus, out, "--steps", "8", "--save_every", "2", "--resume", str(aside / "step_0000006"), "--stop_at", "6")
     assert step_names(out) == ["step_0000004", "step_0000006"]  # (the second branch pruned step 2)
     assert_same_weights(weights(out / "step_0000006"), old["step_0000006"])
-    assert len(list((out / train.ABANDONED_FOLDER).glob("*/step_0000006"))) == 1  # the second branch's
+    assert len(list((out / checkpoint.ABANDONED_FOLDER).glob("*/step_0000006"))) == 1  # the second branch's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_name_and_the_intact_one_resum
     assert f"skipping damaged checkpoint step_0000003: {out / 'step_0000003' / damaged_file}" in warning
     assert list(resumed["losses"]) == [3]  # from step 2
     assert_same_weights(weights(resumed["checkpoint"]), last_weights)
-    assert len(list((out / train.ABANDONED_FOLDER).glob("*/step_0000003"))) == 1  # the damaged one, kept
+    assert len(list((out / checkpoint.ABANDONED_FOLDER).glob("*/step_0000003"))) == 1  # the damaged one, kept
 
 
 def test_checkpoint_files_are_fsynced_before_the_rename(corpus, tmp_path, monkeypatch):
@@ -270,7 +271,7 @@ def test_sigkill_at_random_moments_resumes_to_the_weights_of_an_uninterrupted_ru
         time.sleep(chance.uniform(0, 0.3))
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
-    assert train.checkpoints_in(out), "no round got as far as a checkpoint"
+    assert checkpoint.checkpoints_in(out), "no round got as far as a checkpoint"
     finished = run(corpus, out, "--steps", "10", "--save_every", "1", "--keep_checkpoints", "2", "--resume", "auto")
     reference = run(corpus, tmp_path / "reference", "--steps", "10", "--save_every", "5")
     assert finished["step"] == reference["step"] == 10

@@ -22,8 +22,11 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without a conftest
 import data  # noqa: E402
+import extend  # noqa: E402
 import olmpool  # noqa: E402
+import settings  # noqa: E402
 import train  # noqa: E402
+from checkpoint import checkpoints_in  # noqa: E402
 
 # A small model (the vocabulary stays dolma2's 100,352) on short sequences: 64 tokens per step.
 SMALL = ["--d_model", "32", "--n_layers", "2", "--n_heads", "4", "--head_dim", "8", "--mlp_hidden", "64",
@@ -90,6 +93,23 @@ def test_explicit_flags_override_the_preset_and_gqa_sets_kv_heads():
     assert train.model_config(train.parse_args(["--preset", "llama3_like", "--swa"])).window == 4096 // 32
     assert train.model_config(train.parse_args(["--window", "none"])).window is None
     assert train.model_config(train.parse_args(["--window", "64", "--n_layers", "3"])).layer_windows == [64, 64, None]
+
+
+def test_settings_written_back_as_flags_parse_to_the_same_settings():
+    for flags in ([], ["--qk_norm", "headwise", "--gqa", "4", "--window", "none", "--steps", "7", "--mask_documents",
+                       "--lr", "1e-3", "--init_from", "hf:/x", "--peak_flops", "1e12"]):
+        parsed = train.parse_args(flags)
+        assert train.parse_args(settings.to_argv(parsed)) == parsed
+    assert settings.to_argv({"source": "/a", "seq_len": 64, "fsdp": True, "lr": None}, extend.ExtendConfig) == [
+        "--from", "/a", "--seq_len", "64", "--fsdp"]
+
+
+def test_saved_settings_of_any_age_read_back_with_defaults_for_what_they_lack():
+    saved = settings.to_record(train.parse_args(["--gqa", "2", "--steps", "9", "--d_model", "64"]))
+    assert settings.from_record(settings.TrainConfig, saved) == train.parse_args(["--gqa", "2", "--steps", "9",
+                                                                                   "--d_model", "64"])
+    older = settings.from_record(settings.TrainConfig, {"steps": 9, "a_flag_since_removed": 1})
+    assert older == settings.TrainConfig(steps=9)
 
 
 def test_gqa_that_does_not_divide_n_heads_is_refused_naming_the_valid_values(capsys):
@@ -202,7 +222,7 @@ def test_initial_weights_do_not_depend_on_the_world_size(tmp_path):
 
 def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(corpus, tmp_path):
     whole = run(corpus, tmp_path / "whole", "--steps", "6", "--save_every", "1", "--keep_checkpoints", "2")
-    assert [p.name for p in train.checkpoints_in(tmp_path / "whole")] == ["step_0000005", "step_0000006"]
+    assert [p.name for p in checkpoints_in(tmp_path / "whole")] == ["step_0000005", "step_0000006"]
     half = run(corpus, tmp_path / "split", "--steps", "6", "--stop_at", "3")
     assert half["step"] == 3 and (tmp_path / "split" / "step_0000003" / "optimizer.pt").is_file()
     rest = run(corpus, tmp_path / "split", "--steps", "6", "--resume", "auto")
@@ -228,7 +248,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(corpus, tmp_path):
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == train.PREEMPTED_EXIT_STATUS == 143, stderr  # saved, not finished: requeue
-    [checkpoint] = train.checkpoints_in(out)
+    [checkpoint] = checkpoints_in(out)
     stopped = json.loads((checkpoint / "train_state.json").read_text())["step"]
     assert 1 <= stopped < 200 and "SIGTERM" in stdout
     resumed = run(corpus, out, "--steps", "200", "--resume", "auto", "--stop_at", str(stopped + 2))
@@ -332,7 +352,7 @@ def test_init_from_hugging_face_goes_through_hf_interop(monkeypatch, checkpoint)
         train.build_model(config, args, train.Distributed())
     source = olmpool.Transformer(config, seed=3)
     calls = []
-    fake = types.SimpleNamespace(load_hf=lambda path: calls.append(path) or (source, "summary"))
+    fake = types.SimpleNamespace(load_hf=lambda path, dtype=None: calls.append(path) or (source, "summary"))
     monkeypatch.setitem(sys.modules, "hf_interop", fake)
     model, inner = train.build_model(config, args, train.Distributed())
     assert calls == ["/models/x"]
@@ -344,7 +364,7 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
     with pytest.raises(train.TrainError, match=r"non-finite loss at step 2 .* the last good checkpoint is "
                                                r".*step_0000001"):
         run(corpus, tmp_path, "--steps", "5", "--save_every", "1", "--lr", "1e30")
-    assert [p.name for p in train.checkpoints_in(tmp_path)] == ["step_0000001"]
+    assert [p.name for p in checkpoints_in(tmp_path)] == ["step_0000001"]
 
 
 def test_activation_checkpointing_changes_memory_not_results(corpus, tmp_path):

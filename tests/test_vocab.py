@@ -20,6 +20,7 @@ import compact_vocabulary  # noqa: E402
 import data  # noqa: E402
 import olmpool  # noqa: E402
 import train  # noqa: E402
+from settings import COMPACT_VOCAB_BY_SIZE  # noqa: E402
 
 VOCAB = 512  # the smallest compact vocabulary: most tokens of any text are then spelled as bytes
 SMALL = ["--d_model", "32", "--n_layers", "2", "--n_heads", "4", "--head_dim", "8", "--mlp_hidden", "64",
@@ -177,7 +178,7 @@ def test_the_loader_masks_documents_at_the_compact_eos(compact_corpus, tokenizer
 
 def test_the_tiny_default_trains_on_a_compact_vocabulary_and_published_sizes_on_dolma2(dolma2_corpus):
     config = lambda *flags: train.model_config(train.parse_args(list(flags)))
-    assert config().vocab_size == 8192 == train.COMPACT_VOCAB_BY_SIZE["tiny"]
+    assert config().vocab_size == 8192 == COMPACT_VOCAB_BY_SIZE["tiny"]
     assert config("--size", "20m").vocab_size == config("--compact_vocab", "0").vocab_size == 100_352
     assert config("--data", str(dolma2_corpus)).vocab_size == 100_352  # a folder keeps its own vocabulary
     assert config("--compact_vocab", "1000").vocab_size == 1024  # padded to a multiple of 128
