@@ -242,20 +242,20 @@ def vocab_worker(folder: str, steps: int, threads: int, profile: bool, queue):
     import compact_vocabulary
     import train
 
-    args = train.parse_args(["--data", folder, "--threads", str(threads), "--steps", "1000", "--eval_every", "0"])
+    settings = train.parse_args(["--data", folder, "--threads", str(threads), "--steps", "1000", "--eval_every", "0"])
     torch.set_num_threads(threads)
-    config = train.model_config(args)
+    config = train.model_config(settings)
     env = train.Distributed()
-    plan = train.batch_plan(args, config, 1, "cpu")
-    model, _ = train.build_model(config, args, env)
-    optimizer = train.build_optimizer(model, args)
-    loader, _ = train.build_loaders(args, plan, env, Path(folder))
+    plan = train.batch_plan(settings, config, 1, "cpu")
+    model, _ = train.build_model(config, settings, env)
+    optimizer = train.build_optimizer(model, settings)
+    loader, _ = train.build_loaders(settings, plan, env, Path(folder))
     byte_lengths = compact_vocabulary.tokenizer_for(folder).byte_lengths
 
     def step(i: int) -> tuple[int, float]:
         batch = loader.next_batch()
-        result = train.train_step(model, optimizer, train.micro_batches(batch, plan, env.device), plan, args, env,
-                                  train.lr_at(i, args), False)
+        result = train.train_step(model, optimizer, train.micro_batches(batch, plan, env.device), plan, settings, env,
+                                  train.lr_at(i, settings), False)
         return int(byte_lengths[batch.targets.numpy()].sum()), result["loss"]
 
     for i in range(2):  # warm-up: first-call allocations stay out of the timing

@@ -190,38 +190,28 @@ def heldout_windows(data_dir, length: int, count: int) -> list[torch.Tensor]:
 # Checkpoints
 
 def resolve_checkpoint(spec: str) -> str:
-    """Our folder, a train.py run folder (its newest complete step_N), or hf:DIR."""
-    if spec.startswith("hf:"):
-        path = Path(spec[3:])
-        if not (path / checkpoint.CONFIG_FILE).is_file():
-            raise EvaluationError(f"{spec}: no {path / 'config.json'}; hf:DIR names a local Hugging Face model folder")
-        return spec
-    found = checkpoint.newest_checkpoint(spec)
-    if found is not None:
-        return str(found)
-    raise EvaluationError(f"{spec}: neither a checkpoint folder (config.json + model.safetensors) nor a run folder with "
-                          f"step_N checkpoints; pass one of those, or hf:DIR for a Hugging Face folder")
+    """Our folder, a train.py run folder (its newest complete step_N), or hf:DIR (checkpoint.find_source)."""
+    try:
+        return str(checkpoint.find_source(spec, flag=""))
+    except checkpoint.CheckpointError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def checkpoint_fingerprint(spec: str) -> str:
     """Size and modification time of the weight files: cells of a rewritten checkpoint are recomputed."""
-    folder = Path(spec[3:] if spec.startswith("hf:") else spec)
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.safetensors"))]
-    return json.dumps(stats)
+    return checkpoint.parse_source(spec).fingerprint()
 
 
 def load_checkpoint(spec: str, device: str, dtype: torch.dtype | None):
-    """(model, tokenizer, description) for our folder or hf:DIR; tokenizer from compact_vocabulary.tokenizer_for."""
-    import hf_interop
-    if spec.startswith("hf:"):
-        folder = spec[3:]
-        model, summary = hf_interop.load_hf(folder, dtype=None)
-    else:
-        folder = spec
-        model = checkpoint.load_model(folder)
-        summary = olmpool.describe(model.config)
-    tokenizer = compact_vocabulary.tokenizer_for(folder)
-    if spec.startswith("hf:") and not 100_278 <= model.config.vocab_size <= 100_352 and not hasattr(tokenizer, "eos_id"):
+    """(model, tokenizer, description) for our folder or hf:DIR (checkpoint.load_source), in the stored
+    dtype or `dtype`; the tokenizer from compact_vocabulary.tokenizer_for."""
+    source = checkpoint.parse_source(spec)
+    try:
+        model, summary = checkpoint.load_source(source, dtype=dtype, flag="")
+    except checkpoint.CheckpointError as error:
+        raise EvaluationError(str(error)) from None
+    tokenizer = compact_vocabulary.tokenizer_for(source.folder)
+    if source.hf and not 100_278 <= model.config.vocab_size <= 100_352 and not hasattr(tokenizer, "eos_id"):
         print(f"warning: {spec} has vocab_size {model.config.vocab_size}, not dolma2's 100,278 (padded to 100,352), yet "
               f"evaluate.py reads it with dolma2 (compact_vocabulary.tokenizer_for); its scores are meaningless unless it uses "
               f"dolma2", file=sys.stderr)
@@ -229,8 +219,6 @@ def load_checkpoint(spec: str, device: str, dtype: torch.dtype | None):
     if vocab is not None and vocab > model.config.vocab_size:
         raise EvaluationError(f"{spec}: its tokenizer has {vocab} ids but the model only {model.config.vocab_size}; "
                               f"is this checkpoint's tokenizer ({data.COMPACT_VOCAB_FILE}) missing from its folder?")
-    if dtype is not None:
-        model = model.to(dtype)
     return model.to(device).eval(), tokenizer, summary
 
 

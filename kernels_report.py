@@ -17,6 +17,7 @@ shared memory than one block may have (227 KB on Hopper), 2 if one fails to comp
 
 import argparse
 import contextlib
+from dataclasses import dataclass
 import io
 import os
 import re
@@ -113,25 +114,37 @@ def signature_and_constants(fn, dtype, head_dim, group, block_m, block_n, stride
     return signature, constants, divisible
 
 
-def compile_report(name, config, args):
+@dataclass(frozen=True)
+class Target:
+    """What every config is compiled for: the GPU architecture and the attention's shape and dtype."""
+    arch: int
+    dtype: str
+    head_dim: int
+    heads: int
+    group: int
+    layout: str
+    tma: bool
+
+
+def compile_report(name, config, target: Target):
     """Compile one kernel config; return a dict of what ptxas and Triton report about it."""
     block_m, block_n, warps, stages = config
     fn = kernels._KERNELS[name]
-    strides = row_strides(args.layout, args.head_dim, args.heads, args.group)
-    signature, constants, divisible = signature_and_constants(fn, args.dtype, args.head_dim, args.group,
-                                                              block_m, block_n, strides, args.tma)
+    strides = row_strides(target.layout, target.head_dim, target.heads, target.group)
+    signature, constants, divisible = signature_and_constants(fn, target.dtype, target.head_dim, target.group,
+                                                              block_m, block_n, strides, target.tma)
     attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    target = GPUTarget("cuda", args.arch, 32)
-    options = make_backend(target).parse_options({"num_warps": warps, "num_stages": stages})
+    gpu = GPUTarget("cuda", target.arch, 32)
+    options = make_backend(gpu).parse_options({"num_warps": warps, "num_stages": stages})
     knobs.nvidia.dump_ptxas_log = True  # triton runs ptxas -v; this prints its log, captured below
     log = io.StringIO()
     started = time.perf_counter()
     with contextlib.redirect_stdout(log):
-        compiled = triton.compile(source, target=target, options=options.__dict__)
+        compiled = triton.compile(source, target=gpu, options=options.__dict__)
     text = log.getvalue()
     if "registers" not in text:  # a cached compile runs no ptxas: run it on the PTX for the numbers
-        text = run_ptxas(compiled.asm["ptx"], args.arch)
+        text = run_ptxas(compiled.asm["ptx"], target.arch)
     found = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else -1
     return dict(
         registers=found(r"Used (\d+) registers"), spill_stores=found(r"(\d+) bytes spill stores"),
@@ -171,10 +184,11 @@ def main():
           f"group {args.group}, {args.layout} layout{', TMA loads' if args.tma else ''}: "
           f"{len(plan)} configs", flush=True)
 
+    target = Target(args.arch, args.dtype, args.head_dim, args.heads, args.group, args.layout, args.tma)
     rows, worst = [], 0
     for name, config, kind in plan:
         try:
-            report = compile_report(name, config, args)
+            report = compile_report(name, config, target)
         except Exception as error:  # report it and go on: one bad config should not hide the others
             message = f"{type(error).__name__}: {error}".replace("\n", " ")[:100]
             rows.append((name, config, kind, None, f"failed: {message}"))

@@ -14,7 +14,7 @@ MAX_FILE_LINES = 1000
 MAX_FUNCTION_LINES = 60
 # The functions that may hold an argparse namespace: a script's main and the one place per script that
 # turns parsed flags into typed settings.
-NAMESPACE_READERS = {"main", "settings_from_flags", "from_flags", "settings_from"}
+NAMESPACE_READERS = {"main", "from_namespace"}
 
 
 def tracked(pattern: str) -> list[Path]:
