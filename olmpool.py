@@ -93,8 +93,9 @@ class ModelConfig:
     norm_placement: str = switch("post", '"pre" (Llama, Qwen 3) | "post" (Olmo 2/3)')
     qk_norm: str = switch("layerwise", '"none" (Llama) | "layerwise" (Olmo 2/3) | "headwise" (Qwen 3, Gemma 3)')
     window: int | None = switch(None, "local layers' window (Olmo 3: 4096); None: all global")
-    # 0: no global layer at all (every layer windowed, to study a model's reach).
-    global_every: int = switch(4, "every Nth layer and the last are global; 0: none")
+    # 0 leaves no global layer at all (every layer windowed, to study a model's reach).
+    global_every: int = switch(4, "with a window, every 4th layer is global (3 local : 1 global) and so is the "
+                                  "last; 0: no global layer")
     context_length: int = switch(8192, "pretraining length (OlmPool: 4096 or 8192)")
 
     # Positions. Scaling is how context extension stretches RoPE beyond context_length: "abf"
