@@ -367,11 +367,27 @@ def find_key_tokens(evaluator, windows: list[torch.Tensor], short_context: int, 
     return keys
 
 
-def run_attention(model, windows: list[torch.Tensor], query_at: int = 4000) -> dict:
-    """Sink (first 1, 4, 100 tokens), local (100 before) and saturation, per layer and head, averaged over windows."""
+SINK_QUERY = 4000  # the OlmPool authors' query position, inside their 4,096-token window (docs/evaluation.md)
+
+
+def sink_query_position(config: olmpool.ModelConfig, text_length: int, query_at: int = SINK_QUERY) -> int:
+    """The query whose attention run_attention measures in a text of `text_length` tokens: position 4,000 as the
+    authors', but at most the last position and at most the smallest window's last position W - 1. A query
+    past W - 1 cannot reach the first tokens on a windowed layer, so its sink share there would be 0 by
+    construction: it would measure the window, not the sink."""
+    windows = [w for w in config.layer_windows if w is not None]
+    return min([query_at, text_length - 1] + [w - 1 for w in windows])
+
+
+def run_attention(model, windows: list[torch.Tensor], query: int | None = None) -> dict:
+    """Sink (first 1, 4, 100 tokens), local (100 before) and saturation, per layer and head, averaged over windows.
+
+    query: one position for every model (e.g. to compare windowed and global models at one place), capped at
+    the last position; None: sink_query_position's rule for this model."""
     device = next(model.parameters()).device
     T = windows[0].shape[0]
-    query = min(query_at, T - 1)
+    rule = "min(4000, T - 1, smallest window - 1)" if query is None else f"{query} (given), at most T - 1"
+    query = sink_query_position(model.config, T) if query is None else min(query, T - 1)
     sums = None
     for window in windows:
         rows = attention_rows(model, window[None].to(device), [query])
@@ -389,7 +405,8 @@ def run_attention(model, windows: list[torch.Tensor], query_at: int = 4000) -> d
                 sums[k] = [a + b for a, b in zip(sums[k], layers)]
     per_head = {k: [(v / len(windows)).tolist() for v in layers] for k, layers in sums.items()}
     per_layer = {k: [float(np.mean(h)) for h in layers] for k, layers in per_head.items()}
-    return {"query_position": query, "windows": len(windows), "per_layer": per_layer, "per_head": per_head}
+    return {"query_position": query, "query_rule": rule, "windows": len(windows), "per_layer": per_layer,
+            "per_head": per_head}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,10 +516,10 @@ def longppl_cell(model, label: str, model_tokenizer: str, data_dir, key_tokens: 
     return run_losses(model, held_out(length), key_tokens.get("positions"))
 
 
-def attention_cell(model, held_out, length: int) -> dict:
+def attention_cell(model, held_out, length: int, query: int | None) -> dict:
     """Sinks, local share and saturation of one model at one length (or why the held-out text cannot give them)."""
     try:
-        return run_attention(model, held_out(length))
+        return run_attention(model, held_out(length), query)
     except data.DataError as error:
         return {"skipped": str(error)}
 
@@ -519,10 +536,11 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
              modes=("recall", "longppl", "attention"), samples: int = 20, seed: int = 0, data_dir=None,
              evaluator: str | None = None, short_context: int = 4096, short_step: int = 1024, windows: int = 8,
              batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None,
-             command: list[str] | None = None, progress: bool = True) -> dict:
+             command: list[str] | None = None, progress: bool = True, sink_query: int | None = None) -> dict:
     """Evaluate {label: checkpoint} at each length; results.json, results.md and plots in `out`. Resumes.
 
-    evaluator: the label whose model picks LongPPL's key tokens (default: the first checkpoint)."""
+    evaluator: the label whose model picks LongPPL's key tokens (default: the first checkpoint).
+    sink_query: the attention query's position for every model (default: inside each model's window)."""
     out = Path(out)
     device = device or default_device()
     tasks = ruler.TASK_GROUPS["exact"] if tasks is None else tasks
@@ -561,8 +579,8 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
                           lambda: longppl_cell(model, label, model_tokenizer, data_dir, key_tokens, held_out, length))
             if "attention" in modes:
                 fill_cell(results, out, "attention", label, str(length),
-                          {"data": str(data_dir), "windows": windows, **identity},
-                          lambda: attention_cell(model, held_out, length))
+                          {"data": str(data_dir), "windows": windows, "query": "in window" if sink_query is None else sink_query, **identity},
+                          lambda: attention_cell(model, held_out, length, sink_query))
         del model
     write_reports(results, out, list(checkpoints), lengths, tasks)
     return results
@@ -588,62 +606,80 @@ def _fmt(value, digits=1):
 
 
 def markdown_tables(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> str:
+    """results.md: the deviations, then the recall, LongPPL and attention tables for the cells that exist."""
     lines = [f"Deviations: {'; '.join(ruler.deviations(tasks))}.", ""]
     if any(cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths):
-        lines += ["## Recall (score x100, mean ± 95% CI, n samples)", "",
-                  "| model | task | " + " | ".join(str(L) for L in lengths) + " |",
-                  "|---|---|" + "---|" * len(lengths)]
-        for label in labels:
-            for t in tasks:
-                row = []
-                for L in lengths:
-                    c = cell(results, "recall", label, f"{t}/{L}") or {}
-                    row.append("skipped" if "skipped" in c else "-" if "mean" not in c else
-                               f"{c['mean']:.1f} ± {_fmt(c['ci95'])} (n={c['n']})")
-                lines.append(f"| {label} | {t}{' *' if ruler.TASKS[t].deviation else ''} | " + " | ".join(row) + " |")
-            summary = recall_summary(results, label, tasks, lengths)
-            lines.append(f"| {label} | **mean** | " + " | ".join(_fmt(summary["per_length"][L]) for L in lengths) + " |")
-        lines += ["", "| model | mean over lengths | effective length (> 85.6) |", "|---|---|---|"]
-        for label in labels:
-            summary = recall_summary(results, label, tasks, lengths)
-            lines.append(f"| {label} | {_fmt(summary['mean'])} | {summary['effective_length'] or '-'} |")
-        lines += ["", "`*` a deviation from the benchmark's definition (see above).", ""]
-        needle_rows = [(label, t, L, c["needle_attention"]) for label in labels for t in tasks for L in lengths
-                       if (c := cell(results, "recall", label, f"{t}/{L}")) and "needle_attention" in c]
-        if needle_rows:
-            lines += ["## Attention on the needle (the answer-generating query)", "",
-                      "| model | task | length | mass, mean over heads and layers | best head, mean over samples: "
-                      "lift over uniform |", "|---|---|---|---|---|"]
-            for label, t, L, c in needle_rows:
-                lines.append(f"| {label} | {t} | {L} | {np.mean(c['mass_mean_per_layer']):.4f} | "
-                             f"{c['best_head_lift']:.1f}x |")
-            lines.append("")
+        lines += recall_tables(results, labels, lengths, tasks)
     if any(cell(results, "longppl", label, str(L)) for label in labels for L in lengths):
-        note = next((c["settings"].get("note") for label in labels for L in lengths
-                     if (c := cell(results, "longppl", label, str(L))) and "settings" in c), None)
-        lines += ["## Held-out loss and LongPPL", ""] + ([f"LongPPL: {note}.", ""] if note else []) + [
-            "| model | length | loss (nats/token) | perplexity | LongPPL | key tokens |", "|---|---|---|---|---|---|"]
-        for label in labels:
-            for L in lengths:
-                c = cell(results, "longppl", label, str(L)) or {}
-                if "loss" in c:
-                    lines.append(f"| {label} | {L} | {c['loss']:.3f} | {c['ppl']:.2f} | {_fmt(c['longppl'], 2)} | "
-                                 f"{c['key_tokens']} |")
-        lines.append("")
+        lines += longppl_table(results, labels, lengths)
     if any(cell(results, "attention", label, str(L)) for label in labels for L in lengths):
-        lines += ["## Attention (mean over layers and heads)", "",
-                  "| model | length | query | sink: first 1 | first 4 | first 100 | local 100 | saturated heads |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for label in labels:
-            for L in lengths:
-                c = cell(results, "attention", label, str(L)) or {}
-                if "per_layer" in c:
-                    m = {k: float(np.mean(v)) for k, v in c["per_layer"].items()}
-                    lines.append(f"| {label} | {L} | {c['query_position']} | {m['sink_first_1']:.3f} | "
-                                 f"{m['sink_first_4']:.3f} | {m['sink_first_100']:.3f} | {m['local_100']:.3f} | "
-                                 f"{m['saturated']:.3f} |")
-        lines.append("")
+        lines += attention_table(results, labels, lengths)
     return "\n".join(lines)
+
+
+def recall_tables(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> list[str]:
+    """Score per task and length, the per-length means, effective lengths, and attention on the needle."""
+    lines = ["## Recall (score x100, mean ± 95% CI, n samples)", "",
+             "| model | task | " + " | ".join(str(L) for L in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+    for label in labels:
+        for t in tasks:
+            row = []
+            for L in lengths:
+                c = cell(results, "recall", label, f"{t}/{L}") or {}
+                row.append("skipped" if "skipped" in c else "-" if "mean" not in c else
+                           f"{c['mean']:.1f} ± {_fmt(c['ci95'])} (n={c['n']})")
+            lines.append(f"| {label} | {t}{' *' if ruler.TASKS[t].deviation else ''} | " + " | ".join(row) + " |")
+        summary = recall_summary(results, label, tasks, lengths)
+        lines.append(f"| {label} | **mean** | " + " | ".join(_fmt(summary["per_length"][L]) for L in lengths) + " |")
+    lines += ["", "| model | mean over lengths | effective length (> 85.6) |", "|---|---|---|"]
+    for label in labels:
+        summary = recall_summary(results, label, tasks, lengths)
+        lines.append(f"| {label} | {_fmt(summary['mean'])} | {summary['effective_length'] or '-'} |")
+    lines += ["", "`*` a deviation from the benchmark's definition (see above).", ""]
+    needle_rows = [(label, t, L, c["needle_attention"]) for label in labels for t in tasks for L in lengths
+                   if (c := cell(results, "recall", label, f"{t}/{L}")) and "needle_attention" in c]
+    if needle_rows:
+        lines += ["## Attention on the needle (the answer-generating query)", "",
+                  "| model | task | length | mass, mean over heads and layers | best head, mean over samples: "
+                  "lift over uniform |", "|---|---|---|---|---|"]
+        for label, t, L, c in needle_rows:
+            lines.append(f"| {label} | {t} | {L} | {np.mean(c['mass_mean_per_layer']):.4f} | "
+                         f"{c['best_head_lift']:.1f}x |")
+        lines.append("")
+    return lines
+
+
+def longppl_table(results: dict, labels: list[str], lengths: list[int]) -> list[str]:
+    """Held-out loss, perplexity and LongPPL per model and length."""
+    note = next((c["settings"].get("note") for label in labels for L in lengths
+                 if (c := cell(results, "longppl", label, str(L))) and "settings" in c), None)
+    lines = ["## Held-out loss and LongPPL", ""] + ([f"LongPPL: {note}.", ""] if note else []) + [
+        "| model | length | loss (nats/token) | perplexity | LongPPL | key tokens |", "|---|---|---|---|---|---|"]
+    for label in labels:
+        for L in lengths:
+            c = cell(results, "longppl", label, str(L)) or {}
+            if "loss" in c:
+                lines.append(f"| {label} | {L} | {c['loss']:.3f} | {c['ppl']:.2f} | {_fmt(c['longppl'], 2)} | "
+                             f"{c['key_tokens']} |")
+    return lines + [""]
+
+
+def attention_table(results: dict, labels: list[str], lengths: list[int]) -> list[str]:
+    """Sink, local and saturation shares per model and length, with the query each was measured at."""
+    lines = ["## Attention (mean over layers and heads)", "",
+             "| model | length | query | sink: first 1 | first 4 | first 100 | local 100 | saturated heads |",
+             "|---|---|---|---|---|---|---|---|"]
+    rules = []
+    for label in labels:
+        for L in lengths:
+            c = cell(results, "attention", label, str(L)) or {}
+            if "per_layer" in c:
+                m = {k: float(np.mean(v)) for k, v in c["per_layer"].items()}
+                lines.append(f"| {label} | {L} | {c['query_position']} | {m['sink_first_1']:.3f} | "
+                             f"{m['sink_first_4']:.3f} | {m['sink_first_100']:.3f} | {m['local_100']:.3f} | "
+                             f"{m['saturated']:.3f} |")
+                rules.append(c.get("query_rule", "min(4000, T - 1)"))  # cells from before the rule was recorded
+    return lines + ["", f"Query position: {'; '.join(dict.fromkeys(rules))}.", ""]
 
 
 def save_plot(path: Path, draw) -> Path:
@@ -678,7 +714,7 @@ def draw_sink_per_layer(axes, attention: list[tuple[str, int, dict]]) -> None:
     for label, L, c in attention:
         axes.plot(c["per_layer"]["sink_first_1"], marker="o", label=f"{label} @ {L}")
     axes.set(xlabel="layer", ylabel="attention on the first token", ylim=(0, 1),
-             title="Sink share per layer (query at min(4000, T - 1))")
+             title="Sink share per layer (query inside the window)")
 
 
 def draw_loss_by_position(axes, losses: list[tuple[str, int, dict]]) -> None:
@@ -771,6 +807,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluator", help="label of the checkpoint that picks LongPPL's key tokens (default: the first)")
     parser.add_argument("--short_context", type=int, default=4096, help="LongPPL's short context (published: 4096)")
     parser.add_argument("--short_step", type=int, default=1024, help="LongPPL's block per short context (published: 1024)")
+    parser.add_argument("--sink_query", type=int, help="position of the query whose attention is measured, the same "
+                        "for every model (default: 4000, at most the last position and each model's window - 1)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (equal lengths only)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -789,12 +827,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--modes: unknown mode {mode!r}; use recall, longppl, attention")
     if args.samples < 1:
         parser.error(f"--samples {args.samples} must be at least 1")
+    if args.sink_query is not None and args.sink_query < 0:
+        parser.error(f"--sink_query {args.sink_query} must be a position (0 or more), or leave it out")
     try:
         evaluate(dict(zip(labels, args.checkpoints)), lengths, args.out, tasks=ruler.parse_tasks(args.tasks),
                  modes=modes, samples=args.samples, seed=args.seed, data_dir=args.data, evaluator=args.evaluator,
                  short_context=args.short_context, short_step=args.short_step, windows=args.windows,
                  batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                 command=[sys.executable] + sys.argv)
+                 command=[sys.executable] + sys.argv, sink_query=args.sink_query)
     except (EvaluationError, data.DataError, checkpoint.CheckpointError) as error:
         sys.exit(f"evaluate.py: {error}")
     print((Path(args.out) / TABLES_FILE).read_text())

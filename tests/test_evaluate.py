@@ -140,6 +140,20 @@ def test_attention_rows_match_reference_attention_and_respect_the_window():
             assert layer_rows[:, 2, :29 - 5].abs().max() == 0  # query 29 sees keys 24..29 only
 
 
+def test_the_sink_query_sits_inside_the_window_so_windowed_layers_see_the_first_tokens():
+    # The authors' query (position 4,000) sits inside their 4,096-token window; the last position of a
+    # longer text would see only the window behind it, so a windowed layer's sink share would be 0 by construction.
+    model = tiny_model(window=16)  # layer 0 windowed (16 keys), layer 1 global
+    tokens = torch.randint(0, 1000, (65,), generator=torch.Generator().manual_seed(1))
+    cell = ev.run_attention(model, [tokens])
+    assert cell["query_position"] == 15  # the window's last position: it sees keys 0..15
+    assert all(share > 0 for share in cell["per_layer"]["sink_first_1"])
+    assert cell["per_layer"]["sink_first_100"][0] == pytest.approx(1.0)  # all it sees lies in the first 100
+    fixed = ev.run_attention(model, [tokens], query=40)  # one position for every model of a grid
+    assert fixed["query_position"] == 40 and fixed["per_layer"]["sink_first_1"][0] == 0.0
+    assert ev.run_attention(tiny_model(), [tokens])["query_position"] == 64  # no window: the last position
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end: our checkpoint and its Hugging Face export score the same; a rerun resumes
 
