@@ -61,7 +61,7 @@ def decode_batches(samples: list[ruler.Sample], generate, batch_size: int, progr
     by_length: dict[int, list[int]] = {}
     for i, sample in enumerate(samples):
         by_length.setdefault(len(sample.tokens), []).append(i)
-    max_new = ruler.TASKS[samples[0].task].max_new_tokens
+    max_new = samples[0].max_new_tokens  # one task and length: one cap
     for indices in by_length.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
@@ -282,7 +282,10 @@ def run_recall(generate, tokenizer, tasks: list[str], lengths: list[int], sample
                needle_samples: int = 2, done=None, progress: Progress | None = None) -> dict:
     """Recall cells {task: {length: cell}} for one model. `generate` is a model_generator or any function
     (prompts (B, T), max_new_tokens) -> B lists of new tokens (an oracle in the tests). With `model`,
-    NIAH cells also measure attention on the needle. `done(task, length)` returns a cell to reuse or None."""
+    NIAH cells also measure attention on the needle. `done(task, length)` returns a cell to reuse or None.
+
+    Generation caps are RULER's, widened for a vocabulary that spells the answers in more tokens than dolma2
+    (ruler.generation_cap); each cell reports the cap and the score of an oracle cut at it."""
     eos_id = getattr(tokenizer, "eos_id", data.EOS_ID) if eos_id is None else eos_id
     cells: dict = {}
     for task_name in tasks:
@@ -294,23 +297,30 @@ def run_recall(generate, tokenizer, tasks: list[str], lengths: list[int], sample
                     progress.advance(samples)
                 continue
             try:
-                batch = ruler.build_samples(task_name, length, samples, seed, tokenizer, eos_id)
+                batch = ruler.build_samples(task_name, length, samples, seed, tokenizer, eos_id,
+                                            reference=data.get_tokenizer())
             except EvaluationError as error:
                 cells.setdefault(task_name, {})[str(length)] = {"skipped": str(error), "n": 0}
                 if progress:
                     progress.advance(samples)
                 continue
-            outputs = decode_batches(batch, generate, batch_size, progress)
-            predictions = [ruler.postprocess_prediction(tokenizer.decode(cut_at_eos(o, eos_id))) for o in outputs]
-            scores = [ruler.score(task_name, p, s.answers) for p, s in zip(predictions, batch)]
-            mean, ci = mean_ci(scores)
-            result = {"n": len(scores), "mean": mean, "ci95": ci, "scores": scores, "predictions": predictions,
-                      "answers": [s.answers for s in batch], "prompt_tokens": [len(s.tokens) for s in batch],
-                      "max_new_tokens": ruler.TASKS[task_name].max_new_tokens}
+            result = score_samples(batch, decode_batches(batch, generate, batch_size, progress), tokenizer, eos_id)
             if model is not None and ruler.TASKS[task_name].kind == "niah":
                 result["needle_attention"] = measure_needle_attention(model, tokenizer, batch[:needle_samples])
             cells.setdefault(task_name, {})[str(length)] = result
     return cells
+
+
+def score_samples(batch: list[ruler.Sample], outputs: list[list[int]], tokenizer, eos_id: int) -> dict:
+    """One recall cell: each sample's prediction and score, their mean and 95% CI, and the oracle's score."""
+    predictions = [ruler.postprocess_prediction(tokenizer.decode(cut_at_eos(o, eos_id))) for o in outputs]
+    scores = [ruler.score(s.task, p, s.answers) for p, s in zip(predictions, batch)]
+    mean, ci = mean_ci(scores)
+    return {"n": len(scores), "mean": mean, "ci95": ci, "scores": scores, "predictions": predictions,
+            "answers": [s.answers for s in batch], "prompt_tokens": [len(s.tokens) for s in batch],
+            "max_new_tokens": batch[0].max_new_tokens, "oracle": float(np.mean([ruler.oracle_score(s, tokenizer)
+                                                                               for s in batch])),
+            "ruler_max_new_tokens": ruler.TASKS[batch[0].task].max_new_tokens}
 
 
 def measure_needle_attention(model, tokenizer, samples: list[ruler.Sample]) -> dict:
@@ -570,8 +580,11 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
                                     "parameters": sum(p.numel() for p in model.parameters())}
         print(f"[{label}] {spec}", file=sys.stderr)
         if "recall" in modes:
+            recall_settings = {"seed": seed, "samples": samples, **identity}
+            if model_tokenizer != tokenizer_identity(data.get_tokenizer()):
+                recall_settings["answer_caps"] = "widened"  # beyond RULER's (ruler.generation_cap): older cells redone
             recall_cells(results, out, label, model, tokenizer, tasks, lengths, samples, seed, batch_size,
-                         {"seed": seed, "samples": samples, **identity}, progress)
+                         recall_settings, progress)
         for length in lengths:
             if "longppl" in modes:
                 key_tokens = results.get("key_tokens", {}).get(str(length), {})
@@ -636,6 +649,10 @@ def recall_tables(results: dict, labels: list[str], lengths: list[int], tasks: l
         summary = recall_summary(results, label, tasks, lengths)
         lines.append(f"| {label} | {_fmt(summary['mean'])} | {summary['effective_length'] or '-'} |")
     lines += ["", "`*` a deviation from the benchmark's definition (see above).", ""]
+    short = [f"{label} {t} @ {L}: {c['oracle']:.1f}" for label in labels for t in tasks for L in lengths
+             if (c := cell(results, "recall", label, f"{t}/{L}")) and c.get("oracle", 100.0) < 100.0]
+    if short:
+        lines += [f"An oracle (the answers, cut at the cap) scores below 100: {'; '.join(short)}.", ""]
     needle_rows = [(label, t, L, c["needle_attention"]) for label in labels for t in tasks for L in lengths
                    if (c := cell(results, "recall", label, f"{t}/{L}")) and "needle_attention" in c]
     if needle_rows:

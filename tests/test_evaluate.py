@@ -62,6 +62,42 @@ def test_oracle_scores_100_and_a_constant_model_scores_0(tokenizer):
         assert constant[task]["1500"]["mean"] == 0.0
 
 
+@pytest.fixture(scope="module")
+def compact_tokenizer(tokenizer):
+    """The smallest compact vocabulary (512 ids) from the most frequent dolma2 tokens of pydoc's text: most of
+    an answer is then spelled byte by byte, in up to 1.7x dolma2's tokens."""
+    from collections import Counter
+    from pydoc_data.topics import topics
+    bytes_and_specials = {tokenizer.encoding.encode_single_token(bytes([b])) for b in range(256)}
+    bytes_and_specials |= set(data.SPECIAL_TOKENS.values())
+    counts = Counter(tokenizer.encode(" ".join(topics[name] for name in sorted(topics))))
+    frequent = [i for i, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if i not in bytes_and_specials]
+    return data.CompactTokenizer(frequent[:512 - data.FIRST_FREQUENT_ID])
+
+
+def listing_oracle(tokenizer):
+    """The answers listed with commas (", ", as models list them), cut at the generation cap it is given."""
+    def generate(prompts, max_new_tokens):
+        out = []
+        for row in prompts.tolist():
+            prompt = tokenizer.decode(row[1:])
+            task = next(t for t, test in ORACLE_TASK_OF.items() if test(prompt))
+            answer = " " + ", ".join(solve(task, prompt).split())
+            out.append(tokenizer.encode(answer)[:max_new_tokens] + [getattr(tokenizer, "eos_id", data.EOS_ID)])
+        return out
+    return generate
+
+
+def test_an_oracle_cut_at_the_cap_scores_100_on_every_task_in_every_vocabulary(tokenizer, compact_tokenizer):
+    # RULER's caps count dolma2-like tokens; vt's five names listed with commas are 34 bytes, which the compact
+    # vocabulary spells in about as many tokens: past RULER's 30, so the last name was cut.
+    for vocabulary in (tokenizer, compact_tokenizer):
+        cells = ev.run_recall(listing_oracle(vocabulary), vocabulary, list(ruler.TASKS), [2500], samples=3, seed=2)
+        for task in ruler.TASKS:
+            assert cells[task]["2500"]["scores"] == [100.0] * 3, (vocabulary.name, task, cells[task]["2500"])
+            assert cells[task]["2500"]["oracle"] == 100.0
+
+
 def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tokenizer):
     model = tiny_model()
     samples = ruler.build_samples("niah_single_1", 400, 3, 0, tokenizer, data.EOS_ID)
