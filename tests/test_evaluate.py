@@ -35,13 +35,15 @@ def tiny_model(window=None, seed=0) -> Transformer:
 # An oracle scores 100, a constant model 0, through the same decoding and scoring path
 
 
-def oracle_generator(tokenizer):
+def oracle_generator(tokenizer, separator=" "):
+    """The answers read out of the prompt, joined by `separator`, cut at the generation cap it is given."""
     def generate(prompts, max_new_tokens):
         out = []
         for row in prompts.tolist():
             prompt = tokenizer.decode(row[1:])
             task = next(t for t, test in ORACLE_TASK_OF.items() if test(prompt))
-            out.append(tokenizer.encode(" " + solve(task, prompt))[:max_new_tokens] + [data.EOS_ID])
+            answer = " " + separator.join(solve(task, prompt).split(" "))
+            out.append(tokenizer.encode(answer)[:max_new_tokens] + [getattr(tokenizer, "eos_id", data.EOS_ID)])
         return out
     return generate
 
@@ -75,24 +77,13 @@ def compact_tokenizer(tokenizer):
     return data.CompactTokenizer(frequent[:512 - data.FIRST_FREQUENT_ID])
 
 
-def listing_oracle(tokenizer):
-    """The answers listed with commas (", ", as models list them), cut at the generation cap it is given."""
-    def generate(prompts, max_new_tokens):
-        out = []
-        for row in prompts.tolist():
-            prompt = tokenizer.decode(row[1:])
-            task = next(t for t, test in ORACLE_TASK_OF.items() if test(prompt))
-            answer = " " + ", ".join(solve(task, prompt).split())
-            out.append(tokenizer.encode(answer)[:max_new_tokens] + [getattr(tokenizer, "eos_id", data.EOS_ID)])
-        return out
-    return generate
-
-
 def test_an_oracle_cut_at_the_cap_scores_100_on_every_task_in_every_vocabulary(tokenizer, compact_tokenizer):
-    # RULER's caps count dolma2-like tokens; vt's five names listed with commas are 34 bytes, which the compact
-    # vocabulary spells in about as many tokens: past RULER's 30, so the last name was cut.
+    # The answers listed with commas, as models list them. RULER's caps count dolma2-like tokens; vt's five names
+    # so listed are 34 bytes, which the compact vocabulary spells in about as many tokens: past RULER's 30, so the
+    # last name was cut.
     for vocabulary in (tokenizer, compact_tokenizer):
-        cells = ev.run_recall(listing_oracle(vocabulary), vocabulary, list(ruler.TASKS), [2500], samples=3, seed=2)
+        cells = ev.run_recall(oracle_generator(vocabulary, separator=", "), vocabulary, list(ruler.TASKS), [2500],
+                              samples=3, seed=2)
         for task in ruler.TASKS:
             assert cells[task]["2500"]["scores"] == [100.0] * 3, (vocabulary.name, task, cells[task]["2500"])
             assert cells[task]["2500"]["oracle"] == 100.0
