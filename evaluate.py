@@ -176,13 +176,38 @@ def select_key_tokens(full: torch.Tensor, short: torch.Tensor, short_context: in
 
 
 def heldout_windows(data_dir, length: int, count: int) -> list[torch.Tensor]:
-    """`count` windows of length + 1 tokens spread evenly over a prepared folder's whole val split.
+    """`count` windows of length + 1 tokens spread evenly over a prepared folder's whole val split (--heldout
+    windows): they cut documents anywhere and may span several.
 
     Evenly spread, not the first ones: on the built-in corpus the first 2,048 val tokens (pydoc prose
     and ctypes) score 0.65 nats worse than the split as a whole, so a prefix misstates held-out loss."""
     loader = data.TokenLoader(data_dir, "val", seq_len=length, global_batch_size=1)
     starts = np.linspace(0, loader.n_windows - 1, num=min(count, loader.n_windows)).round().astype(int)
     return [torch.from_numpy(loader._tokens(int(w) * length, length + 1).astype(np.int64)) for w in starts]
+
+
+def heldout_documents(data_dir, length: int, count: int) -> list[torch.Tensor]:
+    """Up to `count` val documents of at least `length` tokens, evenly spread over those, each read from its
+    start: the end-of-document token before it (the separator the models saw before every document) and its
+    first `length` tokens. As LongPPL's authors read theirs (whole documents of a minimum length, cut to the
+    maximum from the start), so no text starts mid-document or runs into the next one."""
+    manifest = data.read_manifest(data_dir)
+    if "val" not in manifest["splits"]:
+        raise data.DataError(f"{data_dir} has no val split; prepare it with a val fraction (python data.py prepare)")
+    tokenizer = manifest["tokenizer"]
+    long_enough = []  # (the shard's tokens, where the document starts)
+    for record in manifest["splits"]["val"]["shards"]:
+        shard = data.read_shard(Path(data_dir) / record["file"], vocab_size=tokenizer["vocab_size"])
+        starts = shard.doc_starts.astype(np.int64)
+        ends = np.append(starts[1:], shard.tokens.size) - 1  # each document ends with its own EOS
+        long_enough += [(shard.tokens, int(start)) for start, end in zip(starts, ends) if end - start >= length]
+    if not long_enough:
+        raise data.DataError(f"the val split of {data_dir} has no document of {length} tokens or more to read whole; "
+                             f"pass --heldout windows (windows across documents), or --data a folder of long "
+                             f"documents (python data.py prepare my_long_texts/ --out data/long)")
+    picks = np.linspace(0, len(long_enough) - 1, num=min(count, len(long_enough))).round().astype(int)
+    return [torch.from_numpy(np.concatenate([[tokenizer["eos_id"]], tokens[start:start + length]]).astype(np.int64))
+            for tokens, start in (long_enough[i] for i in picks)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,21 +373,28 @@ def measure_needle_attention(model, tokenizer, samples: list[ruler.Sample]) -> d
 
 def run_losses(model, windows: list[torch.Tensor], key_tokens: list[list[int]] | None, buckets: int = 8) -> dict:
     """Held-out loss, perplexity, LongPPL on the given key tokens, and loss by position bucket."""
-    all_losses, key_losses, n_key = [], [], 0
+    all_losses, documents = [], []  # documents: (LongPPL, key tokens) of each text with key tokens
     for i, window in enumerate(windows):
         losses = token_losses(model, window)  # positions 1..T-1
         all_losses.append(losses)
         if key_tokens is not None and key_tokens[i]:
-            key_losses.append(losses[torch.tensor(key_tokens[i]) - 1])
-            n_key += len(key_tokens[i])
+            documents.append((math.exp(float(losses[torch.tensor(key_tokens[i]) - 1].mean())), len(key_tokens[i])))
     stacked = torch.stack(all_losses)  # (n, T - 1)
     mean_loss = float(stacked.mean())
     edges = np.linspace(0, stacked.shape[1], buckets + 1).astype(int)
     by_bucket = [{"from": int(edges[b]) + 1, "to": int(edges[b + 1]), "loss": float(stacked[:, edges[b]:edges[b + 1]].mean())}
                  for b in range(buckets)]
-    longppl = float(torch.cat(key_losses).mean().exp()) if key_losses else None
     return {"windows": len(windows), "tokens": int(stacked.numel()), "loss": mean_loss, "ppl": math.exp(mean_loss),
-            "longppl": longppl, "key_tokens": n_key, "loss_by_position": by_bucket}
+            "longppl": longppl_over_documents(documents), "key_tokens": sum(n for _, n in documents),
+            "loss_by_position": by_bucket}
+
+
+def longppl_over_documents(documents: list[tuple[float, int]]) -> float | None:
+    """LongPPL over documents as PKU-ML/LongPPL's perplexity.py aggregates it: each document's LongPPL (exp of its
+    mean key-token loss) weighted by its key tokens in log space, exp(sum n_d log L_d / sum n_d), which is exp of
+    the mean loss over all key tokens. Documents without key tokens do not count; None if none has any."""
+    weight = sum(n for _, n in documents)
+    return math.exp(sum(n * math.log(longppl) for longppl, n in documents) / weight) if weight else None
 
 
 def find_key_tokens(evaluator, windows: list[torch.Tensor], short_context: int, step: int,
@@ -454,15 +486,46 @@ def check_inputs(checkpoints: dict[str, str], lengths: list[int], modes, data_di
         raise EvaluationError(f"--short_context {short_context} and --short_step {short_step} must be positive")
 
 
-def longppl_settings(data_dir, windows: int, short_context: int, short_step: int, evaluator: str,
+def heldout_settings(data_dir, windows: int, heldout: str) -> dict:
+    """What the held-out texts depend on (LongPPL and attention cells with others are recomputed)."""
+    settings = {"data": str(data_dir), "windows": windows}
+    if heldout != "windows":  # windows were the only way once: their cells keep the settings they were saved with
+        settings["heldout"] = heldout
+    return settings
+
+
+def longppl_settings(heldout: dict, short_context: int, short_step: int, evaluator: str,
                      evaluator_fingerprint: str) -> dict:
     """What LongPPL's key tokens and cells depend on; those saved with other settings are recomputed."""
-    settings = {"data": str(data_dir), "windows": windows, "short_context": short_context, "short_step": short_step,
+    settings = {**heldout, "short_context": short_context, "short_step": short_step,
                 "evaluator": evaluator, "evaluator_fingerprint": evaluator_fingerprint}
     if short_context != 4096 or short_step != 1024:
         settings["note"] = (f"short context {short_context} stepped by {short_step} "
                             f"(LongPPL's published 4096 / 1024 scaled down for these lengths)")
     return settings
+
+
+def resolve_evaluator(checkpoints: dict[str, str], evaluator: str | None) -> tuple[str, str]:
+    """(name, checkpoint) of the model that picks LongPPL's key tokens: one of the compared checkpoints by its
+    label, or a checkpoint outside them (our folder or hf:DIR), whose own LongPPL is then not reported. An
+    evaluator among the compared models picks tokens on which its own loss is below 2 nats, so its LongPPL is
+    below e^2 by construction; LongPPL's authors use a strong model outside the comparison. Default: the first."""
+    evaluator = evaluator or next(iter(checkpoints))
+    if evaluator in checkpoints:
+        return evaluator, checkpoints[evaluator]
+    try:
+        return evaluator, resolve_checkpoint(evaluator)
+    except EvaluationError as error:
+        raise EvaluationError(f"--evaluator {evaluator!r} is neither one of the checkpoints' labels {list(checkpoints)} "
+                              f"nor a checkpoint outside them: {error}") from None
+
+
+def check_reads_data(name: str, model_tokenizer: str, data_dir) -> None:
+    """Refuse a model whose tokenizer is not the one the held-out data was prepared with."""
+    data_tokenizer = tokenizer_identity(data.tokenizer_for(data_dir))
+    if model_tokenizer != data_tokenizer:
+        raise EvaluationError(f"{name} reads {model_tokenizer} tokens but {data_dir} was prepared with "
+                              f"{data_tokenizer}; prepare the held-out data with this checkpoint's tokenizer")
 
 
 def find_missing_key_tokens(results: dict, out: Path, evaluator_spec: str, evaluator: str, lengths: list[int],
@@ -473,7 +536,8 @@ def find_missing_key_tokens(results: dict, out: Path, evaluator_spec: str, evalu
     missing = [L for L in lengths if results.get("key_tokens", {}).get(str(L), {}).get("settings") != ppl_settings]
     if not missing:
         return
-    model, _, _ = load_checkpoint(evaluator_spec, device, dtype)
+    model, tokenizer, _ = load_checkpoint(evaluator_spec, device, dtype)
+    check_reads_data(evaluator, tokenizer_identity(tokenizer), ppl_settings["data"])
     meter = Progress(len(missing) * ppl_settings["windows"], f"key tokens ({evaluator})", enabled=progress)
     for L in missing:
         try:
@@ -497,8 +561,12 @@ def fill_cell(results: dict, out: Path, mode: str, label: str, key: str, setting
 
 
 def recall_cells(results: dict, out: Path, label: str, model, tokenizer, tasks: list[str], lengths: list[int],
-                 samples: int, seed: int, batch_size: int, cell_settings: dict, progress: bool) -> None:
-    """Every (task, length) recall cell of one model, each saved when done; cells with `cell_settings` are reused."""
+                 samples: int, seed: int, batch_size: int, identity: dict, progress: bool) -> None:
+    """Every (task, length) recall cell of one model, each saved when done; cells with the same settings are reused."""
+    cell_settings = {"seed": seed, "samples": samples, **identity}
+    if tokenizer_identity(tokenizer) != tokenizer_identity(data.get_tokenizer()):
+        cell_settings["answer_caps"] = "widened"  # beyond RULER's (ruler.generation_cap): older cells are redone
+
     def done(task, length):
         previous = cell(results, "recall", label, f"{task}/{length}")
         return previous if previous and previous.get("settings") == cell_settings else None
@@ -515,15 +583,30 @@ def recall_cells(results: dict, out: Path, label: str, model, tokenizer, tasks: 
             save_results(out, results)
 
 
-def longppl_cell(model, label: str, model_tokenizer: str, data_dir, key_tokens: dict, held_out, length: int) -> dict:
+def longppl_cell(model, label: str, model_tokenizer: str, ppl_settings: dict, key_tokens: dict, held_out,
+                 length: int) -> dict:
     """Held-out loss and LongPPL of one model at one length, on the evaluator's key tokens (or why they are missing)."""
-    data_tokenizer = tokenizer_identity(data.tokenizer_for(data_dir))
-    if model_tokenizer != data_tokenizer:
-        raise EvaluationError(f"{label} reads {model_tokenizer} tokens but {data_dir} was prepared with "
-                              f"{data_tokenizer}; prepare the held-out data with this checkpoint's tokenizer")
+    check_reads_data(label, model_tokenizer, ppl_settings["data"])
     if "skipped" in key_tokens:
         return {"skipped": key_tokens["skipped"]}
-    return run_losses(model, held_out(length), key_tokens.get("positions"))
+    result = run_losses(model, held_out(length), key_tokens.get("positions"))
+    if label == ppl_settings["evaluator"]:
+        result["evaluator_is_this_model"] = True  # it picked its own key tokens: LongPPL below e^2 by construction
+    return result
+
+
+def heldout_cells(results: dict, out: Path, label: str, model, identity: dict, lengths: list[int], modes,
+                  ppl_settings: dict, attention_settings: dict, held_out, sink_query: int | None) -> None:
+    """One model's LongPPL and attention cells at each length, each saved when done; finished cells are reused."""
+    model_tokenizer = results["models"][label]["tokenizer"]
+    for length in lengths:
+        if "longppl" in modes:
+            key_tokens = results.get("key_tokens", {}).get(str(length), {})
+            fill_cell(results, out, "longppl", label, str(length), {**ppl_settings, **identity},
+                      lambda: longppl_cell(model, label, model_tokenizer, ppl_settings, key_tokens, held_out, length))
+        if "attention" in modes:
+            fill_cell(results, out, "attention", label, str(length), {**attention_settings, **identity},
+                      lambda: attention_cell(model, held_out, length, sink_query))
 
 
 def attention_cell(model, held_out, length: int, query: int | None) -> dict:
@@ -546,54 +629,46 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
              modes=("recall", "longppl", "attention"), samples: int = 20, seed: int = 0, data_dir=None,
              evaluator: str | None = None, short_context: int = 4096, short_step: int = 1024, windows: int = 8,
              batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None,
-             command: list[str] | None = None, progress: bool = True, sink_query: int | None = None) -> dict:
+             command: list[str] | None = None, progress: bool = True, sink_query: int | None = None,
+             heldout: str = "documents") -> dict:
     """Evaluate {label: checkpoint} at each length; results.json, results.md and plots in `out`. Resumes.
 
-    evaluator: the label whose model picks LongPPL's key tokens (default: the first checkpoint).
-    sink_query: the attention query's position for every model (default: inside each model's window)."""
+    evaluator: a label, or a checkpoint outside the compared ones, whose model picks LongPPL's key tokens
+    (resolve_evaluator; default: the first checkpoint). sink_query: the attention query's position for every
+    model (default: inside each model's window). heldout: "documents" (whole val documents, read from their
+    start) or "windows" (windows of the val stream) for LongPPL and attention; `windows` is how many."""
     out = Path(out)
     device = device or default_device()
     tasks = ruler.TASK_GROUPS["exact"] if tasks is None else tasks
     check_inputs(checkpoints, lengths, modes, data_dir, short_context, short_step)
     checkpoints = {label: resolve_checkpoint(spec) for label, spec in checkpoints.items()}
-    evaluator = evaluator or next(iter(checkpoints))
-    if evaluator not in checkpoints:
-        raise EvaluationError(f"--evaluator {evaluator!r} is not one of the checkpoints' labels {list(checkpoints)}")
+    evaluator, evaluator_spec = resolve_evaluator(checkpoints, evaluator)
     results = load_results(out)
     results["runs"].append({"command": command or sys.argv, "versions": versions(), "seed": seed, "samples": samples,
                             "lengths": lengths, "tasks": tasks, "modes": list(modes), "device": device,
                             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-    fingerprints = {label: checkpoint_fingerprint(spec) for label, spec in checkpoints.items()}
-    ppl_settings = longppl_settings(data_dir, windows, short_context, short_step, evaluator, fingerprints[evaluator])
-    held_out = functools.cache(lambda length: heldout_windows(data_dir, length, windows))  # read once, for every model
+    texts = heldout_settings(data_dir, windows, heldout)
+    ppl_settings = longppl_settings(texts, short_context, short_step, evaluator, checkpoint_fingerprint(evaluator_spec))
+    attention_settings = {**texts, "query": "in window" if sink_query is None else sink_query}
+    read = heldout_documents if heldout == "documents" else heldout_windows
+    held_out = functools.cache(lambda length: read(data_dir, length, windows))  # read once, for every model
 
     # LongPPL's key tokens first, from the one evaluator, so every model is scored on the same tokens.
     if "longppl" in modes:
-        find_missing_key_tokens(results, out, checkpoints[evaluator], evaluator, lengths, held_out, ppl_settings,
+        find_missing_key_tokens(results, out, evaluator_spec, evaluator, lengths, held_out, ppl_settings,
                                 device, dtype, progress)
 
     for label, spec in checkpoints.items():
-        identity = {"checkpoint": spec, "fingerprint": fingerprints[label]}  # a cell is reused for the same weights
+        identity = {"checkpoint": spec, "fingerprint": checkpoint_fingerprint(spec)}  # cells reused for the same weights
         model, tokenizer, summary = load_checkpoint(spec, device, dtype)
-        model_tokenizer = tokenizer_identity(tokenizer)
-        results["models"][label] = {"checkpoint": spec, "summary": summary, "tokenizer": model_tokenizer,
+        results["models"][label] = {"checkpoint": spec, "summary": summary, "tokenizer": tokenizer_identity(tokenizer),
                                     "parameters": sum(p.numel() for p in model.parameters())}
         print(f"[{label}] {spec}", file=sys.stderr)
         if "recall" in modes:
-            recall_settings = {"seed": seed, "samples": samples, **identity}
-            if model_tokenizer != tokenizer_identity(data.get_tokenizer()):
-                recall_settings["answer_caps"] = "widened"  # beyond RULER's (ruler.generation_cap): older cells redone
-            recall_cells(results, out, label, model, tokenizer, tasks, lengths, samples, seed, batch_size,
-                         recall_settings, progress)
-        for length in lengths:
-            if "longppl" in modes:
-                key_tokens = results.get("key_tokens", {}).get(str(length), {})
-                fill_cell(results, out, "longppl", label, str(length), {**ppl_settings, **identity},
-                          lambda: longppl_cell(model, label, model_tokenizer, data_dir, key_tokens, held_out, length))
-            if "attention" in modes:
-                fill_cell(results, out, "attention", label, str(length),
-                          {"data": str(data_dir), "windows": windows, "query": "in window" if sink_query is None else sink_query, **identity},
-                          lambda: attention_cell(model, held_out, length, sink_query))
+            recall_cells(results, out, label, model, tokenizer, tasks, lengths, samples, seed, batch_size, identity,
+                         progress)
+        heldout_cells(results, out, label, model, identity, lengths, modes, ppl_settings, attention_settings,
+                      held_out, sink_query)
         del model
     write_reports(results, out, list(checkpoints), lengths, tasks)
     return results
@@ -676,8 +751,15 @@ def longppl_table(results: dict, labels: list[str], lengths: list[int]) -> list[
         for L in lengths:
             c = cell(results, "longppl", label, str(L)) or {}
             if "loss" in c:
-                lines.append(f"| {label} | {L} | {c['loss']:.3f} | {c['ppl']:.2f} | {_fmt(c['longppl'], 2)} | "
+                own = " †" if c.get("evaluator_is_this_model") else ""
+                lines.append(f"| {label} | {L} | {c['loss']:.3f} | {c['ppl']:.2f} | {_fmt(c['longppl'], 2)}{own} | "
                              f"{c['key_tokens']} |")
+    evaluators = {c["settings"]["evaluator"] for label in labels for L in lengths
+                  if (c := cell(results, "longppl", label, str(L))) and "settings" in c}
+    lines += ["", f"Key tokens chosen by {', '.join(f'`{e}`' for e in sorted(evaluators))}"
+              + ("" if evaluators.isdisjoint(labels) else "; † the evaluator itself: it picked tokens its own loss is "
+                 "below 2 nats on, so its LongPPL is below e^2 = 7.39 by construction (--evaluator outside the compared "
+                 "checkpoints avoids this)") + "."]
     return lines + [""]
 
 
@@ -799,7 +881,9 @@ def before_after_table(results: dict, labels: list[str], lengths: list[int], tas
                       if (c := results.get("key_tokens", {}).get(str(n))) and "settings" in c), "-")
     note = next((c["settings"].get("note") for n in lengths
                  if (c := results.get("key_tokens", {}).get(str(n))) and "settings" in c), None)
-    lines += ["", f"Loss: held-out nats/token. LongPPL key tokens chosen by `{evaluator}`"
+    own = (" (one of the compared models: its own LongPPL is below e^2 by construction)" if evaluator in labels
+           else " (outside the compared models)" if evaluator != "-" else "")
+    lines += ["", f"Loss: held-out nats/token. LongPPL key tokens chosen by `{evaluator}`{own}"
               + (f"; {note}" if note else "") + f". Recall: mean of {', '.join(tasks)} (x100; "
               + "; ".join(ruler.deviations(tasks)) + ")."]
     return "\n".join(lines)
@@ -820,8 +904,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="prompts are a function of the seed, task, length and index")
     parser.add_argument("--out", default="eval", help="folder for results.json, results.md and the plots")
     parser.add_argument("--data", help="prepared data folder whose val split gives held-out text (longppl, attention)")
-    parser.add_argument("--windows", type=int, default=8, help="held-out windows per length (longppl, attention)")
-    parser.add_argument("--evaluator", help="label of the checkpoint that picks LongPPL's key tokens (default: the first)")
+    parser.add_argument("--windows", type=int, default=8,
+                        help="held-out documents (or windows) per length (longppl, attention)")
+    parser.add_argument("--evaluator", help="the model that picks LongPPL's key tokens: a checkpoint's label, or a "
+                        "checkpoint outside them (folder or hf:DIR), as LongPPL's authors use (default: the first)")
+    parser.add_argument("--heldout", choices=["documents", "windows"], default="documents",
+                        help="LongPPL and attention read whole val documents of at least each length from their start "
+                             "(default), or windows of the val stream that cut documents anywhere")
     parser.add_argument("--short_context", type=int, default=4096, help="LongPPL's short context (published: 4096)")
     parser.add_argument("--short_step", type=int, default=1024, help="LongPPL's block per short context (published: 1024)")
     parser.add_argument("--sink_query", type=int, help="position of the query whose attention is measured, the same "
@@ -851,7 +940,7 @@ def main(argv: list[str] | None = None) -> None:
                  modes=modes, samples=args.samples, seed=args.seed, data_dir=args.data, evaluator=args.evaluator,
                  short_context=args.short_context, short_step=args.short_step, windows=args.windows,
                  batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                 command=[sys.executable] + sys.argv, sink_query=args.sink_query)
+                 command=[sys.executable] + sys.argv, sink_query=args.sink_query, heldout=args.heldout)
     except (EvaluationError, data.DataError, checkpoint.CheckpointError) as error:
         sys.exit(f"evaluate.py: {error}")
     print((Path(args.out) / TABLES_FILE).read_text())

@@ -4,6 +4,7 @@ scores for a checkpoint and its Hugging Face export (ruler.py's prompts and metr
 Models are tiny random ones with the dolma2 vocabulary; lengths are a few hundred tokens."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -225,6 +226,53 @@ def test_checkpoint_and_its_hf_export_score_identically_and_rerun_resumes(tmp_pa
     assert again["recall"]["ours"] == results["recall"]["ours"]
     table = ev.before_after_table(again, ["ours", "exported"], [256, 512], ["niah_single_1"])
     assert "\n| ours |" in table and "\n| exported |" in table and "LongPPL @ 512" in table
+
+
+def test_an_evaluator_outside_the_compared_models_picks_the_key_tokens_and_is_not_reported(tmp_path, heldout_folder):
+    models = {name: tiny_model(seed=seed) for seed, name in enumerate(["a", "b", "outside"])}
+    for name, model in models.items():
+        checkpoint.save_model(model, tmp_path / name)
+    kwargs = dict(lengths=[256], modes=("longppl",), data_dir=heldout_folder, short_context=64, short_step=32,
+                  windows=2, device="cpu", progress=False)
+    compared = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
+    results = ev.evaluate(compared, out=tmp_path / "eval", evaluator=str(tmp_path / "outside"), **kwargs)
+    assert set(results["longppl"]) == {"a", "b"}  # the evaluator's own LongPPL is not among the compared
+    texts = ev.heldout_documents(heldout_folder, 256, 2)
+    assert results["key_tokens"]["256"]["positions"] == ev.find_key_tokens(models["outside"], texts, 64, 32)
+    assert results["key_tokens"]["256"]["settings"]["evaluator"] == str(tmp_path / "outside")
+    assert not any(c.get("evaluator_is_this_model") for cells in results["longppl"].values() for c in cells.values())
+    inside = ev.evaluate(compared, out=tmp_path / "eval_inside", evaluator="a", **kwargs)
+    assert inside["longppl"]["a"]["256"]["evaluator_is_this_model"] is True  # flagged: its LongPPL is biased
+    assert "evaluator_is_this_model" not in inside["longppl"]["b"]["256"]
+    with pytest.raises(ev.EvaluationError, match="neither one of the checkpoints' labels"):
+        ev.evaluate(compared, out=tmp_path / "eval_none", evaluator=str(tmp_path / "missing"), **kwargs)
+
+
+def test_longppl_weights_each_documents_log_longppl_by_its_key_tokens_as_the_official_code(monkeypatch):
+    # PKU-ML/LongPPL perplexity.py: exp(sum n_d log LongPPL_d / sum n_d) over documents with key tokens.
+    monkeypatch.setattr(ev, "token_losses", lambda model, text: text[1:].double())  # loss of token p: its value
+    texts = [torch.tensor([0, 1, 1, 1]), torch.tensor([0, 3, 3, 3]), torch.tensor([0, 5, 5, 5])]
+    result = ev.run_losses(None, texts, [[1], [1, 2, 3], []])  # LongPPL e^1 on 1 key token, e^3 on 3, none
+    assert result["longppl"] == pytest.approx(math.exp((1 * 1 + 3 * 3) / 4)) and result["key_tokens"] == 4
+    assert ev.longppl_over_documents([(math.e, 1), (math.e ** 3, 3)]) == pytest.approx(math.exp(2.5))
+    assert ev.longppl_over_documents([]) is None
+
+
+def test_held_out_documents_are_read_whole_from_their_start_and_never_run_into_the_next(tmp_path, tokenizer):
+    documents = [text for i in range(8) for text in (f"A short note, number {i}.",
+                                                      " ".join(f"w{i}x{j}" for j in range(60)))]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in documents))
+    data.prepare([tmp_path / "docs.jsonl"], tmp_path / "prepared", val_fraction=0.5, progress=False)
+    L = 64
+    long_val = [t for t in documents if data.is_val_document(t, 0.5) and len(tokenizer.encode(t)) >= L]
+    texts = ev.heldout_documents(tmp_path / "prepared", L, count=100)
+    assert len(texts) == len(long_val) > 0
+    for text, document in zip(texts, long_val):
+        # the separator the models saw before every document, then the document's first L tokens
+        assert text.tolist() == [data.EOS_ID] + tokenizer.encode(document)[:L]
+    assert len(ev.heldout_documents(tmp_path / "prepared", L, count=1)) == 1
+    with pytest.raises(data.DataError, match="--heldout windows"):
+        ev.heldout_documents(tmp_path / "prepared", 10_000, 1)
 
 
 def test_per_length_means_and_the_effective_length_follow_ruler():
