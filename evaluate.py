@@ -757,9 +757,9 @@ def longppl_table(results: dict, labels: list[str], lengths: list[int]) -> list[
     evaluators = {c["settings"]["evaluator"] for label in labels for L in lengths
                   if (c := cell(results, "longppl", label, str(L))) and "settings" in c}
     lines += ["", f"Key tokens chosen by {', '.join(f'`{e}`' for e in sorted(evaluators))}"
-              + ("" if evaluators.isdisjoint(labels) else "; † the evaluator itself: it picked tokens its own loss is "
-                 "below 2 nats on, so its LongPPL is below e^2 = 7.39 by construction (--evaluator outside the compared "
-                 "checkpoints avoids this)") + "."]
+              + (" (outside the compared models)" if evaluators.isdisjoint(labels) else "; † the evaluator itself: it "
+                 "picked tokens its own loss is below 2 nats on, so its LongPPL is below e^2 = 7.39 by construction "
+                 "(--evaluator outside the compared checkpoints avoids this)") + "."]
     return lines + [""]
 
 
