@@ -62,7 +62,7 @@ def decode_batches(samples: list[ruler.Sample], generate, batch_size: int, progr
     by_length: dict[int, list[int]] = {}
     for i, sample in enumerate(samples):
         by_length.setdefault(len(sample.tokens), []).append(i)
-    max_new = ruler.TASKS[samples[0].task].max_new_tokens
+    max_new = samples[0].max_new_tokens  # one task and length: one cap
     for indices in by_length.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
@@ -177,13 +177,38 @@ def select_key_tokens(full: torch.Tensor, short: torch.Tensor, short_context: in
 
 
 def heldout_windows(data_dir, length: int, count: int) -> list[torch.Tensor]:
-    """`count` windows of length + 1 tokens spread evenly over a prepared folder's whole val split.
+    """`count` windows of length + 1 tokens spread evenly over a prepared folder's whole val split (--heldout
+    windows): they cut documents anywhere and may span several.
 
     Evenly spread, not the first ones: on the built-in corpus the first 2,048 val tokens (pydoc prose
     and ctypes) score 0.65 nats worse than the split as a whole, so a prefix misstates held-out loss."""
     loader = data.TokenLoader(data_dir, "val", seq_len=length, global_batch_size=1)
     starts = np.linspace(0, loader.n_windows - 1, num=min(count, loader.n_windows)).round().astype(int)
     return [torch.from_numpy(loader._tokens(int(w) * length, length + 1).astype(np.int64)) for w in starts]
+
+
+def heldout_documents(data_dir, length: int, count: int) -> list[torch.Tensor]:
+    """Up to `count` val documents of at least `length` tokens, evenly spread over those, each read from its
+    start: the end-of-document token before it (the separator the models saw before every document) and its
+    first `length` tokens. As LongPPL's authors read theirs (whole documents of a minimum length, cut to the
+    maximum from the start), so no text starts mid-document or runs into the next one."""
+    manifest = data.read_manifest(data_dir)
+    if "val" not in manifest["splits"]:
+        raise data.DataError(f"{data_dir} has no val split; prepare it with a val fraction (python data.py prepare)")
+    tokenizer = manifest["tokenizer"]
+    long_enough = []  # (the shard's tokens, where the document starts)
+    for record in manifest["splits"]["val"]["shards"]:
+        shard = data.read_shard(Path(data_dir) / record["file"], vocab_size=tokenizer["vocab_size"])
+        starts = shard.doc_starts.astype(np.int64)
+        ends = np.append(starts[1:], shard.tokens.size) - 1  # each document ends with its own EOS
+        long_enough += [(shard.tokens, int(start)) for start, end in zip(starts, ends) if end - start >= length]
+    if not long_enough:
+        raise data.DataError(f"the val split of {data_dir} has no document of {length} tokens or more to read whole; "
+                             f"pass --heldout windows (windows across documents), or --data a folder of long "
+                             f"documents (python data.py prepare my_long_texts/ --out data/long)")
+    picks = np.linspace(0, len(long_enough) - 1, num=min(count, len(long_enough))).round().astype(int)
+    return [torch.from_numpy(np.concatenate([[tokenizer["eos_id"]], tokens[start:start + length]]).astype(np.int64))
+            for tokens, start in (long_enough[i] for i in picks)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +296,10 @@ def run_recall(generate, tokenizer, tasks: list[str], lengths: list[int], sample
                needle_samples: int = 2, done=None, progress: Progress | None = None) -> dict:
     """Recall cells {task: {length: cell}} for one model. `generate` is a model_generator or any function
     (prompts (B, T), max_new_tokens) -> B lists of new tokens (an oracle in the tests). With `model`,
-    NIAH cells also measure attention on the needle. `done(task, length)` returns a cell to reuse or None."""
+    NIAH cells also measure attention on the needle. `done(task, length)` returns a cell to reuse or None.
+
+    Generation caps are RULER's, widened for a vocabulary that spells the answers in more tokens than dolma2
+    (ruler.generation_cap); each cell reports the cap and the score of an oracle cut at it."""
     eos_id = getattr(tokenizer, "eos_id", data.EOS_ID) if eos_id is None else eos_id
     cells: dict = {}
     for task_name in tasks:
@@ -283,23 +311,30 @@ def run_recall(generate, tokenizer, tasks: list[str], lengths: list[int], sample
                     progress.advance(samples)
                 continue
             try:
-                batch = ruler.build_samples(task_name, length, samples, seed, tokenizer, eos_id)
+                batch = ruler.build_samples(task_name, length, samples, seed, tokenizer, eos_id,
+                                            reference=data.get_tokenizer())
             except EvaluationError as error:
                 cells.setdefault(task_name, {})[str(length)] = {"skipped": str(error), "n": 0}
                 if progress:
                     progress.advance(samples)
                 continue
-            outputs = decode_batches(batch, generate, batch_size, progress)
-            predictions = [ruler.postprocess_prediction(tokenizer.decode(cut_at_eos(o, eos_id))) for o in outputs]
-            scores = [ruler.score(task_name, p, s.answers) for p, s in zip(predictions, batch)]
-            mean, ci = mean_ci(scores)
-            result = {"n": len(scores), "mean": mean, "ci95": ci, "scores": scores, "predictions": predictions,
-                      "answers": [s.answers for s in batch], "prompt_tokens": [len(s.tokens) for s in batch],
-                      "max_new_tokens": ruler.TASKS[task_name].max_new_tokens}
+            result = score_samples(batch, decode_batches(batch, generate, batch_size, progress), tokenizer, eos_id)
             if model is not None and ruler.TASKS[task_name].kind == "niah":
                 result["needle_attention"] = measure_needle_attention(model, tokenizer, batch[:needle_samples])
             cells.setdefault(task_name, {})[str(length)] = result
     return cells
+
+
+def score_samples(batch: list[ruler.Sample], outputs: list[list[int]], tokenizer, eos_id: int) -> dict:
+    """One recall cell: each sample's prediction and score, their mean and 95% CI, and the oracle's score."""
+    predictions = [ruler.postprocess_prediction(tokenizer.decode(cut_at_eos(o, eos_id))) for o in outputs]
+    scores = [ruler.score(s.task, p, s.answers) for p, s in zip(predictions, batch)]
+    mean, ci = mean_ci(scores)
+    return {"n": len(scores), "mean": mean, "ci95": ci, "scores": scores, "predictions": predictions,
+            "answers": [s.answers for s in batch], "prompt_tokens": [len(s.tokens) for s in batch],
+            "max_new_tokens": batch[0].max_new_tokens, "oracle": float(np.mean([ruler.oracle_score(s, tokenizer)
+                                                                               for s in batch])),
+            "ruler_max_new_tokens": ruler.TASKS[batch[0].task].max_new_tokens}
 
 
 def measure_needle_attention(model, tokenizer, samples: list[ruler.Sample]) -> dict:
@@ -327,21 +362,28 @@ def measure_needle_attention(model, tokenizer, samples: list[ruler.Sample]) -> d
 
 def run_losses(model, windows: list[torch.Tensor], key_tokens: list[list[int]] | None, buckets: int = 8) -> dict:
     """Held-out loss, perplexity, LongPPL on the given key tokens, and loss by position bucket."""
-    all_losses, key_losses, n_key = [], [], 0
+    all_losses, documents = [], []  # documents: (LongPPL, key tokens) of each text with key tokens
     for i, window in enumerate(windows):
         losses = token_losses(model, window)  # positions 1..T-1
         all_losses.append(losses)
         if key_tokens is not None and key_tokens[i]:
-            key_losses.append(losses[torch.tensor(key_tokens[i]) - 1])
-            n_key += len(key_tokens[i])
+            documents.append((math.exp(float(losses[torch.tensor(key_tokens[i]) - 1].mean())), len(key_tokens[i])))
     stacked = torch.stack(all_losses)  # (n, T - 1)
     mean_loss = float(stacked.mean())
     edges = np.linspace(0, stacked.shape[1], buckets + 1).astype(int)
     by_bucket = [{"from": int(edges[b]) + 1, "to": int(edges[b + 1]), "loss": float(stacked[:, edges[b]:edges[b + 1]].mean())}
                  for b in range(buckets)]
-    longppl = float(torch.cat(key_losses).mean().exp()) if key_losses else None
     return {"windows": len(windows), "tokens": int(stacked.numel()), "loss": mean_loss, "ppl": math.exp(mean_loss),
-            "longppl": longppl, "key_tokens": n_key, "loss_by_position": by_bucket}
+            "longppl": longppl_over_documents(documents), "key_tokens": sum(n for _, n in documents),
+            "loss_by_position": by_bucket}
+
+
+def longppl_over_documents(documents: list[tuple[float, int]]) -> float | None:
+    """LongPPL over documents as PKU-ML/LongPPL's perplexity.py aggregates it: each document's LongPPL (exp of its
+    mean key-token loss) weighted by its key tokens in log space, exp(sum n_d log L_d / sum n_d), which is exp of
+    the mean loss over all key tokens. Documents without key tokens do not count; None if none has any."""
+    weight = sum(n for _, n in documents)
+    return math.exp(sum(n * math.log(longppl) for longppl, n in documents) / weight) if weight else None
 
 
 def find_key_tokens(evaluator, windows: list[torch.Tensor], short_context: int, step: int,
@@ -356,11 +398,27 @@ def find_key_tokens(evaluator, windows: list[torch.Tensor], short_context: int, 
     return keys
 
 
-def run_attention(model, windows: list[torch.Tensor], query_at: int = 4000) -> dict:
-    """Sink (first 1, 4, 100 tokens), local (100 before) and saturation, per layer and head, averaged over windows."""
+SINK_QUERY = 4000  # the OlmPool authors' query position, inside their 4,096-token window (docs/evaluation.md)
+
+
+def sink_query_position(config: olmpool.ModelConfig, text_length: int, query_at: int = SINK_QUERY) -> int:
+    """The query whose attention run_attention measures in a text of `text_length` tokens: position 4,000 as the
+    authors', but at most the last position and at most the smallest window's last position W - 1. A query
+    past W - 1 cannot reach the first tokens on a windowed layer, so its sink share there would be 0 by
+    construction: it would measure the window, not the sink."""
+    windows = [w for w in config.layer_windows if w is not None]
+    return min([query_at, text_length - 1] + [w - 1 for w in windows])
+
+
+def run_attention(model, windows: list[torch.Tensor], query: int | None = None) -> dict:
+    """Sink (first 1, 4, 100 tokens), local (100 before) and saturation, per layer and head, averaged over windows.
+
+    query: one position for every model (e.g. to compare windowed and global models at one place), capped at
+    the last position; None: sink_query_position's rule for this model."""
     device = next(model.parameters()).device
     T = windows[0].shape[0]
-    query = min(query_at, T - 1)
+    rule = "min(4000, T - 1, smallest window - 1)" if query is None else f"{query} (given), at most T - 1"
+    query = sink_query_position(model.config, T) if query is None else min(query, T - 1)
     sums = None
     for window in windows:
         rows = attention_rows(model, window[None].to(device), [query])
@@ -378,7 +436,8 @@ def run_attention(model, windows: list[torch.Tensor], query_at: int = 4000) -> d
                 sums[k] = [a + b for a, b in zip(sums[k], layers)]
     per_head = {k: [(v / len(windows)).tolist() for v in layers] for k, layers in sums.items()}
     per_layer = {k: [float(np.mean(h)) for h in layers] for k, layers in per_head.items()}
-    return {"query_position": query, "windows": len(windows), "per_layer": per_layer, "per_head": per_head}
+    return {"query_position": query, "query_rule": rule, "windows": len(windows), "per_layer": per_layer,
+            "per_head": per_head}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,15 +475,46 @@ def check_inputs(checkpoints: dict[str, str], lengths: list[int], modes, data_di
         raise EvaluationError(f"--short_context {short_context} and --short_step {short_step} must be positive")
 
 
-def longppl_settings(data_dir, windows: int, short_context: int, short_step: int, evaluator: str,
+def heldout_settings(data_dir, windows: int, heldout: str) -> dict:
+    """What the held-out texts depend on (LongPPL and attention cells with others are recomputed)."""
+    settings = {"data": str(data_dir), "windows": windows}
+    if heldout != "windows":  # windows were the only way once: their cells keep the settings they were saved with
+        settings["heldout"] = heldout
+    return settings
+
+
+def longppl_settings(heldout: dict, short_context: int, short_step: int, evaluator: str,
                      evaluator_fingerprint: str) -> dict:
     """What LongPPL's key tokens and cells depend on; those saved with other settings are recomputed."""
-    settings = {"data": str(data_dir), "windows": windows, "short_context": short_context, "short_step": short_step,
+    settings = {**heldout, "short_context": short_context, "short_step": short_step,
                 "evaluator": evaluator, "evaluator_fingerprint": evaluator_fingerprint}
     if short_context != 4096 or short_step != 1024:
         settings["note"] = (f"short context {short_context} stepped by {short_step} "
                             f"(LongPPL's published 4096 / 1024 scaled down for these lengths)")
     return settings
+
+
+def resolve_evaluator(checkpoints: dict[str, str], evaluator: str | None) -> tuple[str, str]:
+    """(name, checkpoint) of the model that picks LongPPL's key tokens: one of the compared checkpoints by its
+    label, or a checkpoint outside them (our folder or hf:DIR), whose own LongPPL is then not reported. An
+    evaluator among the compared models picks tokens on which its own loss is below 2 nats, so its LongPPL is
+    below e^2 by construction; LongPPL's authors use a strong model outside the comparison. Default: the first."""
+    evaluator = evaluator or next(iter(checkpoints))
+    if evaluator in checkpoints:
+        return evaluator, checkpoints[evaluator]
+    try:
+        return evaluator, resolve_checkpoint(evaluator)
+    except EvaluationError as error:
+        raise EvaluationError(f"--evaluator {evaluator!r} is neither one of the checkpoints' labels {list(checkpoints)} "
+                              f"nor a checkpoint outside them: {error}") from None
+
+
+def check_reads_data(name: str, model_tokenizer: str, data_dir) -> None:
+    """Refuse a model whose tokenizer is not the one the held-out data was prepared with."""
+    data_tokenizer = tokenizer_identity(compact_vocabulary.tokenizer_for(data_dir))
+    if model_tokenizer != data_tokenizer:
+        raise EvaluationError(f"{name} reads {model_tokenizer} tokens but {data_dir} was prepared with "
+                              f"{data_tokenizer}; prepare the held-out data with this checkpoint's tokenizer")
 
 
 def find_missing_key_tokens(results: dict, out: Path, evaluator_spec: str, evaluator: str, lengths: list[int],
@@ -435,7 +525,8 @@ def find_missing_key_tokens(results: dict, out: Path, evaluator_spec: str, evalu
     missing = [L for L in lengths if results.get("key_tokens", {}).get(str(L), {}).get("settings") != ppl_settings]
     if not missing:
         return
-    model, _, _ = load_checkpoint(evaluator_spec, device, dtype)
+    model, tokenizer, _ = load_checkpoint(evaluator_spec, device, dtype)
+    check_reads_data(evaluator, tokenizer_identity(tokenizer), ppl_settings["data"])
     meter = Progress(len(missing) * ppl_settings["windows"], f"key tokens ({evaluator})", enabled=progress)
     for L in missing:
         try:
@@ -459,8 +550,12 @@ def fill_cell(results: dict, out: Path, mode: str, label: str, key: str, setting
 
 
 def recall_cells(results: dict, out: Path, label: str, model, tokenizer, tasks: list[str], lengths: list[int],
-                 samples: int, seed: int, batch_size: int, cell_settings: dict, progress: bool) -> None:
-    """Every (task, length) recall cell of one model, each saved when done; cells with `cell_settings` are reused."""
+                 samples: int, seed: int, batch_size: int, identity: dict, progress: bool) -> None:
+    """Every (task, length) recall cell of one model, each saved when done; cells with the same settings are reused."""
+    cell_settings = {"seed": seed, "samples": samples, **identity}
+    if tokenizer_identity(tokenizer) != tokenizer_identity(data.get_tokenizer()):
+        cell_settings["answer_caps"] = "widened"  # beyond RULER's (ruler.generation_cap): older cells are redone
+
     def done(task, length):
         previous = cell(results, "recall", label, f"{task}/{length}")
         return previous if previous and previous.get("settings") == cell_settings else None
@@ -477,21 +572,36 @@ def recall_cells(results: dict, out: Path, label: str, model, tokenizer, tasks: 
             save_results(out, results)
 
 
-def longppl_cell(model, label: str, model_tokenizer: str, data_dir, key_tokens: dict, held_out, length: int) -> dict:
+def longppl_cell(model, label: str, model_tokenizer: str, ppl_settings: dict, key_tokens: dict, held_out,
+                 length: int) -> dict:
     """Held-out loss and LongPPL of one model at one length, on the evaluator's key tokens (or why they are missing)."""
-    data_tokenizer = tokenizer_identity(compact_vocabulary.tokenizer_for(data_dir))
-    if model_tokenizer != data_tokenizer:
-        raise EvaluationError(f"{label} reads {model_tokenizer} tokens but {data_dir} was prepared with "
-                              f"{data_tokenizer}; prepare the held-out data with this checkpoint's tokenizer")
+    check_reads_data(label, model_tokenizer, ppl_settings["data"])
     if "skipped" in key_tokens:
         return {"skipped": key_tokens["skipped"]}
-    return run_losses(model, held_out(length), key_tokens.get("positions"))
+    result = run_losses(model, held_out(length), key_tokens.get("positions"))
+    if label == ppl_settings["evaluator"]:
+        result["evaluator_is_this_model"] = True  # it picked its own key tokens: LongPPL below e^2 by construction
+    return result
 
 
-def attention_cell(model, held_out, length: int) -> dict:
+def heldout_cells(results: dict, out: Path, label: str, model, identity: dict, lengths: list[int], modes,
+                  ppl_settings: dict, attention_settings: dict, held_out, sink_query: int | None) -> None:
+    """One model's LongPPL and attention cells at each length, each saved when done; finished cells are reused."""
+    model_tokenizer = results["models"][label]["tokenizer"]
+    for length in lengths:
+        if "longppl" in modes:
+            key_tokens = results.get("key_tokens", {}).get(str(length), {})
+            fill_cell(results, out, "longppl", label, str(length), {**ppl_settings, **identity},
+                      lambda: longppl_cell(model, label, model_tokenizer, ppl_settings, key_tokens, held_out, length))
+        if "attention" in modes:
+            fill_cell(results, out, "attention", label, str(length), {**attention_settings, **identity},
+                      lambda: attention_cell(model, held_out, length, sink_query))
+
+
+def attention_cell(model, held_out, length: int, query: int | None) -> dict:
     """Sinks, local share and saturation of one model at one length (or why the held-out text cannot give them)."""
     try:
-        return run_attention(model, held_out(length))
+        return run_attention(model, held_out(length), query)
     except data.DataError as error:
         return {"skipped": str(error)}
 
@@ -508,50 +618,46 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
              modes=("recall", "longppl", "attention"), samples: int = 20, seed: int = 0, data_dir=None,
              evaluator: str | None = None, short_context: int = 4096, short_step: int = 1024, windows: int = 8,
              batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None,
-             command: list[str] | None = None, progress: bool = True) -> dict:
+             command: list[str] | None = None, progress: bool = True, sink_query: int | None = None,
+             heldout: str = "documents") -> dict:
     """Evaluate {label: checkpoint} at each length; results.json, results.md and plots in `out`. Resumes.
 
-    evaluator: the label whose model picks LongPPL's key tokens (default: the first checkpoint)."""
+    evaluator: a label, or a checkpoint outside the compared ones, whose model picks LongPPL's key tokens
+    (resolve_evaluator; default: the first checkpoint). sink_query: the attention query's position for every
+    model (default: inside each model's window). heldout: "documents" (whole val documents, read from their
+    start) or "windows" (windows of the val stream) for LongPPL and attention; `windows` is how many."""
     out = Path(out)
     device = device or default_device()
     tasks = ruler.TASK_GROUPS["exact"] if tasks is None else tasks
     check_inputs(checkpoints, lengths, modes, data_dir, short_context, short_step)
     checkpoints = {label: resolve_checkpoint(spec) for label, spec in checkpoints.items()}
-    evaluator = evaluator or next(iter(checkpoints))
-    if evaluator not in checkpoints:
-        raise EvaluationError(f"--evaluator {evaluator!r} is not one of the checkpoints' labels {list(checkpoints)}")
+    evaluator, evaluator_spec = resolve_evaluator(checkpoints, evaluator)
     results = load_results(out)
     results["runs"].append({"command": command or sys.argv, "versions": versions(), "seed": seed, "samples": samples,
                             "lengths": lengths, "tasks": tasks, "modes": list(modes), "device": device,
                             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-    fingerprints = {label: checkpoint_fingerprint(spec) for label, spec in checkpoints.items()}
-    ppl_settings = longppl_settings(data_dir, windows, short_context, short_step, evaluator, fingerprints[evaluator])
-    held_out = functools.cache(lambda length: heldout_windows(data_dir, length, windows))  # read once, for every model
+    texts = heldout_settings(data_dir, windows, heldout)
+    ppl_settings = longppl_settings(texts, short_context, short_step, evaluator, checkpoint_fingerprint(evaluator_spec))
+    attention_settings = {**texts, "query": "in window" if sink_query is None else sink_query}
+    read = heldout_documents if heldout == "documents" else heldout_windows
+    held_out = functools.cache(lambda length: read(data_dir, length, windows))  # read once, for every model
 
     # LongPPL's key tokens first, from the one evaluator, so every model is scored on the same tokens.
     if "longppl" in modes:
-        find_missing_key_tokens(results, out, checkpoints[evaluator], evaluator, lengths, held_out, ppl_settings,
+        find_missing_key_tokens(results, out, evaluator_spec, evaluator, lengths, held_out, ppl_settings,
                                 device, dtype, progress)
 
     for label, spec in checkpoints.items():
-        identity = {"checkpoint": spec, "fingerprint": fingerprints[label]}  # a cell is reused for the same weights
+        identity = {"checkpoint": spec, "fingerprint": checkpoint_fingerprint(spec)}  # cells reused for the same weights
         model, tokenizer, summary = load_checkpoint(spec, device, dtype)
-        model_tokenizer = tokenizer_identity(tokenizer)
-        results["models"][label] = {"checkpoint": spec, "summary": summary, "tokenizer": model_tokenizer,
+        results["models"][label] = {"checkpoint": spec, "summary": summary, "tokenizer": tokenizer_identity(tokenizer),
                                     "parameters": sum(p.numel() for p in model.parameters())}
         print(f"[{label}] {spec}", file=sys.stderr)
         if "recall" in modes:
-            recall_cells(results, out, label, model, tokenizer, tasks, lengths, samples, seed, batch_size,
-                         {"seed": seed, "samples": samples, **identity}, progress)
-        for length in lengths:
-            if "longppl" in modes:
-                key_tokens = results.get("key_tokens", {}).get(str(length), {})
-                fill_cell(results, out, "longppl", label, str(length), {**ppl_settings, **identity},
-                          lambda: longppl_cell(model, label, model_tokenizer, data_dir, key_tokens, held_out, length))
-            if "attention" in modes:
-                fill_cell(results, out, "attention", label, str(length),
-                          {"data": str(data_dir), "windows": windows, **identity},
-                          lambda: attention_cell(model, held_out, length))
+            recall_cells(results, out, label, model, tokenizer, tasks, lengths, samples, seed, batch_size, identity,
+                         progress)
+        heldout_cells(results, out, label, model, identity, lengths, modes, ppl_settings, attention_settings,
+                      held_out, sink_query)
         del model
     write_reports(results, out, list(checkpoints), lengths, tasks)
     return results
@@ -577,62 +683,91 @@ def _fmt(value, digits=1):
 
 
 def markdown_tables(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> str:
+    """results.md: the deviations, then the recall, LongPPL and attention tables for the cells that exist."""
     lines = [f"Deviations: {'; '.join(ruler.deviations(tasks))}.", ""]
     if any(cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths):
-        lines += ["## Recall (score x100, mean ± 95% CI, n samples)", "",
-                  "| model | task | " + " | ".join(str(L) for L in lengths) + " |",
-                  "|---|---|" + "---|" * len(lengths)]
-        for label in labels:
-            for t in tasks:
-                row = []
-                for L in lengths:
-                    c = cell(results, "recall", label, f"{t}/{L}") or {}
-                    row.append("skipped" if "skipped" in c else "-" if "mean" not in c else
-                               f"{c['mean']:.1f} ± {_fmt(c['ci95'])} (n={c['n']})")
-                lines.append(f"| {label} | {t}{' *' if ruler.TASKS[t].deviation else ''} | " + " | ".join(row) + " |")
-            summary = recall_summary(results, label, tasks, lengths)
-            lines.append(f"| {label} | **mean** | " + " | ".join(_fmt(summary["per_length"][L]) for L in lengths) + " |")
-        lines += ["", "| model | mean over lengths | effective length (> 85.6) |", "|---|---|---|"]
-        for label in labels:
-            summary = recall_summary(results, label, tasks, lengths)
-            lines.append(f"| {label} | {_fmt(summary['mean'])} | {summary['effective_length'] or '-'} |")
-        lines += ["", "`*` a deviation from the benchmark's definition (see above).", ""]
-        needle_rows = [(label, t, L, c["needle_attention"]) for label in labels for t in tasks for L in lengths
-                       if (c := cell(results, "recall", label, f"{t}/{L}")) and "needle_attention" in c]
-        if needle_rows:
-            lines += ["## Attention on the needle (the answer-generating query)", "",
-                      "| model | task | length | mass, mean over heads and layers | best head, mean over samples: "
-                      "lift over uniform |", "|---|---|---|---|---|"]
-            for label, t, L, c in needle_rows:
-                lines.append(f"| {label} | {t} | {L} | {np.mean(c['mass_mean_per_layer']):.4f} | "
-                             f"{c['best_head_lift']:.1f}x |")
-            lines.append("")
+        lines += recall_tables(results, labels, lengths, tasks)
     if any(cell(results, "longppl", label, str(L)) for label in labels for L in lengths):
-        note = next((c["settings"].get("note") for label in labels for L in lengths
-                     if (c := cell(results, "longppl", label, str(L))) and "settings" in c), None)
-        lines += ["## Held-out loss and LongPPL", ""] + ([f"LongPPL: {note}.", ""] if note else []) + [
-            "| model | length | loss (nats/token) | perplexity | LongPPL | key tokens |", "|---|---|---|---|---|---|"]
-        for label in labels:
-            for L in lengths:
-                c = cell(results, "longppl", label, str(L)) or {}
-                if "loss" in c:
-                    lines.append(f"| {label} | {L} | {c['loss']:.3f} | {c['ppl']:.2f} | {_fmt(c['longppl'], 2)} | "
-                                 f"{c['key_tokens']} |")
-        lines.append("")
+        lines += longppl_table(results, labels, lengths)
     if any(cell(results, "attention", label, str(L)) for label in labels for L in lengths):
-        lines += ["## Attention (mean over layers and heads)", "",
-                  "| model | length | query | sink: first 1 | first 4 | first 100 | local 100 | saturated heads |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for label in labels:
-            for L in lengths:
-                c = cell(results, "attention", label, str(L)) or {}
-                if "per_layer" in c:
-                    m = {k: float(np.mean(v)) for k, v in c["per_layer"].items()}
-                    lines.append(f"| {label} | {L} | {c['query_position']} | {m['sink_first_1']:.3f} | "
-                                 f"{m['sink_first_4']:.3f} | {m['sink_first_100']:.3f} | {m['local_100']:.3f} | "
-                                 f"{m['saturated']:.3f} |")
-        lines.append("")
+        lines += attention_table(results, labels, lengths)
     return "\n".join(lines)
+
+
+def recall_tables(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> list[str]:
+    """Score per task and length, the per-length means, effective lengths, and attention on the needle."""
+    lines = ["## Recall (score x100, mean ± 95% CI, n samples)", "",
+             "| model | task | " + " | ".join(str(L) for L in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+    for label in labels:
+        for t in tasks:
+            row = []
+            for L in lengths:
+                c = cell(results, "recall", label, f"{t}/{L}") or {}
+                row.append("skipped" if "skipped" in c else "-" if "mean" not in c else
+                           f"{c['mean']:.1f} ± {_fmt(c['ci95'])} (n={c['n']})")
+            lines.append(f"| {label} | {t}{' *' if ruler.TASKS[t].deviation else ''} | " + " | ".join(row) + " |")
+        summary = recall_summary(results, label, tasks, lengths)
+        lines.append(f"| {label} | **mean** | " + " | ".join(_fmt(summary["per_length"][L]) for L in lengths) + " |")
+    lines += ["", "| model | mean over lengths | effective length (> 85.6) |", "|---|---|---|"]
+    for label in labels:
+        summary = recall_summary(results, label, tasks, lengths)
+        lines.append(f"| {label} | {_fmt(summary['mean'])} | {summary['effective_length'] or '-'} |")
+    lines += ["", "`*` a deviation from the benchmark's definition (see above).", ""]
+    short = [f"{label} {t} @ {L}: {c['oracle']:.1f}" for label in labels for t in tasks for L in lengths
+             if (c := cell(results, "recall", label, f"{t}/{L}")) and c.get("oracle", 100.0) < 100.0]
+    if short:
+        lines += [f"An oracle (the answers, cut at the cap) scores below 100: {'; '.join(short)}.", ""]
+    needle_rows = [(label, t, L, c["needle_attention"]) for label in labels for t in tasks for L in lengths
+                   if (c := cell(results, "recall", label, f"{t}/{L}")) and "needle_attention" in c]
+    if needle_rows:
+        lines += ["## Attention on the needle (the answer-generating query)", "",
+                  "| model | task | length | mass, mean over heads and layers | best head, mean over samples: "
+                  "lift over uniform |", "|---|---|---|---|---|"]
+        for label, t, L, c in needle_rows:
+            lines.append(f"| {label} | {t} | {L} | {np.mean(c['mass_mean_per_layer']):.4f} | "
+                         f"{c['best_head_lift']:.1f}x |")
+        lines.append("")
+    return lines
+
+
+def longppl_table(results: dict, labels: list[str], lengths: list[int]) -> list[str]:
+    """Held-out loss, perplexity and LongPPL per model and length."""
+    note = next((c["settings"].get("note") for label in labels for L in lengths
+                 if (c := cell(results, "longppl", label, str(L))) and "settings" in c), None)
+    lines = ["## Held-out loss and LongPPL", ""] + ([f"LongPPL: {note}.", ""] if note else []) + [
+        "| model | length | loss (nats/token) | perplexity | LongPPL | key tokens |", "|---|---|---|---|---|---|"]
+    for label in labels:
+        for L in lengths:
+            c = cell(results, "longppl", label, str(L)) or {}
+            if "loss" in c:
+                own = " †" if c.get("evaluator_is_this_model") else ""
+                lines.append(f"| {label} | {L} | {c['loss']:.3f} | {c['ppl']:.2f} | {_fmt(c['longppl'], 2)}{own} | "
+                             f"{c['key_tokens']} |")
+    evaluators = {c["settings"]["evaluator"] for label in labels for L in lengths
+                  if (c := cell(results, "longppl", label, str(L))) and "settings" in c}
+    lines += ["", f"Key tokens chosen by {', '.join(f'`{e}`' for e in sorted(evaluators))}"
+              + (" (outside the compared models)" if evaluators.isdisjoint(labels) else "; † the evaluator itself: it "
+                 "picked tokens its own loss is below 2 nats on, so its LongPPL is below e^2 = 7.39 by construction "
+                 "(--evaluator outside the compared checkpoints avoids this)") + "."]
+    return lines + [""]
+
+
+def attention_table(results: dict, labels: list[str], lengths: list[int]) -> list[str]:
+    """Sink, local and saturation shares per model and length, with the query each was measured at."""
+    lines = ["## Attention (mean over layers and heads)", "",
+             "| model | length | query | sink: first 1 | first 4 | first 100 | local 100 | saturated heads |",
+             "|---|---|---|---|---|---|---|---|"]
+    rules = []
+    for label in labels:
+        for L in lengths:
+            c = cell(results, "attention", label, str(L)) or {}
+            if "per_layer" in c:
+                m = {k: float(np.mean(v)) for k, v in c["per_layer"].items()}
+                lines.append(f"| {label} | {L} | {c['query_position']} | {m['sink_first_1']:.3f} | "
+                             f"{m['sink_first_4']:.3f} | {m['sink_first_100']:.3f} | {m['local_100']:.3f} | "
+                             f"{m['saturated']:.3f} |")
+                rules.append(c.get("query_rule", "min(4000, T - 1)"))  # cells from before the rule was recorded
+    return lines + ["", f"Query position: {'; '.join(dict.fromkeys(rules))}.", ""]
 
 
 def save_plot(path: Path, draw) -> Path:
@@ -667,7 +802,7 @@ def draw_sink_per_layer(axes, attention: list[tuple[str, int, dict]]) -> None:
     for label, L, c in attention:
         axes.plot(c["per_layer"]["sink_first_1"], marker="o", label=f"{label} @ {L}")
     axes.set(xlabel="layer", ylabel="attention on the first token", ylim=(0, 1),
-             title="Sink share per layer (query at min(4000, T - 1))")
+             title="Sink share per layer (query inside the window)")
 
 
 def draw_loss_by_position(axes, losses: list[tuple[str, int, dict]]) -> None:
@@ -735,7 +870,9 @@ def before_after_table(results: dict, labels: list[str], lengths: list[int], tas
                       if (c := results.get("key_tokens", {}).get(str(n))) and "settings" in c), "-")
     note = next((c["settings"].get("note") for n in lengths
                  if (c := results.get("key_tokens", {}).get(str(n))) and "settings" in c), None)
-    lines += ["", f"Loss: held-out nats/token. LongPPL key tokens chosen by `{evaluator}`"
+    own = (" (one of the compared models: its own LongPPL is below e^2 by construction)" if evaluator in labels
+           else " (outside the compared models)" if evaluator != "-" else "")
+    lines += ["", f"Loss: held-out nats/token. LongPPL key tokens chosen by `{evaluator}`{own}"
               + (f"; {note}" if note else "") + f". Recall: mean of {', '.join(tasks)} (x100; "
               + "; ".join(ruler.deviations(tasks)) + ")."]
     return "\n".join(lines)
@@ -756,10 +893,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="prompts are a function of the seed, task, length and index")
     parser.add_argument("--out", default="eval", help="folder for results.json, results.md and the plots")
     parser.add_argument("--data", help="prepared data folder whose val split gives held-out text (longppl, attention)")
-    parser.add_argument("--windows", type=int, default=8, help="held-out windows per length (longppl, attention)")
-    parser.add_argument("--evaluator", help="label of the checkpoint that picks LongPPL's key tokens (default: the first)")
+    parser.add_argument("--windows", type=int, default=8,
+                        help="held-out documents (or windows) per length (longppl, attention)")
+    parser.add_argument("--evaluator", help="the model that picks LongPPL's key tokens: a checkpoint's label, or a "
+                        "checkpoint outside them (folder or hf:DIR), as LongPPL's authors use (default: the first)")
+    parser.add_argument("--heldout", choices=["documents", "windows"], default="documents",
+                        help="LongPPL and attention read whole val documents of at least each length from their start "
+                             "(default), or windows of the val stream that cut documents anywhere")
     parser.add_argument("--short_context", type=int, default=4096, help="LongPPL's short context (published: 4096)")
     parser.add_argument("--short_step", type=int, default=1024, help="LongPPL's block per short context (published: 1024)")
+    parser.add_argument("--sink_query", type=int, help="position of the query whose attention is measured, the same "
+                        "for every model (default: 4000, at most the last position and each model's window - 1)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (equal lengths only)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -778,12 +922,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--modes: unknown mode {mode!r}; use recall, longppl, attention")
     if args.samples < 1:
         parser.error(f"--samples {args.samples} must be at least 1")
+    if args.sink_query is not None and args.sink_query < 0:
+        parser.error(f"--sink_query {args.sink_query} must be a position (0 or more), or leave it out")
     try:
         evaluate(dict(zip(labels, args.checkpoints)), lengths, args.out, tasks=ruler.parse_tasks(args.tasks),
                  modes=modes, samples=args.samples, seed=args.seed, data_dir=args.data, evaluator=args.evaluator,
                  short_context=args.short_context, short_step=args.short_step, windows=args.windows,
                  batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                 command=[sys.executable] + sys.argv)
+                 command=[sys.executable] + sys.argv, sink_query=args.sink_query, heldout=args.heldout)
     except (EvaluationError, data.DataError, checkpoint.CheckpointError) as error:
         sys.exit(f"evaluate.py: {error}")
     print((Path(args.out) / TABLES_FILE).read_text())

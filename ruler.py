@@ -139,6 +139,7 @@ class Sample:
     index: int
     prompt: str  # the input and RULER's answer prefix: the model continues this text
     answers: list[str]
+    max_new_tokens: int  # the generation cap in this tokenizer's tokens (generation_cap)
     needles: list[str] = field(default_factory=list)  # needle sentences holding the answers (NIAH)
     tokens: list[int] = field(default_factory=list)  # the prompt as the model reads it
 
@@ -328,65 +329,100 @@ def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
     return random.Random(f"olmpool-eval/{seed}/{task}/{length}/{index}")  # str seeds are hashed stably (SHA-512)
 
 
-def build_samples(task_name: str, length: int, n: int, seed: int, tokenizer, eos_id: int) -> list[Sample]:
-    """n prompts of one task that fit `length` tokens with the task's generation cap, reproducible from seed.
-
-    As RULER: one binary search (on sample 0) fixes the haystack size; a sample that still overflows
-    shrinks its haystack step by step."""
-    if task_name not in TASKS:
-        raise EvaluationError(f"unknown task {task_name!r}; choose from {', '.join(TASKS)} or a group "
-                              f"({', '.join(TASK_GROUPS)})")
-    task = TASKS[task_name]
-    budget = length - task.max_new_tokens - 1  # the leading end-of-document token
-
+def prompt_maker(task: Task, length: int, seed: int, tokenizer):
+    """generate(index, size) -> (prompt, answers, needles): sample `index` of the task at `length` with a haystack
+    of `size` units (sentences, words, pairs), a function of (seed, task, length, index) and the tokenizer."""
     vt_examples = {}
+    example_budget = min(500, (length - task.max_new_tokens - 1) // 4)  # RULER: 500 tokens; scaled at toy lengths
 
     def generate(index: int, size: int):
-        rng = sample_rng(seed, task_name, length, index)
+        rng = sample_rng(seed, task.name, length, index)
         if task.kind == "niah":
             return make_niah(task, size, rng)
         if task.kind == "vt":
             if index not in vt_examples:
-                vt_examples[index] = vt_example(sample_rng(seed, "vt-example", length, index), tokenizer,
-                                                min(500, budget // 4))  # RULER: 500 tokens; scaled at toy lengths
+                vt_examples[index] = vt_example(sample_rng(seed, "vt-example", length, index), tokenizer, example_budget)
             return make_vt(task, size, rng, vt_examples[index])
         if task.kind == "cwe":
             return make_cwe(task, size, rng, length)
         if task.kind == "fwe":
             return make_fwe(task, size, rng, length)
         return make_json_kv(task, size, rng)
+    return generate
 
-    def n_tokens(index, size):
-        return len(tokenizer.encode(generate(index, size)[0]))
 
+def answer_text(answers: list[str]) -> str:
+    """The answers as a model lists them after the prompt's answer prefix: a space, then comma-separated."""
+    return " " + ", ".join(answers)
+
+
+def generation_cap(task: Task, answers: list[list[str]], tokenizer, reference=None) -> int:
+    """RULER's cap, plus the tokens this tokenizer needs beyond `reference` (dolma2) to spell these answers.
+
+    RULER's caps count the tokens of a BPE like dolma2's and leave room beside the answer; a vocabulary that
+    spells the answers in more tokens (a compact one: vt's 5 names in 1.7x as many) would otherwise lose that
+    room, and with it part of the answer. The extra is the most over the given answers; None: RULER's cap."""
+    if reference is None:
+        return task.max_new_tokens
+    extra = max(len(tokenizer.encode(answer_text(a))) - len(reference.encode(answer_text(a))) for a in answers)
+    return task.max_new_tokens + max(0, extra)
+
+
+def build_samples(task_name: str, length: int, n: int, seed: int, tokenizer, eos_id: int,
+                  reference=None) -> list[Sample]:
+    """n prompts of one task that fit `length` tokens with the task's generation cap, reproducible from seed.
+
+    The cap is RULER's, widened for a tokenizer that spells the answers longer than `reference` (generation_cap). As
+    RULER: one binary search (on sample 0) fixes the haystack size; a sample that still overflows shrinks its
+    haystack step by step."""
+    if task_name not in TASKS:
+        raise EvaluationError(f"unknown task {task_name!r}; choose from {', '.join(TASKS)} or a group "
+                              f"({', '.join(TASK_GROUPS)})")
+    task = TASKS[task_name]
+    generate = prompt_maker(task, length, seed, tokenizer)
     smallest = {"niah": 1, "vt": 5, "cwe": 11, "fwe": 10, "json_kv": 1}[task.kind]
-    if n_tokens(0, smallest) > budget:
-        raise EvaluationError(f"{task_name} does not fit length {length}: its smallest prompt is "
-                              f"{n_tokens(0, smallest)} tokens, plus {task.max_new_tokens} to generate; use a longer length")
-    # An upper bound: tokens grow at least about one per haystack unit.
-    high = smallest
-    while n_tokens(0, high) <= budget and high < 10_000_000:
-        high *= 2
-    if task.kind == "cwe":
-        high = min(high, len(word_lists()["cwe"]))
-    size = largest_fitting(lambda s: n_tokens(0, s) <= budget, smallest, high)
+    cap = generation_cap(task, [generate(i, smallest)[1] for i in range(n)], tokenizer, reference)
+    size = haystack_size(task, length, cap, lambda s: len(tokenizer.encode(generate(0, s)[0])), smallest)
     samples = []
     for index in range(n):
         used = size
         while True:
             prompt, answers, needles = generate(index, used)
             tokens = [eos_id] + tokenizer.encode(prompt)
-            if len(tokens) + task.max_new_tokens <= length or used <= smallest:
+            if len(tokens) + cap <= length or used <= smallest:
                 break
             used = max(smallest, used - max(1, size // 50))
-        if len(tokens) + task.max_new_tokens > length:
+        if len(tokens) + cap > length:
             raise EvaluationError(f"{task_name} sample {index} overflows length {length}; use a longer length")
-        samples.append(Sample(task_name, length, index, prompt, answers, needles, tokens))
+        samples.append(Sample(task_name, length, index, prompt, answers, cap, needles, tokens))
     return samples
+
+
+def haystack_size(task: Task, length: int, cap: int, n_tokens, smallest: int) -> int:
+    """The largest haystack whose prompt (n_tokens(size) tokens), the leading end-of-document token and the
+    generation cap fit `length`: RULER's binary search."""
+    budget = length - cap - 1
+    if n_tokens(smallest) > budget:
+        raise EvaluationError(f"{task.name} does not fit length {length}: its smallest prompt is "
+                              f"{n_tokens(smallest)} tokens, plus {cap} to generate; use a longer length")
+    # An upper bound: tokens grow at least about one per haystack unit.
+    high = smallest
+    while n_tokens(high) <= budget and high < 10_000_000:
+        high *= 2
+    if task.kind == "cwe":
+        high = min(high, len(word_lists()["cwe"]))
+    return largest_fitting(lambda s: n_tokens(s) <= budget, smallest, high)
 
 
 def score(task_name: str, prediction: str, answers: list[str]) -> float:
     return METRICS[TASKS[task_name].metric]([prediction], [answers])
+
+
+def oracle_score(sample: Sample, tokenizer) -> float:
+    """The score of a reply that is the answers themselves (answer_text), cut at the sample's generation cap:
+    100 unless the cap is too short for the answer in this tokenizer."""
+    reply = tokenizer.decode(tokenizer.encode(answer_text(sample.answers))[:sample.max_new_tokens])
+    return score(sample.task, postprocess_prediction(reply), sample.answers)
 
 
 

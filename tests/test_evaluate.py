@@ -4,11 +4,13 @@ scores for a checkpoint and its Hugging Face export (ruler.py's prompts and metr
 Models are tiny random ones with the dolma2 vocabulary; lengths are a few hundred tokens."""
 
 import json
+import math
 
 import pytest
 import torch
 
 import checkpoint
+import compact_vocabulary
 import data
 import evaluate as ev
 import hf_export
@@ -35,13 +37,15 @@ def tiny_model(window=None, seed=0) -> Transformer:
 # An oracle scores 100, a constant model 0, through the same decoding and scoring path
 
 
-def oracle_generator(tokenizer):
+def oracle_generator(tokenizer, separator=" "):
+    """The answers read out of the prompt, joined by `separator`, cut at the generation cap it is given."""
     def generate(prompts, max_new_tokens):
         out = []
         for row in prompts.tolist():
             prompt = tokenizer.decode(row[1:])
             task = next(t for t, test in ORACLE_TASK_OF.items() if test(prompt))
-            out.append(tokenizer.encode(" " + solve(task, prompt))[:max_new_tokens] + [data.EOS_ID])
+            answer = " " + separator.join(solve(task, prompt).split(" "))
+            out.append(tokenizer.encode(answer)[:max_new_tokens] + [getattr(tokenizer, "eos_id", data.EOS_ID)])
         return out
     return generate
 
@@ -60,6 +64,31 @@ def test_oracle_scores_100_and_a_constant_model_scores_0(tokenizer):
     for task in tasks:
         assert oracle[task]["1500"]["scores"] == [100.0] * 3, (task, oracle[task]["1500"]["predictions"])
         assert constant[task]["1500"]["mean"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def compact_tokenizer(tokenizer):
+    """The smallest compact vocabulary (512 ids) from the most frequent dolma2 tokens of pydoc's text: most of
+    an answer is then spelled byte by byte, in up to 1.7x dolma2's tokens."""
+    from collections import Counter
+    from pydoc_data.topics import topics
+    bytes_and_specials = {tokenizer.encoding.encode_single_token(bytes([b])) for b in range(256)}
+    bytes_and_specials |= set(data.SPECIAL_TOKENS.values())
+    counts = Counter(tokenizer.encode(" ".join(topics[name] for name in sorted(topics))))
+    frequent = [i for i, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if i not in bytes_and_specials]
+    return compact_vocabulary.CompactTokenizer(frequent[:512 - data.FIRST_FREQUENT_ID])
+
+
+def test_an_oracle_cut_at_the_cap_scores_100_on_every_task_in_every_vocabulary(tokenizer, compact_tokenizer):
+    # The answers listed with commas, as models list them. RULER's caps count dolma2-like tokens; vt's five names
+    # so listed are 34 bytes, which the compact vocabulary spells in about as many tokens: past RULER's 30, so the
+    # last name was cut.
+    for vocabulary in (tokenizer, compact_tokenizer):
+        cells = ev.run_recall(oracle_generator(vocabulary, separator=", "), vocabulary, list(ruler.TASKS), [2500],
+                              samples=3, seed=2)
+        for task in ruler.TASKS:
+            assert cells[task]["2500"]["scores"] == [100.0] * 3, (vocabulary.name, task, cells[task]["2500"])
+            assert cells[task]["2500"]["oracle"] == 100.0
 
 
 def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tokenizer):
@@ -140,6 +169,20 @@ def test_attention_rows_match_reference_attention_and_respect_the_window():
             assert layer_rows[:, 2, :29 - 5].abs().max() == 0  # query 29 sees keys 24..29 only
 
 
+def test_the_sink_query_sits_inside_the_window_so_windowed_layers_see_the_first_tokens():
+    # The authors' query (position 4,000) sits inside their 4,096-token window; the last position of a
+    # longer text would see only the window behind it, so a windowed layer's sink share would be 0 by construction.
+    model = tiny_model(window=16)  # layer 0 windowed (16 keys), layer 1 global
+    tokens = torch.randint(0, 1000, (65,), generator=torch.Generator().manual_seed(1))
+    cell = ev.run_attention(model, [tokens])
+    assert cell["query_position"] == 15  # the window's last position: it sees keys 0..15
+    assert all(share > 0 for share in cell["per_layer"]["sink_first_1"])
+    assert cell["per_layer"]["sink_first_100"][0] == pytest.approx(1.0)  # all it sees lies in the first 100
+    fixed = ev.run_attention(model, [tokens], query=40)  # one position for every model of a grid
+    assert fixed["query_position"] == 40 and fixed["per_layer"]["sink_first_1"][0] == 0.0
+    assert ev.run_attention(tiny_model(), [tokens])["query_position"] == 64  # no window: the last position
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end: our checkpoint and its Hugging Face export score the same; a rerun resumes
 
@@ -184,6 +227,53 @@ def test_checkpoint_and_its_hf_export_score_identically_and_rerun_resumes(tmp_pa
     assert again["recall"]["ours"] == results["recall"]["ours"]
     table = ev.before_after_table(again, ["ours", "exported"], [256, 512], ["niah_single_1"])
     assert "\n| ours |" in table and "\n| exported |" in table and "LongPPL @ 512" in table
+
+
+def test_an_evaluator_outside_the_compared_models_picks_the_key_tokens_and_is_not_reported(tmp_path, heldout_folder):
+    models = {name: tiny_model(seed=seed) for seed, name in enumerate(["a", "b", "outside"])}
+    for name, model in models.items():
+        checkpoint.save_model(model, tmp_path / name)
+    kwargs = dict(lengths=[256], modes=("longppl",), data_dir=heldout_folder, short_context=64, short_step=32,
+                  windows=2, device="cpu", progress=False)
+    compared = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
+    results = ev.evaluate(compared, out=tmp_path / "eval", evaluator=str(tmp_path / "outside"), **kwargs)
+    assert set(results["longppl"]) == {"a", "b"}  # the evaluator's own LongPPL is not among the compared
+    texts = ev.heldout_documents(heldout_folder, 256, 2)
+    assert results["key_tokens"]["256"]["positions"] == ev.find_key_tokens(models["outside"], texts, 64, 32)
+    assert results["key_tokens"]["256"]["settings"]["evaluator"] == str(tmp_path / "outside")
+    assert not any(c.get("evaluator_is_this_model") for cells in results["longppl"].values() for c in cells.values())
+    inside = ev.evaluate(compared, out=tmp_path / "eval_inside", evaluator="a", **kwargs)
+    assert inside["longppl"]["a"]["256"]["evaluator_is_this_model"] is True  # flagged: its LongPPL is biased
+    assert "evaluator_is_this_model" not in inside["longppl"]["b"]["256"]
+    with pytest.raises(ev.EvaluationError, match="neither one of the checkpoints' labels"):
+        ev.evaluate(compared, out=tmp_path / "eval_none", evaluator=str(tmp_path / "missing"), **kwargs)
+
+
+def test_longppl_weights_each_documents_log_longppl_by_its_key_tokens_as_the_official_code(monkeypatch):
+    # PKU-ML/LongPPL perplexity.py: exp(sum n_d log LongPPL_d / sum n_d) over documents with key tokens.
+    monkeypatch.setattr(ev, "token_losses", lambda model, text: text[1:].double())  # loss of token p: its value
+    texts = [torch.tensor([0, 1, 1, 1]), torch.tensor([0, 3, 3, 3]), torch.tensor([0, 5, 5, 5])]
+    result = ev.run_losses(None, texts, [[1], [1, 2, 3], []])  # LongPPL e^1 on 1 key token, e^3 on 3, none
+    assert result["longppl"] == pytest.approx(math.exp((1 * 1 + 3 * 3) / 4)) and result["key_tokens"] == 4
+    assert ev.longppl_over_documents([(math.e, 1), (math.e ** 3, 3)]) == pytest.approx(math.exp(2.5))
+    assert ev.longppl_over_documents([]) is None
+
+
+def test_held_out_documents_are_read_whole_from_their_start_and_never_run_into_the_next(tmp_path, tokenizer):
+    documents = [text for i in range(8) for text in (f"A short note, number {i}.",
+                                                      " ".join(f"w{i}x{j}" for j in range(60)))]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in documents))
+    data.prepare([tmp_path / "docs.jsonl"], tmp_path / "prepared", val_fraction=0.5, progress=False)
+    L = 64
+    long_val = [t for t in documents if data.is_val_document(t, 0.5) and len(tokenizer.encode(t)) >= L]
+    texts = ev.heldout_documents(tmp_path / "prepared", L, count=100)
+    assert len(texts) == len(long_val) > 0
+    for text, document in zip(texts, long_val):
+        # the separator the models saw before every document, then the document's first L tokens
+        assert text.tolist() == [data.EOS_ID] + tokenizer.encode(document)[:L]
+    assert len(ev.heldout_documents(tmp_path / "prepared", L, count=1)) == 1
+    with pytest.raises(data.DataError, match="--heldout windows"):
+        ev.heldout_documents(tmp_path / "prepared", 10_000, 1)
 
 
 def test_per_length_means_and_the_effective_length_follow_ruler():

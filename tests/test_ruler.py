@@ -101,3 +101,33 @@ def test_cwe_prompt_repeats_the_ten_common_words_most(tokenizer):
 def test_a_prompt_that_cannot_fit_is_refused_with_the_fix(tokenizer):
     with pytest.raises(ruler.EvaluationError, match="does not fit length 300"):
         ruler.build_samples("cwe", 300, 1, 0, tokenizer, data.EOS_ID)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation caps: RULER's, plus what a vocabulary needs beyond dolma2 to spell the answers
+
+
+class OneTokenPerByte:
+    def encode(self, text):
+        return list(text.encode())
+
+
+class OneTokenPerWord:
+    def encode(self, text):
+        return text.split()
+
+
+def test_the_cap_grows_by_the_extra_tokens_a_vocabulary_needs_for_the_answers_and_never_shrinks():
+    vt = ruler.TASKS["vt"]
+    answers = [["AB", "CD"], ["EFGH"]]  # " AB, CD": 7 bytes, 2 words; " EFGH": 5 bytes, 1 word
+    assert ruler.generation_cap(vt, answers, OneTokenPerByte(), reference=OneTokenPerWord()) == 30 + 5
+    assert ruler.generation_cap(vt, answers, OneTokenPerWord(), reference=OneTokenPerByte()) == 30
+    assert ruler.generation_cap(vt, answers, OneTokenPerByte(), reference=None) == 30
+
+
+def test_dolma2_keeps_rulers_caps_and_prompts(tokenizer):
+    for task in ("vt", "niah_multikey_3", "json_kv"):
+        plain = ruler.build_samples(task, 1024, 2, 0, tokenizer, data.EOS_ID)
+        referenced = ruler.build_samples(task, 1024, 2, 0, tokenizer, data.EOS_ID, reference=tokenizer)
+        assert [s.max_new_tokens for s in referenced] == [ruler.TASKS[task].max_new_tokens] * 2
+        assert [(s.prompt, s.tokens) for s in referenced] == [(s.prompt, s.tokens) for s in plain]
