@@ -178,18 +178,32 @@ def load_model(folder: Path | str, attention_backend: str | None = None) -> Tran
     path = Path(folder) / WEIGHTS_FILE
     with torch.device("meta"):  # shapes only: the stored tensors are assigned below
         model = Transformer(config, seed=None)
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    check_weights(state, {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}, path)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: Path | str):
+    """Refuse weights that are not the model's where they enter (every loader calls this): a missing or
+    unexpected name, a shape config.json does not imply, a tensor that is not floating point (a cast
+    would silently change it), or any NaN or infinity (a poisoned checkpoint scored or trained on is a
+    wrong result). Each as one CheckpointError naming the file and the tensor."""
     for problem, keys in (("missing", sorted(set(expected) - set(state))),
                           ("unexpected", sorted(set(state) - set(expected)))):
         if keys:
             raise CheckpointError(f"{path}: {problem} tensor '{keys[0]}' ({len(keys)} in all); config.json and the "
                                   f"weights disagree")
     for name, tensor in state.items():
-        if tuple(tensor.shape) != expected[name]:
+        if tuple(tensor.shape) != tuple(expected[name]):
             raise CheckpointError(f"{path}: tensor '{name}' has shape {list(tensor.shape)}, config.json implies "
                                   f"{list(expected[name])}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: tensor '{name}' is {str(tensor.dtype).removeprefix('torch.')}, not a "
+                                  f"floating-point type; weights are float32, bfloat16 or float16")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: tensor '{name}' holds {bad} NaN or infinite value(s); these weights "
+                                  f"are poisoned: use an earlier checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------

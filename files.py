@@ -50,3 +50,45 @@ def fsync_tree(folder: Path, files: bool = True):
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per folder
+
+
+class FolderBusy(RuntimeError):
+    """Another live process writes this folder; the message names it and the fix."""
+
+
+_HELD_LOCKS: dict[Path, int] = {}  # folder -> the open lock file: the lock lasts as long as the process
+
+
+def lock_folder(folder: Path | str, what: str) -> Path:
+    """Take the exclusive lock of FOLDER/.lock for this process (`what` it does there, e.g. "train.py",
+    is written beside its pid), or raise FolderBusy naming the process that holds it. An OS lock (flock): the kernel releases it when its holder exits or is killed, so
+    a run killed with -9 never blocks the next. Taking a lock this process holds is a no-op."""
+    import fcntl
+
+    folder = Path(folder).resolve()
+    if folder in _HELD_LOCKS:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 256, 0).decode(errors="replace").strip() or "of unknown pid"
+        os.close(descriptor)
+        raise FolderBusy(f"{folder} is in use by process {holder}; wait for it to finish, stop it, or choose "
+                         f"another folder") from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()} ({what})\n".encode(), 0)
+    _HELD_LOCKS[folder] = descriptor
+    return folder
+
+
+def unlock_folder(folder: Path | str):
+    """Give back a lock this process took (it also goes when the process ends)."""
+    descriptor = _HELD_LOCKS.pop(Path(folder).resolve(), None)
+    if descriptor is not None:
+        os.close(descriptor)  # closing the only descriptor releases the flock

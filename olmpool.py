@@ -143,6 +143,11 @@ class ModelConfig:
         check(self.rope_original_context is None or self.rope_original_context >= 1,
               f"rope_original_context={self.rope_original_context} must be positive, or None for context_length")
         check(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive (Olmo uses 1e-6)")
+        # YaRN's ramp runs from the dimension that turns beta_fast times to the one that turns beta_slow
+        # times; with fast <= slow it runs backwards, where transformers' ramp and ours part ways.
+        check(self.rope_scaling != "yarn" or self.yarn_beta_fast > self.yarn_beta_slow,
+              f"yarn_beta_fast={self.yarn_beta_fast} must exceed yarn_beta_slow={self.yarn_beta_slow} "
+              f"(YaRN's defaults: 32 and 1)")
 
     @property
     def layer_windows(self) -> list[int | None]:
