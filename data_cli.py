@@ -90,37 +90,36 @@ def build_parser():
     return parser
 
 
-def run(parser, args):
-    """One command; a DataError (or a problem verify finds) ends the process with one line each."""
-    if args.command == "prepare":
-        compact_vocabulary.prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens,
-                                   progress=not args.quiet, compact_vocab=args.compact_vocab)
-    elif args.command == "verify":
-        problems = verify(args.folder)
-        if problems:
-            parser.exit(1, "".join(f"error: {problem}\n" for problem in problems))
-        shards = sum(len(split["shards"]) for split in data.read_manifest(args.folder)["splits"].values())
-        print(f"{args.folder}: all {shards} shard(s) match {data.MANIFEST} (size, header, token ids, SHA-256)")
-    elif args.command == "compact":
-        out = compact_vocabulary.compact_folder(args.source, args.vocab_size, args.out, progress=not args.quiet)
-        print(f"compact copy ready in {out}", file=sys.stderr)
-    else:
-        out = compact_vocabulary.prepare_builtin_corpus(args.out, args.max_tokens, compact_vocab=args.compact_vocab)
-        print(f"built-in corpus ready in {out}", file=sys.stderr)
-
-
 def stop_on_sigterm(signum, frame):
     # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so a prepare removes what it built aside.
     raise SystemExit(128 + signum)
 
 
 def main(argv=None):
+    """One command; a DataError (or a problem verify finds) ends the process with one line each, exit 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        run(parser, args)
+        if args.command == "prepare":
+            compact_vocabulary.prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens,
+                                       progress=not args.quiet, compact_vocab=args.compact_vocab)
+        elif args.command == "verify":
+            problems = verify(args.folder)
+            if problems:
+                parser.exit(1, "".join(f"error: {problem}\n" for problem in problems))
+            shards = sum(len(split["shards"]) for split in data.read_manifest(args.folder)["splits"].values())
+            print(f"{args.folder}: all {shards} shard(s) match {data.MANIFEST} (size, header, token ids, SHA-256)")
+        elif args.command == "compact":
+            out = compact_vocabulary.compact_folder(args.source, args.vocab_size, args.out, progress=not args.quiet)
+            print(f"compact copy ready in {out}", file=sys.stderr)
+        else:
+            out = compact_vocabulary.prepare_builtin_corpus(args.out, args.max_tokens, compact_vocab=args.compact_vocab)
+            print(f"built-in corpus ready in {out}", file=sys.stderr)
     except data.DataError as error:
         parser.exit(1, f"error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"error: interrupted; {args.command} changed no folder (what it built aside is removed): "
+                         f"run it again\n")
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -111,9 +111,10 @@ def _weight_files(directory: Path) -> tuple[dict[str, str], str]:
     if index_path.is_file():
         index = read_json(index_path, "re-download the checkpoint")
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path}: key 'weight_map' is missing or empty; re-download the checkpoint")
-        for shard in sorted(set(weight_map.values()), key=str):
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_path}: key 'weight_map' is missing or empty (or maps a tensor to something "
+                                  f"other than a file name); re-download the checkpoint")
+        for shard in sorted(set(weight_map.values())):
             key = next(name for name, file in weight_map.items() if file == shard)
             outside = _outside(directory, shard)
             if outside:

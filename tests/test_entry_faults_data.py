@@ -63,16 +63,20 @@ LOADERS = {
 }
 
 
+def refusal(capsys, entry, folder):
+    """The one line with which `data.py verify` or a loader refuses folder."""
+    if entry == "verify":
+        return one_error_line(capsys, ["verify", str(folder)])
+    with pytest.raises(data.DataError) as error:
+        LOADERS[entry](folder)
+    return str(error.value)
+
+
 @pytest.mark.parametrize("entry", [*LOADERS, "verify"])
 def test_a_shard_listed_in_the_manifest_but_missing_is_one_line_naming_it_and_the_fix(tmp_path, capsys, entry):
     folder = token_folder(tmp_path / "tokens")
     (folder / "train_000001.bin").unlink()
-    if entry == "verify":
-        message = one_error_line(capsys, ["verify", str(folder)])
-    else:
-        with pytest.raises(data.DataError) as error:
-            LOADERS[entry](folder)
-        message = str(error.value)
+    message = refusal(capsys, entry, folder)
     assert "train_000001.bin is missing" in message and "data.py prepare" in message and "\n" not in message.strip()
 
 
@@ -97,12 +101,7 @@ def test_a_manifest_that_is_not_one_is_one_line_for_the_loaders_and_verify(tmp_p
         manifest_path.write_text(json.dumps(manifest))
     else:
         manifest_path.write_text(MANIFESTS[case])
-    if entry == "verify":
-        message = one_error_line(capsys, ["verify", str(folder)])
-    else:
-        with pytest.raises(data.DataError) as error:
-            LOADERS[entry](folder)
-        message = str(error.value)
+    message = refusal(capsys, entry, folder)
     assert str(manifest_path) in message and "data.py prepare" in message
 
 
