@@ -661,6 +661,11 @@ def inspect_hf(directory, rope_theta: float | None = None, window: int | None = 
     tied = _tied_embeddings(reader, headers)
     names = hf_names(config, naming, tied)
     _check_tensors(directory, reader.model_type, config, names, files, headers, tied, reader.notes)
+    integers = [hf for hf in names.values() if not headers[hf][1].startswith(("F", "BF"))]
+    if integers:  # a cast would silently turn them into other weights (checkpoint.check_weights says the same)
+        raise CheckpointError(f"{directory / files[integers[0]]}: tensor '{integers[0]}' is stored as "
+                              f"{headers[integers[0]][1]}, not a floating-point type; weights are float32, "
+                              f"bfloat16 or float16")
     stored = headers[names["embed.weight"]][1]
     stored_dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(stored, stored)
     return ImportPlan(directory, reader.model_type, config, names, files, tied, reader.notes, layout, stored_dtype,

@@ -287,7 +287,8 @@ def test_nan_inf_or_integer_weights_are_refused_naming_the_tensor(tmp_path, caps
     name = "model.layers.1.mlp.down_proj.weight"
     state[name] = POISONS[poison](state[name])
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"tensor 'layers.1.mlp.down_proj.weight' (holds|is int32)"):
+    with pytest.raises(CheckpointError, match=r"tensor '(model\.)?layers.1.mlp.down_proj.weight' (holds \d+ NaN or "
+                                              r"infinite|is stored as I32, not a floating-point type)"):
         hf_interop.load_hf(directory)
     assert "layers.1.mlp.down_proj.weight" in import_fails(capsys, directory, tmp_path / "ours")
 
