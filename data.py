@@ -505,7 +505,8 @@ def replace_folder(new, old):
         os.replace(new, old)
         return
     if (old / ".lock").is_file() and not (new / ".lock").exists():
-        os.link(old / ".lock", new / ".lock")  # the same inode: the writer's lock (one_writer) moves in with new
+        with contextlib.suppress(OSError):  # a filesystem without hard links: the lock then stays with old
+            os.link(old / ".lock", new / ".lock")  # the same inode: the writer's lock (one_writer) moves in with new
     retired = old.parent / f".{old.name}.replaced-{os.getpid()}"
     shutil.rmtree(retired, ignore_errors=True)
     os.replace(old, retired)
