@@ -121,7 +121,6 @@ def _weight_files(directory: Path) -> tuple[dict[str, str], str]:
                 raise CheckpointError(f"{index_path}: weight_map maps '{key}' to {shard!r}, which {outside}; an index "
                                       f"may only name files of its own folder: re-download the checkpoint")
             if not (directory / shard).is_file():
-                key = next(name for name, file in weight_map.items() if file == shard)
                 raise CheckpointError(f"{directory / shard} is missing: {index_path.name} maps '{key}' (and "
                                       f"{sum(f == shard for f in weight_map.values()) - 1} more tensors) to it; "
                                       f"download that shard into {directory}")
