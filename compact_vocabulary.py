@@ -223,18 +223,17 @@ def compact_folder(source_dir, vocab_size, out_dir=None, progress=True):
     except (data.DataError, OSError, KeyError, json.JSONDecodeError):
         pass  # missing, partial or from other data: build it
     start = time.monotonic()
-    vocab = build_compact_vocab(source_dir, vocab_size)
-    tokenizer = compact_tokenizer(tuple(vocab["dolma2_ids"]))
-    data.check_prepare_target(out_dir)
-    final_dir, out_dir = out_dir, out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
-    shutil.rmtree(out_dir, ignore_errors=True)  # built aside and swapped in, as write_corpus does
-    out_dir.mkdir(parents=True)
-    try:
-        splits, manifest = write_compact_shards(source, source_dir, out_dir, vocab, tokenizer, origin)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    data.replace_folder(out_dir, final_dir)
+    with data.one_writer(out_dir, "data.py compact"):  # one writer; what killed ones left aside is cleared
+        vocab = build_compact_vocab(source_dir, vocab_size)
+        tokenizer = compact_tokenizer(tuple(vocab["dolma2_ids"]))
+        final_dir, out_dir = out_dir, out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
+        out_dir.mkdir(parents=True)  # built aside and swapped in, as write_corpus does
+        try:
+            splits, manifest = write_compact_shards(source, source_dir, out_dir, vocab, tokenizer, origin)
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        data.replace_folder(out_dir, final_dir)
     if progress:
         train_split = splits["train"]
         print(f"compact vocabulary {final_dir / data.COMPACT_VOCAB_FILE}: {tokenizer.vocab_size:,} ids keep "
@@ -275,12 +274,13 @@ def prepare(inputs, out_dir, val_fraction=0.005, shard_tokens=data.DEFAULT_SHARD
     if not compact_vocab:
         return data.prepare(inputs, out_dir, val_fraction, shard_tokens, progress)
     check_compact_vocab_size(compact_vocab)  # before the long part
-    dolma2_dir = Path(out_dir).with_name(f".{Path(out_dir).name}.dolma2.tmp{os.getpid()}")
-    try:
-        data.prepare(inputs, dolma2_dir, val_fraction, shard_tokens, progress)
-        compact_folder(dolma2_dir, compact_vocab, out_dir, progress=progress)
-    finally:
-        shutil.rmtree(dolma2_dir, ignore_errors=True)
+    with data.one_writer(out_dir, "data.py prepare"):  # held through both steps: no other writer in between
+        dolma2_dir = Path(out_dir).with_name(f".{Path(out_dir).name}.dolma2.tmp{os.getpid()}")
+        try:
+            data.prepare(inputs, dolma2_dir, val_fraction, shard_tokens, progress)
+            compact_folder(dolma2_dir, compact_vocab, out_dir, progress=progress)
+        finally:
+            shutil.rmtree(dolma2_dir, ignore_errors=True)
     return data.read_manifest(out_dir)
 
 

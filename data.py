@@ -17,8 +17,8 @@ ending with <|endoftext|>. What prepare reads, how it splits, the built-in corpu
 vocabulary (compact_vocabulary.py): docs/data.md.
 """
 
-import argparse
 import base64
+import contextlib
 import functools
 import glob
 import hashlib
@@ -174,9 +174,12 @@ def read_shard(path, check_vocab=True, vocab_size=VOCAB_SIZE):
     against vocab_size (dolma2's, or the folder's compact vocabulary's)."""
     expected_vocab = vocab_size
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(HEADER.size)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror}); copy it back, or {PREPARE_FIX}") from None
     if not MAGIC.startswith(head[:len(MAGIC)]):
         raise DataError(f"{path} is not an OlmPool token shard (it starts with {head[:8]!r}, not {MAGIC!r}); "
                         f"point the loader at a folder made by `python data.py prepare`, or {PREPARE_FIX}")
@@ -201,11 +204,19 @@ def read_shard(path, check_vocab=True, vocab_size=VOCAB_SIZE):
 
     doc_starts = mapped("<u8", HEADER.size, n_documents)
     tokens = mapped("<u4", HEADER.size + 8 * n_documents, n_tokens)
-    if check_vocab and n_tokens and tokens.max() >= vocab_size:  # one pass at memory speed
-        position = int(np.argmax(tokens >= vocab_size))
-        raise DataError(f"{path} holds token id {tokens[position]} at position {position}, beyond the "
-                        f"vocabulary of {vocab_size}: the file is corrupt or came from another tokenizer; {PREPARE_FIX}")
+    if check_vocab:
+        check_token_ids(path, tokens, vocab_size)
     return Shard(path, tokens, doc_starts)
+
+
+def check_token_ids(path, tokens, vocab_size):
+    """Every token id below vocab_size (one pass at memory speed): the loaders' check at start, and verify's."""
+    largest = int(tokens.max()) if tokens.size else 0
+    if largest >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
+        raise DataError(f"{path} holds token id {tokens[position]} at position {position} (the largest is {largest}), "
+                        f"beyond the vocabulary of {vocab_size}: the file is corrupt or came from another tokenizer; "
+                        f"{PREPARE_FIX}")
 
 
 class ShardWriter:
@@ -272,44 +283,52 @@ def read_manifest(data_dir):
     if not path.is_file():
         raise DataError(f"{data_dir} has no {MANIFEST}, so it is not a prepared data folder (or its "
                         f"prepare was interrupted); run `python data.py prepare INPUT ... --out {data_dir}`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} is not readable JSON ({error}); {PREPARE_FIX}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME or \
+            manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} is not a version-{FORMAT_VERSION} {FORMAT_NAME} manifest; {PREPARE_FIX}")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} is damaged: {problem} (edited by hand, or cut short?); {PREPARE_FIX}")
     tokenizer = manifest["tokenizer"]
     if tokenizer.get("vocab_file"):  # a compact vocabulary: its file must be there and be the one named
         check_compact_record(Path(data_dir), tokenizer)
-    elif tokenizer["bpe_sha256"] != CL100K_SHA256 or tokenizer["vocab_size"] != VOCAB_SIZE:
+    elif tokenizer.get("bpe_sha256") != CL100K_SHA256 or tokenizer["vocab_size"] != VOCAB_SIZE:
         raise DataError(f"{path} was made with another tokenizer ({tokenizer}); {PREPARE_FIX}")
     return manifest
 
 
-def verify(data_dir):
-    """Check every shard of a prepared folder against its manifest: present, the listed size, a valid
-    header, and the listed SHA-256 (a full read). Returns the problems found, each naming the file;
-    [] means the folder is intact. (The loader checks sizes and headers, not hashes: it must start fast.)"""
-    data_dir = Path(data_dir)
-    manifest = read_manifest(data_dir)
-    problems = []
-    for split, record in manifest["splits"].items():
+def manifest_problem(manifest):
+    """What is wrong with the structure of a manifest that read_manifest will hand on, or None: every key the
+    loaders and verify read, of its type, and shard files named inside the folder."""
+    tokenizer, splits = manifest.get("tokenizer"), manifest.get("splits")
+    if not isinstance(tokenizer, dict) or not all(isinstance(tokenizer.get(k), int) for k in ("vocab_size", "eos_id")):
+        return "its \"tokenizer\" lacks an integer vocab_size or eos_id"
+    if not isinstance(splits, dict) or not all(isinstance(s, dict) and isinstance(s.get("shards"), list)
+                                               for s in splits.values()):
+        return "its \"splits\" are not objects that list their \"shards\""
+    for split, record in splits.items():
         for shard in record["shards"]:
-            path = data_dir / shard["file"]
-            if not path.is_file():
-                problems.append(f"{path} is missing ({split} shard listed in {MANIFEST})")
-                continue
-            try:
-                read_shard(path, check_vocab=False, vocab_size=manifest["tokenizer"]["vocab_size"])
-            except DataError as error:
-                problems.append(str(error))
-                continue
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-            if digest.hexdigest() != shard["sha256"]:
-                problems.append(f"{path} has SHA-256 {digest.hexdigest()}, but {MANIFEST} lists {shard['sha256']}: "
-                                f"the file changed after prepare (disk or copy damage, or an edit); copy it again "
-                                f"or {PREPARE_FIX}")
-    return problems
+            if not isinstance(shard, dict) or not all(isinstance(shard.get(k), int) for k in ("tokens", "bytes")) \
+                    or not isinstance(shard.get("sha256"), str) or not isinstance(shard.get("file"), str) \
+                    or Path(shard["file"]).name != shard["file"] or shard["file"] in ("", ".", ".."):
+                return f"a {split} shard record ({str(shard)[:80]}) lacks a file name in the folder, tokens, bytes or sha256"
+    return None
+
+
+def missing_shards(data_dir, manifest, splits):
+    """Refuse a folder whose manifest lists a shard (of these splits) that is not there, naming it and the fix."""
+    data_dir = Path(data_dir)
+    missing = [(split, shard["file"]) for split in splits for shard in manifest["splits"][split]["shards"]
+               if not (data_dir / shard["file"]).is_file()]
+    if missing:
+        split, name = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{data_dir / name}{more} is missing: {data_dir / MANIFEST} lists it as a {split} shard; copy "
+                        f"it back from where the folder came from, or {PREPARE_FIX}")
 
 
 # -----------------------------------------------------------------------------
@@ -485,11 +504,52 @@ def replace_folder(new, old):
     if not old.exists():
         os.replace(new, old)
         return
+    if (old / ".lock").is_file() and not (new / ".lock").exists():
+        with contextlib.suppress(OSError):  # a filesystem without hard links: the lock then stays with old
+            os.link(old / ".lock", new / ".lock")  # the same inode: the writer's lock (one_writer) moves in with new
     retired = old.parent / f".{old.name}.replaced-{os.getpid()}"
     shutil.rmtree(retired, ignore_errors=True)
     os.replace(old, retired)
     os.replace(new, old)
     shutil.rmtree(retired)
+
+
+# What a killed writer leaves beside its target NAME: the folder it built (write_corpus, compact_folder), the
+# dolma2 folder compact_vocabulary.prepare tokenizes into first, and (killed between two renames) the old folder.
+ASIDE_PATTERNS = (".{}.preparing-*", ".{}.dolma2.tmp*")
+RETIRED_PATTERN = ".{}.replaced-*"
+_WRITING = {}  # target folder -> how many nested one_writer blocks of this process hold its lock
+
+
+@contextlib.contextmanager
+def one_writer(out_dir, what):
+    """Hold the lock of the folder a prepare or compact writes (files.lock_folder: OUT/.lock, an OS lock the
+    kernel drops with its holder; replace_folder links it into the folder swapped in), so a second writer is
+    refused at once naming the first's pid. Held, it clears what killed writers left aside. Re-entrant."""
+    out_dir = Path(out_dir)
+    check_prepare_target(out_dir)
+    key, created = out_dir.resolve(), not out_dir.exists()
+    if not _WRITING.get(key):
+        try:
+            files.lock_folder(out_dir, what)
+        except files.FolderBusy as busy:
+            raise DataError(f"{busy} (one writer per data folder)") from None
+        name = glob.escape(out_dir.name)
+        patterns = ASIDE_PATTERNS + ((RETIRED_PATTERN,) if (out_dir / MANIFEST).is_file() else ())
+        for aside in [p for pattern in patterns for p in out_dir.parent.glob(pattern.format(name))]:
+            shutil.rmtree(aside, ignore_errors=True)  # none of their writers is alive: we hold the lock
+    _WRITING[key] = _WRITING.get(key, 0) + 1
+    failed = True
+    try:
+        yield out_dir
+        failed = False
+    finally:
+        _WRITING[key] -= 1
+        if not _WRITING[key]:
+            del _WRITING[key]
+            files.unlock_folder(out_dir)
+            if failed and created and [p.name for p in out_dir.iterdir()] == [".lock"]:
+                shutil.rmtree(out_dir)  # the lock made the folder; a failed prepare leaves none
 
 
 def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_bytes,
@@ -502,34 +562,19 @@ def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_
         raise DataError(f"--val_fraction {val_fraction} must be in [0, 1), e.g. 0.005")
     if shard_tokens < 1:
         raise DataError(f"--shard_tokens {shard_tokens} must be positive, e.g. {DEFAULT_SHARD_TOKENS}")
-    out_dir = Path(out_dir)
-    check_prepare_target(out_dir)
-    building = out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)  # left by a prepare of this process id that was killed
-    building.mkdir(parents=True)
-    try:
-        writers = {split: ShardWriter(building, split, shard_tokens) for split in ("train", "val")}
-        meter = Progress(total_bytes, "prepare", "MB of input", every=5.0, enabled=progress, scale=1e-6)
-        start, tokens = time.monotonic(), 0
-        for source, text, n_bytes, ids in tokenized(documents):
-            writers["val" if is_val_document(text, val_fraction) else "train"].add_document(ids)
-            source["documents"] += 1
-            tokens += len(ids) + 1
-            rate = tokens / max(time.monotonic() - start, 1e-9)
-            meter.advance(n_bytes, note=f"{tokens:,} tokens, {rate / 1e6:.2f}M tokens/s")
-            if max_tokens and tokens >= max_tokens:
-                break
-        if tokens == 0:
-            names = ", ".join(s["path"] for s in sources[:5]) + (", ..." if len(sources) > 5 else "")
-            raise DataError(f"empty corpus: no document with any text in {len(sources)} input file(s) ({names}); "
-                            f"check the inputs (JSONL documents go in a \"text\" field)")
-        splits = {split: writer.close() for split, writer in writers.items()}
-        manifest = write_manifest(building, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
-                                  max_tokens=max_tokens, sources=sources, **details)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    replace_folder(building, out_dir)
+    out_dir, start = Path(out_dir), time.monotonic()
+    with one_writer(out_dir, "data.py prepare"):
+        building = out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
+        building.mkdir(parents=True)
+        try:
+            splits, tokens = write_shards(documents, building, val_fraction, shard_tokens, sources, total_bytes,
+                                          max_tokens, progress)
+            manifest = write_manifest(building, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
+                                      max_tokens=max_tokens, sources=sources, **details)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        replace_folder(building, out_dir)
     seconds = max(time.monotonic() - start, 1e-6)
     if progress:
         print(f"prepared {out_dir}: {splits['train']['tokens']:,} train tokens ({splits['train']['documents']:,} documents), "
@@ -539,6 +584,26 @@ def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_
         print(f"warning: no document landed in val ({splits['train']['documents']} documents, val_fraction={val_fraction}); "
               f"raise --val_fraction, or split the text into more documents (JSONL, one per line)", file=sys.stderr)
     return manifest
+
+
+def write_shards(documents, building, val_fraction, shard_tokens, sources, total_bytes, max_tokens, progress):
+    """Tokenize documents into building's train and val shards; returns (splits for the manifest, tokens)."""
+    writers = {split: ShardWriter(building, split, shard_tokens) for split in ("train", "val")}
+    meter = Progress(total_bytes, "prepare", "MB of input", every=5.0, enabled=progress, scale=1e-6)
+    start, tokens = time.monotonic(), 0
+    for source, text, n_bytes, ids in tokenized(documents):
+        writers["val" if is_val_document(text, val_fraction) else "train"].add_document(ids)
+        source["documents"] += 1
+        tokens += len(ids) + 1
+        rate = tokens / max(time.monotonic() - start, 1e-9)
+        meter.advance(n_bytes, note=f"{tokens:,} tokens, {rate / 1e6:.2f}M tokens/s")
+        if max_tokens and tokens >= max_tokens:
+            break
+    if tokens == 0:
+        names = ", ".join(s["path"] for s in sources[:5]) + (", ..." if len(sources) > 5 else "")
+        raise DataError(f"empty corpus: no document with any text in {len(sources)} input file(s) ({names}); "
+                        f"check the inputs (JSONL documents go in a \"text\" field)")
+    return {split: writer.close() for split, writer in writers.items()}, tokens
 
 
 def prepare(inputs, out_dir, val_fraction=0.005, shard_tokens=DEFAULT_SHARD_TOKENS, progress=True):
@@ -640,6 +705,7 @@ class SplitLoader:
         self.data_dir, self.split, self.seq_len = Path(data_dir), split, seq_len
         self.global_batch_size, self.rank, self.world_size, self.seed = global_batch_size, rank, world_size, seed
         records = manifest["splits"][split]["shards"]
+        missing_shards(data_dir, manifest, [split])
         self.vocab_size, self.eos_id = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eos_id"]
         shards = [read_shard(self.data_dir / r["file"], vocab_size=self.vocab_size) for r in records]
         for record, shard in zip(records, shards):
@@ -914,79 +980,17 @@ class LongDocumentMix(SplitLoader):
 
 
 # -----------------------------------------------------------------------------
-# Command line
-
-def build_parser():
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    prep = commands.add_parser("prepare", help="tokenize text files, folders, globs or JSONL into train/val shards",
-                               description="Tokenize INPUTs into DIR/train_*.bin, DIR/val_*.bin and DIR/manifest.json.")
-    prep.add_argument("inputs", nargs="+", metavar="INPUT",
-                      help="a text file (one document), a .jsonl file (one document per line, in its \"text\" field), "
-                           f"a folder (its {' '.join(TEXT_SUFFIXES)} files, recursively), or a quoted glob like 'books/**/*.txt'")
-    prep.add_argument("--out", required=True, metavar="DIR", help="output folder; shards of an earlier prepare there are replaced")
-    prep.add_argument("--val_fraction", type=float, default=0.005,
-                      help="share of documents for the val split, chosen by a hash of each document's text (default: 0.005)")
-    prep.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS,
-                      help=f"tokens per shard file, at document boundaries (default: {DEFAULT_SHARD_TOKENS:,})")
-    prep.add_argument("--quiet", action="store_true", help="no progress (tokens/s, ETA) or summary on stderr; warnings still print")
-    compact_help = ("write the shards in a compact vocabulary of N ids: bytes, specials and the most frequent dolma2 "
-                    "tokens of the train split; lossless, and ~10x faster at the tiny size (default: 0, dolma2)")
-    prep.add_argument("--compact_vocab", type=int, default=0, metavar="N", help=compact_help)
-    builtin = commands.add_parser("builtin", help="prepare the built-in corpus (text that ships with Python)",
-                                  description="Prepare the built-in corpus, or reuse it if already prepared the same way.")
-    builtin.add_argument("--out", default=str(DEFAULT_BUILTIN_DIR), metavar="DIR", help="output folder (default: %(default)s)")
-    builtin.add_argument("--max_tokens", type=int, default=BUILTIN_MAX_TOKENS, help="stop after this many tokens (default: %(default)s)")
-    builtin.add_argument("--compact_vocab", type=int, default=0, metavar="N",
-                         help="also write its compact-vocabulary copy into OUT_vN (what `python train.py` trains on: 8192)")
-    check = commands.add_parser("verify", help="check every shard of a prepared folder against its manifest's SHA-256s",
-                                description="Read every shard of DIR and compare it with manifest.json: presence, "
-                                            "size, header and SHA-256. Exit status 0 if all match, 1 otherwise.")
-    check.add_argument("folder", metavar="DIR", help="a folder made by `python data.py prepare`")
-    compact = commands.add_parser("compact", help="copy a dolma2 folder into a compact vocabulary built from its train split",
-                                  description=f"Build SOURCE's compact vocabulary ({COMPACT_VOCAB_FILE}) and rewrite its "
-                                              "shards in it, into --out (default SOURCE_vN); reused if already built.")
-    compact.add_argument("source", metavar="SOURCE", help="a folder made by `python data.py prepare` (dolma2)")
-    compact.add_argument("--vocab_size", type=int, default=8192, metavar="N",
-                         help="ids in the compact vocabulary, bytes and specials included (default: %(default)s)")
-    compact.add_argument("--out", metavar="DIR", help="output folder (default: SOURCE_vN)")
-    compact.add_argument("--quiet", action="store_true", help="no summary on stderr")
-    parser.epilog = "\n".join(f"--- python data.py {name} ---\n{sub.format_help()}" for name, sub in commands.choices.items())
-    return parser
-
+# Command line: data_cli.py (prepare, builtin, verify, compact)
 
 def main(argv=None):
-    # compact_vocabulary.py builds on this module (it rewrites shards in a compact vocabulary), so
-    # the commands that compact import it here rather than at the top: the modules stay layered.
-    import compact_vocabulary
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "prepare":
-            compact_vocabulary.prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens,
-                                       progress=not args.quiet, compact_vocab=args.compact_vocab)
-        elif args.command == "verify":
-            problems = verify(args.folder)
-            if problems:
-                parser.exit(1, "".join(f"error: {problem}\n" for problem in problems))
-            shards = sum(len(split["shards"]) for split in read_manifest(args.folder)["splits"].values())
-            print(f"{args.folder}: all {shards} shard(s) match {MANIFEST} (size, header, SHA-256)")
-        elif args.command == "compact":
-            out = compact_vocabulary.compact_folder(args.source, args.vocab_size, args.out, progress=not args.quiet)
-            print(f"compact copy ready in {out}", file=sys.stderr)
-        else:
-            out = compact_vocabulary.prepare_builtin_corpus(args.out, args.max_tokens,
-                                                            compact_vocab=args.compact_vocab)
-            print(f"built-in corpus ready in {out}", file=sys.stderr)
-    except DataError as error:
-        parser.exit(1, f"error: {error}\n")
+    """`python data.py COMMAND ...`; the commands live in data_cli.py, which builds on this module."""
+    import data_cli
+    data_cli.main(argv)
 
 
 if __name__ == "__main__":
-    # Run as a script, this file is the module __main__, and compact_vocabulary.py imports it again
-    # as `data`. Running that module's main keeps one DataError class: the one compact_vocabulary.py
-    # raises is the one main catches.
+    # Run as a script, this file is the module __main__, and data_cli.py and compact_vocabulary.py import it
+    # again as `data`. Running that module's main keeps one DataError class: the one they raise is the one
+    # data_cli.main catches.
     import data
     data.main()

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import data
-from checkpoint import CheckpointError, read_json, save_model
+from checkpoint import CheckpointError, check_weights, read_json, save_model
 from olmpool import ModelConfig, Transformer, describe
 
 
@@ -111,16 +111,23 @@ def _weight_files(directory: Path) -> tuple[dict[str, str], str]:
     if index_path.is_file():
         index = read_json(index_path, "re-download the checkpoint")
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path}: key 'weight_map' is missing or empty; re-download the checkpoint")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_path}: key 'weight_map' is missing or empty (or maps a tensor to something "
+                                  f"other than a file name); re-download the checkpoint")
         for shard in sorted(set(weight_map.values())):
+            key = next(name for name, file in weight_map.items() if file == shard)
+            outside = _outside(directory, shard)
+            if outside:
+                raise CheckpointError(f"{index_path}: weight_map maps '{key}' to {shard!r}, which {outside}; an index "
+                                      f"may only name files of its own folder: re-download the checkpoint")
             if not (directory / shard).is_file():
-                key = next(name for name, file in weight_map.items() if file == shard)
                 raise CheckpointError(f"{directory / shard} is missing: {index_path.name} maps '{key}' (and "
                                       f"{sum(f == shard for f in weight_map.values()) - 1} more tensors) to it; "
                                       f"download that shard into {directory}")
         return weight_map, f"{len(set(weight_map.values()))} shards"
     if single.is_file():
+        if _outside(directory, single.name):
+            raise CheckpointError(f"{single} {_outside(directory, single.name)}; copy the real file into {directory}")
         try:
             with safe_open(single, "pt") as file:
                 return {name: single.name for name in file.keys()}, "1 file"
@@ -131,6 +138,29 @@ def _weight_files(directory: Path) -> tuple[dict[str, str], str]:
             f"them to safetensors where you trust them)") if pickles else ""
     raise CheckpointError(f"{directory} has neither model.safetensors nor model.safetensors.index.json{hint}; "
                           f"save the model with save_pretrained(safe_serialization=True)")
+
+
+def _outside(directory: Path, name) -> str | None:
+    """Why the weight file `name` is not a file of directory (an absolute path, a '..', a symlink that leads
+    out), or None. A Hugging Face cache snapshot (.../snapshots/REV/) may link into the repo's blobs/ folder."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return "is a path outside the folder"
+    root, target = directory.resolve(), (directory / name).resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(folder) for folder in allowed):
+        return f"is a link that leads outside the folder (to {target})"
+    return None
+
+
+def _check_layer_count(directory: Path, n_layers, headers: dict) -> None:
+    """A num_hidden_layers the weights cannot hold, refused before anything is built for it (a model of
+    200,000 layers takes minutes to build even on the meta device); the finer checks come in _check_tensors."""
+    present = len({k.split(".")[2] for k in headers if k.startswith("model.layers.")})
+    if isinstance(n_layers, int) and n_layers > present:
+        raise CheckpointError(f"{directory}: tensor 'model.layers.{present}.self_attn.q_proj.weight' (and every tensor of "
+                              f"layers {present}-{n_layers - 1}) is missing from the weights; config.json says "
+                              f"num_hidden_layers={n_layers} but the weights have {present} layers; fix "
+                              f"num_hidden_layers or find the missing weights")
 
 
 def _tensor_headers(directory: Path, files: dict[str, str]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -213,8 +243,10 @@ def _rope_from_hf(params: dict, theta: float, where: str, max_positions: int) ->
     mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
     if attention_factor is None and mscale and mscale_all_dim and factor > 1:  # DeepSeek's form, as transformers
         attention_factor = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all_dim * math.log(factor) + 1)
-    return Rope(theta, "yarn", float(factor), original, float(params.get("beta_fast") or 32),
-                float(params.get("beta_slow") or 1), None if attention_factor is None else float(attention_factor))
+    beta_fast, beta_slow = (params.get(key) for key in ("beta_fast", "beta_slow"))  # 0 is a value, not "unset"
+    return Rope(theta, "yarn", float(factor), original, 32.0 if beta_fast is None else float(beta_fast),
+                1.0 if beta_slow is None else float(beta_slow),
+                None if attention_factor is None else float(attention_factor))
 
 
 def _check_layer_types(layer_types, n_layers: int) -> None:
@@ -503,7 +535,6 @@ _SHAPE_KEYS = {"embed": "vocab_size, hidden_size", "lm_head": "vocab_size, hidde
 
 def _check_tensors(directory, model_type, config, names, files, headers, tied, notes):
     """Every expected tensor present with its shape; nothing unexpected. Errors name the file and the key."""
-    expected = _shapes(config)
     where = lambda name: directory / files.get(name, "model.safetensors")  # noqa: E731
     missing = [(ours, hf) for ours, hf in names.items() if hf not in headers]
     if missing:
@@ -540,6 +571,7 @@ def _check_tensors(directory, model_type, config, names, files, headers, tied, n
             fix = "the weights are of another architecture than model_type says; fix model_type"
         others = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{where(key)}: unexpected tensor '{key}'{others}; {fix}")
+    expected = _shapes(config)  # after the names: a model is built for them (on the meta device)
     for ours, hf in names.items():
         shape, want = headers[hf][0], expected[ours]
         if shape != want:
@@ -616,17 +648,23 @@ def inspect_hf(directory, rope_theta: float | None = None, window: int | None = 
         raise CheckpointError(f"{directory} is not a folder; give the folder holding config.json and the weights")
     reader = _read_config_json(directory)  # model_type: whose conventions and defaults apply
     fields = _shape_fields(reader, attention_backend)
+    files, layout = _weight_files(directory)
+    headers = _tensor_headers(directory, files)
+    _check_layer_count(directory, fields["n_layers"], headers)
     fields |= _window_fields(reader, fields["n_layers"], window, global_every)
     fields |= _rope_fields(reader, fields, rope_theta)
     config = _model_config(reader, fields, norm_placement)
 
     # The weights: which norm naming, tied embeddings, then every name and shape against the config.
-    files, layout = _weight_files(directory)
-    headers = _tensor_headers(directory, files)
     naming = _norm_naming(directory, reader, headers)
     tied = _tied_embeddings(reader, headers)
     names = hf_names(config, naming, tied)
     _check_tensors(directory, reader.model_type, config, names, files, headers, tied, reader.notes)
+    integers = [hf for hf in names.values() if not headers[hf][1].startswith(("F", "BF"))]
+    if integers:  # a cast would silently turn them into other weights (checkpoint.check_weights says the same)
+        raise CheckpointError(f"{directory / files[integers[0]]}: tensor '{integers[0]}' is stored as "
+                              f"{headers[integers[0]][1]}, not a floating-point type; weights are float32, "
+                              f"bfloat16 or float16")
     stored = headers[names["embed.weight"]][1]
     stored_dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}.get(stored, stored)
     return ImportPlan(directory, reader.model_type, config, names, files, tied, reader.notes, layout, stored_dtype,
@@ -665,6 +703,9 @@ def load_hf(directory, rope_theta: float | None = None, window: int | None = Non
         with safe_open(plan.directory / file_name, "pt") as file:
             for ours in ours_names:
                 state[ours] = file.get_tensor(plan.names[ours])
+    # Before any cast: an int32 tensor cast to float, or NaN and inf weights, would import as a broken model.
+    check_weights(state, {ours: shape for ours, shape in _shapes(plan.config).items() if ours in state},
+                  plan.directory)
     if plan.tied:
         state["lm_head.weight"] = state["embed.weight"].clone()
     if dtype is not None:
