@@ -227,6 +227,18 @@ def test_poisoned_weights_are_refused_by_init_from_and_extend_from_naming_the_te
     assert f"tensor '{tensor}'" in line and POISONS[kind] in line, line
 
 
+def test_poisoned_weights_are_refused_by_fsdp_init_from_naming_the_tensor(corpus, two_steps, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(two_steps / "step_0000002", source)
+    tensor = poison("nan")(source)
+    done = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
+                           *SMALL, "--data", str(corpus), "--out", str(tmp_path / "run"), "--steps", "1", "--fsdp",
+                           "--device", "cpu", "--init_from", str(source)], cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode != 0
+    assert f"error: {source / 'model.safetensors'}: tensor '{tensor}' holds 1 NaN" in done.stderr, done.stderr[-3000:]
+
+
 def test_another_architecture_is_refused_by_init_from_naming_the_field(corpus, two_steps, tmp_path):
     with pytest.raises(train.TrainError, match="is a different architecture \\(d_model: checkpoint 32, this run 48"):
         run(corpus, tmp_path / "init", "--steps", "1", "--d_model", "48", "--init_from", str(two_steps / "step_0000002"))
