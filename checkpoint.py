@@ -616,6 +616,7 @@ def save_checkpoint(out: Path, model, transformer: Transformer, optimizer, state
     final = step_folder(out, state["step"])
     temporary = out / f".tmp_{final.name}"
     from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException  # DCP's: a BaseException, wrapping each rank's
 
     try:
         if is_main_process():
@@ -628,7 +629,7 @@ def save_checkpoint(out: Path, model, transformer: Transformer, optimizer, state
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temporary, final)
             fsync_tree(out, files=False)  # the rename itself
-    except (OSError, RuntimeError, SafetensorError) as error:  # disk full, often wrapped by torch or safetensors
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as error:  # disk full, often wrapped
         raise CheckpointError(save_failure(out, temporary, final, transformer, optimizer, state["fsdp"],
                                            error)) from None
     if is_main_process() and keep_checkpoints > 0:
@@ -699,7 +700,13 @@ def load_checkpoint(path: Path, model, transformer: Transformer, optimizer, load
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         saved = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(saved, checkpoint_id=path / "dcp")  # reshards to this world size
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            dcp.load(saved, checkpoint_id=path / "dcp")  # reshards to this world size
+        except CheckpointException as error:  # a BaseException: one line, not a traceback
+            raise CheckpointError(f"{path / 'dcp'} is damaged ({str(error).splitlines()[0]}); resume another "
+                                  f"checkpoint with --resume DIR, or move {path} away and use --resume auto") from None
         check_local_shards(saved["model"], path / "dcp")
         set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
     else:

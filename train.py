@@ -535,14 +535,16 @@ def open_metrics(path: Path):
     """metrics.jsonl opened to append whole lines, unbuffered, so each record is one write. A torn last
     line (a run killed or out of disk mid-write: no newline at the end) is dropped first, with a
     warning, so that the next record is not glued onto it; every complete line is kept."""
-    if path.is_file() and path.stat().st_size:
+    size = path.stat().st_size if path.is_file() else 0
+    if size:
         with open(path, "rb+") as file:
-            content = file.read()
-            if not content.endswith(b"\n"):
-                keep = content.rfind(b"\n") + 1
+            file.seek(max(0, size - 2**20))  # a torn line is part of one record: the tail holds it
+            tail = file.read()
+            if not tail.endswith(b"\n"):
+                keep = size - len(tail) + tail.rfind(b"\n") + 1
                 file.truncate(keep)
-                print(f"warning: dropped the torn last line of {path} ({len(content) - keep} bytes without a "
-                      f"newline, from a run stopped mid-write)", file=sys.stderr, flush=True)
+                print(f"warning: dropped the torn last line of {path} ({size - keep} bytes without a newline, "
+                      f"from a run stopped mid-write)", file=sys.stderr, flush=True)
     return open(path, "ab", buffering=0)
 
 
