@@ -436,7 +436,8 @@ def train_state_problem(state_file: Path, state) -> str | None:
         return f"{state_file} is not a train state (a JSON object with {', '.join(TRAIN_STATE_KEYS)})"
     missing = [key for key in TRAIN_STATE_KEYS if key not in state]
     if missing:
-        return f"{state_file} is not a train state: key '{missing[0]}' is missing (it needs {', '.join(TRAIN_STATE_KEYS)})"
+        return (f"{state_file} is not a train state: key '{missing[0]}' is missing (it needs "
+                f"{', '.join(TRAIN_STATE_KEYS)})")
     for key, (ok, wanted) in TRAIN_STATE_RULES.items():
         if key in state and not ok(state[key]):
             return f"{state_file}: key '{key}' is {json.dumps(state[key])}, not {wanted}"

@@ -241,7 +241,8 @@ def test_poisoned_weights_are_refused_by_fsdp_init_from_naming_the_tensor(corpus
 
 def test_another_architecture_is_refused_by_init_from_naming_the_field(corpus, two_steps, tmp_path):
     with pytest.raises(train.TrainError, match="is a different architecture \\(d_model: checkpoint 32, this run 48"):
-        run(corpus, tmp_path / "init", "--steps", "1", "--d_model", "48", "--init_from", str(two_steps / "step_0000002"))
+        run(corpus, tmp_path / "init", "--steps", "1", "--d_model", "48",
+            "--init_from", str(two_steps / "step_0000002"))
 
 
 def test_a_non_finite_checkpoint_is_never_called_the_last_good_one(two_steps, tmp_path):
@@ -268,6 +269,18 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130_without_a_traceback(corpus, tmp
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     [saved] = checkpoint.checkpoints_in(out)
     assert "SIGINT (Ctrl-C): saved" in stdout and checkpoint.checkpoint_problem(saved) is None
+
+
+def test_a_preempted_extension_exits_with_the_signals_status_and_skips_the_comparison(
+        corpus, two_steps, tmp_path, monkeypatch):
+    summary = {"preempted": True, "exit_status": train.INTERRUPTED_EXIT_STATUS,
+               "checkpoint": two_steps / "step_0000002"}
+    monkeypatch.setattr(train, "train", lambda *a, **k: summary)
+    monkeypatch.setattr(extend, "compare_held_out", lambda *a: pytest.fail("compared a run not finished"))
+    with pytest.raises(SystemExit) as exit:
+        extend.main([*SMALL, "--data", str(corpus), "--from", str(two_steps / "step_0000002"), "--seq_len", "64",
+                     "--batch_tokens", "128", "--micro_batch", "1", "--steps", "1", "--out", str(tmp_path / "ext")])
+    assert exit.value.code == 130
 
 
 # ----------------------------------------------------------------------------------------------
