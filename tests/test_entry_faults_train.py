@@ -271,6 +271,20 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130_without_a_traceback(corpus, tmp
     assert "SIGINT (Ctrl-C): saved" in stdout and checkpoint.checkpoint_problem(saved) is None
 
 
+def test_ctrl_c_under_torchrun_saves_on_every_rank_without_a_keyboardinterrupt(corpus, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                "train.py", *SMALL, "--micro_batch", "1", "--data", str(corpus), "--out", str(out),
+                                "--steps", "100000", "--save_every", "100000", "--device", "cpu"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(has_metrics(out), 120, process)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group gets it
+    stdout, stderr = process.communicate(timeout=120)
+    assert "KeyboardInterrupt" not in stderr, stderr[-3000:]  # (torchrun's own agent reports the signal its way)
+    [saved] = checkpoint.checkpoints_in(out)
+    assert "SIGINT (Ctrl-C): saved" in stdout and checkpoint.checkpoint_problem(saved) is None
+
+
 def test_a_preempted_extension_exits_with_the_signals_status_and_skips_the_comparison(
         corpus, two_steps, tmp_path, monkeypatch):
     summary = {"preempted": True, "exit_status": train.INTERRUPTED_EXIT_STATUS,
