@@ -183,16 +183,21 @@ def load_model(folder: Path | str, attention_backend: str | None = None) -> Tran
     return model.eval()
 
 
+def check_names(names, expected, path: Path | str):
+    """The tensor names of a weights file are those the config implies (check_weights' first test)."""
+    for problem, keys in (("missing", sorted(set(expected) - set(names))),
+                          ("unexpected", sorted(set(names) - set(expected)))):
+        if keys:
+            raise CheckpointError(f"{path}: {problem} tensor '{keys[0]}' ({len(keys)} in all); config.json and the "
+                                  f"weights disagree")
+
+
 def check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: Path | str):
     """Refuse weights that are not the model's where they enter (every loader calls this): a missing or
     unexpected name, a shape config.json does not imply, a tensor that is not floating point (a cast
     would silently change it), or any NaN or infinity (a poisoned checkpoint scored or trained on is a
     wrong result). Each as one CheckpointError naming the file and the tensor."""
-    for problem, keys in (("missing", sorted(set(expected) - set(state))),
-                          ("unexpected", sorted(set(state) - set(expected)))):
-        if keys:
-            raise CheckpointError(f"{path}: {problem} tensor '{keys[0]}' ({len(keys)} in all); config.json and the "
-                                  f"weights disagree")
+    check_names(state, expected, path)
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name]):
             raise CheckpointError(f"{path}: tensor '{name}' has shape {list(tensor.shape)}, config.json implies "
@@ -204,6 +209,18 @@ def check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int,
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{path}: tensor '{name}' holds {bad} NaN or infinite value(s); these weights "
                                   f"are poisoned: use an earlier checkpoint")
+
+
+def weights_problem(folder: Path) -> str | None:
+    """What makes a checkpoint's weights unusable (unreadable, not floating point, NaN or infinite),
+    naming the file and tensor; None where they are good. Before a run calls a checkpoint good."""
+    try:
+        state = read_weights(folder)
+        check_weights(state, {name: tuple(tensor.shape) for name, tensor in state.items()},
+                      Path(folder) / WEIGHTS_FILE)
+    except CheckpointError as error:
+        return str(error)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,6 +410,43 @@ def warn(message: str):
         print(message, file=sys.stderr, flush=True)
 
 
+def count(value, least: int) -> bool:
+    """An int (not a bool, which JSON's true would give) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+# What each key of train_state.json must hold: (test, what it asks). A step of "abc" or -5 would
+# crash a resume, or silently train other steps than asked.
+TRAIN_STATE_RULES = {
+    "step": (lambda v: count(v, 0), "a non-negative integer"),
+    "tokens_seen": (lambda v: count(v, 0), "a non-negative integer"),
+    "loader": (lambda v: isinstance(v, dict), "an object (the loader's position)"),
+    "fsdp": (lambda v: isinstance(v, bool), "true or false"),
+    "rng": (lambda v: isinstance(v, dict), "an object (the generators' states)"),
+    "world_size": (lambda v: count(v, 1), "a positive integer"),
+    "threads": (lambda v: count(v, 1), "a positive integer"),
+}
+
+
+def train_state_problem(state_file: Path, state) -> str | None:
+    """What is wrong in a train_state.json's content, naming the file and the key (None: nothing):
+    every key TRAIN_STATE_KEYS lists is there, each key holds what TRAIN_STATE_RULES asks, and a
+    step_N folder's step is N."""
+    if not isinstance(state, dict):
+        return f"{state_file} is not a train state (a JSON object with {', '.join(TRAIN_STATE_KEYS)})"
+    missing = [key for key in TRAIN_STATE_KEYS if key not in state]
+    if missing:
+        return (f"{state_file} is not a train state: key '{missing[0]}' is missing (it needs "
+                f"{', '.join(TRAIN_STATE_KEYS)})")
+    for key, (ok, wanted) in TRAIN_STATE_RULES.items():
+        if key in state and not ok(state[key]):
+            return f"{state_file}: key '{key}' is {json.dumps(state[key])}, not {wanted}"
+    named = STEP_PATTERN.match(state_file.parent.name)
+    if named and int(named.group(1)) != state["step"]:
+        return f"{state_file}: key 'step' is {state['step']}, but the folder is {state_file.parent.name}"
+    return None
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """What is damaged in a checkpoint folder, naming the file (None: intact). Cheap: the JSON files
     parse, every file has the size train_state.json recorded at save time (older checkpoints: the
@@ -406,8 +460,9 @@ def checkpoint_problem(path: Path) -> str | None:
         except (OSError, UnicodeDecodeError, ValueError) as error:
             return f"{file} is unreadable ({error})"
     state, config = parsed[state_file], parsed[config_file]
-    if not isinstance(state, dict) or not all(key in state for key in TRAIN_STATE_KEYS):
-        return f"{state_file} is not a train state (it needs {', '.join(TRAIN_STATE_KEYS)})"
+    problem = train_state_problem(state_file, state)
+    if problem is not None:
+        return problem
     if not isinstance(config, dict):
         return f"{config_file} is not a config (a JSON object of ModelConfig fields)"
     expected = state.get("files") or {name: None for name in (
@@ -561,27 +616,75 @@ def save_checkpoint(out: Path, model, transformer: Transformer, optimizer, state
     other file's size (which resume checks), then `extras` (extend.py's recipe); it is written last."""
     final = step_folder(out, state["step"])
     temporary = out / f".tmp_{final.name}"
-    if is_main_process():
-        shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed mid-save
-        temporary.mkdir(parents=True)
-    barrier()
-    write_weights_and_optimizer(temporary, model, transformer, optimizer, state["fsdp"])
-    if is_main_process():
-        compact_vocabulary.copy_vocabulary(data_dir, temporary)  # the checkpoint names its tokenizer
-        files = {str(p.relative_to(temporary)): p.stat().st_size for p in sorted(temporary.rglob("*")) if p.is_file()}
-        recorded = state | {"rng": rng_state(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
-        recorded |= extras
-        # A plain write: the folder is renamed into place whole (write_atomically's rename is not needed).
-        (temporary / STATE_FILE).write_text(json.dumps(recorded) + "\n")  # last: marks it complete
-        fsync_tree(temporary)  # on disk before the rename, so a power cut never leaves a renamed, empty file
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        fsync_tree(out, files=False)  # the rename itself
-        if keep_checkpoints > 0:
-            for old in checkpoints_in(out)[:-keep_checkpoints]:
-                shutil.rmtree(old)
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException  # DCP's: a BaseException, wrapping each rank's
+
+    try:
+        if is_main_process():
+            shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed mid-save
+            temporary.mkdir(parents=True)
+        barrier()
+        write_weights_and_optimizer(temporary, model, transformer, optimizer, state["fsdp"])
+        if is_main_process():
+            write_train_state(temporary, state, extras, data_dir)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+            fsync_tree(out, files=False)  # the rename itself
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as error:  # disk full, often wrapped
+        raise CheckpointError(save_failure(out, temporary, final, transformer, optimizer, state["fsdp"],
+                                           error)) from None
+    if is_main_process() and keep_checkpoints > 0:
+        for old in checkpoints_in(out)[:-keep_checkpoints]:
+            shutil.rmtree(old)
     barrier()
     return final
+
+
+def write_train_state(temporary: Path, state: dict, extras: dict, data_dir: Path):
+    """The rest of a checkpoint being saved, on rank 0: the tokenizer, then train_state.json (last:
+    it marks the folder complete), and everything fsynced."""
+    compact_vocabulary.copy_vocabulary(data_dir, temporary)  # the checkpoint names its tokenizer
+    files = {str(p.relative_to(temporary)): p.stat().st_size for p in sorted(temporary.rglob("*")) if p.is_file()}
+    recorded = state | {"rng": rng_state(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+    recorded |= extras
+    # A plain write: the folder is renamed into place whole (write_atomically's rename is not needed).
+    (temporary / STATE_FILE).write_text(json.dumps(recorded) + "\n")  # last: marks it complete
+    fsync_tree(temporary)  # on disk before the rename, so a power cut never leaves a renamed, empty file
+
+
+def size_text(n_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+
+
+def save_failure(out: Path, temporary: Path, final: Path, transformer, optimizer, fsdp: bool, error) -> str:
+    """After a failed save (a full disk, most often): remove the partial folder, and say how much
+    space the checkpoint needs (what it was writing: the weights, twice under FSDP, and the
+    optimizer's state) against what is free, and the fix."""
+    def tensor_bytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+    written = sum(p.stat().st_size for p in temporary.rglob("*") if p.is_file()) if temporary.is_dir() else 0
+    if is_main_process():
+        shutil.rmtree(temporary, ignore_errors=True)
+    needed = tensor_bytes(transformer.state_dict().values()) * (2 if fsdp else 1) + tensor_bytes(
+        value for per_parameter in optimizer.state.values() for value in per_parameter.values())
+    free = shutil.disk_usage(out).free if out.is_dir() else 0
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (f"saving {final} failed ({reason}); the checkpoint needs about {size_text(max(needed, written))} "
+            f"({size_text(written)} written before the failure, removed again), and {out} has {size_text(free)} "
+            f"free: free space there (or lower --keep_checkpoints), or pass another --out, then --resume auto")
+
+
+def check_local_shards(state: dict, path: Path):
+    """This rank's shards of an FSDP checkpoint (dcp/) are finite floating-point tensors (names and
+    shapes are the model's own: DCP loads into them)."""
+    for name, tensor in state.items():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if torch.is_tensor(local) and (not local.is_floating_point() or not bool(torch.isfinite(local).all())):
+            raise CheckpointError(f"{path}: tensor '{name}' is not finite floating point ({local.dtype}, NaN or "
+                                  f"infinite values); these weights are poisoned: use an earlier checkpoint")
 
 
 def load_checkpoint(path: Path, model, transformer: Transformer, optimizer, loader, fsdp: bool,
@@ -598,7 +701,14 @@ def load_checkpoint(path: Path, model, transformer: Transformer, optimizer, load
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         saved = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(saved, checkpoint_id=path / "dcp")  # reshards to this world size
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            dcp.load(saved, checkpoint_id=path / "dcp")  # reshards to this world size
+        except CheckpointException as error:  # a BaseException: one line, not a traceback
+            raise CheckpointError(f"{path / 'dcp'} is damaged ({str(error).splitlines()[0]}); resume another "
+                                  f"checkpoint with --resume DIR, or move {path} away and use --resume auto") from None
+        check_local_shards(saved["model"], path / "dcp")
         set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
     else:
         from safetensors import SafetensorError
@@ -606,12 +716,20 @@ def load_checkpoint(path: Path, model, transformer: Transformer, optimizer, load
 
         file = path / WEIGHTS_FILE
         try:
-            transformer.load_state_dict(load_file(file))
+            state_dict = load_file(file)
+            check_weights(state_dict, {name: tuple(t.shape) for name, t in transformer.state_dict().items()}, file)
+            transformer.load_state_dict(state_dict)
             file = path / "optimizer.pt"  # one's own run's file, and still never unpickled beyond tensors
             optimizer.load_state_dict(torch.load(file, map_location=device, weights_only=True))
+        except CheckpointError:  # check_weights': names the tensor already
+            raise
         except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
             raise CheckpointError(f"{file} is damaged ({str(error).splitlines()[0]}); resume another checkpoint "
                                   f"with --resume DIR, or move {path} away and use --resume auto") from None
-    loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
+    for key, restore in (("loader", loader.load_state_dict), ("rng", set_rng_state)):
+        try:
+            restore(state[key])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            raise CheckpointError(f"{path / STATE_FILE}: key '{key}' is damaged ({type(error).__name__}: {error}); "
+                                  f"resume another checkpoint with --resume DIR, or --resume auto") from None
     return state["step"], state["tokens_seen"]

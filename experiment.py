@@ -30,6 +30,9 @@ import checkpoint
 import data
 import evaluate
 import extend
+import files
+import ruler
+import stages
 import train
 from files import write_atomically
 from settings import (RUN, TrainConfig, TrainError, command_line, compact_vocab_size, model_config, parse,
@@ -55,36 +58,68 @@ class ExperimentConfig(TrainConfig):
 
 
 def run(command: list[str], what: str):
+    """One stage as a child process that dies with this one (stages.die_with_parent: killed with -9
+    included), so a rerun never writes beside an orphan."""
     print(f"\n=== {what}: {' '.join(command[1:])}", flush=True)
-    status = subprocess.run(command).returncode
+    status = subprocess.run(command, preexec_fn=stages.die_with_parent).returncode
     if status != 0:
         raise SystemExit(f"error: {what} failed (exit status {status}); fix what it says above and rerun the same "
                          f"command: finished stages are kept")
 
 
+def check(settings: ExperimentConfig):
+    """Everything the stages will be given, checked before the first: train.py's settings (the
+    parse), the architecture, and the recall tasks (ruler.parse_tasks, as evaluate.py reads them)."""
+    model_config(settings)
+    ruler.parse_tasks(settings.tasks)
+
+
+def extension_stage(settings: ExperimentConfig, source: Path | str, recipe: str, length: int,
+                    out: Path) -> extend.ExtendConfig:
+    """The settings of one extend.py stage, made (and so checked: ExtendConfig's rules) as extend.py
+    will make them: the extension's own fields, then the settings both stages share."""
+    shared = {name: getattr(settings, name) for name in SHARED_SETTINGS}
+    return extend.ExtendConfig(source=str(source), recipe=recipe, seq_len=4 * length, steps=settings.extend_steps,
+                               out=str(out), **shared)
+
+
+def extension_argv(stage: extend.ExtendConfig, settings: ExperimentConfig) -> list[str]:
+    stage_fields = {"source": stage.source, "recipe": stage.recipe, "seq_len": stage.seq_len, "steps": stage.steps,
+                    "out": stage.out}
+    return [*to_argv(stage_fields, extend.ExtendConfig), *to_argv(settings, TrainConfig, only=SHARED_SETTINGS)]
+
+
 def main(argv=None):
     settings = parse(ExperimentConfig, command_line(ExperimentConfig, "experiment.py", __doc__), argv,
-                     check=model_config)  # refuses bad train.py flags before anything runs
+                     check=check)  # refuses bad flags, for every stage, before anything runs
     base = Path(settings.out) if settings.out else run_folder(f"{settings.name or run_name(settings)}-experiment")
+    length = settings.seq_len or model_config(settings).context_length
+    for recipe in (settings.recipe, "none"):  # the extensions' settings, checked now rather than after pretraining
+        extension_stage(settings, base / "pretrain", recipe, length, base / f"extend-{recipe}")
+    files.lock_folder(base, "experiment.py")  # one job per folder; the kernel drops the lock with this process
+    try:
+        return stages_in(settings, base, length)
+    finally:
+        files.unlock_folder(base)
+
+
+def stages_in(settings: ExperimentConfig, base: Path, length: int) -> str:
+    """Pretrain, extend twice, evaluate: each stage the ordinary command, which skips what is done."""
     python = sys.executable
     pretrain = [*to_argv(dataclasses.replace(settings, out=None), TrainConfig), "--out", str(base / "pretrain")]
     run([python, "train.py", *pretrain], "1/3 pretrain")
     source = checkpoint.checkpoints_in(base / "pretrain")[-1]
-    length = settings.seq_len or model_config(settings).context_length
     extended = {}
     for recipe in (settings.recipe, "none"):
-        out = base / f"extend-{recipe}"
-        stage = to_argv({"source": str(source), "recipe": recipe, "seq_len": 4 * length, "steps": settings.extend_steps,
-                         "out": str(out)}, extend.ExtendConfig)
-        run([python, "extend.py", *stage, *to_argv(settings, TrainConfig, only=SHARED_SETTINGS)],
-            f"2/3 extend ({recipe})")
-        extended[recipe] = checkpoint.checkpoints_in(out)[-1]
+        stage = extension_stage(settings, source, recipe, length, base / f"extend-{recipe}")
+        run([python, "extend.py", *extension_argv(stage, settings)], f"2/3 extend ({recipe})")
+        extended[recipe] = checkpoint.checkpoints_in(Path(stage.out))[-1]
     # The data the run trained on (already prepared), in the vocabulary its stages used.
     folder = train.data_dir(settings.data, compact_vocab_size(settings), train.Distributed())
     print(f"\n=== 3/3 evaluate at {length} and {4 * length} tokens -> {base / 'eval'}", flush=True)
     checkpoints = {"pretrained": str(source), "extended": str(extended[settings.recipe]),
                    "none control": str(extended["none"])}
-    table = evaluate.before_after(checkpoints, folder, length, base / "eval", tasks=settings.tasks.split(","),
+    table = evaluate.before_after(checkpoints, folder, length, base / "eval", tasks=ruler.parse_tasks(settings.tasks),
                                   samples=settings.samples, seed=settings.seed)
     write_atomically(base / "eval" / "before_after.md", table + "\n")
     print(f"\n(saved in {base / 'eval' / 'before_after.md'}; plots and every number beside it)")
@@ -94,5 +129,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (TrainError, data.DataError) as error:
+    except (TrainError, data.DataError, checkpoint.CheckpointError, files.FolderBusy, ruler.EvaluationError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # the stage running saved first (its own Ctrl-C handling); rerun to continue
+        sys.exit("interrupted (Ctrl-C); rerun the same command to continue: finished stages are kept")

@@ -32,6 +32,7 @@ import memory
 import olmpool
 import train
 from checkpoint import CheckpointError, Source
+from files import FolderBusy
 from olmpool import ROPE_FIELDS, ModelConfig, Transformer
 from settings import (LEARNING_RATES, LOSS_CHUNK, RECIPE, RUN, TrainConfig, TrainError, command_line,
                       compact_vocab_size, from_record, model_config, parse, run_folder, run_name, setting)
@@ -201,6 +202,10 @@ def resolve(settings: ExtendConfig, source_config: ModelConfig, source_state: di
     model is that config, every field given, so that train.py's model_config gives it back."""
     filled = training_defaults(settings, size_of(source_config, source_state), source_config, source_state,
                                device_type == "cpu")
+    if filled["seq_len"] < source_config.context_length:
+        raise TrainError(f"--seq_len {filled['seq_len']} is shorter than the source's context of "
+                         f"{source_config.context_length} tokens: an extension lengthens it; pass --seq_len of at "
+                         f"least {source_config.context_length} (e.g. {4 * source_config.context_length})")
     given = dict(settings.model)
     if settings.rope_theta_target is not None and RECIPES[settings.recipe].rope_scaling != "abf":
         raise TrainError(f"--rope_theta_target applies to the ABF recipes (olmpool, olmpool_global), not "
@@ -328,6 +333,8 @@ def extend(settings: ExtendConfig) -> dict:
         "pretraining_context": source_config.context_length, "seq_len": settings.seq_len,
         "rope": {k: getattr(config, k) for k in ROPE_FIELDS}}}
     summary = train.train(settings, make_loaders=mix_loaders, train_state_extras=extras)
+    if summary["preempted"]:  # saved; the comparison waits for the finished run
+        return summary
     if settings.held_out_documents and rank0 and summary.get("checkpoint") and "RANK" not in os.environ:
         summary["held_out"] = compare_held_out(settings, source, source_config, config, Path(summary["checkpoint"]))
     return summary
@@ -355,10 +362,15 @@ def compare_held_out(settings: ExtendConfig, source: Source, source_config: Mode
 def main(argv=None):
     settings = parse_args(argv)
     try:
-        extend(settings)
-    except (TrainError, CheckpointError, data.DataError) as error:
+        summary = extend(settings)
+    except (TrainError, CheckpointError, data.DataError, FolderBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # outside the training loop (which saves first on Ctrl-C)
+        print("interrupted (Ctrl-C) outside training; every checkpoint saved is whole", file=sys.stderr)
+        sys.exit(train.INTERRUPTED_EXIT_STATUS)
+    if summary.get("preempted"):  # saved, not finished: requeue (143 after SIGTERM, 130 after Ctrl-C)
+        sys.exit(summary["exit_status"])
 
 
 if __name__ == "__main__":

@@ -257,11 +257,17 @@ class TrainConfig:
 
     def __post_init__(self):
         """Refuse any run setting outside its range, naming the value and a valid one. Checks that
-        need the model or the data come later: model_config, train.check_run_fits, check_vocabulary."""
-        for name, ok, wanted, example in RUN_FLAG_RULES:
-            value = getattr(self, name)
-            if value is not None and not ok(value):  # nan fails every comparison, so it is refused too
-                raise TrainError(f"--{name} {value} must be {wanted}; e.g. --{name} {example}")
+        need the model or the data come later: model_config, train.check_run_fits, check_vocabulary.
+        A subclass's own fields follow FLAG_RULES too (extend.py's, experiment.py's)."""
+        check_flags(self, RUN_FLAG_RULES + [rule for rule in FLAG_RULES if hasattr(self, rule[0])])
+
+
+def check_flags(settings, rules: list[tuple]):
+    """Refuse the first setting outside its rule's range, naming its flag, the value and an example."""
+    for name, ok, wanted, example in rules:
+        value = getattr(settings, name)
+        if value is not None and not ok(value):  # nan fails every comparison, so it is refused too
+            raise TrainError(f"--{name} {value} must be {wanted}; e.g. --{name} {example}")
 
 
 # Run flags and the values they take: (flag, test, what the test asks, an example). A flag that is
@@ -283,6 +289,16 @@ RUN_FLAG_RULES = [
     ("eps", lambda v: 0 < v < math.inf, "a positive finite number", 1e-8),
     ("z_loss", lambda v: 0 <= v < math.inf, "a non-negative finite number", 1e-5),
     ("peak_flops", lambda v: 0 < v < math.inf, "a positive finite number of FLOP/s", 989e12),
+]
+
+# The same for the fields a subclass adds (extend.ExtendConfig, experiment.ExperimentConfig), checked
+# when the settings have them.
+FLAG_RULES = [
+    *[(name, lambda v: v >= 1, "a positive integer", example) for name, example in (
+        ("gpus", 8), ("extend_steps", 150), ("samples", 10))],
+    ("held_out_documents", lambda v: v >= 0, "a non-negative integer (0: skip)", 8),
+    ("gpu_memory", lambda v: 0 < v < math.inf, "a positive finite number of GiB", 80),
+    ("rope_theta_target", lambda v: 0 < v < math.inf, "a positive finite number", 8e6),
 ]
 
 

@@ -40,9 +40,12 @@ import torch.nn as nn
 import checkpoint
 import compact_vocabulary
 import data
+import files
 import memory
 import olmpool
+import stages
 from checkpoint import INIT_FROM_MAY_CHANGE, CheckpointError, check_architecture
+from files import FolderBusy
 from olmpool import ModelConfig, Transformer
 from progress import duration
 from settings import (DEFAULT_SEQUENCES, LEARNING_RATES, LOSS_CHUNK, TrainConfig, TrainError, command_line,
@@ -53,6 +56,9 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Exit status after SIGTERM once the checkpoint is saved: 128 + SIGTERM, what a shell reports for a
 # process ended by SIGTERM, so a scheduler tells "preempted, saved, resume me" (143) from "finished" (0).
 PREEMPTED_EXIT_STATUS = 143
+# Ctrl-C (SIGINT) is handled as SIGTERM (finish the step, save), and exits as a shell reports it: 128 + SIGINT.
+INTERRUPTED_EXIT_STATUS = 130
+SIGNAL_EXIT_STATUS = {signal.SIGTERM: PREEMPTED_EXIT_STATUS, signal.SIGINT: INTERRUPTED_EXIT_STATUS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +112,7 @@ def setup_distributed(device: str = "auto") -> Distributed:
         raise TrainError("--device cuda but torch sees no GPU; use --device cpu or auto")
     if "RANK" not in os.environ:
         return Distributed(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+    stages.die_with_parent()  # a worker never outlives torchrun's agent (killed with -9 included)
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if use_cuda:
         device_ = torch.device("cuda", local_rank)
@@ -210,13 +217,14 @@ def fill_shards(model: Transformer, config: ModelConfig, seed: int, init_from: s
         from safetensors import safe_open
 
         check_architecture(path, config, allowed=INIT_FROM_MAY_CHANGE)
-        with safe_open(path / checkpoint.WEIGHTS_FILE, "pt") as file:
-            missing = sorted(set(shards) - set(file.keys()))
-            if missing:
-                raise TrainError(f"{path / checkpoint.WEIGHTS_FILE} lacks {', '.join(missing[:3])}; pass a "
-                                 f"checkpoint of this architecture")
+        weights = path / checkpoint.WEIGHTS_FILE
+        expected = {name: tuple(shard.shape) for name, shard in shards.items()}  # a DTensor's shape is the full one
+        with safe_open(weights, "pt") as file:
+            checkpoint.check_names(file.keys(), expected, weights)  # names first
             for name, shard in shards.items():
-                copy_into_shard(shard, file.get_tensor(name))
+                tensor = file.get_tensor(name)
+                checkpoint.check_weights({name: tensor}, {name: expected[name]}, weights)  # one at a time
+                copy_into_shard(shard, tensor)
         return
     full = Transformer(config, seed=None)  # hf: read whole on the CPU, then split
     load_initial_weights(full, init_from, config)
@@ -396,6 +404,16 @@ def build_loaders(settings: TrainConfig, plan: BatchPlan, env: Distributed, fold
     return train_loader, val_loader
 
 
+def open_loaders(make_loaders, settings: TrainConfig, plan: BatchPlan, env: Distributed, folder: Path):
+    """make_loaders' (train loader, val loader or None); a shard the manifest lists but the folder
+    lacks is a DataError naming it (not an OSError's traceback)."""
+    try:
+        return make_loaders(settings, plan, env, folder)
+    except FileNotFoundError as error:
+        raise data.DataError(f"{error.filename} is missing, but {Path(folder) / 'manifest.json'} lists it; copy it "
+                             f"back, or prepare the folder again with `python data.py prepare`") from None
+
+
 def micro_batches(batch: data.Batch, plan: BatchPlan, device) -> list[data.Batch]:
     """This rank's rows of the global batch, in micro-batches of plan.micro_batch."""
     size = plan.micro_batch
@@ -513,6 +531,36 @@ def peak_memory_gib(env: Distributed) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
 
 
+def open_metrics(path: Path):
+    """metrics.jsonl opened to append whole lines, unbuffered, so each record is one write. A torn last
+    line (a run killed or out of disk mid-write: no newline at the end) is dropped first, with a
+    warning, so that the next record is not glued onto it; every complete line is kept."""
+    size = path.stat().st_size if path.is_file() else 0
+    if size:
+        with open(path, "rb+") as file:
+            file.seek(max(0, size - 2**20))  # a torn line is part of one record: the tail holds it
+            tail = file.read()
+            if not tail.endswith(b"\n"):
+                keep = size - len(tail) + tail.rfind(b"\n") + 1
+                file.truncate(keep)
+                print(f"warning: dropped the torn last line of {path} ({size - keep} bytes without a newline, "
+                      f"from a run stopped mid-write)", file=sys.stderr, flush=True)
+    return open(path, "ab", buffering=0)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, skipping a torn or unreadable line (a run stopped mid-write)."""
+    records = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class Meter:
     """Per step: tokens/s, window-aware MFU, peak memory, ETA. Rank 0 appends a JSON line to
     OUT/metrics.jsonl every step and prints a progress line when asked."""
@@ -522,7 +570,7 @@ class Meter:
         self.plan, self.env, self.steps = plan, env, steps
         self.flops = olmpool.flops_per_token(config, plan.seq_len)  # counts only the keys a window lets in
         self.peak, self.peak_source = peak_flops(given_peak_flops, env.device)
-        self.file = open(out / "metrics.jsonl", "a") if env.is_main else None
+        self.file = open_metrics(out / "metrics.jsonl") if env.is_main else None
         self.timed_from = None  # (time, step) at the end of the first step, which pays for warm-up and compiling
 
     def record(self, step: int, lr: float, result: dict, tokens_seen: int, seconds: float) -> dict:
@@ -537,8 +585,7 @@ class Meter:
     def write(self, record: dict, show: bool, steps_left: int):
         if not self.file:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.file.write((json.dumps(record) + "\n").encode())  # one write of the whole line (unbuffered)
         if show:
             timed_steps = record["step"] - self.timed_from[1]
             eta = duration((time.perf_counter() - self.timed_from[0]) / timed_steps * steps_left) if timed_steps else "?"
@@ -601,14 +648,26 @@ def resume(training: Training, resume_dir: Path | None, settings: TrainConfig, e
 
 
 class Preemption:
-    """SIGTERM's flag. The handler only records the request: the loop finishes its step, every rank
-    learns of it through train_step's all-reduce, and the run saves and exits with status 143."""
+    """SIGTERM's flag, and Ctrl-C's (SIGINT, handled the same way: no KeyboardInterrupt midway through
+    a step or a save). The handler only records the request: the loop finishes its step, every rank
+    learns of it through train_step's all-reduce, and the run saves and exits with status 143 (130
+    after SIGINT). Under torchrun a Ctrl-C reaches every rank (the terminal signals the whole group)."""
 
     def __init__(self):
         self.requested = False
+        self.signal: int | None = None  # the first signal received
 
     def request(self, signum, frame):
         self.requested = True
+        self.signal = self.signal or signum
+
+    @property
+    def name(self) -> str:
+        return "SIGINT (Ctrl-C)" if self.signal == signal.SIGINT else "SIGTERM"
+
+    @property
+    def exit_status(self) -> int:
+        return SIGNAL_EXIT_STATUS.get(self.signal, PREEMPTED_EXIT_STATUS)
 
 
 def describe_run(settings: TrainConfig, env: Distributed, config: ModelConfig, plan: BatchPlan, folder: Path,
@@ -632,21 +691,25 @@ def describe_run(settings: TrainConfig, env: Distributed, config: ModelConfig, p
 
 def non_finite_error(result: dict, step: int, lr: float, last_saved: Path | None) -> TrainError:
     """The error that stops a run whose loss or gradient norm is not finite (nothing saved)."""
-    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+    kept = "no checkpoint was saved yet"
+    if last_saved:  # good only if its weights are finite (one resumed or saved may not be: say so)
+        problem = checkpoint.weights_problem(last_saved)
+        kept = f"the last good checkpoint is {last_saved}" if problem is None else \
+            f"and the last checkpoint is not good either ({problem})"
     quantity = "loss" if not math.isfinite(result["loss"]) else "gradient norm"
     return TrainError(f"non-finite {quantity} at step {step} (loss {result['loss']}, grad norm "
                       f"{result['grad_norm']}); stopped without saving, {kept}. Lower --lr (now "
                       f"{lr:g} at this step) or lengthen --warmup, then --resume auto")
 
 
-def report_end(env: Distributed, losses: dict, first_step: int, step: int, last_step: int, stopping: bool,
-               resume_dir: Path | None, last_saved: Path | None, start_time: float):
+def report_end(env: Distributed, losses: dict, first_step: int, step: int, last_step: int,
+               stopped_by: Preemption | None, resume_dir: Path | None, last_saved: Path | None, start_time: float):
     """The run's closing line: nothing to do, preempted, or the loss from first to last step."""
     if step >= last_step and not losses:
         log(env, f"nothing to do: {resume_dir} is at step {step}, and this run stops at step {last_step}")
-    if stopping:
-        log(env, f"SIGTERM: saved {last_saved} at step {step}; continue with the same command and --resume auto "
-                 f"(exit status {PREEMPTED_EXIT_STATUS})")
+    if stopped_by:
+        log(env, f"{stopped_by.name}: saved {last_saved} at step {step}; continue with the same command and "
+                 f"--resume auto (exit status {stopped_by.exit_status})")
     if losses:
         recent = [losses[s] for s in sorted(losses)[-10:]]
         log(env, f"done: loss {losses[first_step]:.4f} at step {first_step} -> {losses[step]:.4f} at step {step} "
@@ -656,12 +719,26 @@ def report_end(env: Distributed, losses: dict, first_step: int, step: int, last_
 
 def run(settings: TrainConfig, env: Distributed, preemption: Preemption, make_loaders, extras: dict) -> dict:
     """The run on one rank: set up, build, data, the loop, a checkpoint every --save_every steps."""
-    # Set up: the architecture, the batch, and where the run lives and resumes from.
+    # One writer per run folder, first: a second run into it stops here. Rank 0 holds the lock; the
+    # other ranks write nothing there before rank 0's first save, after barriers rank 0 passes only
+    # holding it (a rank that stops makes torchrun stop the others).
+    out = run_out(settings)
+    if env.is_main:
+        files.lock_folder(out, "train.py")
+    try:
+        return build_and_loop(settings, env, preemption, make_loaders, extras, out)
+    finally:
+        files.unlock_folder(out)
+
+
+def build_and_loop(settings: TrainConfig, env: Distributed, preemption: Preemption, make_loaders, extras: dict,
+                   out: Path) -> dict:
+    """In the locked run folder: set up, resume, build, load the data, then the loop."""
+    # Set up: the architecture, the batch, and where the run resumes from.
     config = model_config(settings)
     plan = batch_plan(settings, config, env.world_size, env.device.type)
     check_run_fits(config, plan, env, settings.activation_checkpointing, settings.mask_documents, settings.warmup,
                    settings.steps)
-    out = run_out(settings)
     resume_dir = checkpoint.set_aside_other_branch(out, checkpoint.find_resume(settings.resume, out))
     if env.device.type == "cpu":
         torch.set_num_threads(cpu_threads(settings.threads, resume_dir))
@@ -673,7 +750,7 @@ def run(settings: TrainConfig, env: Distributed, preemption: Preemption, make_lo
     check_vocabulary(settings.init_from, config, folder, resume_dir)
     model, transformer = build_model(config, settings, env)
     training = Training(model, transformer, build_optimizer(model, settings), plan,
-                        *make_loaders(settings, plan, env, folder), out)
+                        *open_loaders(make_loaders, settings, plan, env, folder), out)
     step, tokens_seen = resume(training, resume_dir, settings, env)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -714,9 +791,10 @@ def loop(training: Training, meter: Meter, step: int, tokens_seen: int, resume_d
                 last_saved = save(training, step, tokens_seen, settings, env, extras)
     finally:
         meter.close()
-    report_end(env, losses, first_step, step, last_step, stopping, resume_dir, last_saved, start_time)
+    report_end(env, losses, first_step, step, last_step, preemption if stopping else None, resume_dir, last_saved,
+               start_time)
     return {"losses": losses, "val_losses": val_losses, "checkpoint": last_saved, "step": step, "out": training.out,
-            "preempted": stopping}
+            "preempted": stopping, "exit_status": preemption.exit_status if stopping else 0}
 
 
 def train(settings: TrainConfig, make_loaders=None, train_state_extras: dict | None = None) -> dict:
@@ -728,14 +806,15 @@ def train(settings: TrainConfig, make_loaders=None, train_state_extras: dict | N
     """
     env = setup_distributed(settings.device)
     preemption = Preemption()
-    previous_handler = signal.signal(signal.SIGTERM, preemption.request)
+    previous_handlers = {signum: signal.signal(signum, preemption.request) for signum in SIGNAL_EXIT_STATUS}
     previous_threads = torch.get_num_threads()
     try:
         return run(settings, env, preemption, make_loaders or build_loaders, train_state_extras or {})
     except CheckpointError as error:  # checkpoint.py's errors name the file and the fix; here they stop the run
         raise TrainError(str(error)) from None
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         torch.set_num_threads(previous_threads)
         teardown_distributed(env)
 
@@ -744,12 +823,16 @@ def main(argv=None):
     settings = parse_args(argv)
     try:
         summary = train(settings)
-    except (TrainError, data.DataError) as error:
+    except (TrainError, CheckpointError, data.DataError, FolderBusy) as error:
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank not in (None, '0') else ''}: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before the run's handler was set (or after it was restored)
+        print("interrupted (Ctrl-C) before the run started or after it ended; nothing was left half-written",
+              file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_STATUS)
     if summary["preempted"]:  # saved, but not finished: a scheduler should requeue, not call it done
-        sys.exit(PREEMPTED_EXIT_STATUS)
+        sys.exit(summary["exit_status"])
 
 
 if __name__ == "__main__":
