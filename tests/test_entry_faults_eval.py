@@ -2,6 +2,7 @@
 flag that cannot run refused in one line before any model loads; an evaluation that computes no cell
 is a failure, not an empty table with exit 0."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,21 +63,28 @@ TINY_RECALL = ["--modes", "recall", "--tasks", "niah_single_1", "--lengths", "25
 # One writer per --out
 
 
-def test_a_second_evaluation_into_a_held_out_folder_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(
-        tmp_path, tiny_checkpoint, monkeypatch):
-    out = tmp_path / "eval"
+@contextlib.contextmanager
+def held_by_another_process(folder: Path, what: str):
+    """Another live process holds folder's lock (files.lock_folder) during the block: yields its pid; killed after."""
     holder = subprocess.Popen([sys.executable, "-c", "import files, sys, time; files.lock_folder(sys.argv[1], "
-                               "'evaluate.py'); print('held', flush=True); time.sleep(60)", str(out)],
+                               "sys.argv[2]); print('held', flush=True); time.sleep(60)", str(folder), what],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        start = time.monotonic()
-        message = refusal([str(tiny_checkpoint), *TINY_RECALL, "--out", str(out)], monkeypatch)
-        assert time.monotonic() - start < 5
-        assert f"in use by process {holder.pid}" in message and not (out / "results.json").exists()
+        yield holder.pid
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_evaluation_into_a_held_out_folder_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(
+        tmp_path, tiny_checkpoint, monkeypatch):
+    out = tmp_path / "eval"
+    with held_by_another_process(out, "evaluate.py") as holder:
+        start = time.monotonic()
+        message = refusal([str(tiny_checkpoint), *TINY_RECALL, "--out", str(out)], monkeypatch)
+        assert time.monotonic() - start < 5
+        assert f"in use by process {holder}" in message and not (out / "results.json").exists()
     monkeypatch.undo()
     ev.main([str(tiny_checkpoint), *TINY_RECALL, "--out", str(out)])  # the kernel dropped the dead holder's lock
     assert (out / "results.json").is_file()
