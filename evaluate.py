@@ -423,10 +423,6 @@ def run_attention(model, windows: list[torch.Tensor], query: int | None = None) 
 # ----------------------------------------------------------------------------------------------
 # The whole evaluation, resumable
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def versions() -> dict:
     import platform
     found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
@@ -443,8 +439,8 @@ MAX_LENGTH = 1 << 20  # longest --lengths taken: 16x OlmPool's 64K extension; be
 
 
 def check_flags(modes: list[str], tasks: list[str], samples: int, windows: int, batch_size: int, device: str | None,
-                out, data_dir) -> None:
-    """Refuse the command line's counts, device, --out and --data before any model loads, naming the fix."""
+                data_dir) -> None:
+    """Refuse the command line's modes, tasks, counts, device and --data before any model loads, naming the fix."""
     if not modes or set(modes) - {"recall", "longppl", "attention"}:
         raise EvaluationError(f"--modes {','.join(modes)!r}: name one or more of recall, longppl, attention")
     if "recall" in modes and not tasks:
@@ -453,16 +449,10 @@ def check_flags(modes: list[str], tasks: list[str], samples: int, windows: int, 
         if value < 1:
             raise EvaluationError(f"{flag} {value} must be at least 1, e.g. {flag} 8")
     check_device(device)
-    check_out(Path(out))
     if data_dir is not None and not Path(data_dir).is_dir():
         raise EvaluationError(f"--data {data_dir}: no such folder; pass a prepared folder (python data.py prepare "
                               f"TEXTS --out DIR), e.g. data/builtin")
     data_dir is None or data.read_manifest(data_dir)  # a folder that is not a prepared one: DataError
-
-
-def check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise EvaluationError(f"--out {out} is a file; pass a folder for results.json, results.md and the plots")
 
 
 def check_device(device: str | None) -> None:
@@ -647,12 +637,13 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     model (default: inside each model's window). heldout: "documents" (whole val documents, read from their
     start) or "windows" (windows of the val stream) for LongPPL and attention; `windows` is how many."""
     out = Path(out)
-    device = device or default_device()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks = ruler.TASK_GROUPS["exact"] if tasks is None else tasks
     check_inputs(checkpoints, lengths, modes, data_dir, short_context, short_step)
     checkpoints = {label: resolve_checkpoint(spec) for label, spec in checkpoints.items()}
     evaluator, evaluator_spec = resolve_evaluator(checkpoints, evaluator)
-    check_out(out)
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"--out {out} is a file; pass a folder for results.json, results.md and the plots")
     files.lock_folder(out, "evaluate.py")  # one writer per --out: a second evaluation into it is refused
     results = load_results(out)
     results["runs"].append({"command": command or sys.argv, "versions": versions(), "seed": seed, "samples": samples,
@@ -663,7 +654,7 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     attention_settings = {**texts, "query": "in window" if sink_query is None else sink_query}
     read = heldout_documents if heldout == "documents" else heldout_windows
     held_out = functools.cache(lambda length: read(data_dir, length, windows))  # read once, for every model
-    check_heldout(held_out, lengths, modes)
+    check_heldout(held_out, data_dir, lengths, modes)
 
     # LongPPL's key tokens first, from the one evaluator, so every model is scored on the same tokens.
     if "longppl" in modes:
@@ -687,9 +678,15 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     return results
 
 
-def check_heldout(held_out, lengths: list[int], modes) -> None:
-    """Refuse, before any model loads, an evaluation of held-out text only where no length has any."""
-    for length in lengths if "recall" not in modes and {"longppl", "attention"} & set(modes) else []:
+def check_heldout(held_out, data_dir, lengths: list[int], modes) -> None:
+    """Refuse, before any model loads, val shards that do not read (ids beyond the vocabulary, a bad header:
+    data.DataError), and an evaluation of held-out text only where no length has any."""
+    if not {"longppl", "attention"} & set(modes):
+        return
+    manifest = data.read_manifest(data_dir)
+    for record in manifest["splits"].get("val", {}).get("shards", []):
+        data.read_shard(Path(data_dir) / record["file"], vocab_size=manifest["tokenizer"]["vocab_size"])
+    for length in lengths if "recall" not in modes else []:
         try:
             return held_out(length) and None
         except data.DataError as error:
@@ -974,7 +971,7 @@ def arguments(argv: list[str] | None = None) -> dict:
         raise EvaluationError(f"--labels: give {len(args.checkpoints)} distinct names, one per checkpoint")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     tasks = ruler.parse_tasks(args.tasks)
-    check_flags(modes, tasks, args.samples, args.windows, args.batch_size, args.device, args.out, args.data)
+    check_flags(modes, tasks, args.samples, args.windows, args.batch_size, args.device, args.data)
     if args.sink_query is not None and args.sink_query < 0:
         raise EvaluationError(f"--sink_query {args.sink_query} must be a position (0 or more), or leave it out")
     check_inputs(dict(zip(labels, args.checkpoints)), lengths, modes, args.data, args.short_context, args.short_step)

@@ -168,10 +168,11 @@ def test_out_of_vocabulary_ids_in_a_val_shard_are_refused_not_an_empty_table(tmp
     at = data.HEADER.size + 8 * n_documents
     raw[at:at + 4] = (2 ** 32 - 1).to_bytes(4, "little")
     shard.write_bytes(bytes(raw))
-    message = refusal([str(tiny_checkpoint), "--modes", "longppl", "--lengths", "64", "--data", str(folder),
-                       "--device", "cpu", "--short_context", "16", "--short_step", "8", "--out", str(tmp_path / "e")],
-                      monkeypatch)
-    assert "beyond the vocabulary" in message
+    for modes in ("longppl", "recall,longppl,attention"):  # refused, not skipped beside the recall cells
+        message = refusal([str(tiny_checkpoint), "--modes", modes, "--tasks", "niah_single_1", "--lengths", "64",
+                           "--data", str(folder), "--device", "cpu", "--short_context", "16", "--short_step", "8",
+                           "--out", str(tmp_path / "e")], monkeypatch)
+        assert "beyond the vocabulary" in message
 
 
 def test_recall_at_lengths_no_task_fits_fails_instead_of_an_empty_table(tmp_path, tiny_checkpoint):
