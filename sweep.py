@@ -582,6 +582,16 @@ def stage_env(settings: Settings, slot: int, gpus: list[str]) -> dict:
     return env
 
 
+def block_dependents(pending: dict, failed_keys: set, log) -> None:
+    """Drop the pending stages that need a failed or blocked one, down the whole chain (pretrain ->
+    extend -> its evaluation), so that none is left waiting for a stage that never runs."""
+    while blocked := [st for st in pending.values() if any(a in failed_keys for a in st.after)]:
+        for stage in blocked:
+            failed_keys.add(stage.key)  # blocked by a failure upstream
+            del pending[stage.key]
+            log(f"[sweep] blocked {stage.key}")
+
+
 def execute(stages: list[Stage], settings: Settings, jobs: int, gpus: list[str], log=print) -> list[dict]:
     """Run the stages, at most `jobs` at a time, each as soon as the stages it needs are done. A failed
     stage blocks only the stages that need it; the others go on (a long unattended sweep loses one run,
@@ -593,10 +603,7 @@ def execute(stages: list[Stage], settings: Settings, jobs: int, gpus: list[str],
     logs = Path(settings.out) / "logs"
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
-            for stage in [st for st in pending.values() if any(a in failed_keys for a in st.after)]:
-                failed_keys.add(stage.key)  # blocked by a failure upstream
-                del pending[stage.key]
-                log(f"[sweep] blocked {stage.key}")
+            block_dependents(pending, failed_keys, log)
             for stage in [st for st in pending.values() if all(a in done_keys for a in st.after)]:
                 if decide(stage) == "skip":  # no slot needed
                     records.append(run_stage(stage, {}, logs))

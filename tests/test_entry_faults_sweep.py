@@ -160,6 +160,19 @@ def test_a_failed_stage_is_reported_with_its_command_and_log_before_the_analysis
     assert (tmp_path / "sweep" / "index.json").is_file()
 
 
+def test_a_failure_blocks_the_whole_chain_after_it_and_is_still_reported_with_its_log(tmp_path):
+    fail = Stage("a/pretrain", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "f",
+                 [tmp_path / "f" / "never"])
+    extend = Stage("a/extend", [sys.executable, "-c", "pass"], tmp_path / "x", [tmp_path / "x" / "x"],
+                   after=["a/pretrain"])
+    evaluate = Stage("a/eval", [sys.executable, "-c", "pass"], tmp_path / "e", [tmp_path / "e" / "x"],
+                     after=["a/extend"])
+    with pytest.raises(sweep.SweepError, match=r"(?s)1 stage\(s\) failed, 2 blocked.*a/pretrain failed \(exit 3\)"
+                                               r".*a__pretrain.log.*boom"):
+        sweep.execute([fail, extend, evaluate], Settings(out=tmp_path), jobs=1, gpus=[], log=lambda *_: None)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "e").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics.jsonl: a torn last line is skipped
 
