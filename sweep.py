@@ -797,6 +797,8 @@ def settings_from_flags(flags: dict) -> tuple[Settings, Invocation]:
     the shape fields gathered, and the built-in corpus where --data is not given."""
     flags = dict(flags)
     invocation = Invocation(**{f.name: flags.pop(f.name) for f in dataclasses.fields(Invocation)})
+    if invocation.jobs < 1:
+        raise SweepError(f"--jobs {invocation.jobs} must be at least 1; e.g. --jobs 2")
     if Path(flags["out"]).exists() and not Path(flags["out"]).is_dir():
         raise SweepError(f"--out {flags['out']} is a file; pass a folder for the sweep's runs, logs and analysis")
     if flags["data"] and not Path(flags["data"]).is_dir() and not invocation.from_rows:
@@ -828,8 +830,12 @@ def settings_from_record(record: dict) -> Settings:
 def analyse_rows(source: Path, out: Path, invocation: Invocation, command: list[str]) -> int:
     """--from_rows: the analysis of the rows an earlier analysis.json holds, with the settings it records,
     into OUT/analysis (and --results). The plan fills in what older rows lack (the windows)."""
-    report = json.loads(source.read_text())
-    settings = settings_from_record(report["settings"])
+    try:
+        report = json.loads(source.read_text())
+        settings = settings_from_record(report["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SweepError(f"--from_rows {source}: not an analysis.json a sweep wrote ({type(error).__name__}: {error}); "
+                         f"pass OUT/analysis/analysis.json of a finished sweep") from None
     windows = {arch.name: arch.window for arch in architectures(settings)}
     rows = [{"window": windows.get(row["name"]), **row} for row in pool_analysis.rows_from_json(report["rows"])]
     rows_from = report.get("rows_from") or {"file": str(source), "command": report.get("command"),

@@ -122,6 +122,9 @@ SWEEP_FLAG_FAULTS = {
     "extra_train unknown flag": (["--extra_train=--bogus 1"], "unrecognized arguments: --bogus 1"),
     "extra_train bad value": (["--extra_train=--lr -1"], "--lr -1"),
     "out a file": (["--out", "{tmp}/a_file"], "is a file"),
+    "jobs 0": (["--jobs", "0"], "--jobs 0"),
+    "from_rows missing": (["--from_rows", "{tmp}/no_analysis.json"], "not an analysis.json"),
+    "from_rows not one": (["--from_rows", "{tmp}/a_file"], "not an analysis.json"),
 }
 
 
