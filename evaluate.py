@@ -985,6 +985,9 @@ def main(argv: list[str] | None = None) -> None:
         evaluate(**kwargs, command=[sys.executable] + sys.argv)
     except (EvaluationError, data.DataError, checkpoint.CheckpointError, files.FolderBusy) as error:
         sys.exit(f"evaluate.py: {error}")
+    except KeyboardInterrupt:  # every finished cell is in results.json already: the same command resumes
+        print("evaluate.py: interrupted; the same command continues from the cells it finished", file=sys.stderr)
+        sys.exit(130)
     print((Path(kwargs["out"]) / TABLES_FILE).read_text())
 
 

@@ -915,6 +915,9 @@ def main(argv=None) -> int:
     except (SweepError, pool_analysis.AnalysisError, files.FolderBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the stages got the same Ctrl-C, saved and stopped; stamps make a rerun resume
+        print("error: interrupted; the same command resumes every unfinished stage", file=sys.stderr)
+        return 130
     finally:
         if settings is not None:
             files.unlock_folder(settings.out)

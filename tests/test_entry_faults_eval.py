@@ -183,3 +183,14 @@ def test_recall_at_lengths_no_task_fits_fails_instead_of_an_empty_table(tmp_path
     assert isinstance(message, str) and "\n" not in message and "no cell could be computed" in message
     assert (tmp_path / "eval" / "results.json").is_file()  # what ran is kept
     assert os.path.getsize(tmp_path / "eval" / "results.json") > 0
+
+
+def test_ctrl_c_ends_in_one_line_and_exit_130_with_the_finished_cells_kept(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                            capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "recall_cells", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        ev.main([str(tiny_checkpoint), *TINY_RECALL, "--out", str(tmp_path / "eval")])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("evaluate.py: interrupted")

@@ -176,6 +176,14 @@ def test_a_failure_blocks_the_whole_chain_after_it_and_is_still_reported_with_it
     assert not (tmp_path / "x").exists() and not (tmp_path / "e").exists()
 
 
+def test_ctrl_c_ends_the_sweep_in_one_line_and_exit_130(tmp_path, corpus, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep, "execute", interrupted)
+    assert sweep.main(["--out", str(tmp_path / "sweep"), *TINY, "--data", str(corpus)]) == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted; the same command resumes every unfinished stage"
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics.jsonl: a torn last line is skipped
 
