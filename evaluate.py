@@ -33,8 +33,8 @@ import files
 import olmpool
 import ruler
 from progress import Progress
-from ruler import EvaluationError  # one error class for the evaluation's inputs, the prompts' included
-from ruler import cut_at_eos, mean_ci, score_samples  # noqa: F401 - RULER's scoring, named here as before
+# EvaluationError: one error class for the evaluation's inputs, the prompts' included; RULER's scoring from ruler.py
+from ruler import EvaluationError, cut_at_eos, mean_ci, score_samples  # noqa: F401
 
 RESULTS_FILE = "results.json"
 TABLES_FILE = "results.md"
@@ -449,7 +449,8 @@ def check_flags(modes: list[str], tasks: list[str], samples: int, windows: int, 
     if data_dir is not None and not Path(data_dir).is_dir():
         raise EvaluationError(f"--data {data_dir}: no such folder; pass a prepared folder (python data.py prepare "
                               f"TEXTS --out DIR), e.g. data/builtin")
-    data_dir is None or data.read_manifest(data_dir)  # a folder that is not a prepared one: DataError
+    if data_dir is not None:
+        data.read_manifest(data_dir)  # a folder that is not a prepared one: DataError
 
 
 def check_device(device: str | None) -> None:
@@ -683,13 +684,15 @@ def check_heldout(held_out, data_dir, lengths: list[int], modes) -> None:
     manifest = data.read_manifest(data_dir)
     for record in manifest["splits"].get("val", {}).get("shards", []):
         data.read_shard(Path(data_dir) / record["file"], vocab_size=manifest["tokenizer"]["vocab_size"])
+    reasons = []
     for length in lengths if "recall" not in modes else []:
         try:
-            return held_out(length) and None
+            held_out(length)
+            return
         except data.DataError as error:
-            if length == lengths[-1]:
-                raise EvaluationError(f"no length of --lengths {','.join(map(str, lengths))} has held-out text: "
-                                      f"{error}") from None
+            reasons.append(str(error))
+    if reasons:
+        raise EvaluationError(f"no length of --lengths {','.join(map(str, lengths))} has held-out text: {reasons[-1]}")
 
 
 def check_computed(results: dict, labels: list[str], lengths: list[int], tasks: list[str], modes, out: Path) -> None:

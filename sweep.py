@@ -866,7 +866,7 @@ def check_stage_commands(stages: list[Stage]) -> None:
         except SystemExit:  # argparse's refusal: its last line names the flag
             complaint = (said.getvalue().strip().splitlines() or ["its flags are refused"])[-1]
             raise SweepError(f"{stage.key}: {complaint.removeprefix('error: ')}; nothing was run") from None
-        except ValueError as error:  # evaluate.py's EvaluationError, data.DataError
+        except (ValueError, OSError) as error:  # evaluate.py's EvaluationError, data.DataError, an unreadable file
             raise SweepError(f"{stage.key}: {script}: {error}; nothing was run") from None
 
 
@@ -877,7 +877,7 @@ def run_and_analyse(settings: Settings, invocation: Invocation, stages: list[Sta
     failure = None
     if not invocation.analyze_only:
         check_stage_commands(stages)
-        jobs = len(invocation.gpus) if invocation.gpus else max(1, invocation.jobs)
+        jobs = len(invocation.gpus) if invocation.gpus else invocation.jobs
         records = []
         try:
             records = execute(stages, settings, jobs, list(invocation.gpus))
