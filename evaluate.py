@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ import files
 import olmpool
 import ruler
 from progress import Progress
-from ruler import EvaluationError  # one error class for the evaluation's inputs, the prompts' included
+# EvaluationError: one error class for the evaluation's inputs, the prompts' included; RULER's scoring from ruler.py
+from ruler import EvaluationError, cut_at_eos, mean_ci, score_samples  # noqa: F401
 
 RESULTS_FILE = "results.json"
 TABLES_FILE = "results.md"
@@ -49,10 +51,6 @@ def model_generator(model: olmpool.Transformer, eos_id: int, chunk_size: int = 2
         out = olmpool.generate(model, prompts.to(device), max_new_tokens, eos_id=eos_id, chunk_size=chunk_size)
         return [row.tolist() for row in out.cpu()]
     return generate
-
-
-def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 def decode_batches(samples: list[ruler.Sample], generate, batch_size: int, progress=None) -> list[list[int]]:
@@ -271,15 +269,6 @@ def save_results(out: Path, results: dict) -> None:
     files.write_json_atomically(out / RESULTS_FILE, results, indent=1, allow_nan=True)
 
 
-def mean_ci(values: list[float]) -> tuple[float, float | None]:
-    """Mean and the half-width of a 95% confidence interval (normal approximation; None for n < 2)."""
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, None
-    return mean, float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
-
-
 def cell(results: dict, mode: str, label: str, key: str):
     return results.get(mode, {}).get(label, {}).get(key)
 
@@ -323,18 +312,6 @@ def run_recall(generate, tokenizer, tasks: list[str], lengths: list[int], sample
                 result["needle_attention"] = measure_needle_attention(model, tokenizer, batch[:needle_samples])
             cells.setdefault(task_name, {})[str(length)] = result
     return cells
-
-
-def score_samples(batch: list[ruler.Sample], outputs: list[list[int]], tokenizer, eos_id: int) -> dict:
-    """One recall cell: each sample's prediction and score, their mean and 95% CI, and the oracle's score."""
-    predictions = [ruler.postprocess_prediction(tokenizer.decode(cut_at_eos(o, eos_id))) for o in outputs]
-    scores = [ruler.score(s.task, p, s.answers) for p, s in zip(predictions, batch)]
-    mean, ci = mean_ci(scores)
-    return {"n": len(scores), "mean": mean, "ci95": ci, "scores": scores, "predictions": predictions,
-            "answers": [s.answers for s in batch], "prompt_tokens": [len(s.tokens) for s in batch],
-            "max_new_tokens": batch[0].max_new_tokens, "oracle": float(np.mean([ruler.oracle_score(s, tokenizer)
-                                                                               for s in batch])),
-            "ruler_max_new_tokens": ruler.TASKS[batch[0].task].max_new_tokens}
 
 
 def measure_needle_attention(model, tokenizer, samples: list[ruler.Sample]) -> dict:
@@ -443,10 +420,6 @@ def run_attention(model, windows: list[torch.Tensor], query: int | None = None) 
 # ----------------------------------------------------------------------------------------------
 # The whole evaluation, resumable
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def versions() -> dict:
     import platform
     found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
@@ -459,14 +432,49 @@ def versions() -> dict:
     return found
 
 
+MAX_LENGTH = 1 << 20  # longest --lengths taken: 16x OlmPool's 64K extension; beyond it a typo, not a context
+
+
+def check_flags(modes: list[str], tasks: list[str], samples: int, windows: int, batch_size: int, device: str | None,
+                data_dir) -> None:
+    """Refuse the command line's modes, tasks, counts, device and --data before any model loads, naming the fix."""
+    if not modes or set(modes) - {"recall", "longppl", "attention"}:
+        raise EvaluationError(f"--modes {','.join(modes)!r}: name one or more of recall, longppl, attention")
+    if "recall" in modes and not tasks:
+        raise EvaluationError(f"--tasks names no task; choose from {', '.join(ruler.TASK_GROUPS)} or a task")
+    for flag, value in (("--samples", samples), ("--windows", windows), ("--batch_size", batch_size)):
+        if value < 1:
+            raise EvaluationError(f"{flag} {value} must be at least 1, e.g. {flag} 8")
+    check_device(device)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise EvaluationError(f"--data {data_dir}: no such folder; pass a prepared folder (python data.py prepare "
+                              f"TEXTS --out DIR), e.g. data/builtin")
+    if data_dir is not None:
+        data.read_manifest(data_dir)  # a folder that is not a prepared one: DataError
+
+
+def check_device(device: str | None) -> None:
+    """--device is cpu, cuda or cuda:N, and a GPU is there for cuda."""
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise EvaluationError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
+    if device and device.startswith("cuda") and int(device[5:] or 0) >= torch.cuda.device_count():
+        raise EvaluationError(f"--device {device}: no such GPU here ({torch.cuda.device_count()} found); use --device "
+                              f"cpu, or leave it out")
+
+
 def check_inputs(checkpoints: dict[str, str], lengths: list[int], modes, data_dir, short_context: int,
                  short_step: int) -> None:
     """Refuse what cannot run before any model loads, naming the flag to change."""
     if not checkpoints:
         raise EvaluationError("no checkpoint given; pass at least one folder or hf:DIR")
+    if not lengths:
+        raise EvaluationError("--lengths names no length; give comma-separated lengths, e.g. 4096,8192")
     for length in lengths:
         if length < 2:
             raise EvaluationError(f"--lengths: {length} is too short; use lengths of at least a few hundred tokens")
+        if length > MAX_LENGTH:
+            raise EvaluationError(f"--lengths: {length} is beyond {MAX_LENGTH:,} tokens, the longest evaluate.py "
+                                  f"takes; use the lengths the models were trained for and a few times more")
     needs_data = {"longppl", "attention"} & set(modes)
     if needs_data and data_dir is None:
         raise EvaluationError(f"modes {sorted(needs_data)} read held-out documents: pass --data DIR (a prepared folder "
@@ -627,11 +635,14 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     model (default: inside each model's window). heldout: "documents" (whole val documents, read from their
     start) or "windows" (windows of the val stream) for LongPPL and attention; `windows` is how many."""
     out = Path(out)
-    device = device or default_device()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks = ruler.TASK_GROUPS["exact"] if tasks is None else tasks
     check_inputs(checkpoints, lengths, modes, data_dir, short_context, short_step)
     checkpoints = {label: resolve_checkpoint(spec) for label, spec in checkpoints.items()}
     evaluator, evaluator_spec = resolve_evaluator(checkpoints, evaluator)
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"--out {out} is a file; pass a folder for results.json, results.md and the plots")
+    files.lock_folder(out, "evaluate.py")  # one writer per --out: a second evaluation into it is refused
     results = load_results(out)
     results["runs"].append({"command": command or sys.argv, "versions": versions(), "seed": seed, "samples": samples,
                             "lengths": lengths, "tasks": tasks, "modes": list(modes), "device": device,
@@ -641,6 +652,7 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     attention_settings = {**texts, "query": "in window" if sink_query is None else sink_query}
     read = heldout_documents if heldout == "documents" else heldout_windows
     held_out = functools.cache(lambda length: read(data_dir, length, windows))  # read once, for every model
+    check_heldout(held_out, data_dir, lengths, modes)
 
     # LongPPL's key tokens first, from the one evaluator, so every model is scored on the same tokens.
     if "longppl" in modes:
@@ -660,7 +672,41 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
                       held_out, sink_query)
         del model
     write_reports(results, out, list(checkpoints), lengths, tasks)
+    check_computed(results, list(checkpoints), lengths, tasks, modes, out)
     return results
+
+
+def check_heldout(held_out, data_dir, lengths: list[int], modes) -> None:
+    """Refuse, before any model loads, val shards that do not read (ids beyond the vocabulary, a bad header:
+    data.DataError), and an evaluation of held-out text only where no length has any."""
+    if not {"longppl", "attention"} & set(modes):
+        return
+    manifest = data.read_manifest(data_dir)
+    for record in manifest["splits"].get("val", {}).get("shards", []):
+        data.read_shard(Path(data_dir) / record["file"], vocab_size=manifest["tokenizer"]["vocab_size"])
+    reasons = []
+    for length in lengths if "recall" not in modes else []:
+        try:
+            held_out(length)
+            return
+        except data.DataError as error:
+            reasons.append(str(error))
+    if reasons:
+        raise EvaluationError(f"no length of --lengths {','.join(map(str, lengths))} has held-out text: {reasons[-1]}")
+
+
+def check_computed(results: dict, labels: list[str], lengths: list[int], tasks: list[str], modes, out: Path) -> None:
+    """An evaluation in which no cell could be computed (every length too long for the held-out text or the
+    tasks, or unreadable val shards) is a failure, not an empty table: EvaluationError naming the first reason."""
+    cells = [cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths
+             if "recall" in modes]
+    cells += [cell(results, mode, label, str(L)) for mode in ("longppl", "attention") if mode in modes
+              for label in labels for L in lengths]
+    if any(c and ("mean" in c or "loss" in c or "per_layer" in c) for c in cells):
+        return
+    reason = next((c["skipped"] for c in cells if c and "skipped" in c), "no cell was run")
+    raise EvaluationError(f"no cell could be computed ({reason}); {out / TABLES_FILE} is empty: choose other --lengths, "
+                          f"--tasks or --data")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -881,58 +927,71 @@ def before_after_table(results: dict, labels: list[str], lengths: list[int], tas
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+", help="our checkpoint or run folders, or hf:DIR")
-    parser.add_argument("--labels", help="comma-separated names for the checkpoints (default: their paths)")
-    parser.add_argument("--lengths", default="4096,8192,16384,32768,65536", help="comma-separated lengths in tokens")
-    parser.add_argument("--tasks", default="exact", help=f"comma-separated tasks or groups "
-                                                         f"({', '.join(ruler.TASK_GROUPS)}): {', '.join(ruler.TASKS)}")
-    parser.add_argument("--modes", default="recall,longppl,attention", help="any of recall, longppl, attention")
-    parser.add_argument("--samples", type=int, default=100, help="samples per task and length (RULER 500, HELMET 100)")
-    parser.add_argument("--seed", type=int, default=0, help="prompts are a function of the seed, task, length and index")
-    parser.add_argument("--out", default="eval", help="folder for results.json, results.md and the plots")
-    parser.add_argument("--data", help="prepared data folder whose val split gives held-out text (longppl, attention)")
-    parser.add_argument("--windows", type=int, default=8,
-                        help="held-out documents (or windows) per length (longppl, attention)")
-    parser.add_argument("--evaluator", help="the model that picks LongPPL's key tokens: a checkpoint's label, or a "
-                        "checkpoint outside them (folder or hf:DIR), as LongPPL's authors use (default: the first)")
-    parser.add_argument("--heldout", choices=["documents", "windows"], default="documents",
-                        help="LongPPL and attention read whole val documents of at least each length from their start "
-                             "(default), or windows of the val stream that cut documents anywhere")
-    parser.add_argument("--short_context", type=int, default=4096, help="LongPPL's short context (published: 4096)")
-    parser.add_argument("--short_step", type=int, default=1024, help="LongPPL's block per short context (published: 1024)")
-    parser.add_argument("--sink_query", type=int, help="position of the query whose attention is measured, the same "
-                        "for every model (default: 4000, at most the last position and each model's window - 1)")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (equal lengths only)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="cast the models (default: as stored; bfloat16 is the usual choice on a GPU)")
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = parser.add_argument
+    flag("checkpoints", nargs="+", help="our checkpoint or run folders, or hf:DIR")
+    flag("--labels", help="comma-separated names for the checkpoints (default: their paths)")
+    flag("--lengths", default="4096,8192,16384,32768,65536", help="comma-separated lengths in tokens")
+    flag("--tasks", default="exact", help=f"comma-separated tasks or groups ({', '.join(ruler.TASK_GROUPS)}): "
+                                          f"{', '.join(ruler.TASKS)}")
+    flag("--modes", default="recall,longppl,attention", help="any of recall, longppl, attention")
+    flag("--samples", type=int, default=100, help="samples per task and length (RULER 500, HELMET 100)")
+    flag("--seed", type=int, default=0, help="prompts are a function of the seed, task, length and index")
+    flag("--out", default="eval", help="folder for results.json, results.md and the plots")
+    flag("--data", help="prepared data folder whose val split gives held-out text (longppl, attention)")
+    flag("--windows", type=int, default=8, help="held-out documents (or windows) per length (longppl, attention)")
+    flag("--evaluator", help="the model that picks LongPPL's key tokens: a checkpoint's label, or a checkpoint "
+                             "outside them (folder or hf:DIR), as LongPPL's authors use (default: the first)")
+    flag("--heldout", choices=["documents", "windows"], default="documents",
+         help="LongPPL and attention read whole val documents of at least each length from their start (default), "
+              "or windows of the val stream that cut documents anywhere")
+    flag("--short_context", type=int, default=4096, help="LongPPL's short context (published: 4096)")
+    flag("--short_step", type=int, default=1024, help="LongPPL's block per short context (published: 1024)")
+    flag("--sink_query", type=int, help="position of the query whose attention is measured, the same for every "
+                                        "model (default: 4000, at most the last position and each model's window - 1)")
+    flag("--batch_size", type=int, default=8, help="prompts decoded together (equal lengths only)")
+    flag("--device", help="cpu or cuda (default: cuda when available)")
+    flag("--dtype", choices=["float32", "bfloat16", "float16"],
+         help="cast the models (default: as stored; bfloat16 is the usual choice on a GPU)")
+    return parser
+
+
+def arguments(argv: list[str] | None = None) -> dict:
+    """evaluate()'s keyword arguments from the command line, every flag checked (check_flags) before any
+    model loads: an EvaluationError naming the flag and the fix. sweep.py checks its stages' flags here."""
+    args = build_parser().parse_args(argv)
     try:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     except ValueError:
-        parser.error(f"--lengths {args.lengths!r}: give comma-separated integers, e.g. 4096,8192")
+        raise EvaluationError(f"--lengths {args.lengths!r}: give comma-separated integers, e.g. 4096,8192") from None
     labels = args.labels.split(",") if args.labels else list(args.checkpoints)
     if len(labels) != len(args.checkpoints) or len(set(labels)) != len(labels):
-        parser.error(f"--labels: give {len(args.checkpoints)} distinct names, one per checkpoint")
+        raise EvaluationError(f"--labels: give {len(args.checkpoints)} distinct names, one per checkpoint")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        if mode not in ("recall", "longppl", "attention"):
-            parser.error(f"--modes: unknown mode {mode!r}; use recall, longppl, attention")
-    if args.samples < 1:
-        parser.error(f"--samples {args.samples} must be at least 1")
+    tasks = ruler.parse_tasks(args.tasks)
+    check_flags(modes, tasks, args.samples, args.windows, args.batch_size, args.device, args.data)
     if args.sink_query is not None and args.sink_query < 0:
-        parser.error(f"--sink_query {args.sink_query} must be a position (0 or more), or leave it out")
+        raise EvaluationError(f"--sink_query {args.sink_query} must be a position (0 or more), or leave it out")
+    check_inputs(dict(zip(labels, args.checkpoints)), lengths, modes, args.data, args.short_context, args.short_step)
+    return dict(checkpoints=dict(zip(labels, args.checkpoints)), lengths=lengths, out=args.out, tasks=tasks,
+                modes=modes, samples=args.samples, seed=args.seed, data_dir=args.data, evaluator=args.evaluator,
+                short_context=args.short_context, short_step=args.short_step, windows=args.windows,
+                batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                sink_query=args.sink_query, heldout=args.heldout)
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
-        evaluate(dict(zip(labels, args.checkpoints)), lengths, args.out, tasks=ruler.parse_tasks(args.tasks),
-                 modes=modes, samples=args.samples, seed=args.seed, data_dir=args.data, evaluator=args.evaluator,
-                 short_context=args.short_context, short_step=args.short_step, windows=args.windows,
-                 batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                 command=[sys.executable] + sys.argv, sink_query=args.sink_query, heldout=args.heldout)
-    except (EvaluationError, data.DataError, checkpoint.CheckpointError) as error:
+        kwargs = arguments(argv)
+        evaluate(**kwargs, command=[sys.executable] + sys.argv)
+    except (EvaluationError, data.DataError, checkpoint.CheckpointError, files.FolderBusy) as error:
         sys.exit(f"evaluate.py: {error}")
-    print((Path(args.out) / TABLES_FILE).read_text())
+    except KeyboardInterrupt:  # every finished cell is in results.json already: the same command resumes
+        print("evaluate.py: interrupted; the same command continues from the cells it finished", file=sys.stderr)
+        sys.exit(130)
+    print((Path(kwargs["out"]) / TABLES_FILE).read_text())
 
 
 if __name__ == "__main__":

@@ -105,15 +105,16 @@ def pairwise_effects(rows: list[dict], measure: str, choices=None) -> dict:
 # Reading the runs: one row per run
 
 def last_val_loss(metrics: Path) -> float | None:
-    """The pretraining run's last validation loss (a resumed run appends; the later line counts)."""
+    """The pretraining run's last validation loss (a resumed run appends; the later line counts). A line
+    that is not a whole record (torn by a crash or a full disk, cut mid-character) is skipped."""
     value = None
     if metrics.is_file():
-        for line in metrics.read_text().splitlines():
+        for line in metrics.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if "val_loss" in record:
+            if isinstance(record, dict) and "val_loss" in record:
                 value = record["val_loss"]
     return value
 

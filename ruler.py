@@ -425,6 +425,31 @@ def oracle_score(sample: Sample, tokenizer) -> float:
     return score(sample.task, postprocess_prediction(reply), sample.answers)
 
 
+def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    """A generation up to (without) its end-of-sequence token."""
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of a 95% confidence interval (normal approximation; None for n < 2)."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, None
+    return mean, float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def score_samples(batch: list[Sample], outputs: list[list[int]], tokenizer, eos_id: int) -> dict:
+    """One recall cell: each sample's prediction and score, their mean and 95% CI, and the oracle's score."""
+    predictions = [postprocess_prediction(tokenizer.decode(cut_at_eos(o, eos_id))) for o in outputs]
+    scores = [score(s.task, p, s.answers) for p, s in zip(predictions, batch)]
+    mean, ci = mean_ci(scores)
+    return {"n": len(scores), "mean": mean, "ci95": ci, "scores": scores, "predictions": predictions,
+            "answers": [s.answers for s in batch], "prompt_tokens": [len(s.tokens) for s in batch],
+            "max_new_tokens": batch[0].max_new_tokens, "oracle": float(np.mean([oracle_score(s, tokenizer)
+                                                                               for s in batch])),
+            "ruler_max_new_tokens": TASKS[batch[0].task].max_new_tokens}
+
 
 # ----------------------------------------------------------------------------------------------
 # Task names and what a table must say about them

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import files
 import pool_analysis
+import stages as stage_processes
 
 REPO_DIR = Path(__file__).resolve().parent
 STAMP_FILE = ".sweep_stage.json"
@@ -286,11 +288,13 @@ def run_stage(stage: Stage, env: dict, log_dir: Path) -> dict:
     with open(log, "a") as handle:
         handle.write(f"\n$ {' '.join(stage.command)}\n")
         handle.flush()
-        done = subprocess.run(stage.command, cwd=REPO_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        done = subprocess.run(stage.command, cwd=REPO_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                              preexec_fn=stage_processes.die_with_parent)  # no orphan writes on after the sweep
     seconds = time.monotonic() - start
     if done.returncode != 0:
-        tail = log.read_text().splitlines()[-15:]
-        raise SweepError(f"{stage.key} failed (exit {done.returncode}); log {log}:\n" + "\n".join(tail))
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise SweepError(f"{stage.key} failed (exit {done.returncode}): {' '.join(stage.command)}\n  log {log}:\n"
+                         + "\n".join(tail))
     missing = [str(p) for p in stage.outputs if not p.exists()]
     if missing:
         raise SweepError(f"{stage.key} finished but did not write {missing}; log {log}")
@@ -343,6 +347,11 @@ class Settings:
     def __post_init__(self):
         if self.ext_steps < 1 or self.steps < 1:
             raise SweepError(f"--steps {self.steps} and --ext_steps {self.ext_steps} must be at least 1")
+        for name, ok, wanted, example in SETTING_RULES:
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            if value is not None and (not all(ok(v) for v in values) or not values and name in NOT_EMPTY):
+                raise SweepError(f"--{name} {shown(value)} must be {wanted}; e.g. --{name} {example}")
         check_qk_levels(self.qk_levels)
 
     def long_context(self) -> int:
@@ -367,6 +376,21 @@ class Settings:
     def as_dict(self) -> dict:
         """The settings as JSON values, as the index and the analysis record them."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+# The sweep's own flags and the values they take: (flag, test, what it asks, an example); every value of
+# a list must pass. Checked before anything runs; what the stages take is then checked by the stages' own
+# parsers (check_stage_commands).
+SETTING_RULES = [
+    *[(name, lambda v: v >= 1, "at least 1", example) for name, example in (
+        ("batch_sequences", 8), ("save_every", 50), ("ext_factor", 8), ("ext_batch_sequences", 1),
+        ("eval_factors", "1,2,4,8"), ("samples", 10), ("windows", 8), ("budgets", "20,60,180"),
+        ("early_steps", "100,200"), ("threads", 1))],
+    ("seeds", lambda v: v >= 0, "0 or more", "0,1"),
+    ("lr", lambda v: 0 < v < math.inf, "a positive finite number", 3e-3),
+    ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]", 1.0),
+]
+NOT_EMPTY = ("seeds", "eval_factors")  # a sweep of no seed or no evaluation length runs nothing
 
 
 def architectures(settings: Settings) -> list[Architecture]:
@@ -558,6 +582,16 @@ def stage_env(settings: Settings, slot: int, gpus: list[str]) -> dict:
     return env
 
 
+def block_dependents(pending: dict, failed_keys: set, log) -> None:
+    """Drop the pending stages that need a failed or blocked one, down the whole chain (pretrain ->
+    extend -> its evaluation), so that none is left waiting for a stage that never runs."""
+    while blocked := [st for st in pending.values() if any(a in failed_keys for a in st.after)]:
+        for stage in blocked:
+            failed_keys.add(stage.key)  # blocked by a failure upstream
+            del pending[stage.key]
+            log(f"[sweep] blocked {stage.key}")
+
+
 def execute(stages: list[Stage], settings: Settings, jobs: int, gpus: list[str], log=print) -> list[dict]:
     """Run the stages, at most `jobs` at a time, each as soon as the stages it needs are done. A failed
     stage blocks only the stages that need it; the others go on (a long unattended sweep loses one run,
@@ -569,10 +603,7 @@ def execute(stages: list[Stage], settings: Settings, jobs: int, gpus: list[str],
     logs = Path(settings.out) / "logs"
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
-            for stage in [st for st in pending.values() if any(a in failed_keys for a in st.after)]:
-                failed_keys.add(stage.key)  # blocked by a failure upstream
-                del pending[stage.key]
-                log(f"[sweep] blocked {stage.key}")
+            block_dependents(pending, failed_keys, log)
             for stage in [st for st in pending.values() if all(a in done_keys for a in st.after)]:
                 if decide(stage) == "skip":  # no slot needed
                     records.append(run_stage(stage, {}, logs))
@@ -766,6 +797,13 @@ def settings_from_flags(flags: dict) -> tuple[Settings, Invocation]:
     the shape fields gathered, and the built-in corpus where --data is not given."""
     flags = dict(flags)
     invocation = Invocation(**{f.name: flags.pop(f.name) for f in dataclasses.fields(Invocation)})
+    if invocation.jobs < 1:
+        raise SweepError(f"--jobs {invocation.jobs} must be at least 1; e.g. --jobs 2")
+    if Path(flags["out"]).exists() and not Path(flags["out"]).is_dir():
+        raise SweepError(f"--out {flags['out']} is a file; pass a folder for the sweep's runs, logs and analysis")
+    if flags["data"] and not Path(flags["data"]).is_dir() and not invocation.from_rows:
+        raise SweepError(f"--data {flags['data']}: no such folder; pass a prepared folder (python data.py prepare "
+                         f"TEXTS --out DIR), or leave it out for the built-in corpus")
     shape = {k: value for k in SHAPE_FIELDS if (value := flags.pop(k)) is not None}
     settings = Settings(**flags | {"out": Path(flags["out"]).resolve(),
                                    "data": str(Path(flags["data"]).resolve()) if flags["data"] else None,
@@ -792,8 +830,12 @@ def settings_from_record(record: dict) -> Settings:
 def analyse_rows(source: Path, out: Path, invocation: Invocation, command: list[str]) -> int:
     """--from_rows: the analysis of the rows an earlier analysis.json holds, with the settings it records,
     into OUT/analysis (and --results). The plan fills in what older rows lack (the windows)."""
-    report = json.loads(source.read_text())
-    settings = settings_from_record(report["settings"])
+    try:
+        report = json.loads(source.read_text())
+        settings = settings_from_record(report["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SweepError(f"--from_rows {source}: not an analysis.json a sweep wrote ({type(error).__name__}: {error}); "
+                         f"pass OUT/analysis/analysis.json of a finished sweep") from None
     windows = {arch.name: arch.window for arch in architectures(settings)}
     rows = [{"window": windows.get(row["name"]), **row} for row in pool_analysis.rows_from_json(report["rows"])]
     rows_from = report.get("rows_from") or {"file": str(source), "command": report.get("command"),
@@ -804,11 +846,64 @@ def analyse_rows(source: Path, out: Path, invocation: Invocation, command: list[
     return 0
 
 
+def check_stage_commands(stages: list[Stage]) -> None:
+    """Every stage's flags through its own script's checks (train.py's and extend.py's settings, evaluate.py's
+    flag checks), before the first stage starts: a value the sweep passes on that a stage would refuse
+    fails now, in one line, not after pretraining. Imports torch (the stages' modules); `import sweep` does not."""
+    import contextlib
+    import io
+
+    import evaluate
+    import extend
+    import train
+    parsers = {"train.py": train.parse_args, "extend.py": extend.parse_args, "evaluate.py": evaluate.arguments}
+    for stage in stages:
+        script = stage.command[1]
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+                parsers[script](stage.command[2:])
+        except SystemExit:  # argparse's refusal: its last line names the flag
+            complaint = (said.getvalue().strip().splitlines() or ["its flags are refused"])[-1]
+            raise SweepError(f"{stage.key}: {complaint.removeprefix('error: ')}; nothing was run") from None
+        except (ValueError, OSError) as error:  # evaluate.py's EvaluationError, data.DataError, an unreadable file
+            raise SweepError(f"{stage.key}: {script}: {error}; nothing was run") from None
+
+
+def run_and_analyse(settings: Settings, invocation: Invocation, stages: list[Stage], members: dict,
+                    command: list[str]) -> int:
+    """Run the stages (unless --analyze_only), then the analysis. A failed stage is reported first, with its
+    command and log; the analysis follows only where some run has the measure, and the exit is 1."""
+    failure = None
+    if not invocation.analyze_only:
+        check_stage_commands(stages)
+        jobs = len(invocation.gpus) if invocation.gpus else invocation.jobs
+        records = []
+        try:
+            records = execute(stages, settings, jobs, list(invocation.gpus))
+        except SweepError as error:
+            failure = error
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        write_index(stages, records, settings, command)
+    rows = pool_analysis.collect(settings, run_folders(settings, members))
+    if failure is not None and not any(r.get(invocation.measure) is not None for r in rows):
+        print(f"error: no analysis: no run has --measure {invocation.measure} (see the failures above)",
+              file=sys.stderr)
+        return 1
+    report = pool_analysis.write_analysis(settings, rows, invocation.measure, command, machine(), settings.out,
+                                          invocation.results)
+    print((Path(settings.out) / "analysis" / "analysis.md").read_text())
+    return 1 if failure is not None or not report else 0
+
+
 def main(argv=None) -> int:
     flags = vars(build_parser().parse_args(argv))
     command = [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]
+    settings = None
     try:
         settings, invocation = settings_from_flags(flags)
+        if not invocation.plan:
+            files.lock_folder(settings.out, "sweep.py")  # one sweep per --out, for the whole run
         if invocation.from_rows:
             return analyse_rows(Path(invocation.from_rows), settings.out, invocation, command)
         stages, members = plan(settings)
@@ -816,25 +911,16 @@ def main(argv=None) -> int:
             for stage in stages:
                 print(f"[{decide(stage)}] {stage.key}\n    {' '.join(stage.command)}")
             return 0
-        if not invocation.analyze_only:
-            Path(settings.out).mkdir(parents=True, exist_ok=True)
-            jobs = len(invocation.gpus) if invocation.gpus else max(1, invocation.jobs)
-            records, failure = [], None
-            try:
-                records = execute(stages, settings, jobs, list(invocation.gpus))
-            except SweepError as error:
-                failure = error  # analyse what finished, then report the failures
-            write_index(stages, records, settings, command)
-        rows = pool_analysis.collect(settings, run_folders(settings, members))
-        report = pool_analysis.write_analysis(settings, rows, invocation.measure, command, machine(), settings.out,
-                                              invocation.results)
-        print((Path(settings.out) / "analysis" / "analysis.md").read_text())
-        if not invocation.analyze_only and failure is not None:
-            raise failure
-        return 0 if report else 1
-    except (SweepError, pool_analysis.AnalysisError) as error:
+        return run_and_analyse(settings, invocation, stages, members, command)
+    except (SweepError, pool_analysis.AnalysisError, files.FolderBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the stages got the same Ctrl-C, saved and stopped; stamps make a rerun resume
+        print("error: interrupted; the same command resumes every unfinished stage", file=sys.stderr)
+        return 130
+    finally:
+        if settings is not None:
+            files.unlock_folder(settings.out)
 
 
 if __name__ == "__main__":
