@@ -404,16 +404,6 @@ def build_loaders(settings: TrainConfig, plan: BatchPlan, env: Distributed, fold
     return train_loader, val_loader
 
 
-def open_loaders(make_loaders, settings: TrainConfig, plan: BatchPlan, env: Distributed, folder: Path):
-    """make_loaders' (train loader, val loader or None); a shard the manifest lists but the folder
-    lacks is a DataError naming it (not an OSError's traceback)."""
-    try:
-        return make_loaders(settings, plan, env, folder)
-    except FileNotFoundError as error:
-        raise data.DataError(f"{error.filename} is missing, but {Path(folder) / 'manifest.json'} lists it; copy it "
-                             f"back, or prepare the folder again with `python data.py prepare`") from None
-
-
 def micro_batches(batch: data.Batch, plan: BatchPlan, device) -> list[data.Batch]:
     """This rank's rows of the global batch, in micro-batches of plan.micro_batch."""
     size = plan.micro_batch
@@ -750,7 +740,7 @@ def build_and_loop(settings: TrainConfig, env: Distributed, preemption: Preempti
     check_vocabulary(settings.init_from, config, folder, resume_dir)
     model, transformer = build_model(config, settings, env)
     training = Training(model, transformer, build_optimizer(model, settings), plan,
-                        *open_loaders(make_loaders, settings, plan, env, folder), out)
+                        *make_loaders(settings, plan, env, folder), out)
     step, tokens_seen = resume(training, resume_dir, settings, env)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
