@@ -547,9 +547,9 @@ def one_writer(out_dir, what):
         _WRITING[key] -= 1
         if not _WRITING[key]:
             del _WRITING[key]
-            files.unlock_folder(out_dir)
             if failed and created and [p.name for p in out_dir.iterdir()] == [".lock"]:
-                shutil.rmtree(out_dir)  # the lock made the folder; a failed prepare leaves none
+                shutil.rmtree(out_dir)  # the lock made the folder; a failed prepare leaves none (still locked)
+            files.unlock_folder(out_dir)
 
 
 def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_bytes,

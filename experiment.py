@@ -61,7 +61,14 @@ def run(command: list[str], what: str):
     """One stage as a child process that dies with this one (stages.die_with_parent: killed with -9
     included), so a rerun never writes beside an orphan."""
     print(f"\n=== {what}: {' '.join(command[1:])}", flush=True)
-    status = subprocess.run(command, preexec_fn=stages.die_with_parent).returncode
+    stage = subprocess.Popen(command, preexec_fn=stages.die_with_parent)
+    try:
+        status = stage.wait()
+    except KeyboardInterrupt:  # the terminal sent the stage Ctrl-C too: let it save and exit, then stop
+        stage.wait()
+        raise
+    if status in (130, 143):  # the stage saved and stopped on Ctrl-C or SIGTERM
+        raise KeyboardInterrupt
     if status != 0:
         raise SystemExit(f"error: {what} failed (exit status {status}); fix what it says above and rerun the same "
                          f"command: finished stages are kept")
@@ -132,4 +139,5 @@ if __name__ == "__main__":
     except (TrainError, data.DataError, checkpoint.CheckpointError, files.FolderBusy, ruler.EvaluationError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # the stage running saved first (its own Ctrl-C handling); rerun to continue
-        sys.exit("interrupted (Ctrl-C); rerun the same command to continue: finished stages are kept")
+        print("interrupted; rerun the same command to continue: finished stages are kept", file=sys.stderr)
+        sys.exit(130)

@@ -57,7 +57,8 @@ def fsync_tree(folder: Path, files: bool = True):
 
 
 class FolderBusy(RuntimeError):
-    """Another live process writes this folder; the message names it and the fix."""
+    """This process may not write the folder (another live process does, or it is not writable); the
+    message names it and the fix."""
 
 
 _HELD_LOCKS: dict[Path, int] = {}  # folder -> the open lock file: the lock lasts as long as the process
@@ -72,8 +73,11 @@ def lock_folder(folder: Path | str, what: str) -> Path:
     folder = Path(folder).resolve()
     if folder in _HELD_LOCKS:
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise FolderBusy(f"cannot write in {folder} ({error.strerror}); choose a folder you can write") from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -10,20 +10,22 @@ worker (train.py) asks the same of the agent. Imports only the standard library.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# libc loaded once, here: a preexec_fn runs between fork and exec, where a thread-spawning or
+# subprocess-running call (ctypes.util.find_library runs ldconfig) is not safe.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def die_with_parent():
     """Ask the kernel to send this process SIGTERM when its parent exits (Linux; elsewhere nothing).
     Use as subprocess.Popen(..., preexec_fn=die_with_parent), or call at a worker's start."""
-    if not sys.platform.startswith("linux"):
+    if _LIBC is None:
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() == 1:  # the parent died before prctl took effect: the signal will never come
+    parent = os.getppid()
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect: the signal will never come
         os.kill(os.getpid(), signal.SIGTERM)

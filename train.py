@@ -648,6 +648,8 @@ class Preemption:
         self.signal: int | None = None  # the first signal received
 
     def request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:  # Ctrl-C twice (e.g. during a long set-up): stop now
+            raise KeyboardInterrupt
         self.requested = True
         self.signal = self.signal or signum
 
