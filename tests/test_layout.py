@@ -82,10 +82,14 @@ def test_no_private_argparse_state_and_no_simple_namespace_stand_ins():
     assert not offenders, offenders
 
 
-@pytest.mark.parametrize("outside", ["../shared", "shared/reference", "shared/seeds"])
+# Paths a user's clone lacks: the workspace folder beside the repository (spelled in pieces so that
+# this file does not cite it itself).
+OUTSIDE_PATHS = ["../" + "shared", "shared/" + "reference", "shared/" + "seeds"]
+
+
+@pytest.mark.parametrize("outside", OUTSIDE_PATHS)
 def test_no_file_cites_a_path_outside_the_repository(outside):
-    files = [path for path in tracked("*") if path.suffix in (".py", ".md", ".sh", ".txt", ".toml", "")
-             and path.name != Path(__file__).name]
+    files = [path for path in tracked("*") if path.suffix in (".py", ".md", ".sh", ".txt", ".toml", "")]
     offenders = [f"{path.relative_to(REPO)}:{number}" for path in files
                  for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if outside in line]
     assert not offenders, f"a user's clone has no {outside}; cite docs/reference.md or the public source: {offenders}"
