@@ -202,13 +202,18 @@ def check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int,
         if tuple(tensor.shape) != tuple(expected[name]):
             raise CheckpointError(f"{path}: tensor '{name}' has shape {list(tensor.shape)}, config.json implies "
                                   f"{list(expected[name])}")
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{path}: tensor '{name}' is {str(tensor.dtype).removeprefix('torch.')}, not a "
-                                  f"floating-point type; weights are float32, bfloat16 or float16")
-        if not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"{path}: tensor '{name}' holds {bad} NaN or infinite value(s); these weights "
-                                  f"are poisoned: use an earlier checkpoint")
+        check_values(name, tensor, path)
+
+
+def check_values(name: str, tensor: torch.Tensor, path: Path | str):
+    """One tensor of weights must be floating point (a cast would silently change it) and finite."""
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{path}: tensor '{name}' is {str(tensor.dtype).removeprefix('torch.')}, not a "
+                              f"floating-point type; weights are float32, bfloat16 or float16")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{path}: tensor '{name}' holds {bad} NaN or infinite value(s); these weights "
+                              f"are poisoned: use an earlier checkpoint")
 
 
 def weights_problem(folder: Path) -> str | None:
@@ -682,9 +687,8 @@ def check_local_shards(state: dict, path: Path):
     shapes are the model's own: DCP loads into them)."""
     for name, tensor in state.items():
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        if torch.is_tensor(local) and (not local.is_floating_point() or not bool(torch.isfinite(local).all())):
-            raise CheckpointError(f"{path}: tensor '{name}' is not finite floating point ({local.dtype}, NaN or "
-                                  f"infinite values); these weights are poisoned: use an earlier checkpoint")
+        if torch.is_tensor(local):
+            check_values(name, local, path)
 
 
 def load_checkpoint(path: Path, model, transformer: Transformer, optimizer, loader, fsdp: bool,
