@@ -34,6 +34,7 @@ import time
 
 import torch
 
+import files
 import olmpool
 
 
@@ -222,8 +223,7 @@ def train_gpu(steps: int = 40) -> None:
                    "--keep_checkpoints", "1", "--log_every", "5", "--out", out]
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True)
-        with open(f"{out}/metrics.jsonl") as f:
-            records = [json.loads(line) for line in f]
+        records = files.read_json_lines(f"{out}/metrics.jsonl")
     settled = [r for r in records if r["step"] > 10]  # the first steps include compilation
     tokens_s = statistics.median(r["tokens_per_s"] for r in settled)
     mfu = statistics.median(r["mfu"] for r in settled if r["mfu"] is not None) if settled[0]["mfu"] else None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +30,7 @@ import data
 import memory
 import olmpool
 import train
-from checkpoint import CheckpointError, Source
-from files import FolderBusy
+from checkpoint import Source
 from olmpool import ROPE_FIELDS, ModelConfig, Transformer
 from settings import (LEARNING_RATES, LOSS_CHUNK, RECIPE, RUN, TrainConfig, TrainError, command_line,
                       compact_vocab_size, from_record, model_config, parse, run_folder, run_name, setting)
@@ -360,17 +358,7 @@ def compare_held_out(settings: ExtendConfig, source: Source, source_config: Mode
 
 
 def main(argv=None):
-    settings = parse_args(argv)
-    try:
-        summary = extend(settings)
-    except (TrainError, CheckpointError, data.DataError, FolderBusy) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # outside the training loop (which saves first on Ctrl-C)
-        print("interrupted (Ctrl-C) outside training; every checkpoint saved is whole", file=sys.stderr)
-        sys.exit(train.INTERRUPTED_EXIT_STATUS)
-    if summary.get("preempted"):  # saved, not finished: requeue (143 after SIGTERM, 130 after Ctrl-C)
-        sys.exit(summary["exit_status"])
+    train.run_main(extend, parse_args(argv))
 
 
 if __name__ == "__main__":

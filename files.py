@@ -40,6 +40,20 @@ def write_json_atomically(path: Path | str, value, indent: int | None = 1, allow
     return write_atomically(path, json.dumps(value, indent=indent, allow_nan=allow_nan) + "\n")
 
 
+def read_json_lines(path: Path | str) -> list[dict]:
+    """The records of a JSON-lines file (metrics.jsonl), skipping a line that is not a whole record: a
+    run killed mid-write can leave its last line torn, even cut mid-character."""
+    records = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def fsync_tree(folder: Path, files: bool = True):
     """fsync every file under folder (if files) and every folder, so that what was written is on disk."""
     inside = sorted(folder.rglob("*")) if files else []

@@ -109,12 +109,8 @@ def last_val_loss(metrics: Path) -> float | None:
     that is not a whole record (torn by a crash or a full disk, cut mid-character) is skipped."""
     value = None
     if metrics.is_file():
-        for line in metrics.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "val_loss" in record:
+        for record in files.read_json_lines(metrics):
+            if "val_loss" in record:
                 value = record["val_loss"]
     return value
 

@@ -538,19 +538,6 @@ def open_metrics(path: Path):
     return open(path, "ab", buffering=0)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl, skipping a torn or unreadable line (a run stopped mid-write)."""
-    records = []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 class Meter:
     """Per step: tokens/s, window-aware MFU, peak memory, ETA. Rank 0 appends a JSON line to
     OUT/metrics.jsonl every step and prints a progress line when asked."""
@@ -811,20 +798,25 @@ def train(settings: TrainConfig, make_loaders=None, train_state_extras: dict | N
         teardown_distributed(env)
 
 
-def main(argv=None):
-    settings = parse_args(argv)
+def run_main(work, settings) -> None:
+    """A script's main: `work(settings)` (train or extend.extend), each fault in one line and its exit
+    status; a preempted run exits with its signal's status so a scheduler requeues it."""
     try:
-        summary = train(settings)
+        summary = work(settings)
     except (TrainError, CheckpointError, data.DataError, FolderBusy) as error:
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank not in (None, '0') else ''}: {error}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C before the run's handler was set (or after it was restored)
-        print("interrupted (Ctrl-C) before the run started or after it ended; nothing was left half-written",
+    except KeyboardInterrupt:  # outside the loop's handler, or a second Ctrl-C: what was saved is whole
+        print("interrupted (Ctrl-C); every checkpoint saved is whole: rerun the same command to continue",
               file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT_STATUS)
-    if summary["preempted"]:  # saved, but not finished: a scheduler should requeue, not call it done
+    if summary.get("preempted"):  # saved, not finished: requeue (143 after SIGTERM, 130 after Ctrl-C)
         sys.exit(summary["exit_status"])
+
+
+def main(argv=None):
+    run_main(train, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -340,7 +340,7 @@ def test_a_torn_last_metrics_line_is_dropped_before_the_next_record_and_skipped_
     metrics = out / "metrics.jsonl"
     with open(metrics, "a") as file:
         file.write('{"step": 2, "loss": 5.1')  # a run stopped mid-write
-    assert [r["step"] for r in train.read_metrics(metrics)] == [1]
+    assert [r["step"] for r in files.read_json_lines(metrics)] == [1]
     run(corpus, out, "--steps", "2")
     assert "dropped the torn last line" in capsys.readouterr().err
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
