@@ -81,7 +81,7 @@ def fill(rng, ids: SyntheticIds, length: int, haystack: np.ndarray | None) -> np
     if haystack.size < length:
         raise ValueError(f"the haystack holds {haystack.size} tokens; a document of {length} needs more")
     start = int(rng.integers(0, haystack.size - length + 1))
-    return np.asarray(haystack[start:start + length], dtype=np.int64)
+    return np.array(haystack[start:start + length], dtype=np.int64)  # a copy: documents are written into it
 
 
 def copy_document(rng, ids: SyntheticIds, length: int, probe: bool = False, haystack=None):
