@@ -1,7 +1,7 @@
 """
-`python data.py COMMAND ...`: data.py's command line (prepare, builtin, verify, compact), one error line
-per fault, and verify (every shard of a folder against its manifest). It builds on data.py and
-compact_vocabulary.py; data.main runs it.
+`python data.py COMMAND ...`: data.py's command line (prepare, builtin, verify, compact, synthetic), one
+error line per fault, and verify (every shard of a folder against its manifest). It builds on data.py,
+compact_vocabulary.py and synthetic.py; data.main runs it.
 """
 
 import argparse
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import compact_vocabulary
 import data
+import synthetic
 
 
 def verify(data_dir):
@@ -86,8 +87,39 @@ def build_parser():
                          help="ids in the compact vocabulary, bytes and specials included (default: %(default)s)")
     compact.add_argument("--out", metavar="DIR", help="output folder (default: SOURCE_vN)")
     compact.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    add_synthetic_command(commands)
     parser.epilog = "\n".join(f"--- python data.py {name} ---\n{sub.format_help()}" for name, sub in commands.choices.items())
     return parser
+
+
+def add_synthetic_command(commands):
+    mix = commands.add_parser("synthetic", help="mix synthetic retrieval documents (copy, MQAR, needle) into a corpus's train split",
+                              description="Write OUT: CORPUS with --share of its train tokens synthetic retrieval documents, "
+                                          "each filling one TokenLoader window of --seq_len (or, with --long, of lengths "
+                                          "between seq_len/8 and seq_len, for extend.py); val unchanged; the recipe in "
+                                          "manifest.json under \"synthetic\". docs/data.md, \"Synthetic retrieval documents\".")
+    mix.add_argument("corpus", metavar="CORPUS", help="a prepared folder to mix with, e.g. data/builtin_v8192")
+    mix.add_argument("--out", required=True, metavar="DIR", help="output folder, new or an earlier mix (replaced whole), e.g. data/regime_L256")
+    mix.add_argument("--seq_len", type=int, required=True, help="the training length the mix is laid out for (train.py's, or extend.py's with --long)")
+    mix.add_argument("--share", type=float, default=0.5, help="fraction of the train tokens that are synthetic, in (0, 1) (default: %(default)s)")
+    mix.add_argument("--kinds", default=",".join(synthetic.KINDS), help="comma-separated document kinds, in rotation (default: %(default)s)")
+    mix.add_argument("--ids_first", type=int, default=data.FIRST_FREQUENT_ID, help="first id of the synthetic id block (default: %(default)s, the compact vocabulary's first frequent id)")
+    mix.add_argument("--ids_size", type=int, default=synthetic.DEFAULT_IDS_SIZE, help="ids in the block: 3 markers, then keys, values and filler in thirds (default: %(default)s)")
+    mix.add_argument("--seed", type=int, default=0, help="seed of the synthetic documents; the same arguments give the same bytes (default: %(default)s)")
+    mix.add_argument("--long", action="store_true", help="documents of uniform lengths in [seq_len/8, seq_len] between whole corpus documents, for extend.py (default: one window each)")
+    mix.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+
+
+def build_synthetic_mix(corpus, out, seq_len, share, kinds, ids_first, ids_size, seed, long, quiet):
+    """The synthetic command: its flags, typed, to synthetic.build_mix."""
+    try:
+        ids = synthetic.SyntheticIds(ids_first, ids_size)
+    except ValueError as error:
+        raise data.DataError(f"--ids_first {ids_first} --ids_size {ids_size}: {error}; e.g. --ids_size "
+                             f"{synthetic.DEFAULT_IDS_SIZE}") from None
+    kinds = tuple(kind.strip() for kind in kinds.split(",") if kind.strip())
+    return synthetic.build_mix(corpus, out, seq_len, share, kinds, ids, seed, progress=not quiet,
+                               lengths="long" if long else "window")
 
 
 def stop_on_sigterm(signum, frame):
@@ -110,6 +142,9 @@ def main(argv=None):
                 parser.exit(1, "".join(f"error: {problem}\n" for problem in problems))
             shards = sum(len(split["shards"]) for split in data.read_manifest(args.folder)["splits"].values())
             print(f"{args.folder}: all {shards} shard(s) match {data.MANIFEST} (size, header, token ids, SHA-256)")
+        elif args.command == "synthetic":
+            build_synthetic_mix(args.corpus, args.out, args.seq_len, args.share, args.kinds, args.ids_first,
+                                args.ids_size, args.seed, args.long, args.quiet)
         elif args.command == "compact":
             out = compact_vocabulary.compact_folder(args.source, args.vocab_size, args.out, progress=not args.quiet)
             print(f"compact copy ready in {out}", file=sys.stderr)
