@@ -12,10 +12,8 @@ import ruler
 EFFECTIVE_THRESHOLD = 85.6  # RULER: Llama-2-7B's mean at 4K
 
 
-
 def cell(results: dict, mode: str, label: str, key: str):
     return results.get(mode, {}).get(label, {}).get(key)
-
 
 
 def recall_summary(results: dict, label: str, tasks: list[str], lengths: list[int]) -> dict:
@@ -34,8 +32,9 @@ def _fmt(value, digits=1):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_tables(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> str:
-    """results.md: the deviations, then the recall, LongPPL and attention tables for the cells that exist."""
+def markdown_tables(results: dict, labels: list[str], lengths: list[int], tasks: list[str],
+                    probe_lengths: list[int] = ()) -> str:
+    """results.md: the deviations, then the recall, LongPPL, attention and probe tables for the cells that exist."""
     lines = [f"Deviations: {'; '.join(ruler.deviations(tasks))}.", ""]
     if any(cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths):
         lines += recall_tables(results, labels, lengths, tasks)
@@ -43,6 +42,8 @@ def markdown_tables(results: dict, labels: list[str], lengths: list[int], tasks:
         lines += longppl_table(results, labels, lengths)
     if any(cell(results, "attention", label, str(L)) for label in labels for L in lengths):
         lines += attention_table(results, labels, lengths)
+    if has_probe_cells(results, labels, probe_lengths):
+        lines += ["## Retrieval probes (probes.py)", ""] + probe_table(results, labels, probe_lengths) + [""]
     return "\n".join(lines)
 
 
@@ -183,7 +184,10 @@ def plot(results: dict, labels: list[str], lengths: list[int], tasks: list[str],
     return written
 
 
-def before_after_table(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> str:
+def before_after_table(results: dict, labels: list[str], lengths: list[int], tasks: list[str],
+                       probe_lengths: list[int] = ()) -> str:
+    """Held-out loss, LongPPL and recall at L and 4L per model; then, where the probes ran, their table at
+    probe_lengths (L, 2L, 4L, 8L)."""
     L, L4 = lengths
     header = (f"| model | loss @ {L} | loss @ {L4} | LongPPL @ {L} | LongPPL @ {L4} | recall @ {L} | recall @ {L4} |")
     lines = [header, "|---|---|---|---|---|---|---|"]
@@ -202,4 +206,47 @@ def before_after_table(results: dict, labels: list[str], lengths: list[int], tas
     lines += ["", f"Loss: held-out nats/token. LongPPL key tokens chosen by `{evaluator}`{own}"
               + (f"; {note}" if note else "") + f". Recall: mean of {', '.join(tasks)} (x100; "
               + "; ".join(ruler.deviations(tasks)) + ")."]
+    if has_probe_cells(results, labels, probe_lengths):
+        lines += [""] + probe_table(results, labels, probe_lengths)
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The retrieval probes (probes.py): one row per model and probe, one column per length
+
+PROBE_ROWS = (("needle", "needle recall %", "recall", 1), ("mqar", "MQAR accuracy %", "accuracy", 1),
+              ("copy", "copy gain (nats)", "gain", 2))  # (kind, row name, the cell's measure, digits)
+
+
+def has_probe_cells(results: dict, labels: list[str], lengths: list[int]) -> bool:
+    return any(cell(results, "probes", label, f"{kind}/{L}") for label in labels for kind, *_ in PROBE_ROWS
+               for L in lengths)
+
+
+def probe_entry(c: dict | None, measure: str, digits: int) -> str:
+    """One table entry: the measure ± its standard error (n documents), "skipped" or "-"."""
+    if not c or measure not in c:
+        return "skipped" if c and "skipped" in c else "-"
+    spread = f" ± {c['se']:.{digits}f}" if c.get("se") is not None else ""
+    return f"{c[measure]:.{digits}f}{spread} (n={c['n']})"
+
+
+def probe_table(results: dict, labels: list[str], lengths: list[int]) -> list[str]:
+    """Needle recall, MQAR accuracy and copy gain per model at each length, and the chance levels."""
+    lines = ["| model | probe | " + " | ".join(str(L) for L in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+    for label in labels:
+        for kind, name, measure, digits in PROBE_ROWS:
+            entries = [probe_entry(cell(results, "probes", label, f"{kind}/{L}"), measure, digits) for L in lengths]
+            lines.append(f"| {label} | {name} | " + " | ".join(entries) + " |")
+    found = {kind: c for label in labels for kind, *_ in PROBE_ROWS for L in lengths
+             if (c := cell(results, "probes", label, f"{kind}/{L}")) and "chance" in c}
+    needle, mqar = found.get("needle", {}), found.get("mqar", {})
+    chance = ([f"needle {needle['chance']:.3g}% (both answer tokens; {needle['chance_per_token']:.3g}% each)"]
+              if needle else []) + ([f"MQAR {mqar['chance']:.3g}%"] if mqar else []) + ["copy gain 0"]
+    pairs = {L: c["pairs"] for label in labels for L in lengths
+             if (c := cell(results, "probes", label, f"mqar/{L}")) and "pairs" in c}  # the same for every model
+    return lines + ["", "Probes: ± one standard error; n documents per length, probe keys only. Chance: "
+                    + "; ".join(chance) + ". MQAR pairs, max(4, length // 32): "
+                    + (", ".join(f"{n} at {L}" for L, n in pairs.items()) or "-")
+                    + ". Copy gain: loss on each span's first occurrence minus its second (first token left out);"
+                    " target >= 1 nat at L."]
