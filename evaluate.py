@@ -1,14 +1,16 @@
-r"""Evaluate checkpoints offline: RULER-style recall, LongPPL and attention sinks, side by side.
+r"""Evaluate checkpoints offline: RULER-style recall, LongPPL, attention sinks and retrieval probes, side by side.
 
     python evaluate.py runs/tiny hf:/models/Olmo-3-7B --lengths 4096,8192 --out eval/cmp
     python evaluate.py CKPT --lengths 256,1024 --tasks niah_single_1,niah_multikey_2 --samples 20 \
         --data data/builtin --short_context 128 --short_step 32        # toy lengths on a CPU
     python evaluate.py A B C --modes longppl --evaluator A --data data/long --lengths 32768
+    python evaluate.py CKPT --data data/mix --lengths 256,1024   # a mix (synthetic.build_mix): probes too, at L..8L
+    python evaluate.py CKPT --modes probes --data data/builtin_v8192 --probe_ids 7808,384 --probe_lengths 256,512
     python evaluate.py ... --out eval/cmp      # the same command again reuses every finished cell
 
 A checkpoint is our folder (or a train.py run folder: its newest step) or hf:DIR, a local Hugging
 Face folder. OUT gets results.json, results.md (the tables) and PNG plots. Every measure, its
-definition and its source (RULER, HELMET, LongPPL): docs/evaluation.md.
+definition and its source (RULER, HELMET, LongPPL, Zoology's MQAR, STRING): docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ import compact_vocabulary
 import data
 import files
 import olmpool
+import probes
 import ruler
+import synthetic
+# The tables, plots and before/after table (eval_report.py); evaluate.py's names for them, as callers know them
+from eval_report import EFFECTIVE_THRESHOLD, before_after_table, cell, markdown_tables, plot, recall_summary  # noqa: F401
 from progress import Progress
 # EvaluationError: one error class for the evaluation's inputs, the prompts' included; RULER's scoring from ruler.py
 from ruler import EvaluationError, cut_at_eos, mean_ci, score_samples  # noqa: F401
 
 RESULTS_FILE = "results.json"
 TABLES_FILE = "results.md"
-EFFECTIVE_THRESHOLD = 85.6  # RULER: Llama-2-7B's mean at 4K
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,10 +274,6 @@ def save_results(out: Path, results: dict) -> None:
     files.write_json_atomically(out / RESULTS_FILE, results, indent=1, allow_nan=True)
 
 
-def cell(results: dict, mode: str, label: str, key: str):
-    return results.get(mode, {}).get(label, {}).get(key)
-
-
 def put(results: dict, mode: str, label: str, key: str, value: dict) -> None:
     results.setdefault(mode, {}).setdefault(label, {})[key] = value
 
@@ -435,14 +436,19 @@ def versions() -> dict:
 MAX_LENGTH = 1 << 20  # longest --lengths taken: 16x OlmPool's 64K extension; beyond it a typo, not a context
 
 
+MODES = ("recall", "longppl", "attention", "probes")
+DEFAULT_MODES = ("recall", "longppl", "attention")  # and probes, when --data holds a synthetic recipe
+
+
 def check_flags(modes: list[str], tasks: list[str], samples: int, windows: int, batch_size: int, device: str | None,
-                data_dir) -> None:
+                data_dir, probe_count: int = 1) -> None:
     """Refuse the command line's modes, tasks, counts, device and --data before any model loads, naming the fix."""
-    if not modes or set(modes) - {"recall", "longppl", "attention"}:
-        raise EvaluationError(f"--modes {','.join(modes)!r}: name one or more of recall, longppl, attention")
+    if not modes or set(modes) - set(MODES):
+        raise EvaluationError(f"--modes {','.join(modes)!r}: name one or more of {', '.join(MODES)}")
     if "recall" in modes and not tasks:
         raise EvaluationError(f"--tasks names no task; choose from {', '.join(ruler.TASK_GROUPS)} or a task")
-    for flag, value in (("--samples", samples), ("--windows", windows), ("--batch_size", batch_size)):
+    for flag, value in (("--samples", samples), ("--windows", windows), ("--batch_size", batch_size),
+                        ("--probe_count", probe_count)):
         if value < 1:
             raise EvaluationError(f"{flag} {value} must be at least 1, e.g. {flag} 8")
     check_device(device)
@@ -475,9 +481,9 @@ def check_inputs(checkpoints: dict[str, str], lengths: list[int], modes, data_di
         if length > MAX_LENGTH:
             raise EvaluationError(f"--lengths: {length} is beyond {MAX_LENGTH:,} tokens, the longest evaluate.py "
                                   f"takes; use the lengths the models were trained for and a few times more")
-    needs_data = {"longppl", "attention"} & set(modes)
+    needs_data = {"longppl", "attention", "probes"} & set(modes)
     if needs_data and data_dir is None:
-        raise EvaluationError(f"modes {sorted(needs_data)} read held-out documents: pass --data DIR (a prepared folder "
+        raise EvaluationError(f"modes {sorted(needs_data)} read held-out text: pass --data DIR (a prepared folder "
                               f"with a val split, e.g. data/builtin), or use --modes recall")
     if short_step < 1 or short_context < 1:
         raise EvaluationError(f"--short_context {short_context} and --short_step {short_step} must be positive")
@@ -614,11 +620,59 @@ def attention_cell(model, held_out, length: int, query: int | None) -> dict:
         return {"skipped": str(error)}
 
 
-def write_reports(results: dict, out: Path, labels: list[str], lengths: list[int], tasks: list[str]) -> None:
+def resolve_probe_ids(data_dir, probe_ids: tuple[int, int] | None) -> synthetic.SyntheticIds:
+    """The id block the probes draw from: probe_ids (first, size) when given, else the data folder's synthetic
+    recipe's (synthetic.recipe_of: the block the mix trained on)."""
+    if probe_ids is not None:
+        first, size = probe_ids
+    elif (recipe := synthetic.recipe_of(data_dir)) is not None:
+        first, size = recipe["ids"]["first"], recipe["ids"]["size"]
+    else:
+        raise EvaluationError(f"--modes probes: {data_dir} has no synthetic recipe (a folder of synthetic.build_mix) "
+                              f"to take the synthetic ids from; pass --probe_ids FIRST,SIZE")
+    try:
+        return synthetic.SyntheticIds(first, size)
+    except ValueError as error:
+        raise EvaluationError(f"--probe_ids {first},{size}: {error}") from None
+
+
+def probe_plan(modes, data_dir, lengths: list[int], seed: int, probe_lengths: list[int] | None,
+               probe_ids: tuple[int, int] | None, probe_count: int | None) -> dict | None:
+    """What the probes run, resolved before any model loads (None without the probes mode): their lengths, the
+    settings their cells are reused for, the end-of-document id and a reader of the haystack (the val split)."""
+    if "probes" not in modes:
+        return None
+    ids = resolve_probe_ids(data_dir, probe_ids)
+    settings = {"data": str(data_dir), "ids": {"first": ids.first, "size": ids.size},
+                "count": probe_count or probes.DEFAULT_COUNT, "seed": seed, "version": probes.PROBE_VERSION}
+    return {"lengths": list(probe_lengths or lengths), "settings": settings,
+            "eos_id": data.read_manifest(data_dir)["tokenizer"]["eos_id"],
+            "haystack": functools.cache(lambda: probes.heldout_haystack(data_dir))}  # read once, for every model
+
+
+def probe_cells(results: dict, out: Path, label: str, model, identity: dict, plan: dict, progress: bool) -> None:
+    """One model's probe cells ({kind}/{length}), each saved when done; cells with the same settings are reused."""
+    settings, ids = plan["settings"], synthetic.SyntheticIds(**plan["settings"]["ids"])
+    meter = Progress(len(probes.PROBE_KINDS) * len(plan["lengths"]), f"probes ({label})", enabled=progress)
+
+    def compute(kind: str, length: int) -> dict:
+        check_reads_data(label, results["models"][label]["tokenizer"], settings["data"])  # the haystack's tokens
+        return probes.run_probe(kind, model, ids, length, settings["count"], settings["seed"], plan["haystack"](),
+                                plan["eos_id"])
+
+    for length in plan["lengths"]:
+        for kind in probes.PROBE_KINDS:
+            fill_cell(results, out, "probes", label, f"{kind}/{length}", {**settings, **identity},
+                      lambda: compute(kind, length))
+            meter.advance()
+
+
+def write_reports(results: dict, out: Path, labels: list[str], lengths: list[int], tasks: list[str],
+                  probe_lengths: list[int] = ()) -> None:
     """results.json with the deviations named, results.md's tables and the plots."""
     results["deviations"] = ruler.deviations(tasks)
     save_results(out, results)
-    (out / TABLES_FILE).write_text(markdown_tables(results, labels, lengths, tasks))
+    (out / TABLES_FILE).write_text(markdown_tables(results, labels, lengths, tasks, probe_lengths))
     plot(results, labels, lengths, tasks, out)
 
 
@@ -627,17 +681,21 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
              evaluator: str | None = None, short_context: int = 4096, short_step: int = 1024, windows: int = 8,
              batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None,
              command: list[str] | None = None, progress: bool = True, sink_query: int | None = None,
-             heldout: str = "documents") -> dict:
+             heldout: str = "documents", probe_lengths: list[int] | None = None,
+             probe_ids: tuple[int, int] | None = None, probe_count: int | None = None) -> dict:
     """Evaluate {label: checkpoint} at each length; results.json, results.md and plots in `out`. Resumes.
 
     evaluator: a label, or a checkpoint outside the compared ones, whose model picks LongPPL's key tokens
     (resolve_evaluator; default: the first checkpoint). sink_query: the attention query's position for every
     model (default: inside each model's window). heldout: "documents" (whole val documents, read from their
-    start) or "windows" (windows of the val stream) for LongPPL and attention; `windows` is how many."""
+    start) or "windows" (windows of the val stream) for LongPPL and attention; `windows` is how many. probes:
+    probes.py at probe_lengths (default: lengths), probe_count documents each (None: probes.DEFAULT_COUNT), on
+    the synthetic ids probe_ids (first, size), by default the data folder's recipe's (synthetic.recipe_of)."""
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks = ruler.TASK_GROUPS["exact"] if tasks is None else tasks
     check_inputs(checkpoints, lengths, modes, data_dir, short_context, short_step)
+    plan = probe_plan(modes, data_dir, lengths, seed, probe_lengths, probe_ids, probe_count)  # None without probes
     checkpoints = {label: resolve_checkpoint(spec) for label, spec in checkpoints.items()}
     evaluator, evaluator_spec = resolve_evaluator(checkpoints, evaluator)
     if out.exists() and not out.is_dir():
@@ -670,9 +728,11 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
                          progress)
         heldout_cells(results, out, label, model, identity, lengths, modes, ppl_settings, attention_settings,
                       held_out, sink_query)
+        if plan:
+            probe_cells(results, out, label, model, identity, plan, progress)
         del model
-    write_reports(results, out, list(checkpoints), lengths, tasks)
-    check_computed(results, list(checkpoints), lengths, tasks, modes, out)
+    write_reports(results, out, list(checkpoints), lengths, tasks, plan["lengths"] if plan else ())
+    check_computed(results, list(checkpoints), lengths, tasks, modes, out, plan["lengths"] if plan else ())
     return results
 
 
@@ -695,14 +755,18 @@ def check_heldout(held_out, data_dir, lengths: list[int], modes) -> None:
         raise EvaluationError(f"no length of --lengths {','.join(map(str, lengths))} has held-out text: {reasons[-1]}")
 
 
-def check_computed(results: dict, labels: list[str], lengths: list[int], tasks: list[str], modes, out: Path) -> None:
+def check_computed(results: dict, labels: list[str], lengths: list[int], tasks: list[str], modes, out: Path,
+                   probe_lengths: list[int] = ()) -> None:
     """An evaluation in which no cell could be computed (every length too long for the held-out text or the
     tasks, or unreadable val shards) is a failure, not an empty table: EvaluationError naming the first reason."""
     cells = [cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths
              if "recall" in modes]
     cells += [cell(results, mode, label, str(L)) for mode in ("longppl", "attention") if mode in modes
               for label in labels for L in lengths]
-    if any(c and ("mean" in c or "loss" in c or "per_layer" in c) for c in cells):
+    cells += [cell(results, "probes", label, f"{kind}/{L}") for kind in probes.PROBE_KINDS for label in labels
+              for L in probe_lengths]
+    measures = ("mean", "loss", "per_layer", "recall", "accuracy", "gain")  # what a computed cell of each mode holds
+    if any(c and any(m in c for m in measures) for c in cells):
         return
     reason = next((c["skipped"] for c in cells if c and "skipped" in c), "no cell was run")
     raise EvaluationError(f"no cell could be computed ({reason}); {out / TABLES_FILE} is empty: choose other --lengths, "
@@ -710,181 +774,16 @@ def check_computed(results: dict, labels: list[str], lengths: list[int], tasks: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Tables and plots
-
-def recall_summary(results: dict, label: str, tasks: list[str], lengths: list[int]) -> dict:
-    """Per length, the plain mean over tasks that ran; the mean over lengths; the effective length."""
-    per_length = {}
-    for L in lengths:
-        means = [c["mean"] for t in tasks if (c := cell(results, "recall", label, f"{t}/{L}")) and "mean" in c]
-        per_length[L] = float(np.mean(means)) if means else None
-    scored = [v for v in per_length.values() if v is not None]
-    above = [L for L, v in per_length.items() if v is not None and v > EFFECTIVE_THRESHOLD]
-    return {"per_length": per_length, "mean": float(np.mean(scored)) if scored else None,
-            "effective_length": max(above) if above else None}
-
-
-def _fmt(value, digits=1):
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def markdown_tables(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> str:
-    """results.md: the deviations, then the recall, LongPPL and attention tables for the cells that exist."""
-    lines = [f"Deviations: {'; '.join(ruler.deviations(tasks))}.", ""]
-    if any(cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths):
-        lines += recall_tables(results, labels, lengths, tasks)
-    if any(cell(results, "longppl", label, str(L)) for label in labels for L in lengths):
-        lines += longppl_table(results, labels, lengths)
-    if any(cell(results, "attention", label, str(L)) for label in labels for L in lengths):
-        lines += attention_table(results, labels, lengths)
-    return "\n".join(lines)
-
-
-def recall_tables(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> list[str]:
-    """Score per task and length, the per-length means, effective lengths, and attention on the needle."""
-    lines = ["## Recall (score x100, mean ± 95% CI, n samples)", "",
-             "| model | task | " + " | ".join(str(L) for L in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
-    for label in labels:
-        for t in tasks:
-            row = []
-            for L in lengths:
-                c = cell(results, "recall", label, f"{t}/{L}") or {}
-                row.append("skipped" if "skipped" in c else "-" if "mean" not in c else
-                           f"{c['mean']:.1f} ± {_fmt(c['ci95'])} (n={c['n']})")
-            lines.append(f"| {label} | {t}{' *' if ruler.TASKS[t].deviation else ''} | " + " | ".join(row) + " |")
-        summary = recall_summary(results, label, tasks, lengths)
-        lines.append(f"| {label} | **mean** | " + " | ".join(_fmt(summary["per_length"][L]) for L in lengths) + " |")
-    lines += ["", "| model | mean over lengths | effective length (> 85.6) |", "|---|---|---|"]
-    for label in labels:
-        summary = recall_summary(results, label, tasks, lengths)
-        lines.append(f"| {label} | {_fmt(summary['mean'])} | {summary['effective_length'] or '-'} |")
-    lines += ["", "`*` a deviation from the benchmark's definition (see above).", ""]
-    short = [f"{label} {t} @ {L}: {c['oracle']:.1f}" for label in labels for t in tasks for L in lengths
-             if (c := cell(results, "recall", label, f"{t}/{L}")) and c.get("oracle", 100.0) < 100.0]
-    if short:
-        lines += [f"An oracle (the answers, cut at the cap) scores below 100: {'; '.join(short)}.", ""]
-    needle_rows = [(label, t, L, c["needle_attention"]) for label in labels for t in tasks for L in lengths
-                   if (c := cell(results, "recall", label, f"{t}/{L}")) and "needle_attention" in c]
-    if needle_rows:
-        lines += ["## Attention on the needle (the answer-generating query)", "",
-                  "| model | task | length | mass, mean over heads and layers | best head, mean over samples: "
-                  "lift over uniform |", "|---|---|---|---|---|"]
-        for label, t, L, c in needle_rows:
-            lines.append(f"| {label} | {t} | {L} | {np.mean(c['mass_mean_per_layer']):.4f} | "
-                         f"{c['best_head_lift']:.1f}x |")
-        lines.append("")
-    return lines
-
-
-def longppl_table(results: dict, labels: list[str], lengths: list[int]) -> list[str]:
-    """Held-out loss, perplexity and LongPPL per model and length."""
-    note = next((c["settings"].get("note") for label in labels for L in lengths
-                 if (c := cell(results, "longppl", label, str(L))) and "settings" in c), None)
-    lines = ["## Held-out loss and LongPPL", ""] + ([f"LongPPL: {note}.", ""] if note else []) + [
-        "| model | length | loss (nats/token) | perplexity | LongPPL | key tokens |", "|---|---|---|---|---|---|"]
-    for label in labels:
-        for L in lengths:
-            c = cell(results, "longppl", label, str(L)) or {}
-            if "loss" in c:
-                own = " †" if c.get("evaluator_is_this_model") else ""
-                lines.append(f"| {label} | {L} | {c['loss']:.3f} | {c['ppl']:.2f} | {_fmt(c['longppl'], 2)}{own} | "
-                             f"{c['key_tokens']} |")
-    evaluators = {c["settings"]["evaluator"] for label in labels for L in lengths
-                  if (c := cell(results, "longppl", label, str(L))) and "settings" in c}
-    lines += ["", f"Key tokens chosen by {', '.join(f'`{e}`' for e in sorted(evaluators))}"
-              + (" (outside the compared models)" if evaluators.isdisjoint(labels) else "; † the evaluator itself: it "
-                 "picked tokens its own loss is below 2 nats on, so its LongPPL is below e^2 = 7.39 by construction "
-                 "(--evaluator outside the compared checkpoints avoids this)") + "."]
-    return lines + [""]
-
-
-def attention_table(results: dict, labels: list[str], lengths: list[int]) -> list[str]:
-    """Sink, local and saturation shares per model and length, with the query each was measured at."""
-    lines = ["## Attention (mean over layers and heads)", "",
-             "| model | length | query | sink: first 1 | first 4 | first 100 | local 100 | saturated heads |",
-             "|---|---|---|---|---|---|---|---|"]
-    rules = []
-    for label in labels:
-        for L in lengths:
-            c = cell(results, "attention", label, str(L)) or {}
-            if "per_layer" in c:
-                m = {k: float(np.mean(v)) for k, v in c["per_layer"].items()}
-                lines.append(f"| {label} | {L} | {c['query_position']} | {m['sink_first_1']:.3f} | "
-                             f"{m['sink_first_4']:.3f} | {m['sink_first_100']:.3f} | {m['local_100']:.3f} | "
-                             f"{m['saturated']:.3f} |")
-                rules.append(c.get("query_rule", "min(4000, T - 1)"))  # cells from before the rule was recorded
-    return lines + ["", f"Query position: {'; '.join(dict.fromkeys(rules))}.", ""]
-
-
-def save_plot(path: Path, draw) -> Path:
-    """One 6 x 4 inch figure with a legend, at 120 dpi: draw(axes) plots the curves and labels the axes."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(figsize=(6, 4))
-    draw(axes)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def draw_score_vs_length(axes, results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> None:
-    """Each model's mean recall over tasks against the length, with RULER's effective-length threshold."""
-    for label in labels:
-        per_length = recall_summary(results, label, tasks, lengths)["per_length"]
-        points = [(L, v) for L, v in per_length.items() if v is not None]
-        if points:
-            axes.plot(*zip(*points), marker="o", label=label)
-    axes.set(xscale="log", xlabel="length (tokens)", ylabel="mean recall score", ylim=(-2, 102),
-             title=f"Recall, mean over {len(tasks)} tasks")
-    axes.set_xticks(lengths, [str(L) for L in lengths])
-    axes.axhline(EFFECTIVE_THRESHOLD, color="gray", linestyle=":", linewidth=1)
-
-
-def draw_sink_per_layer(axes, attention: list[tuple[str, int, dict]]) -> None:
-    """The first token's share of the query's attention, per layer, for each (model, length) attention cell."""
-    for label, L, c in attention:
-        axes.plot(c["per_layer"]["sink_first_1"], marker="o", label=f"{label} @ {L}")
-    axes.set(xlabel="layer", ylabel="attention on the first token", ylim=(0, 1),
-             title="Sink share per layer (query inside the window)")
-
-
-def draw_loss_by_position(axes, losses: list[tuple[str, int, dict]]) -> None:
-    """Held-out loss by position bucket for each (model, length) LongPPL cell."""
-    for label, L, c in losses:
-        buckets = c["loss_by_position"]
-        axes.plot([b["to"] for b in buckets], [b["loss"] for b in buckets], marker="o", label=f"{label} @ {L}")
-    axes.set(xscale="log", xlabel="position (end of bucket)", ylabel="held-out loss (nats/token)",
-             title="Loss by position")
-
-
-def plot(results: dict, labels: list[str], lengths: list[int], tasks: list[str], out: Path) -> list[Path]:
-    """score_vs_length.png, sink_per_layer.png and loss_by_position.png, for the cells that exist."""
-    written = []
-    if any(cell(results, "recall", label, f"{t}/{L}") for label in labels for t in tasks for L in lengths):
-        written.append(save_plot(out / "score_vs_length.png",
-                                 lambda axes: draw_score_vs_length(axes, results, labels, lengths, tasks)))
-    attention = [(label, L, c) for label in labels for L in lengths
-                 if (c := cell(results, "attention", label, str(L))) and "per_layer" in c]
-    if attention:
-        written.append(save_plot(out / "sink_per_layer.png", lambda axes: draw_sink_per_layer(axes, attention)))
-    losses = [(label, L, c) for label in labels for L in lengths
-              if (c := cell(results, "longppl", label, str(L))) and "loss_by_position" in c]
-    if losses:
-        written.append(save_plot(out / "loss_by_position.png", lambda axes: draw_loss_by_position(axes, losses)))
-    return written
-
-
-# ----------------------------------------------------------------------------------------------
 # The main job's before/after table
 
 def before_after(checkpoints: dict[str, str], data_dir, train_length: int, out, tasks: list[str] | None = None,
                  samples: int = 20, seed: int = 0, evaluator: str | None = None, windows: int = 8,
-                 batch_size: int = 8, device: str | None = None, progress: bool = True) -> str:
+                 batch_size: int = 8, device: str | None = None, progress: bool = True,
+                 probe_count: int | None = None) -> str:
     """Evaluate {label: checkpoint} (e.g. pretrained, extended, none control) at the pretraining length L and
-    4L, and return (and print) one markdown table: held-out loss, LongPPL and recall at both lengths.
+    4L, and return (and print) one markdown table: held-out loss, LongPPL and recall at both lengths. When the
+    data folder holds a synthetic recipe (a mix that trained retrieval), a second table beside it: needle
+    recall, MQAR accuracy and copy gain at L, 2L, 4L and 8L (probes.py, probe_count documents each, default 32).
 
     LongPPL's short context scales to L / 2 stepped by L / 8, and its key tokens come from `evaluator`
     (default: the label "extended" if present, else the first). Resumes through results.json in `out`."""
@@ -892,36 +791,17 @@ def before_after(checkpoints: dict[str, str], data_dir, train_length: int, out, 
     lengths = [L, 4 * L]
     tasks = ["niah_single_1", "niah_multikey_2"] if tasks is None else tasks
     evaluator = evaluator or ("extended" if "extended" in checkpoints else next(iter(checkpoints)))
-    results = evaluate(checkpoints, lengths, out, tasks=tasks, modes=("recall", "longppl", "attention"),
+    probing = synthetic.recipe_of(data_dir) is not None
+    results = evaluate(checkpoints, lengths, out, tasks=tasks,
+                       modes=("recall", "longppl", "attention") + (("probes",) if probing else ()),
                        samples=samples, seed=seed, data_dir=data_dir, evaluator=evaluator,
                        short_context=max(L // 2, 1), short_step=max(L // 8, 1), windows=windows,
-                       batch_size=batch_size, device=device, progress=progress,
+                       batch_size=batch_size, device=device, progress=progress, probe_lengths=probes.probe_lengths(L),
+                       probe_count=probe_count,
                        command=[sys.argv[0], "before_after", json.dumps(checkpoints), str(data_dir), str(L)])
-    table = before_after_table(results, list(checkpoints), lengths, tasks)
+    table = before_after_table(results, list(checkpoints), lengths, tasks, probes.probe_lengths(L) if probing else ())
     print(table)
     return table
-
-
-def before_after_table(results: dict, labels: list[str], lengths: list[int], tasks: list[str]) -> str:
-    L, L4 = lengths
-    header = (f"| model | loss @ {L} | loss @ {L4} | LongPPL @ {L} | LongPPL @ {L4} | recall @ {L} | recall @ {L4} |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
-    for label in labels:
-        ppl = {n: cell(results, "longppl", label, str(n)) or {} for n in lengths}
-        recall = recall_summary(results, label, tasks, lengths)["per_length"]
-        lines.append(f"| {label} | {_fmt(ppl[L].get('loss'), 3)} | {_fmt(ppl[L4].get('loss'), 3)} | "
-                     f"{_fmt(ppl[L].get('longppl'), 2)} | {_fmt(ppl[L4].get('longppl'), 2)} | "
-                     f"{_fmt(recall[L])} | {_fmt(recall[L4])} |")
-    evaluator = next((c["settings"]["evaluator"] for n in lengths
-                      if (c := results.get("key_tokens", {}).get(str(n))) and "settings" in c), "-")
-    note = next((c["settings"].get("note") for n in lengths
-                 if (c := results.get("key_tokens", {}).get(str(n))) and "settings" in c), None)
-    own = (" (one of the compared models: its own LongPPL is below e^2 by construction)" if evaluator in labels
-           else " (outside the compared models)" if evaluator != "-" else "")
-    lines += ["", f"Loss: held-out nats/token. LongPPL key tokens chosen by `{evaluator}`{own}"
-              + (f"; {note}" if note else "") + f". Recall: mean of {', '.join(tasks)} (x100; "
-              + "; ".join(ruler.deviations(tasks)) + ")."]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -936,7 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--lengths", default="4096,8192,16384,32768,65536", help="comma-separated lengths in tokens")
     flag("--tasks", default="exact", help=f"comma-separated tasks or groups ({', '.join(ruler.TASK_GROUPS)}): "
                                           f"{', '.join(ruler.TASKS)}")
-    flag("--modes", default="recall,longppl,attention", help="any of recall, longppl, attention")
+    flag("--modes", help="any of recall, longppl, attention, probes (default: the first three, and probes when --data "
+                         "holds a synthetic recipe: a mix of synthetic.build_mix)")
     flag("--samples", type=int, default=100, help="samples per task and length (RULER 500, HELMET 100)")
     flag("--seed", type=int, default=0, help="prompts are a function of the seed, task, length and index")
     flag("--out", default="eval", help="folder for results.json, results.md and the plots")
@@ -952,6 +833,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--sink_query", type=int, help="position of the query whose attention is measured, the same for every "
                                         "model (default: 4000, at most the last position and each model's window - 1)")
     flag("--batch_size", type=int, default=8, help="prompts decoded together (equal lengths only)")
+    flag("--probe_lengths", help="comma-separated lengths of the retrieval probes (default: the recipe's training "
+                                 "length L times 1, 2, 4, 8; without a recipe, --lengths)")
+    flag("--probe_ids", help="FIRST,SIZE: the synthetic id block the probes draw from (default: the recipe's)")
+    flag("--probe_count", type=int, default=probes.DEFAULT_COUNT, help="probe documents per kind and length")
     flag("--device", help="cpu or cuda (default: cuda when available)")
     flag("--dtype", choices=["float32", "bfloat16", "float16"],
          help="cast the models (default: as stored; bfloat16 is the usual choice on a GPU)")
@@ -969,9 +854,12 @@ def arguments(argv: list[str] | None = None) -> dict:
     labels = args.labels.split(",") if args.labels else list(args.checkpoints)
     if len(labels) != len(args.checkpoints) or len(set(labels)) != len(labels):
         raise EvaluationError(f"--labels: give {len(args.checkpoints)} distinct names, one per checkpoint")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in (args.modes or ",".join(DEFAULT_MODES)).split(",") if m.strip()]
     tasks = ruler.parse_tasks(args.tasks)
-    check_flags(modes, tasks, args.samples, args.windows, args.batch_size, args.device, args.data)
+    check_flags(modes, tasks, args.samples, args.windows, args.batch_size, args.device, args.data, args.probe_count)
+    if args.modes is None and args.data is not None and synthetic.recipe_of(args.data) is not None:
+        modes.append("probes")  # a mix that trains retrieval: measure it by default
+    probe_lengths, probe_ids = probe_arguments(modes, args.data, args.probe_lengths, args.probe_ids)
     if args.sink_query is not None and args.sink_query < 0:
         raise EvaluationError(f"--sink_query {args.sink_query} must be a position (0 or more), or leave it out")
     check_inputs(dict(zip(labels, args.checkpoints)), lengths, modes, args.data, args.short_context, args.short_step)
@@ -979,7 +867,36 @@ def arguments(argv: list[str] | None = None) -> dict:
                 modes=modes, samples=args.samples, seed=args.seed, data_dir=args.data, evaluator=args.evaluator,
                 short_context=args.short_context, short_step=args.short_step, windows=args.windows,
                 batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                sink_query=args.sink_query, heldout=args.heldout)
+                sink_query=args.sink_query, heldout=args.heldout, probe_lengths=probe_lengths, probe_ids=probe_ids,
+                probe_count=args.probe_count)
+
+
+def comma_integers(text: str, flag: str, example: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise EvaluationError(f"{flag} {text!r}: give comma-separated integers, e.g. {example}") from None
+
+
+def probe_arguments(modes: list[str], data_dir, lengths_text: str | None,
+                    ids_text: str | None) -> tuple[list[int] | None, tuple[int, int] | None]:
+    """--probe_lengths (default: the recipe's training length times 1, 2, 4, 8, else None: --lengths) and
+    --probe_ids as (first, size), checked; both None without the probes mode."""
+    if "probes" not in modes:
+        return None, None
+    ids = comma_integers(ids_text, "--probe_ids", "8000,192") if ids_text else None
+    if ids is not None and len(ids) != 2:
+        raise EvaluationError(f"--probe_ids {ids_text!r}: give FIRST,SIZE, e.g. 8000,192")
+    if ids is not None:
+        resolve_probe_ids(data_dir, tuple(ids))  # a block synthetic.py can use, or EvaluationError now
+    if lengths_text:
+        lengths = comma_integers(lengths_text, "--probe_lengths", "256,512,1024,2048")
+    else:
+        recipe = synthetic.recipe_of(data_dir) if data_dir is not None else None
+        lengths = probes.probe_lengths(recipe["seq_len"]) if recipe and recipe.get("seq_len") else None
+    if lengths is not None and (not lengths or not all(2 <= L <= MAX_LENGTH for L in lengths)):
+        raise EvaluationError(f"--probe_lengths {lengths_text!r}: give lengths from 2 to {MAX_LENGTH:,}, e.g. 256,512")
+    return lengths, tuple(ids) if ids else None
 
 
 def main(argv: list[str] | None = None) -> None:
