@@ -149,7 +149,7 @@ def test_abf_can_be_a_factor_of_the_sources_theta_so_a_10k_model_gets_olmpools_x
     assert inv_freq[2].item() == pytest.approx(160_000.0 ** (-4 / 8), rel=1e-6)
     assert resolved_from(small_base).rope_factor == 800.0  # no flag: the recipe's absolute 8e6, as before
     assert resolved_from(small_base, "--rope_theta_target", "160000").rope_factor == 16.0
-    assert resolved_from(source_config(), "--recipe", "olmo3", "--rope_factor", "4").rope_factor == 4.0  # YaRN's
+    assert resolved_from(source_config(), "--recipe", "olmo3", "--rope_factor", "4").rope_factor == 4.0  # YaRN
     olmpool_source = source_config(rope_theta=500_000.0)  # OlmPool's own: 500K -> 8M, x16, with or without it
     assert resolved_from(olmpool_source) == resolved_from(olmpool_source, "--rope_factor", "16")
 
