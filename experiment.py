@@ -13,9 +13,11 @@ was interrupted and skips what is done. Everything goes into one folder, runs/NA
     eval/             evaluate.before_after(...)                      held-out loss and LongPPL at L and 4L, and
                                                                       RULER-style recall, for all three models
 The table goes to the terminal and to eval/before_after.md (results.json and plots beside it).
-Flags of its own: --recipe, --extend_steps, --samples, --tasks; --out and --steps (default 1500 here,
-so that the default run fills a few CPU minutes) are read too; every other flag goes to train.py, and
-the ones that must agree (--data --seed --data_seed --threads --device --compact_vocab) to extend.py.
+Flags of its own: --recipe, --extend_steps, --extend_data, --samples, --tasks; --out and --steps
+(default 1500 here, so that the default run fills a few CPU minutes) are read too; every other flag
+goes to train.py, and the ones that must agree (--data --seed --data_seed --threads --device
+--compact_vocab) to extend.py. --extend_data DIR gives the extensions their own folder (long
+documents) in --data's vocabulary; evaluation stays on --data's held-out split.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoint
+import compact_vocabulary
 import data
 import evaluate
 import extend
@@ -52,6 +55,8 @@ class ExperimentConfig(TrainConfig):
                           EXPERIMENT, choices=tuple(r for r in extend.RECIPES if r != "none"))
     extend_steps: int = setting(150, "extension steps, 2 sequences of 4L each on CPU (default: %(default)s)",
                                 EXPERIMENT)
+    extend_data: str | None = setting(None, "the extensions' data folder, in --data's vocabulary (default: --data)",
+                                      EXPERIMENT, metavar="DIR")
     samples: int = setting(10, "recall prompts per task and length (default: %(default)s)", EXPERIMENT)
     tasks: str = setting("niah_single_1,niah_multikey_2", "RULER-style tasks for the recall columns (default: "
                          "%(default)s)", EXPERIMENT, metavar="TASKS")
@@ -79,6 +84,26 @@ def check(settings: ExperimentConfig):
     parse), the architecture, and the recall tasks (ruler.parse_tasks, as evaluate.py reads them)."""
     model_config(settings)
     ruler.parse_tasks(settings.tasks)
+    check_extension_data(settings)
+
+
+def check_extension_data(settings: ExperimentConfig) -> None:
+    """--extend_data is read by the pretrained model, so it must be in --data's vocabulary: compared here
+    (compact_vocabulary's name and mapping of each folder) rather than by extend.py after pretraining."""
+    folder = settings.extend_data
+    if folder is None:
+        return
+    if not Path(folder).is_dir():
+        raise TrainError(f"--extend_data {folder}: no such folder; pass a prepared data folder (data.py)")
+    if not settings.data:
+        raise TrainError(f"--extend_data {folder} needs --data: the pretraining folder whose vocabulary it shares")
+    (ours, our_mapping), (theirs, their_mapping) = map(compact_vocabulary.vocabulary_name, (settings.data, folder))
+    if our_mapping != their_mapping:
+        raise TrainError(f"--data {settings.data} uses {ours}, but --extend_data {folder} uses {theirs}: the same ids "
+                         f"would mean other text; prepare both folders in one vocabulary")
+    if our_mapping is None and compact_vocab_size(settings):  # each folder would get its own compact mapping
+        raise TrainError(f"--compact_vocab {settings.compact_vocab} would compact --data and --extend_data each on "
+                         f"its own, into different mappings; pass folders already in one compact vocabulary")
 
 
 def extension_stage(settings: ExperimentConfig, source: Path | str, recipe: str, length: int,
@@ -86,14 +111,16 @@ def extension_stage(settings: ExperimentConfig, source: Path | str, recipe: str,
     """The settings of one extend.py stage, made (and so checked: ExtendConfig's rules) as extend.py
     will make them: the extension's own fields, then the settings both stages share."""
     shared = {name: getattr(settings, name) for name in SHARED_SETTINGS}
+    shared["data"] = settings.extend_data or settings.data  # the same vocabulary: check_extension_data
     return extend.ExtendConfig(source=str(source), recipe=recipe, seq_len=4 * length, steps=settings.extend_steps,
                                out=str(out), **shared)
 
 
-def extension_argv(stage: extend.ExtendConfig, settings: ExperimentConfig) -> list[str]:
+def extension_argv(stage: extend.ExtendConfig) -> list[str]:
+    """The stage's own fields, then the shared ones as the stage holds them (its --data: --extend_data's)."""
     stage_fields = {"source": stage.source, "recipe": stage.recipe, "seq_len": stage.seq_len, "steps": stage.steps,
                     "out": stage.out}
-    return [*to_argv(stage_fields, extend.ExtendConfig), *to_argv(settings, TrainConfig, only=SHARED_SETTINGS)]
+    return [*to_argv(stage_fields, extend.ExtendConfig), *to_argv(stage, TrainConfig, only=SHARED_SETTINGS)]
 
 
 def main(argv=None):
@@ -119,9 +146,10 @@ def stages_in(settings: ExperimentConfig, base: Path, length: int) -> str:
     extended = {}
     for recipe in (settings.recipe, "none"):
         stage = extension_stage(settings, source, recipe, length, base / f"extend-{recipe}")
-        run([python, "extend.py", *extension_argv(stage, settings)], f"2/3 extend ({recipe})")
+        run([python, "extend.py", *extension_argv(stage)], f"2/3 extend ({recipe})")
         extended[recipe] = checkpoint.checkpoints_in(Path(stage.out))[-1]
-    # The data the run trained on (already prepared), in the vocabulary its stages used.
+    # The data pretraining used (already prepared), in the vocabulary its stages used: its held-out split
+    # is the evaluation's, whichever folder the extensions read.
     folder = train.data_dir(settings.data, compact_vocab_size(settings), train.Distributed())
     print(f"\n=== 3/3 evaluate at {length} and {4 * length} tokens -> {base / 'eval'}", flush=True)
     checkpoints = {"pretrained": str(source), "extended": str(extended[settings.recipe]),

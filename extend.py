@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Recipe:
     description: str
     rope_scaling: str = "none"  # ModelConfig.rope_scaling
     rope_theta_target: float | None = None  # ABF: the new base; rope_factor = target / the source's theta
+    # (an absolute base: x16 from OlmPool's 500K, x800 from a 10K source; --rope_factor gives a ratio)
     rope_factor: float = 1.0  # YaRN's factor
     rope_scaling_layers: str = "global"
     yarn_beta_fast: float = 32.0
@@ -59,6 +61,7 @@ RECIPES = {
                     yarn_beta_fast=32.0, yarn_beta_slow=1.0),
     "none": Recipe("control: RoPE unchanged, the same training at the new length"),
 }
+OLMPOOL_ABF_FACTOR = 8_000_000.0 / 500_000.0  # OlmPool's ABF as a ratio: 500K -> 8M is x16
 # OlmPool's extension training at 7B (cookbook): 64K tokens, 64 sequences (4,194,304 tokens) per
 # step, 10B tokens = 2385 steps, warmup 200 to 2.9952e-4 then linear to 0.
 EXTENSION_TRAINING = dict(seq_len=65_536, sequences=64, steps=2385, warmup=200, lr=2.9952e-4, pretraining_lr=3e-4)
@@ -117,7 +120,8 @@ class ExtendConfig(TrainConfig):
     recipe: str = setting("olmpool", "olmpool (ABF 500K -> 8M, every layer), olmpool_global (global layers), "
                                      "olmo3 (YaRN x8), none (control) (default: %(default)s)", EXTENSION,
                           choices=tuple(RECIPES), metavar="NAME")
-    rope_theta_target: float | None = setting(None, "ABF: the new RoPE base (default: 8e6)", EXTENSION)
+    rope_theta_target: float | None = setting(None, "ABF: the new RoPE base (default: 8e6); or --rope_factor F: "
+                                                    "the source's theta x F (OlmPool: 16)", EXTENSION)
     held_out_documents: int = setting(8, "then source vs extended loss on N val documents; 0: skip", EXTENSION)
     dry_run: bool = setting(False, "print the memory plan per GPU and exit", EXTENSION)
     gpus: int = setting(8, "--dry_run: GPUs to plan for (default: %(default)s)", EXTENSION)
@@ -131,7 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> ExtendConfig:
-    return parse(ExtendConfig, build_parser(), argv)
+    return parse(ExtendConfig, build_parser(), argv, check=check_rope_flags)
+
+
+def check_rope_flags(settings: ExtendConfig) -> None:
+    """The RoPE change is said once: ABF's new base as a target (--rope_theta_target) or as a factor of
+    the source's theta (--rope_factor, a ModelConfig flag: OlmPool's x16 whatever base the source had);
+    and the control changes nothing. Checked when the flags are parsed, and again by resolve."""
+    target, factor = settings.rope_theta_target, settings.model.get("rope_factor")
+    scaling = RECIPES[settings.recipe].rope_scaling
+    if target is not None and factor is not None:
+        raise TrainError(f"--rope_theta_target {target:g} and --rope_factor {factor:g} both set the ABF base (a "
+                         f"target, and a factor of the source's theta); give one of them")
+    if target is not None and scaling != "abf":
+        raise TrainError(f"--rope_theta_target applies to the ABF recipes (olmpool, olmpool_global), not "
+                         f"{settings.recipe}; use --rope_factor there")
+    if factor is not None and factor != 1 and scaling == "none":
+        raise TrainError(f"--rope_factor {factor:g} with --recipe none: the control keeps RoPE unchanged; drop "
+                         f"--rope_factor, or pick a recipe that scales RoPE (olmpool, olmpool_global, olmo3)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,11 +225,9 @@ def resolve(settings: ExtendConfig, source_config: ModelConfig, source_state: di
         raise TrainError(f"--seq_len {filled['seq_len']} is shorter than the source's context of "
                          f"{source_config.context_length} tokens: an extension lengthens it; pass --seq_len of at "
                          f"least {source_config.context_length} (e.g. {4 * source_config.context_length})")
-    given = dict(settings.model)
-    if settings.rope_theta_target is not None and RECIPES[settings.recipe].rope_scaling != "abf":
-        raise TrainError(f"--rope_theta_target applies to the ABF recipes (olmpool, olmpool_global), not "
-                         f"{settings.recipe}; use --rope_factor there")
-    if settings.rope_theta_target is not None and "rope_factor" not in given:
+    check_rope_flags(settings)
+    given = dict(settings.model)  # an explicit --rope_factor: ABF's new base is the source's theta x it
+    if settings.rope_theta_target is not None:
         given["rope_factor"] = settings.rope_theta_target / source_config.rope_theta
     try:
         config = extended_config(source_config, settings.recipe, filled["seq_len"], **given)
@@ -223,8 +242,7 @@ def describe_recipe(settings: ExtendConfig, source: Source | str, source_config:
     spec = RECIPES[s.recipe]
     layers = {"all": "every layer", "global": "global layers only"}[config.rope_scaling_layers]
     if config.rope_scaling == "abf":
-        rope = (f"ABF: theta {source_config.rope_theta:g} -> {source_config.rope_theta * config.rope_factor:g} "
-                f"(x{config.rope_factor:g}) on {layers}")
+        rope = abf_line(settings, source_config, config, layers)
     elif config.rope_scaling == "yarn":
         rope = (f"YaRN x{config.rope_factor:g}, beta_fast {config.yarn_beta_fast:g}, beta_slow "
                 f"{config.yarn_beta_slow:g}, original context {config.original_context}, attention factor "
@@ -244,6 +262,21 @@ def describe_recipe(settings: ExtendConfig, source: Source | str, source_config:
         f"AdamW betas ({s.beta1}, {s.beta2}), weight decay {s.weight_decay}, z-loss {s.z_loss}, clip "
         f"{s.grad_clip}; a fresh optimizer",
         f"  data: long-document mix, intra-document masking; cross-entropy in chunks of {s.loss_chunk} positions"])
+
+
+def abf_line(settings: ExtendConfig, source_config: ModelConfig, config: ModelConfig, layers: str) -> str:
+    """ABF's factor and the base it gives, with the flag that set it; where the recipe's absolute base
+    is not OlmPool's x16 of this source's theta (a 10K source: x800), a note saying how to keep x16."""
+    spec, theta, factor = RECIPES[settings.recipe], source_config.rope_theta, config.rope_factor
+    recipe_factor = spec.rope_theta_target / theta
+    origin = ("--rope_theta_target" if settings.rope_theta_target is not None else
+              "--rope_factor" if not math.isclose(factor, recipe_factor) else None)
+    line = f"ABF: theta {theta:g} -> {theta * factor:g} (x{factor:g}{f', {origin}' if origin else ''}) on {layers}"
+    if origin is None and not math.isclose(factor, OLMPOOL_ABF_FACTOR):
+        line += (f"\n  note: x{factor:g} is the recipe's base {spec.rope_theta_target:g} over this source's theta "
+                 f"{theta:g}; OlmPool's ABF is x{OLMPOOL_ABF_FACTOR:g} (500K -> 8M): --rope_factor "
+                 f"{OLMPOOL_ABF_FACTOR:g} keeps that ratio")
+    return line
 
 
 # ----------------------------------------------------------------------------------------------

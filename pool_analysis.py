@@ -30,6 +30,7 @@ class AnalysisError(Exception):
 # The authors' sink share: attention mass on the first 100 tokens from the query at position 4000
 # (here the last position when shorter), averaged over layers and heads (evaluate.py's sink_first_100).
 SINK_MEASURE = "sink_first_100"
+CONTROL_EVAL_FOLDER = "eval-none"  # RUN/eval-none: the evaluation of sweep.py's --control_models extension
 MEASURES = {  # name: (description, higher is better)
     "recall": ("RULER-style recall x 100, mean over tasks and the lengths beyond the longer pretraining context", True),
     "loss": ("held-out loss (nats/token) at the extended length", False),
@@ -173,6 +174,9 @@ def collect(settings, runs: dict) -> list[dict]:
                 beyond = [v for L, v in found["recall"].items() if L > long_context]
                 row[tag][number] = {"loss": found["loss"].get(ext_len),
                                     "recall": float(np.mean(beyond)) if beyond else None}
+        if (run_out / CONTROL_EVAL_FOLDER).is_dir():  # the same extension with the none recipe
+            found = read_eval(run_out / CONTROL_EVAL_FOLDER, arch.name)
+            row["control"] = {"loss_by_length": found["loss"], "recall_by_length": found["recall"]}
         row["budgets"].setdefault(s.ext_steps, {"loss": row["loss"], "recall": row["recall"]})
         row["early"].setdefault(s.steps, {"loss": row["loss"], "recall": row["recall"]})
         rows.append(row)
@@ -364,6 +368,59 @@ def early_analysis(rows: list[dict], measure: str, final_step: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# The none control: the recipe's RoPE change against the same training at the new length alone
+
+CONTROL_MEASURES = {"loss": "loss_by_length", "recall": "recall_by_length"}  # measure: its key by length
+
+
+def control_cell(recipe: list[float], control: list[float]) -> dict:
+    """One model at one length over its seeds (paired: seed s's recipe and control share a pretraining).
+    gap = recipe - control; seed_std, the measure's seed-to-seed std (pooled over recipe and control),
+    as the rest of the analysis measures seed noise; gap_std, the std of the per-seed gaps."""
+    recipe, control = np.asarray(recipe, float), np.asarray(control, float)
+    n, gap = len(recipe), float(np.mean(recipe - control))
+    seed_std = float(np.sqrt((np.var(recipe, ddof=1) + np.var(control, ddof=1)) / 2)) if n >= 2 else None
+    return {"n": n, "recipe": float(np.mean(recipe)), "control": float(np.mean(control)), "gap": gap,
+            "seed_std": seed_std, "gap_std": float(np.std(recipe - control, ddof=1)) if n >= 2 else None,
+            "gap_over_seed_std": gap / seed_std if seed_std else None}
+
+
+def control_analysis(rows: list[dict]) -> dict:
+    """{model: {measure: {length: control_cell}}} for the runs with a none control (sweep.py
+    --control_models), over the seeds where both the recipe and the control have the measure."""
+    table = {}
+    for name in sorted({r["name"] for r in rows if r.get("control")}):
+        runs = [r for r in rows if r["name"] == name and r.get("control")]
+        for measure, key in CONTROL_MEASURES.items():
+            lengths = sorted({length for r in runs for length in r["control"].get(key, {})})
+            for length in lengths:
+                pairs = [(r.get(key, {}).get(length), r["control"][key].get(length)) for r in runs]
+                pairs = [pair for pair in pairs if None not in pair]
+                if pairs:
+                    table.setdefault(name, {}).setdefault(measure, {})[length] = control_cell(*zip(*pairs))
+    return table
+
+
+def control_table(control: dict, settings) -> list[str]:
+    """The markdown section of control_analysis, or nothing where no run has a control."""
+    if not control:
+        return []
+    lines = ["", f"## The none control: {settings.recipe} against the same extension with RoPE unchanged", "",
+             "Each model of --control_models, extended again with the `none` recipe (the same data, steps and "
+             "seeds); means over seeds. gap = recipe - control (loss: below 0, the recipe helps; recall: above 0). "
+             "seed std: the measure's seed-to-seed std (pooled over recipe and control); gap / seed std near 2 or "
+             "more stands out of the seed noise; gap std: the spread of the per-seed (paired) gaps.", "",
+             "| model | measure | length | seeds | recipe | control | gap | seed std | gap / seed std | gap std |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, by_measure in control.items():
+        for measure, by_length in by_measure.items():
+            lines += [f"| {name} | {measure} | {length} | {c['n']} | {fmt(c['recipe'])} | {fmt(c['control'])} | "
+                      f"{fmt(c['gap'])} | {fmt(c['seed_std'])} | {fmt(c['gap_over_seed_std'], 1)} | "
+                      f"{fmt(c['gap_std'])} |" for length, c in by_length.items()]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Writing: tables, plots, the analysis folder
 
 def fmt(value, digits=3) -> str:
@@ -372,13 +429,28 @@ def fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def regime_settings(settings) -> bool:
+    """Whether the sweep set the extension's data or a RoPE base or factor (not OlmPool's defaults)."""
+    return any(x is not None for x in (settings.ext_data, settings.rope_theta, settings.ext_rope_factor))
+
+
+def data_and_rope(settings) -> str:
+    """Which folders each stage read, and the RoPE bases: what the stage commands say, in one line."""
+    s = settings
+    factor = (f"--rope_factor {s.ext_rope_factor:g} (ABF: the pretraining base x {s.ext_rope_factor:g})"
+              if s.ext_rope_factor is not None else "the recipe's own numbers")
+    base = f"{s.rope_theta:g}" if s.rope_theta is not None else "each preset's own"
+    return (f"Data: pretraining and held-out evaluation {s.data}; extension {s.ext_data or 'the same'}. RoPE: "
+            f"pretraining base {base}; extension {s.recipe}, {factor}.")
+
+
 def markdown(analyses: dict, rows: list[dict], settings, primary: str) -> str:
     s = settings
     lines = [f"# Mini pool: {len({r['name'] for r in rows})} models at size {s.size}, seeds {list(s.seeds)}", "",
              f"Pretraining {s.steps} steps x {s.batch_sequences * s.long_context()} tokens; extension "
              f"({s.recipe}) to {s.ext_len()} tokens, {s.ext_steps} steps x {s.ext_batch_sequences} sequence(s). "
              f"Primary measure: **{primary}** ({MEASURES[primary][0]}).", "",
-             "## Per model", "",
+             *([data_and_rope(s), ""] if regime_settings(s) else []), "## Per model", "",
              "| model | seed | harmful | val loss (pretrain) | before: loss @" + str(s.long_context()) +
              " | recall by length | held-out loss by length | recall beyond pretraining | LongPPL | sink share |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -390,7 +462,7 @@ def markdown(analyses: dict, rows: list[dict], settings, primary: str) -> str:
                      f"{fmt(r['sink'])} |")
     for measure, a in analyses.items():
         lines += measure_section(a, settings)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + control_table(control_analysis(rows), settings)) + "\n"
 
 
 def measure_section(a: dict, settings) -> list[str]:
@@ -596,8 +668,10 @@ def plots(analyses: dict, out: Path) -> list[str]:
 def rows_from_json(rows: list[dict]) -> list[dict]:
     """Rows as collect makes them, from an analysis.json (JSON spells the lengths and steps as strings)."""
     integer_keys = lambda mapping: {int(k): v for k, v in mapping.items()}  # noqa: E731
-    return [dict(row, **{key: integer_keys(row[key]) for key in ("recall_by_length", "loss_by_length", "budgets",
+    rows = [dict(row, **{key: integer_keys(row[key]) for key in ("recall_by_length", "loss_by_length", "budgets",
                                                                   "early") if key in row}) for row in rows]
+    return [dict(row, control={key: integer_keys(v) for key, v in row["control"].items()}) if "control" in row
+            else row for row in rows]
 
 
 def write_analysis(settings, rows: list[dict], primary: str, command: list[str], machine: str, out: Path,
@@ -613,7 +687,8 @@ def write_analysis(settings, rows: list[dict], primary: str, command: list[str],
                             f"one of {sorted(analyses) or list(MEASURES)}")
     analyses = {primary: analyses[primary]} | analyses
     report = {"command": command, "machine": machine, "settings": settings.as_dict(), "primary": primary,
-              **({"rows_from": rows_from} if rows_from else {}), "rows": rows, "analyses": analyses}
+              **({"rows_from": rows_from} if rows_from else {}), "rows": rows, "analyses": analyses,
+              **({"control": control} if (control := control_analysis(rows)) else {})}
     target = Path(out) / "analysis"
     target.mkdir(parents=True, exist_ok=True)
     # NaN stands for an undefined statistic (a constant column); default=str for any stray value

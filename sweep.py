@@ -9,6 +9,8 @@ plots) and an index of every stage. docs/sweep.md explains the grid, resume and 
     python sweep.py --out sweeps/mini --jobs 2 --threads 1   # run it (the same command resumes)
     python sweep.py --out sweeps/mini --presets G_pre_8kv_8k_14k,olmo3_like   # grid plus presets
     python sweep.py --out sweeps/mini --budgets 20,60,180 --early_steps 200,400   # the further findings
+    python sweep.py --rope_theta 10000 --ext_rope_factor 16 --ext_data DIR ...  # ABF x16 from a 10K base, own data
+    python sweep.py --control_models pre_8kv_256,pre_2kv_128 ...  # these runs extended with `none` too (the control)
     python sweep.py --out sweeps/mini --analyze_only --results results/mini_pool  # tables and plots only
     python sweep.py --from_rows results/mini_pool/analysis.json --results results/mini_pool  # committed rows
     python sweep.py --gpus 0,1,2,3 --size 20m ...            # one run per GPU
@@ -38,6 +40,7 @@ import stages as stage_processes
 
 REPO_DIR = Path(__file__).resolve().parent
 STAMP_FILE = ".sweep_stage.json"
+CONTROL_TAG = "extend-none"  # RUN/extend-none: a --control_models run's extension with the none recipe
 # Flags whose value does not change a stage's result beyond rounding (or at all): not part of its identity.
 IDENTITY_FREE_FLAGS = ("--threads", "--device", "--log_every")
 
@@ -325,7 +328,11 @@ class Settings:
     save_every: int = 50
     lr: float | None = None
     min_lr_ratio: float = 1.0  # OlmPool's pretraining LR never decayed: cosine planned for trillions, stopped at ~140B
+    rope_theta: float | None = None  # every run's pretraining RoPE base (None: each preset's own)
     recipe: str = "olmpool"
+    ext_rope_factor: float | None = None  # extend.py --rope_factor: ABF's base = pretraining theta x this
+    ext_data: str | None = None  # the extensions' folder, in data's vocabulary (None: data)
+    control_models: tuple[str, ...] = ()  # runs extended a second time with the none recipe
     ext_factor: int = 8  # extended length = factor x the longer pretraining context (OlmPool: 8K -> 64K)
     ext_steps: int = 20
     ext_batch_sequences: int = 1
@@ -353,6 +360,12 @@ class Settings:
             if value is not None and (not all(ok(v) for v in values) or not values and name in NOT_EMPTY):
                 raise SweepError(f"--{name} {shown(value)} must be {wanted}; e.g. --{name} {example}")
         check_qk_levels(self.qk_levels)
+        if self.ext_rope_factor is not None and self.recipe == "none":
+            raise SweepError(f"--ext_rope_factor {self.ext_rope_factor:g} with --recipe none: the control keeps RoPE "
+                             f"unchanged; drop one (--control_models adds the control beside the recipe)")
+        if self.rope_theta is not None and any(f.split("=")[0] == "--rope_theta" for f in self.extra_train):
+            raise SweepError("--rope_theta and --extra_train '--rope_theta ...' both set the pretraining RoPE base; "
+                             "give one of them")
 
     def long_context(self) -> int:
         return base_shape(self.base_preset, self.size, {k: v for k, v in self.shape.items() if v is not None}
@@ -389,6 +402,8 @@ SETTING_RULES = [
     ("seeds", lambda v: v >= 0, "0 or more", "0,1"),
     ("lr", lambda v: 0 < v < math.inf, "a positive finite number", 3e-3),
     ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]", 1.0),
+    ("rope_theta", lambda v: 1 < v < math.inf, "a finite number above 1", 10000),
+    ("ext_rope_factor", lambda v: 1 <= v < math.inf, "a finite number of at least 1 (1: RoPE unchanged)", 16),
 ]
 NOT_EMPTY = ("seeds", "eval_factors")  # a sweep of no seed or no evaluation length runs nothing
 
@@ -428,6 +443,11 @@ def data_flags(settings: Settings) -> list[str]:
     return ["--data", str(settings.data)] if settings.data else []
 
 
+def number(value: float) -> str:
+    """A float as a flag value, short where that is exact: 16.0 -> 16, 1e6 -> 1e+06, 0.1234567 whole."""
+    return f"{value:g}" if float(f"{value:g}") == value else repr(value)
+
+
 def pretrain_stage(settings: Settings, arch: Architecture, seed: int) -> Stage:
     """train.py at the run's pretraining context, with the token budget per step every run shares."""
     s = settings
@@ -439,7 +459,8 @@ def pretrain_stage(settings: Settings, arch: Architecture, seed: int) -> Stage:
         "--batch_tokens", str(tokens_per_step), "--save_every", str(s.save_every), "--keep_checkpoints", "0",
         "--eval_every", str(s.steps), "--log_every", str(max(1, s.steps // 10)), "--threads", str(s.threads),
         "--device", s.device, "--min_lr_ratio", str(s.min_lr_ratio), *(["--lr", str(s.lr)] if s.lr else []),
-        *s.extra_train, "--seed", str(seed), "--data_seed", str(s.data_seed + seed), "--out", str(pretrain_out)],
+        *(["--rope_theta", number(s.rope_theta)] if s.rope_theta else []), *s.extra_train, "--seed", str(seed),
+        "--data_seed", str(s.data_seed + seed), "--out", str(pretrain_out)],
         out=pretrain_out, outputs=[step_dir(pretrain_out, s.steps) / "model.safetensors"], run=run_key,
         kind="pretrain")
 
@@ -469,18 +490,22 @@ def evaluate_stage(settings: Settings, arch: Architecture, seed: int, tag: str, 
 def extension_stages(settings: Settings, arch: Architecture, seed: int, tag: str, source_step: int,
                      steps: int) -> list[Stage]:
     """extend.py from pretraining's checkpoint at source_step for `steps` steps into RUN/tag, then its evaluation
-    at every evaluation length into RUN/eval (the main extension) or RUN/eval_TAG."""
+    at every evaluation length into RUN/eval (the main extension), RUN/eval-none (the control) or RUN/eval_TAG.
+    The control (tag CONTROL_TAG) is the same command with the none recipe: RoPE unchanged, no factor."""
     s, run_key, run_out = settings, f"{arch.name}/s{seed}", run_folder(settings, arch, seed)
     source, ext_out, ext_len = step_dir(run_out / "pretrain", source_step), run_out / tag, s.ext_len()
+    factor = ["--rope_factor", number(s.ext_rope_factor)] if s.ext_rope_factor is not None else []
+    recipe = ["--recipe", "none"] if tag == CONTROL_TAG else ["--recipe", s.recipe, *factor]
     extend = Stage(f"{run_key}/{tag}", [
-        python(), "extend.py", "--from", str(source), "--recipe", s.recipe,
+        python(), "extend.py", "--from", str(source), *recipe,
         "--seq_len", str(ext_len), "--batch_tokens", str(s.ext_batch_sequences * ext_len),
         "--micro_batch", "1", "--steps", str(steps), "--save_every", str(steps), "--eval_every", "0",
         "--log_every", "10", "--held_out_documents", "0", "--threads", str(s.threads), "--device", s.device,
-        *data_flags(s), "--seed", str(seed), "--data_seed", str(s.data_seed + seed), "--out", str(ext_out)],
+        *(["--data", s.ext_data] if s.ext_data else data_flags(s)), "--seed", str(seed),
+        "--data_seed", str(s.data_seed + seed), "--out", str(ext_out)],
         out=ext_out, outputs=[step_dir(ext_out, steps) / "model.safetensors"], inputs=[source],
         after=[f"{run_key}/pretrain"], run=run_key, kind="extend")
-    eval_tag = "eval" if tag == "extend" else f"eval_{tag}"
+    eval_tag = {"extend": "eval", CONTROL_TAG: pool_analysis.CONTROL_EVAL_FOLDER}.get(tag, f"eval_{tag}")
     lengths = ",".join(map(str, s.eval_lengths()))
     return [extend, evaluate_stage(s, arch, seed, eval_tag, step_dir(ext_out, steps), lengths, f"{run_key}/{tag}")]
 
@@ -501,6 +526,8 @@ def run_stages(settings: Settings, arch: Architecture, seed: int, budget_models:
     if arch.name in early_models:
         for step in s.early_steps:
             stages += extension_stages(s, arch, seed, f"extend_p{step}", step, s.ext_steps)
+    if arch.name in s.control_models:  # the main extension again, RoPE unchanged
+        stages += extension_stages(s, arch, seed, CONTROL_TAG, s.steps, s.ext_steps)
     return stages
 
 
@@ -563,6 +590,9 @@ def plan(settings: Settings) -> tuple[list[Stage], dict]:
                              f"--steps {s.steps}, so that pretraining keeps that checkpoint")
     runs = architectures(s)
     budget_models, early_models = further_finding_models(s, runs)
+    unknown = sorted(set(s.control_models) - {r.name for r in runs})
+    if unknown:
+        raise SweepError(f"--control_models {unknown}: no such run; the runs are {', '.join(r.name for r in runs)}")
     stages, members = [], {}
     for arch, seed in itertools.product(runs, s.seeds):
         members[f"{arch.name}/s{seed}"] = (arch, seed)
@@ -654,7 +684,8 @@ def write_index(stages: list[Stage], records: list[dict], settings: Settings, co
     index = {"command": command, "machine": machine(), "settings": settings.as_dict(), "stages": entries}
     files.write_json_atomically(out / "index.json", index)
     lines = [f"# Sweep index: {out}", "", f"Command: `{' '.join(command)}`", "", f"Machine: {index['machine']}", "",
-             "| stage | status | seconds | this time | output |", "|---|---|---|---|---|"]
+             pool_analysis.data_and_rope(settings), "", "| stage | status | seconds | this time | output |",
+             "|---|---|---|---|---|"]
     lines += [f"| {e['key']} | {e['status']} | {pool_analysis.fmt(e['seconds'], 0)} | {e['this_time'] or '–'} | "
               f"{e['out']} |" for e in entries]
     files.write_atomically(out / "index.md", "\n".join(lines) + "\n")
@@ -728,7 +759,13 @@ def add_run_flags(p, d: Settings) -> None:
     p("--min_lr_ratio", type=float, default=d.min_lr_ratio,
       help=f"pretraining's final / peak lr (default: {d.min_lr_ratio:g}, a constant lr after warmup, as OlmPool's "
            "runs, whose cosine was planned for trillions of tokens and stopped at ~140B, never decayed)")
+    p("--rope_theta", type=float, help="RoPE base of every pretraining run; each extension starts from its "
+                                        "checkpoint's (default: each preset's, 500K)")
+    p("--ext_data", help="prepared data folder for every extension stage, in --data's vocabulary; evaluation "
+                         "stays on --data's held-out split (default: --data)")
     p("--recipe", default=d.recipe, help=f"extend.py's recipe (default: {d.recipe})")
+    p("--ext_rope_factor", type=float, help="extend.py --rope_factor F: ABF's new base = the pretraining base x F "
+      "(16: OlmPool's 500K -> 8M ratio from any base); YaRN's factor for olmo3 (default: the recipe's own numbers)")
     p("--ext_factor", type=int, default=d.ext_factor,
       help=f"extended length / the longer pretraining context (default: {d.ext_factor}; OlmPool: 8)")
     p("--ext_steps", type=int, default=d.ext_steps, help=f"extension steps (default: {d.ext_steps}: 41K tokens, 8%% "
@@ -749,6 +786,8 @@ def add_sweep_flags(p, d: Settings) -> None:
     p("--budget_models", type=names, default=d.budget_models, help="runs for --budgets (default: 3 representative)")
     p("--early_steps", type=integers, default=d.early_steps, help="further finding: pretraining steps to extend from")
     p("--early_models", type=names, default=d.early_models, help="runs for --early_steps (default: 3 representative)")
+    p("--control_models", type=names, default=d.control_models, help="runs whose extension is repeated with "
+      "--recipe none (RoPE unchanged; same data, steps, seeds) into RUN/extend-none, RUN/eval-none (default: none)")
     p("--longppl_evaluator", help="run whose extended model picks LongPPL's key tokens for all, or a checkpoint "
                                    "folder outside the grid (our folder or hf:DIR; default: the run without a "
                                    "harmful choice)")
@@ -804,14 +843,34 @@ def settings_from_flags(flags: dict) -> tuple[Settings, Invocation]:
     if flags["data"] and not Path(flags["data"]).is_dir() and not invocation.from_rows:
         raise SweepError(f"--data {flags['data']}: no such folder; pass a prepared folder (python data.py prepare "
                          f"TEXTS --out DIR), or leave it out for the built-in corpus")
+    if flags["ext_data"] and not Path(flags["ext_data"]).is_dir() and not invocation.from_rows:
+        raise SweepError(f"--ext_data {flags['ext_data']}: no such folder; pass a prepared folder in --data's "
+                         f"vocabulary, or leave it out to extend on --data")
     shape = {k: value for k in SHAPE_FIELDS if (value := flags.pop(k)) is not None}
-    settings = Settings(**flags | {"out": Path(flags["out"]).resolve(),
-                                   "data": str(Path(flags["data"]).resolve()) if flags["data"] else None,
-                                   "device": "cuda" if invocation.gpus else "cpu",
-                                   "extra_train": tuple(flags["extra_train"].split()), "shape": shape})
+    folders = {k: str(Path(flags[k]).resolve()) if flags[k] else None for k in ("data", "ext_data")}
+    settings = Settings(**flags | folders | {"out": Path(flags["out"]).resolve(),
+                                             "device": "cuda" if invocation.gpus else "cpu",
+                                             "extra_train": tuple(flags["extra_train"].split()), "shape": shape})
     if settings.data is None and not invocation.from_rows:  # prepared (a minute) once the flags are known good
         settings = dataclasses.replace(settings, data=default_data(settings.size))
+    if settings.ext_data and not invocation.from_rows:
+        check_ext_data(settings.data, settings.ext_data)
     return settings, invocation
+
+
+def check_ext_data(pretraining: str, extension: str) -> None:
+    """--ext_data is read by extend.py with the pretrained models' ids: it must be a prepared folder in --data's
+    vocabulary (compact_vocabulary's name and mapping of each folder), checked before any stage runs."""
+    import compact_vocabulary
+    import data
+    try:
+        (ours, our_mapping), (theirs, their_mapping) = map(compact_vocabulary.vocabulary_name, (pretraining, extension))
+        if our_mapping != their_mapping:
+            raise SweepError(f"--data {pretraining} uses {ours}, but --ext_data {extension} uses {theirs}: the same "
+                             f"ids would mean other text; prepare --ext_data in --data's vocabulary")
+        data.read_manifest(extension)
+    except data.DataError as error:  # no manifest, an unreadable vocabulary file
+        raise SweepError(f"--ext_data {extension}: {error}") from None
 
 
 def run_folders(settings: Settings, members: dict) -> dict:

@@ -125,13 +125,36 @@ SWEEP_FLAG_FAULTS = {
     "jobs 0": (["--jobs", "0"], "--jobs 0"),
     "from_rows missing": (["--from_rows", "{tmp}/no_analysis.json"], "not an analysis.json"),
     "from_rows not one": (["--from_rows", "{tmp}/a_file"], "not an analysis.json"),
+    "rope_theta 1": (["--rope_theta", "1"], "--rope_theta 1.0 must be a finite number above 1"),
+    "rope_theta twice": (["--rope_theta", "1e4", "--extra_train=--rope_theta 1e4"], "both set the pretraining RoPE"),
+    "ext_rope_factor 0.5": (["--ext_rope_factor", "0.5"], "--ext_rope_factor 0.5 must be a finite number of at"),
+    "ext_rope_factor on none": (["--recipe", "none", "--ext_rope_factor", "16"], "the control keeps RoPE unchanged"),
+    "control_models unknown": (["--control_models", "nope"], "--control_models ['nope']: no such run"),
+    "ext_data missing": (["--ext_data", "{tmp}/no_such_data"], "--ext_data {tmp}/no_such_data: no such folder"),
+    "ext_data not prepared": (["--ext_data", "{tmp}"], "not a prepared data folder"),
+    "ext_data other vocabulary": (["--ext_data", "{tmp}/compact"], "the same ids would mean other text"),
 }
+
+
+def compact_vocabulary_folder(folder: Path) -> Path:
+    """A folder holding only a valid compact vocabulary file: another vocabulary than dolma2's."""
+    import json
+
+    import data
+    ids = list(range(1000, 1100))
+    folder.mkdir()
+    (folder / data.COMPACT_VOCAB_FILE).write_text(json.dumps({
+        "format": data.COMPACT_FORMAT, "version": 1, "base_bpe_sha256": data.CL100K_SHA256, "dolma2_ids": ids,
+        "vocab_size": data.FIRST_FREQUENT_ID + len(ids), "mapping_sha256": data.mapping_sha256(ids)}))
+    return folder
 
 
 @pytest.mark.parametrize("case", list(SWEEP_FLAG_FAULTS))
 def test_each_bad_flag_is_refused_in_one_line_before_any_stage_runs(case, tmp_path, corpus, capsys, nothing_runs):
     flags, expected = SWEEP_FLAG_FAULTS[case]
     (tmp_path / "a_file").write_text("not a folder")
+    compact_vocabulary_folder(tmp_path / "compact")
+    expected = expected.replace("{tmp}", str(tmp_path))
     argv = ["--out", str(tmp_path / "sweep"), *TINY, "--data", str(corpus),
             *[f.replace("{tmp}", str(tmp_path)) for f in flags]]
     assert sweep.main(argv) == 1

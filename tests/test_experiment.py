@@ -47,3 +47,37 @@ def test_the_main_job_runs_every_stage_prints_one_table_and_resumes_without_redo
     printed = capfd.readouterr().out
     assert printed.count("nothing to do") == 3  # pretraining and both extensions
     assert json.loads((job / "eval" / "results.json").read_text()).keys() == results.keys()
+
+
+def test_the_extensions_read_extend_data_while_pretraining_and_evaluation_keep_data(corpus, tmp_path, monkeypatch):
+    import shutil
+    long_documents = shutil.copytree(corpus, tmp_path / "long")  # another folder in the same vocabulary
+    commands, evaluated = [], {}
+
+    def evaluate(checkpoints, folder, length, out, **options):  # what evaluate.before_after is given
+        evaluated["folder"] = Path(folder)
+        Path(out).mkdir(parents=True)
+        return "| model |"
+    monkeypatch.setattr(experiment, "run", lambda command, what: commands.append(command))  # no stage runs
+    monkeypatch.setattr(experiment.checkpoint, "checkpoints_in", lambda folder: [Path(folder) / "step_0000004"])
+    monkeypatch.setattr(experiment.evaluate, "before_after", evaluate)
+    experiment.main([*TINY, "--data", str(corpus), "--extend_data", str(long_documents), "--out", str(tmp_path / "job"),
+                     "--steps", "4", "--extend_steps", "2"])
+    data_of = {command[1]: [] for command in commands}
+    for command in commands:
+        data_of[command[1]].append(command[command.index("--data") + 1])
+    assert data_of == {"train.py": [str(corpus)], "extend.py": [str(long_documents)] * 2}
+    assert evaluated["folder"] == corpus  # held-out loss on the pretraining folder's val split
+
+
+def test_extend_data_in_another_vocabulary_is_refused_in_one_line_before_any_work(corpus, tmp_path, capsys):
+    dolma2 = corpus.parent / "dolma2"  # the folder the compact one was made from
+    for flags, said in ((["--data", str(corpus), "--extend_data", str(dolma2)], "the same ids would mean other text"),
+                        (["--extend_data", str(corpus)], "needs --data"),
+                        (["--data", str(dolma2), "--extend_data", str(dolma2), "--compact_vocab", "512"],
+                         "each on its own, into different mappings"),
+                        (["--data", str(corpus), "--extend_data", str(tmp_path / "nowhere")], "no such folder")):
+        with pytest.raises(SystemExit):
+            experiment.main([*TINY, *flags, "--out", str(tmp_path / "job")])
+        assert said in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "job").exists()

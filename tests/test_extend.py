@@ -136,6 +136,48 @@ def test_an_already_extended_source_and_an_unknown_recipe_are_refused_naming_the
         extend.extended_config(source_config(), "abf", 4 * L)
 
 
+def resolved_from(source: ModelConfig, *flags) -> ModelConfig:
+    """The extended config extend.py makes from `source` with these flags (no checkpoint read)."""
+    return extend.resolve(extend.parse_args([*EXTEND, *flags]), source, {}, "cpu")[1]
+
+
+def test_abf_can_be_a_factor_of_the_sources_theta_so_a_10k_model_gets_olmpools_x16_not_x800():
+    small_base = source_config(rope_theta=10_000.0)
+    by_factor = resolved_from(small_base, "--rope_factor", "16")
+    assert (by_factor.rope_scaling, by_factor.rope_factor, by_factor.rope_scaling_layers) == ("abf", 16.0, "all")
+    inv_freq = rope_frequencies(by_factor, True)[0]  # pair i turns at (10K x 16)^(-2i/8)
+    assert inv_freq[2].item() == pytest.approx(160_000.0 ** (-4 / 8), rel=1e-6)
+    assert resolved_from(small_base).rope_factor == 800.0  # no flag: the recipe's absolute 8e6, as before
+    assert resolved_from(small_base, "--rope_theta_target", "160000").rope_factor == 16.0
+    assert resolved_from(source_config(), "--recipe", "olmo3", "--rope_factor", "4").rope_factor == 4.0  # YaRN
+    olmpool_source = source_config(rope_theta=500_000.0)  # OlmPool's own: 500K -> 8M, x16, with or without it
+    assert resolved_from(olmpool_source) == resolved_from(olmpool_source, "--rope_factor", "16")
+
+
+def test_a_target_and_a_factor_together_or_a_factor_on_the_control_are_refused_in_one_line(capsys):
+    for flags, said in ((["--rope_factor", "16", "--rope_theta_target", "8e6"], "--rope_theta_target 8e+06 and "
+                         "--rope_factor 16 both set the ABF base"),
+                        (["--recipe", "none", "--rope_factor", "16"], "the control keeps RoPE unchanged")):
+        with pytest.raises(SystemExit):
+            extend.parse_args([*EXTEND, *flags])
+        assert said in capsys.readouterr().err.splitlines()[-1]
+    both = dataclasses.replace(extend.parse_args(EXTEND), rope_theta_target=8e6, model={"rope_factor": 16.0})
+    with pytest.raises(train.TrainError, match="give one of them"):  # settings made in code are checked too
+        extend.resolve(both, source_config(), {}, "cpu")
+
+
+def test_the_plan_states_the_abf_factor_the_base_it_gives_and_the_flag_that_set_it(capsys):
+    def plan(*flags) -> str:
+        extend.extend(extend.parse_args(["--dry_run", "--size", "tiny", "--gpus", "1", *flags]))
+        return capsys.readouterr().out
+    assert "RoPE: ABF: theta 500000 -> 8e+06 (x16) on every layer\n" in plan()  # today's line, unchanged
+    assert "RoPE: ABF: theta 10000 -> 160000 (x16, --rope_factor) on every layer" in plan(
+        "--rope_theta", "10000", "--rope_factor", "16")
+    unscaled = plan("--rope_theta", "10000")
+    assert "theta 10000 -> 8e+06 (x800) on every layer" in unscaled
+    assert "OlmPool's ABF is x16 (500K -> 8M): --rope_factor 16 keeps that ratio" in unscaled
+
+
 # ----------------------------------------------------------------------------------------------
 # The long-document mix
 

@@ -4,8 +4,10 @@ interrupted stage), the statistics on constructed tables with known answers, and
 end to end through train.py, extend.py and evaluate.py.
 """
 
+import dataclasses
 import itertools
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -114,6 +116,102 @@ def test_findings_add_stages_only_for_their_subset_and_early_steps_must_be_kept_
     assert flags_of(early.command)["--from"].endswith("pretrain/step_0000100")
     with pytest.raises(sweep.SweepError, match="multiple of --save_every"):
         sweep.plan(Settings(out=tmp_path, early_steps=(125,)))
+
+
+def without(command: list[str], *flags: str) -> list[str]:
+    """The command without these flags and their values."""
+    kept, skip = [], False
+    for part in command:
+        if skip or part in flags:
+            skip = not skip and part in flags
+            continue
+        kept.append(part)
+    return kept
+
+
+def test_the_regimes_rope_base_factor_and_extension_data_reach_their_stages_and_nothing_else_moves(tmp_path):
+    plain = Settings(out=tmp_path, data="data/x", budgets=(10,), early_steps=(100,), only=("pre_8kv_256",))
+    regime = dataclasses.replace(plain, rope_theta=10_000.0, ext_rope_factor=16.0, ext_data="data/long")
+    plain_commands = {stage.key: stage.command for stage in sweep.plan(plain)[0]}
+    assert not any({"--rope_theta", "--rope_factor"} & set(c) for c in plain_commands.values())  # as before
+    stages = sweep.plan(regime)[0]
+    assert [stage.key for stage in stages] == list(plain_commands)
+    for stage in stages:
+        flags = flags_of(stage.command)
+        if flags["script"] == "train.py":  # the base every run pretrains at; extend.py reads it from the checkpoint
+            assert flags["--rope_theta"] == "10000" and flags["--data"] == "data/x"
+        elif flags["script"] == "extend.py":  # the main extension, the budgets' and the early checkpoints'
+            assert flags["--rope_factor"] == "16" and flags["--data"] == "data/long" and "--rope_theta" not in flags
+        else:  # every evaluation keeps the pretraining folder's held-out split
+            assert flags["--data"] == "data/x" and "--rope_factor" not in flags
+        plain_command = [part.replace("data/long", "data/x") for part in without(stage.command, "--rope_theta",
+                                                                                  "--rope_factor")]
+        assert plain_command == plain_commands[stage.key], stage.key
+    assert {s.key.split("/")[-1] for s in stages if s.command[1] == "extend.py"} == {"extend", "extend_b10",
+                                                                                      "extend_p100"}
+
+
+def test_control_models_add_a_none_extension_and_its_evaluation_for_each_seed_beside_the_recipe(tmp_path):
+    settings = Settings(out=tmp_path, seeds=(0, 1), ext_rope_factor=16.0, only=("pre_8kv_256", "pre_2kv_256"),
+                        control_models=("pre_8kv_256",))
+    stages = {stage.key: stage for stage in sweep.plan(settings)[0]}
+    assert sorted(k for k in stages if "none" in k) == [f"pre_8kv_256/s{seed}/{tag}" for seed in (0, 1)
+                                                        for tag in ("eval-none", "extend-none")]
+    for seed in (0, 1):
+        run = f"pre_8kv_256/s{seed}"
+        control, recipe = stages[f"{run}/extend-none"], stages[f"{run}/extend"]
+        assert flags_of(control.command)["--recipe"] == "none" and "--rope_factor" not in control.command
+        assert without(control.command, "--recipe", "--out") == without(recipe.command, "--recipe", "--rope_factor",
+                                                                         "--out")  # same data, steps, seeds
+        assert control.out == recipe.out.parent / "extend-none" and control.inputs == recipe.inputs
+        assert control.after == recipe.after and control.kind == "extend"
+        evaluation = stages[f"{run}/eval-none"]
+        assert evaluation.after == [f"{run}/extend-none"] and evaluation.out == recipe.out.parent / "eval-none"
+        assert flags_of(evaluation.command)["positional"] == [str(sweep.step_dir(control.out, settings.ext_steps))]
+        assert without(evaluation.command, "--out")[3:] == without(stages[f"{run}/eval"].command, "--out")[3:]
+    with pytest.raises(sweep.SweepError, match=r"--control_models \['nope'\]: no such run"):
+        sweep.plan(dataclasses.replace(settings, control_models=("nope",)))
+
+
+def control_results(folder: Path, label: str, loss: dict, recall: dict) -> None:
+    """An evaluate.py results.json with held-out loss and recall by length."""
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "longppl": {label: {str(length): {"loss": value, "longppl": value} for length, value in loss.items()}},
+        "recall": {label: {f"niah_single_1/{length}": {"mean": value, "n": 1} for length, value in recall.items()}}}))
+
+
+def test_the_control_table_sets_each_gap_against_the_seed_spread_on_a_constructed_pool(tmp_path):
+    # recipe loss 3 + e, control 3.5 + e + d: gap -0.5 + (-d); seed std pooled over (0.1, 0.12); recall gap 50
+    settings = Settings(out=tmp_path, seeds=(0, 1, 2), only=("pre_8kv_256", "pre_2kv_256"),
+                        control_models=("pre_8kv_256",))
+    arch = {a.name: a for a in sweep.architectures(settings)}
+    runs = {}
+    for seed, e, d, recall in ((0, 0.1, 0.02, 50.0), (1, 0.0, 0.0, 60.0), (2, -0.1, -0.02, 70.0)):
+        for name in arch:
+            run_out = sweep.run_folder(settings, arch[name], seed)
+            control_results(run_out / "eval", name, {256: 2.0, 2048: 3 + e}, {2048: recall})
+            if name == "pre_8kv_256":
+                control_results(run_out / "eval-none", name, {256: 2.0, 2048: 3.5 + e + d}, {2048: 10.0})
+            runs[f"{name}/s{seed}"] = (arch[name], seed, run_out)
+    rows = pool_analysis.collect(settings, runs)
+    assert sum("control" in row for row in rows) == 3  # the runs without a control have no such key
+    control = pool_analysis.control_analysis(pool_analysis.rows_from_json(json.loads(json.dumps(rows))))
+    assert set(control) == {"pre_8kv_256"}
+    loss = control["pre_8kv_256"]["loss"][2048]
+    assert (loss["n"], loss["recipe"], loss["control"], loss["gap"]) == pytest.approx((3, 3.0, 3.5, -0.5))
+    assert loss["seed_std"] == pytest.approx(np.sqrt((0.1 ** 2 + 0.12 ** 2) / 2))
+    assert loss["gap_over_seed_std"] == pytest.approx(-0.5 / np.sqrt(0.0122)) and loss["gap_std"] == pytest.approx(0.02)
+    assert control["pre_8kv_256"]["loss"][256]["gap"] == 0 and control["pre_8kv_256"]["loss"][256]["seed_std"] == 0
+    assert control["pre_8kv_256"]["loss"][256]["gap_over_seed_std"] is None  # no spread: no ratio
+    recall = control["pre_8kv_256"]["recall"][2048]
+    assert (recall["gap"], recall["seed_std"]) == pytest.approx((50.0, np.sqrt(50)))
+    text = pool_analysis.markdown({}, rows, settings, "loss")
+    assert "## The none control: olmpool against the same extension with RoPE unchanged" in text
+    assert "| pre_8kv_256 | loss | 2048 | 3 | 3.000 | 3.500 | -0.500 | 0.110 | -4.5 | 0.020 |" in text
+    assert "| pre_8kv_256 | recall | 2048 | 3 | 60.000 | 10.000 | 50.000 | 7.071 | 7.1 | 10.000 |" in text
+    assert "## The none control" not in pool_analysis.markdown({}, [r for r in rows if "control" not in r],
+                                                             settings, "loss")
 
 
 def fake_checkpoint(folder: Path, weights: bytes) -> Path:
@@ -262,6 +360,35 @@ def test_a_two_model_sweep_runs_end_to_end_resumes_and_writes_index_analysis_and
     assert sweep.main(argv) == 0
     index = json.loads((out / "index.json").read_text())
     assert {e["this_time"] for e in index["stages"]} == {"skip"}
+
+
+def test_a_regime_sweep_extends_by_a_factor_on_its_own_data_with_a_none_control_and_resumes(corpus, tmp_path):
+    out, long_documents = tmp_path / "sweep", shutil.copytree(corpus, tmp_path / "long")  # one vocabulary
+    argv = ["--out", str(out), *TINY, "--only", "pre_4kv_32", "--data", str(corpus), "--steps", "4",
+            "--save_every", "4", "--batch_sequences", "2", "--ext_factor", "4", "--ext_steps", "2",
+            "--eval_factors", "1,4", "--tasks", "none", "--windows", "2", "--jobs", "2", "--rope_theta", "10000",
+            "--ext_rope_factor", "16", "--ext_data", str(long_documents), "--control_models", "pre_4kv_32"]
+    assert sweep.main(argv) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert {e["status"] for e in index["stages"]} == {"done"} and len(index["stages"]) == 7
+    run = out / "runs" / "pre_4kv_32" / "s0"
+    config = lambda stage: json.loads(next((run / stage).glob("step_*/config.json")).read_text())  # noqa: E731
+    assert config("pretrain")["rope_theta"] == 10_000
+    extended, control = config("extend"), config("extend-none")
+    assert (extended["rope_theta"], extended["rope_scaling"], extended["rope_factor"]) == (10_000, "abf", 16)
+    assert (control["rope_theta"], control["rope_scaling"]) == (10_000, "none")
+    for stage, folder in (("pretrain", corpus), ("extend", long_documents), ("extend-none", long_documents)):
+        state = json.loads(next((run / stage).glob("step_*/train_state.json")).read_text())
+        assert state["args"]["data"] == str(folder), stage
+    report = json.loads((out / "analysis" / "analysis.json").read_text())
+    assert set(report["control"]["pre_4kv_32"]["loss"]) == {"32", "128"}
+    assert all(np.isfinite(c["control"]) for c in report["control"]["pre_4kv_32"]["loss"].values())
+    analysis = (out / "analysis" / "analysis.md").read_text()
+    assert "## The none control" in analysis and f"extension {long_documents}" in analysis
+    assert f"extension {long_documents}. RoPE: pretraining base 10000; extension olmpool, --rope_factor 16" in \
+        (out / "index.md").read_text()
+    assert sweep.main(argv) == 0  # the same command again runs nothing, the control included
+    assert {e["this_time"] for e in json.loads((out / "index.json").read_text())["stages"]} == {"skip"}
 
 
 def test_the_analysis_of_a_constructed_pool_recovers_its_r2_effects_findings_and_writes_tables_and_plots(tmp_path):
@@ -426,3 +553,9 @@ def test_longppl_key_tokens_can_come_from_an_evaluator_outside_the_grid_and_one_
                                   "longppl")
     assert "chosen by pre_8kv_256/s0, one of the compared runs" in text
     assert "ctx 0.357 over 7 pairs" in text  # without pre_8kv_128 - pre_8kv_256: (4 x 0.4 + 3 x 0.3) / 7
+
+
+def test_importing_sweep_and_its_analysis_does_not_import_torch():
+    import subprocess
+    code = "import sys, sweep, pool_analysis; sys.exit('torch' in sys.modules)"  # --plan's imports stay light
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
