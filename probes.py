@@ -67,19 +67,10 @@ def probe_rng(seed: int, kind: str, length: int) -> np.random.Generator:
     return np.random.default_rng([seed, PROBE_KINDS.index(kind), length])
 
 
-def unaliased(haystack):
-    """The haystack in a dtype synthetic.fill must copy from. fill hands back a view of an int64 haystack, and the
-    generators then write their needles and spans into it: the haystack itself would change, and a later document
-    would find an earlier one's needle in its text. Token ids fit uint32, the shards' own dtype (no copy of them)."""
-    if haystack is None or np.asarray(haystack).dtype != np.int64:
-        return haystack
-    return np.asarray(haystack, dtype=np.uint32)
-
-
 def needle_documents(ids: SyntheticIds, length: int, count: int, seed: int, haystack) -> list[tuple]:
     """count (tokens, answer positions, distance) needle documents, the distance drawn uniform over what
     fits, as needle_document's default, but drawn here so that each result can report it."""
-    rng, haystack = probe_rng(seed, "needle", length), unaliased(haystack)
+    rng = probe_rng(seed, "needle", length)
     space = length - synthetic.QUERY_LENGTH - 2  # needle_document's room before the question
     documents = []
     for _ in range(count):
@@ -99,7 +90,7 @@ def mqar_documents(ids: SyntheticIds, length: int, count: int, seed: int) -> lis
 
 def copy_documents(ids: SyntheticIds, length: int, count: int, seed: int, haystack) -> list[tuple]:
     """count (tokens, spans) copy documents, spans [(first_start, second_start, span_length)]."""
-    rng, haystack = probe_rng(seed, "copy", length), unaliased(haystack)
+    rng = probe_rng(seed, "copy", length)
     return [synthetic.copy_document(rng, ids, length, probe=True, haystack=haystack) for _ in range(count)]
 
 

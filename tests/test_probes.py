@@ -265,7 +265,7 @@ def test_the_command_line_probes_a_mix_by_default_and_a_plain_folder_only_when_a
 
 
 def test_probe_documents_leave_an_int64_haystack_as_it_was(haystack):
-    # synthetic.fill returns a view of an int64 haystack, which the generators write into: probes.unaliased
+    # a document is written into the stretch of haystack it filled from: that stretch must be a copy
     before = haystack.copy()
     probes.needle_documents(IDS, 256, 4, 0, haystack)
     probes.copy_documents(IDS, 256, 4, 0, haystack)
