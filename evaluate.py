@@ -779,16 +779,16 @@ def check_computed(results: dict, labels: list[str], lengths: list[int], tasks: 
 def before_after(checkpoints: dict[str, str], data_dir, train_length: int, out, tasks: list[str] | None = None,
                  samples: int = 20, seed: int = 0, evaluator: str | None = None, windows: int = 8,
                  batch_size: int = 8, device: str | None = None, progress: bool = True,
-                 probe_count: int | None = None) -> str:
+                 probe_count: int | None = None, long_factor: int = 4) -> str:
     """Evaluate {label: checkpoint} (e.g. pretrained, extended, none control) at the pretraining length L and
-    4L, and return (and print) one markdown table: held-out loss, LongPPL and recall at both lengths. When the
+    long_factor x L (the extended length), and return (and print) one markdown table: held-out loss, LongPPL and recall at both lengths. When the
     data folder holds a synthetic recipe (a mix that trained retrieval), a second table beside it: needle
     recall, MQAR accuracy and copy gain at L, 2L, 4L and 8L (probes.py, probe_count documents each, default 32).
 
     LongPPL's short context scales to L / 2 stepped by L / 8, and its key tokens come from `evaluator`
     (default: the label "extended" if present, else the first). Resumes through results.json in `out`."""
     L = train_length
-    lengths = [L, 4 * L]
+    lengths = [L, long_factor * L]
     tasks = ["niah_single_1", "niah_multikey_2"] if tasks is None else tasks
     evaluator = evaluator or ("extended" if "extended" in checkpoints else next(iter(checkpoints)))
     probing = synthetic.recipe_of(data_dir) is not None

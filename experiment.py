@@ -12,8 +12,11 @@ was interrupted and skips what is done. Everything goes into one folder, runs/NA
     extend-none/      python extend.py --recipe none --seq_len 4L     the control: same training, RoPE unchanged
     eval/             evaluate.before_after(...)                      held-out loss and LongPPL at L and 4L, and
                                                                       RULER-style recall, for all three models
+(4L: --extend_factor 4, the default; --extend_rope_factor F sets the recipe's RoPE factor.) A data folder
+with synthetic retrieval documents (python data.py synthetic) adds the retrieval probes at L, 2L, 4L, 8L.
 The table goes to the terminal and to eval/before_after.md (results.json and plots beside it).
-Flags of its own: --recipe, --extend_steps, --extend_data, --samples, --tasks; --out and --steps
+Flags of its own: --recipe, --extend_steps, --extend_factor, --extend_rope_factor, --extend_data, --samples,
+--tasks; --out and --steps
 (default 1500 here, so that the default run fills a few CPU minutes) are read too; every other flag
 goes to train.py, and the ones that must agree (--data --seed --data_seed --threads --device
 --compact_vocab) to extend.py. --extend_data DIR gives the extensions their own folder (long
@@ -53,8 +56,13 @@ class ExperimentConfig(TrainConfig):
     steps: int = setting(PRETRAIN_STEPS, "pretraining steps (default: %(default)s)", RUN)
     recipe: str = setting("olmpool", "the extension recipe compared with the `none` control (default: %(default)s)",
                           EXPERIMENT, choices=tuple(r for r in extend.RECIPES if r != "none"))
-    extend_steps: int = setting(150, "extension steps, 2 sequences of 4L each on CPU (default: %(default)s)",
-                                EXPERIMENT)
+    extend_steps: int = setting(150, "extension steps, 2 sequences of the extended length each on CPU (default: "
+                                "%(default)s)", EXPERIMENT)
+    extend_factor: int = setting(4, "extended length / L, also the longest evaluated length (default: %(default)s; "
+                                 "OlmPool: 8, 8K -> 64K)", EXPERIMENT, metavar="N")
+    extend_rope_factor: float | None = setting(None, "the recipe's RoPE factor (ABF: new base = the model's theta x F, "
+                                               "OlmPool's x16; default: the recipe's own numbers)", EXPERIMENT,
+                                               metavar="F")
     extend_data: str | None = setting(None, "the extensions' data folder, in --data's vocabulary (default: --data)",
                                       EXPERIMENT, metavar="DIR")
     samples: int = setting(10, "recall prompts per task and length (default: %(default)s)", EXPERIMENT)
@@ -112,14 +120,15 @@ def extension_stage(settings: ExperimentConfig, source: Path | str, recipe: str,
     will make them: the extension's own fields, then the settings both stages share."""
     shared = {name: getattr(settings, name) for name in SHARED_SETTINGS}
     shared["data"] = settings.extend_data or settings.data  # the same vocabulary: check_extension_data
-    return extend.ExtendConfig(source=str(source), recipe=recipe, seq_len=4 * length, steps=settings.extend_steps,
-                               out=str(out), **shared)
+    rope = {"rope_factor": settings.extend_rope_factor} if settings.extend_rope_factor and recipe != "none" else {}
+    return extend.ExtendConfig(source=str(source), recipe=recipe, seq_len=settings.extend_factor * length,
+                               steps=settings.extend_steps, out=str(out), model=rope, **shared)
 
 
 def extension_argv(stage: extend.ExtendConfig) -> list[str]:
     """The stage's own fields, then the shared ones as the stage holds them (its --data: --extend_data's)."""
     stage_fields = {"source": stage.source, "recipe": stage.recipe, "seq_len": stage.seq_len, "steps": stage.steps,
-                    "out": stage.out}
+                    "out": stage.out, **stage.model}  # model: the recipe's RoPE factor, when one is given
     return [*to_argv(stage_fields, extend.ExtendConfig), *to_argv(stage, TrainConfig, only=SHARED_SETTINGS)]
 
 
@@ -151,11 +160,11 @@ def stages_in(settings: ExperimentConfig, base: Path, length: int) -> str:
     # The data pretraining used (already prepared), in the vocabulary its stages used: its held-out split
     # is the evaluation's, whichever folder the extensions read.
     folder = train.data_dir(settings.data, compact_vocab_size(settings), train.Distributed())
-    print(f"\n=== 3/3 evaluate at {length} and {4 * length} tokens -> {base / 'eval'}", flush=True)
+    print(f"\n=== 3/3 evaluate at {length} and {settings.extend_factor * length} tokens -> {base / 'eval'}", flush=True)
     checkpoints = {"pretrained": str(source), "extended": str(extended[settings.recipe]),
                    "none control": str(extended["none"])}
     table = evaluate.before_after(checkpoints, folder, length, base / "eval", tasks=ruler.parse_tasks(settings.tasks),
-                                  samples=settings.samples, seed=settings.seed)
+                                  samples=settings.samples, seed=settings.seed, long_factor=settings.extend_factor)
     write_atomically(base / "eval" / "before_after.md", table + "\n")
     print(f"\n(saved in {base / 'eval' / 'before_after.md'}; plots and every number beside it)")
     return table

@@ -81,3 +81,26 @@ def test_extend_data_in_another_vocabulary_is_refused_in_one_line_before_any_wor
             experiment.main([*TINY, *flags, "--out", str(tmp_path / "job")])
         assert said in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "job").exists()
+
+
+def test_extend_factor_and_rope_factor_reach_the_recipe_only_and_set_the_evaluated_length(corpus, tmp_path, monkeypatch):
+    commands, evaluated = [], {}
+
+    def evaluate(checkpoints, folder, length, out, **options):
+        evaluated.update(options, length=length)
+        Path(out).mkdir(parents=True)
+        return "| model |"
+    monkeypatch.setattr(experiment, "run", lambda command, what: commands.append(command))
+    monkeypatch.setattr(experiment.checkpoint, "checkpoints_in", lambda folder: [Path(folder) / "step_0000004"])
+    monkeypatch.setattr(experiment.evaluate, "before_after", evaluate)
+    experiment.main([*TINY, "--data", str(corpus), "--out", str(tmp_path / "job"), "--steps", "4", "--extend_steps", "2",
+                     "--extend_factor", "8", "--extend_rope_factor", "16"])
+    extensions = {c[c.index("--recipe") + 1]: c for c in commands if c[1] == "extend.py"}
+    length = evaluated["length"]
+    for recipe, command in extensions.items():
+        assert command[command.index("--seq_len") + 1] == str(8 * length)
+    assert extensions["olmpool"][extensions["olmpool"].index("--rope_factor") + 1] == "16.0"
+    assert "--rope_factor" not in extensions["none"]  # the control keeps RoPE as it was
+    train_command = next(c for c in commands if c[1] == "train.py")
+    assert "--rope_factor" not in train_command  # pretraining is not scaled
+    assert evaluated["long_factor"] == 8
