@@ -31,11 +31,24 @@ class AnalysisError(Exception):
 # (here the last position when shorter), averaged over layers and heads (evaluate.py's sink_first_100).
 SINK_MEASURE = "sink_first_100"
 CONTROL_EVAL_FOLDER = "eval-none"  # RUN/eval-none: the evaluation of sweep.py's --control_models extension
+BEYOND = "the lengths beyond the longer pretraining context"
 MEASURES = {  # name: (description, higher is better)
-    "recall": ("RULER-style recall x 100, mean over tasks and the lengths beyond the longer pretraining context", True),
+    "recall": (f"RULER-style recall x 100, mean over tasks and {BEYOND}", True),
     "loss": ("held-out loss (nats/token) at the extended length", False),
     "longppl": ("LongPPL at the extended length, key tokens from one evaluator for every model", False),
+    "retrieval": ("recall after extension: the mean of needle recall and MQAR accuracy (probes, x 100) over "
+                  f"{BEYOND}", True),
+    "needle": (f"needle recall x 100 (probes: both answer tokens the argmax), mean over {BEYOND}", True),
+    "mqar": (f"MQAR accuracy x 100 (probes: the asked-for values the argmax), mean over {BEYOND}", True),
+    "copy": ("copy gain (probes: nats, the loss on a span's first occurrence minus on its second), mean over "
+             f"{BEYOND}", True),
 }
+# evaluate.py's probe cells (results["probes"][label]["KIND/LENGTH"]): the measure of each kind and its field;
+# retrieval is the mean of needle recall and MQAR accuracy at each length where both were measured.
+PROBE_FIELDS = {"needle": "recall", "mqar": "accuracy", "copy": "gain"}
+PROBES = (*PROBE_FIELDS, "retrieval")
+LENGTH_MEANS = ("recall", *PROBES)  # the measures that are a mean over the lengths beyond the longer context
+BY_LENGTH = ("recall", "loss", *PROBES)  # read by length from every evaluation: the row's MEASURE_by_length
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,10 +131,11 @@ def last_val_loss(metrics: Path) -> float | None:
 
 def read_eval(folder: Path, label: str) -> dict:
     """{recall: {length: mean score over tasks}, loss: {length: held-out loss}, longppl_self: {...},
-    sink: {length: sink share}} from one evaluate.py results.json. A recall cell's mean is already x 100
-    (RULER's metrics score 0-100), so it is taken as it is."""
+    sink: {length: sink share}, needle, mqar, copy, retrieval: {length: probe measure}} from one evaluate.py
+    results.json. A recall cell's mean is already x 100 (RULER's metrics score 0-100), as are needle recall and
+    MQAR accuracy (probes.py), so they are taken as they are; a skipped probe cell (no field) is left out."""
     path = folder / "results.json"
-    found = {"recall": {}, "loss": {}, "longppl_self": {}, "sink": {}}
+    found = {"recall": {}, "loss": {}, "longppl_self": {}, "sink": {}, **{m: {} for m in PROBES}}
     if not path.is_file():
         return found
     results = json.loads(path.read_text())
@@ -139,7 +153,25 @@ def read_eval(folder: Path, label: str) -> dict:
         per_layer = cell.get("per_layer", {}).get(SINK_MEASURE)
         if per_layer:
             found["sink"][int(length)] = float(np.mean(per_layer))
+    for key, cell in results.get("probes", {}).get(label, {}).items():
+        kind, length = key.rsplit("/", 1)
+        if kind in PROBE_FIELDS and cell.get(PROBE_FIELDS[kind]) is not None:
+            found[kind][int(length)] = float(cell[PROBE_FIELDS[kind]])
+    found.update({kind: dict(sorted(found[kind].items())) for kind in PROBE_FIELDS})
+    found["retrieval"] = {L: (v + found["mqar"][L]) / 2 for L, v in found["needle"].items() if L in found["mqar"]}
     return found
+
+
+def beyond(by_length: dict, context: int) -> float | None:
+    """The mean of a measure over the lengths beyond `context` (None where none was measured)."""
+    values = [v for L, v in by_length.items() if L > context]
+    return float(np.mean(values)) if values else None
+
+
+def scores(found: dict, long_context: int, ext_len: int) -> dict:
+    """One evaluation's measures: the held-out loss at the extended length, and recall and each probe measure
+    as the mean over the lengths beyond the longer pretraining context."""
+    return {"loss": found["loss"].get(ext_len), **{m: beyond(found[m], long_context) for m in LENGTH_MEANS}}
 
 
 def collect(settings, runs: dict) -> list[dict]:
@@ -154,31 +186,23 @@ def collect(settings, runs: dict) -> list[dict]:
     rows = []
     for key, (arch, seed, run_out) in runs.items():
         after, before = read_eval(run_out / "eval", arch.name), read_eval(run_out / "eval_before", arch.name)
-        beyond = [v for L, v in after["recall"].items() if L > long_context]
         shared_cell = shared.get(key.replace("/", "@"), {}).get(str(ext_len), {})
+        main = scores(after, long_context, ext_len)
         row = {"run": key, "name": arch.name, "seed": seed, "choices": arch.choices,
                "harmful_count": arch.harmful_count, "pretrain_context": arch.pretrain_context, "window": arch.window,
                "val_loss_pretrain": last_val_loss(run_out / "pretrain" / "metrics.jsonl"),
-               "recall_by_length": after["recall"], "loss_by_length": after["loss"],
-               "recall": float(np.mean(beyond)) if beyond else None,
-               "loss": after["loss"].get(ext_len), "longppl": shared_cell.get("longppl"),
+               **{f"{m}_by_length": after[m] for m in BY_LENGTH}, **main, "longppl": shared_cell.get("longppl"),
                "longppl_self": after["longppl_self"].get(ext_len),
                "sink": after["sink"].get(ext_len),
-               "before": {"recall": before["recall"].get(long_context), "loss": before["loss"].get(long_context),
-                          "sink": before["sink"].get(long_context)}}
+               "before": {m: before[m].get(long_context) for m in (*BY_LENGTH, "sink")}}
         for tag, folder in (("budgets", "eval_extend_b"), ("early", "eval_extend_p")):
-            row[tag] = {}
-            for sub in sorted(run_out.glob(folder + "*")):
-                number = int(sub.name[len(folder):])
-                found = read_eval(sub, arch.name)
-                beyond = [v for L, v in found["recall"].items() if L > long_context]
-                row[tag][number] = {"loss": found["loss"].get(ext_len),
-                                    "recall": float(np.mean(beyond)) if beyond else None}
+            row[tag] = {int(sub.name[len(folder):]): scores(read_eval(sub, arch.name), long_context, ext_len)
+                        for sub in sorted(run_out.glob(folder + "*"))}
         if (run_out / CONTROL_EVAL_FOLDER).is_dir():  # the same extension with the none recipe
             found = read_eval(run_out / CONTROL_EVAL_FOLDER, arch.name)
-            row["control"] = {"loss_by_length": found["loss"], "recall_by_length": found["recall"]}
-        row["budgets"].setdefault(s.ext_steps, {"loss": row["loss"], "recall": row["recall"]})
-        row["early"].setdefault(s.steps, {"loss": row["loss"], "recall": row["recall"]})
+            row["control"] = {f"{m}_by_length": found[m] for m in BY_LENGTH}
+        row["budgets"].setdefault(s.ext_steps, dict(main))
+        row["early"].setdefault(s.steps, dict(main))
         rows.append(row)
     return rows
 
@@ -187,13 +211,13 @@ def collect(settings, runs: dict) -> list[dict]:
 # The paper's analysis of the rows, one measure at a time
 
 # The measure split where it arises, at L, the longer pretraining context: the three parts sum to the
-# measure at the extended length (for recall: the mean beyond L).
+# measure at the extended length (for recall and the probes: the mean beyond L).
 PARTS = {
     "part_pretraining": "before extension, at L: the pretrained model",
     "part_extension": "extension, at L: the extended model minus the pretrained one",
     "part_length": "length-specific: the extended model at the extended length minus itself at L",
 }
-AVERAGED = ("recall", "loss", "longppl", "sink", "val_loss_pretrain", *PARTS, "sink_before")
+AVERAGED = (*MEASURES, "sink", "val_loss_pretrain", *PARTS, "sink_before")
 
 
 def mean_of(values) -> float | None:
@@ -205,7 +229,7 @@ def mean_of(values) -> float | None:
 def with_parts(row: dict, measure: str, context: int) -> dict:
     """The row with the measure's parts at `context` (None where a term was not measured: LongPPL is
     measured at the extended length only) and the sink share before extension beside the one after."""
-    by_length = {"loss": row.get("loss_by_length", {}), "recall": row.get("recall_by_length", {})}.get(measure, {})
+    by_length = row.get(f"{measure}_by_length", {}) if measure in BY_LENGTH else {}
     after, before, total = by_length.get(context), row["before"].get(measure), row.get(measure)
     minus = lambda a, b: None if a is None or b is None else a - b  # noqa: E731
     return dict(row, part_pretraining=before, part_extension=minus(after, before), part_length=minus(total, after),
@@ -310,7 +334,7 @@ def analyze(rows: list[dict], measure: str, settings) -> dict:
         "sinks": sink_analysis(runs, scored, measure),
         "spread": {"between_models_std": float(np.std(y, ddof=1)) if len(y) > 1 else None, **seeds},
         "table": [{k: r.get(k) for k in ("name", "seeds", "choices", "harmful_count", "val_loss_pretrain",
-                                           "recall", "loss", "longppl", "sink", *PARTS)}
+                                           *MEASURES, "sink", *PARTS)}
                   | {"before": r["before"].get(measure)} for r in merged],
     }
     analysis["budgets"] = budget_analysis(rows, measure)
@@ -370,7 +394,7 @@ def early_analysis(rows: list[dict], measure: str, final_step: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The none control: the recipe's RoPE change against the same training at the new length alone
 
-CONTROL_MEASURES = {"loss": "loss_by_length", "recall": "recall_by_length"}  # measure: its key by length
+CONTROL_MEASURES = {m: f"{m}_by_length" for m in BY_LENGTH}  # measure: its key by length
 
 
 def control_cell(recipe: list[float], control: list[float]) -> dict:
@@ -407,7 +431,8 @@ def control_table(control: dict, settings) -> list[str]:
         return []
     lines = ["", f"## The none control: {settings.recipe} against the same extension with RoPE unchanged", "",
              "Each model of --control_models, extended again with the `none` recipe (the same data, steps and "
-             "seeds); means over seeds. gap = recipe - control (loss: below 0, the recipe helps; recall: above 0). "
+             "seeds); means over seeds. gap = recipe - control (loss: below 0, the recipe helps; recall and the "
+             "probes: above 0). "
              "seed std: the measure's seed-to-seed std (pooled over recipe and control); gap / seed std near 2 or "
              "more stands out of the seed noise; gap std: the spread of the per-seed (paired) gaps.", "",
              "| model | measure | length | seeds | recipe | control | gap | seed std | gap / seed std | gap std |",
@@ -460,9 +485,32 @@ def markdown(analyses: dict, rows: list[dict], settings, primary: str) -> str:
         lines.append(f"| {r['name']} | {r['seed']} | {r['harmful_count']} | {fmt(r['val_loss_pretrain'])} | "
                      f"{fmt(r['before']['loss'])} | {recall} | {loss} | {fmt(r['recall'], 1)} | {fmt(r['longppl'])} | "
                      f"{fmt(r['sink'])} |")
+    lines += probes_table(rows, s)
     for measure, a in analyses.items():
         lines += measure_section(a, settings)
     return "\n".join(lines + control_table(control_analysis(rows), settings)) + "\n"
+
+
+def probes_table(rows: list[dict], settings) -> list[str]:
+    """Each run's retrieval probes by length after extension, and retrieval before and after it; nothing where
+    no run was probed (--data not a synthetic mix)."""
+    if not any(r.get(f"{m}_by_length") for r in rows for m in PROBE_FIELDS):
+        return []
+    L = settings.long_context()
+
+    def by_length(row: dict, measure: str, digits: int) -> str:
+        return ", ".join(f"{n}: {v:.{digits}f}" for n, v in row.get(f"{measure}_by_length", {}).items()) or "–"
+
+    lines = ["", "## Retrieval probes per model", "", "Needle recall and MQAR accuracy x 100, copy gain in nats "
+             "(probes.py, the same documents for every model); retrieval: the mean of needle recall and MQAR "
+             f"accuracy, before extension at L = {L} and after it over the lengths beyond L.", "",
+             "| model | seed | needle recall by length | MQAR accuracy by length | copy gain by length | "
+             f"before: retrieval @{L} | retrieval beyond pretraining |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["harmful_count"], r["name"], r["seed"])):
+        lines.append(f"| {r['name']} | {r['seed']} | {by_length(r, 'needle', 0)} | {by_length(r, 'mqar', 0)} | "
+                     f"{by_length(r, 'copy', 3)} | {fmt(r['before'].get('retrieval'), 1)} | "
+                     f"{fmt(r.get('retrieval'), 1)} |")
+    return lines
 
 
 def measure_section(a: dict, settings) -> list[str]:
@@ -668,8 +716,8 @@ def plots(analyses: dict, out: Path) -> list[str]:
 def rows_from_json(rows: list[dict]) -> list[dict]:
     """Rows as collect makes them, from an analysis.json (JSON spells the lengths and steps as strings)."""
     integer_keys = lambda mapping: {int(k): v for k, v in mapping.items()}  # noqa: E731
-    rows = [dict(row, **{key: integer_keys(row[key]) for key in ("recall_by_length", "loss_by_length", "budgets",
-                                                                  "early") if key in row}) for row in rows]
+    rows = [dict(row, **{key: integer_keys(row[key]) for key in row if key.endswith("_by_length") or
+                         key in ("budgets", "early")}) for row in rows]
     return [dict(row, control={key: integer_keys(v) for key, v in row["control"].items()}) if "control" in row
             else row for row in rows]
 

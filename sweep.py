@@ -241,10 +241,8 @@ def stamp_of(stage: Stage) -> dict:
 
 def read_stamp(stage: Stage) -> dict | None:
     path = stage.out / STAMP_FILE
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()) if path.is_file() else None
     except json.JSONDecodeError:
         return None  # a stamp cut short: treat the stage as of unknown provenance
 
@@ -340,6 +338,7 @@ class Settings:
     tasks: str = "niah_single_1"
     samples: int = 10
     windows: int = 8
+    probe_count: int = 32  # documents per probe kind and length, where --data is a synthetic mix (probes.py)
     budgets: tuple[int, ...] = ()
     budget_models: tuple[str, ...] = ()
     early_steps: tuple[int, ...] = ()
@@ -397,7 +396,7 @@ class Settings:
 SETTING_RULES = [
     *[(name, lambda v: v >= 1, "at least 1", example) for name, example in (
         ("batch_sequences", 8), ("save_every", 50), ("ext_factor", 8), ("ext_batch_sequences", 1),
-        ("eval_factors", "1,2,4,8"), ("samples", 10), ("windows", 8), ("budgets", "20,60,180"),
+        ("eval_factors", "1,2,4,8"), ("samples", 10), ("windows", 8), ("probe_count", 32), ("budgets", "20,60,180"),
         ("early_steps", "100,200"), ("threads", 1))],
     ("seeds", lambda v: v >= 0, "0 or more", "0,1"),
     ("lr", lambda v: 0 < v < math.inf, "a positive finite number", 3e-3),
@@ -472,17 +471,28 @@ def held_out_flags(settings: Settings) -> list[str]:
             "--short_step", str(max(1, long_context // 8)), "--device", settings.device, *data_flags(settings)]
 
 
+def synthetic_recipe(data_dir) -> dict | None:
+    """A mix folder's recipe (synthetic.recipe_of's, read with json: synthetic imports torch); None for a plain one."""
+    try:
+        manifest = json.loads((Path(data_dir) / "manifest.json").read_text()) if data_dir else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # no folder or manifest: no recipe (data.py says why)
+        return None
+    return (manifest.get("synthetic") or None) if isinstance(manifest, dict) else None
+
+
 def evaluate_stage(settings: Settings, arch: Architecture, seed: int, tag: str, checkpoint: Path, lengths: str,
                    after: str) -> Stage:
-    """evaluate.py on one checkpoint of the run into RUN/tag: recall (unless --tasks none), loss, LongPPL, sinks."""
+    """evaluate.py on one checkpoint of the run into RUN/tag: recall (unless --tasks none), loss, LongPPL, sinks, and
+    where --data is a synthetic mix the retrieval probes at the stage's own lengths (every run probed alike)."""
     s, run_key, eval_out = settings, f"{arch.name}/s{seed}", run_folder(settings, arch, seed) / tag
     if s.tasks in ("", "none"):
         modes, recall_flags = "longppl,attention", []
     else:
         modes, recall_flags = "recall,longppl,attention", ["--tasks", s.tasks, "--samples", str(s.samples)]
+    probing = ["--probe_lengths", lengths, "--probe_count", str(s.probe_count)] if synthetic_recipe(s.data) else []
     return Stage(f"{run_key}/{tag}", [
-        python(), "evaluate.py", str(checkpoint), "--labels", arch.name, "--lengths", lengths, "--modes", modes,
-        *recall_flags, *held_out_flags(s), "--out", str(eval_out)],
+        python(), "evaluate.py", str(checkpoint), "--labels", arch.name, "--lengths", lengths, "--modes",
+        modes + (",probes" if probing else ""), *recall_flags, *probing, *held_out_flags(s), "--out", str(eval_out)],
         out=eval_out, outputs=[eval_out / "results.json"], inputs=[checkpoint], after=[after], run=run_key,
         kind="evaluate")
 
@@ -778,6 +788,8 @@ def add_run_flags(p, d: Settings) -> None:
     p("--samples", type=int, default=d.samples, help=f"recall samples per task and length (default: {d.samples})")
     p("--windows", type=int, default=d.windows,
       help=f"held-out windows per length for loss, LongPPL, sinks (default: {d.windows})")
+    p("--probe_count", type=int, default=d.probe_count, help="retrieval probe documents per kind and length, where "
+      f"--data is a synthetic mix: its evaluations probe at their lengths (default: {d.probe_count})")
 
 
 def add_sweep_flags(p, d: Settings) -> None:
