@@ -37,15 +37,34 @@ def document(rng, kind, ids, length, probe, haystack):
     return synthetic.needle_document(rng, ids, length, probe=probe, haystack=haystack)
 
 
-def batch(rng, train, ids, size, length, share):
-    rows = []
+def packed_documents(rng, train, ids, length, shortest):
+    """Synthetic documents of lengths log-uniform in [shortest, length], packed into one row of `length`
+    tokens, with each token's document index (attention stays inside a document)."""
+    tokens, doc_ids, left = [], [], length
+    while left > 0:
+        size = int(round(np.exp(rng.uniform(np.log(shortest), np.log(length)))))
+        size = left if left - size < shortest else min(size, left)
+        tokens.append(document(rng, KINDS[int(rng.integers(3))], ids, size, False, train)[0])
+        doc_ids.append(np.full(size, len(doc_ids)))
+        left -= size
+    return np.concatenate(tokens), np.concatenate(doc_ids)
+
+
+def batch(rng, train, ids, size, length, share, shortest=0):
+    """(tokens (size, length), doc_ids or None): each row synthetic with probability share, else corpus text.
+    With shortest > 0 a synthetic row packs short documents (doc_ids keep attention inside each)."""
+    rows, docs = [], []
     for _ in range(size):
-        if rng.random() < share:
-            rows.append(document(rng, KINDS[int(rng.integers(3))], ids, length, False, train)[0])
+        synthetic_row = rng.random() < share
+        if synthetic_row and shortest:
+            tokens, doc_ids = packed_documents(rng, train, ids, length, shortest)
+        elif synthetic_row:
+            tokens, doc_ids = document(rng, KINDS[int(rng.integers(3))], ids, length, False, train)[0], np.zeros(length)
         else:
             start = int(rng.integers(0, train.size - length))
-            rows.append(train[start:start + length])
-    return torch.from_numpy(np.stack(rows)).long()
+            tokens, doc_ids = train[start:start + length], np.zeros(length)
+        rows.append(tokens); docs.append(doc_ids)
+    return torch.from_numpy(np.stack(rows)).long(), (torch.from_numpy(np.stack(docs)).long() if shortest else None)
 
 
 @torch.no_grad()
@@ -87,6 +106,9 @@ def main():
     p.add_argument("--ids_size", type=int, default=1024, help="synthetic id block, from id 258")
     p.add_argument("--probe_every", type=int, default=2000)
     p.add_argument("--probe_n", type=int, default=16)
+    p.add_argument("--short_docs", type=int, default=0,
+                   help="pack synthetic rows with documents of log-uniform lengths from this many tokens to L, "
+                        "attention masked to each (0: one document per row)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(1); torch.manual_seed(0)
@@ -105,12 +127,24 @@ def main():
     print(olmpool.describe(config), f"\nbatch {batch_size} x {L}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(0)
-    start, step, tokens, log = time.time(), 0, 0, open(a.out, "w")
+    step, tokens, spent = 0, 0, 0.0
+    state_file = Path(a.out).with_suffix(".state.pt")
+    if state_file.is_file():  # continue where the last call stopped (this script's own file)
+        state = torch.load(state_file, weights_only=True)
+        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = json.loads(state["rng"])
+        step, tokens, spent = state["step"], state["tokens"], state["seconds"]
+        print(f"resumed at step {step}", flush=True)
+    start, log = time.time() - spent, open(a.out, "a" if step else "w")
     while time.time() - start < a.minutes * 60:
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, (step + 1) / 100)
-        x = batch(rng, train, ids, batch_size, L + 1, a.share)
-        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        x, doc_ids = batch(rng, train, ids, batch_size, L + 1, a.share, a.short_docs)
+        targets = x[:, 1:].clone()
+        if doc_ids is not None:  # a document's last token does not predict the next document's first
+            targets[doc_ids[:, 1:] != doc_ids[:, :-1]] = -100
+            doc_ids = doc_ids[:, :-1]
+        loss = F.cross_entropy(model(x[:, :-1], doc_ids=doc_ids).flatten(0, 1), targets.flatten())
         opt.zero_grad(); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
         step += 1; tokens += batch_size * L
@@ -119,6 +153,8 @@ def main():
             for length in (L, 4 * L):
                 row.update(probe(model, ids, length, val, a.probe_n))
             print(json.dumps(row), flush=True); log.write(json.dumps(row) + "\n"); log.flush()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state),
+                        "step": step, "tokens": tokens, "seconds": time.time() - start}, state_file)
 
 
 if __name__ == "__main__":
