@@ -103,7 +103,9 @@ def main():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--theta", type=float, default=10000.0)
     p.add_argument("--share", type=float, default=0.5, help="synthetic share of sequences")
-    p.add_argument("--ids_size", type=int, default=1024, help="synthetic id block, from id 258")
+    p.add_argument("--ids_first", type=int, default=258, help="first id of the synthetic block (258: the most "
+                   "frequent corpus tokens; 7168: the rarest 1,024)")
+    p.add_argument("--ids_size", type=int, default=1024, help="size of the synthetic id block")
     p.add_argument("--probe_every", type=int, default=2000)
     p.add_argument("--probe_n", type=int, default=16)
     p.add_argument("--short_docs", type=int, default=0,
@@ -121,7 +123,7 @@ def main():
         config = dataclasses.replace(config, context_length=128)
     L = config.context_length
     batch_size = a.batch * 256 // L  # the same tokens per step for both models
-    ids = synthetic.SyntheticIds(258, a.ids_size)
+    ids = synthetic.SyntheticIds(a.ids_first, a.ids_size)
     train, val = corpus("train"), corpus("val")
     model = olmpool.Transformer(config, seed=0)
     print(olmpool.describe(config), f"\nbatch {batch_size} x {L}", flush=True)
