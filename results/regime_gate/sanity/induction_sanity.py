@@ -8,7 +8,7 @@ attention model? Sequences: BOS, x1..xm, x1..xm with x uniform over an alphabet 
 Columns: model, step, steps x 16 x 128 (the longest sequence: an upper bound; the mean sequence is 81
 tokens, so about 0.63x that many tokens were seen), seconds, the batch's loss, chance."""
 import sys, time, math, torch, torch.nn as nn, torch.nn.functional as F
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))  # the repository root
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))  # the repository root
 import olmpool
 torch.set_num_threads(1); torch.manual_seed(0)
 which, V, n, B, steps, lr = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 16, int(sys.argv[4]), float(sys.argv[5])
