@@ -103,7 +103,7 @@ def add_synthetic_command(commands):
     mix.add_argument("--seq_len", type=int, required=True, help="the training length the mix is laid out for (train.py's, or extend.py's with --long)")
     mix.add_argument("--share", type=float, default=0.5, help="fraction of the train tokens that are synthetic, in (0, 1) (default: %(default)s)")
     mix.add_argument("--kinds", default=",".join(synthetic.KINDS), help="comma-separated document kinds, in rotation (default: %(default)s)")
-    mix.add_argument("--ids_first", type=int, default=data.FIRST_FREQUENT_ID, help="first id of the synthetic id block (default: %(default)s, the compact vocabulary's first frequent id)")
+    mix.add_argument("--ids_first", type=int, default=None, help="first id of the synthetic id block (default: the vocabulary's last --ids_size ids below its end-of-text and pad ids, a compact vocabulary's rarest tokens)")
     mix.add_argument("--ids_size", type=int, default=synthetic.DEFAULT_IDS_SIZE, help="ids in the block: 3 markers, then keys, values and filler in thirds (default: %(default)s)")
     mix.add_argument("--seed", type=int, default=0, help="seed of the synthetic documents; the same arguments give the same bytes (default: %(default)s)")
     mix.add_argument("--long", action="store_true", help="documents of uniform lengths in [seq_len/8, seq_len] between whole corpus documents, for extend.py (default: one window each)")
@@ -113,10 +113,13 @@ def add_synthetic_command(commands):
 def build_synthetic_mix(corpus, out, seq_len, share, kinds, ids_first, ids_size, seed, long, quiet):
     """The synthetic command: its flags, typed, to synthetic.build_mix."""
     try:
-        ids = synthetic.SyntheticIds(ids_first, ids_size)
+        if ids_first is None:  # the vocabulary's rarest ids (synthetic.default_ids)
+            ids = synthetic.default_ids(data.read_manifest(corpus)["tokenizer"], ids_size)
+        else:
+            ids = synthetic.SyntheticIds(ids_first, ids_size)
     except ValueError as error:
-        raise data.DataError(f"--ids_first {ids_first} --ids_size {ids_size}: {error}; e.g. --ids_size "
-                             f"{synthetic.DEFAULT_IDS_SIZE}") from None
+        given = f"--ids_size {ids_size}" if ids_first is None else f"--ids_first {ids_first} --ids_size {ids_size}"
+        raise data.DataError(f"{given}: {error}; e.g. --ids_size {synthetic.DEFAULT_IDS_SIZE}") from None
     kinds = tuple(kind.strip() for kind in kinds.split(",") if kind.strip())
     return synthetic.build_mix(corpus, out, seq_len, share, kinds, ids, seed, progress=not quiet,
                                lengths="long" if long else "window")

@@ -212,9 +212,17 @@ MQAR_TOKENS_PER_PAIR = 16  # Zoology's MQAR training configurations: 4 pairs in 
 FILLER = {"copy": "corpus train text", "mqar": "random filler ids", "needle": "corpus train text"}
 
 
-def default_ids(size: int = DEFAULT_IDS_SIZE) -> SyntheticIds:
-    """The block that starts at the compact vocabulary's first frequent id (data.FIRST_FREQUENT_ID, 258)."""
-    return SyntheticIds(data.FIRST_FREQUENT_ID, size)
+def default_ids(tokenizer: dict, size: int = DEFAULT_IDS_SIZE) -> SyntheticIds:
+    """The vocabulary's last `size` ids below its end-of-text and pad ids (a manifest's tokenizer record).
+    A compact vocabulary orders its ids by frequency, so these are the corpus's rarest tokens: the
+    markers, keys and values then hardly occur in text (on the built-in corpus the last 1,024 of 8,192
+    ids are 0.8% of the tokens; its first frequent ids, 258-1281, are 46%, runs of spaces among them,
+    so a value marker would sit in every indented line of a code haystack)."""
+    end = tokenizer["vocab_size"]
+    specials = [i for i in (tokenizer["eos_id"], tokenizer.get("pad_id")) if i is not None]
+    while any(end - size <= i < end for i in specials):  # dolma2 keeps its specials at the top
+        end = min(i for i in specials if end - size <= i < end)
+    return SyntheticIds(max(end - size, 0), size)
 
 
 def training_document(kind: str, rng, ids: SyntheticIds, length: int, haystack) -> np.ndarray:
@@ -477,9 +485,10 @@ def build_mix(corpus_dir, out_dir, seq_len: int, share: float, kinds=KINDS, ids:
     folder's lock, so an interrupted build leaves out_dir as it was and the next one starts clean; the same
     arguments give the same bytes. Returns out_dir."""
     corpus_dir, out_dir, start = Path(corpus_dir), Path(out_dir), time.monotonic()
-    plan = MixPlan(int(seq_len), float(share), tuple(kinds), ids or default_ids(), int(seed), lengths)
+    tokenizer = plain_corpus(corpus_dir)["tokenizer"]
+    plan = MixPlan(int(seq_len), float(share), tuple(kinds), ids or default_ids(tokenizer), int(seed), lengths)
     check_plan(plan)  # all the refusals come before the folder is locked or anything is written
-    check_ids(plan.ids, plain_corpus(corpus_dir)["tokenizer"], corpus_dir)
+    check_ids(plan.ids, tokenizer, corpus_dir)
     if out_dir.resolve() == corpus_dir.resolve():
         raise data.DataError(f"--out {out_dir} is the corpus folder itself; pass a new folder, e.g. "
                              f"data/regime_L{seq_len}")

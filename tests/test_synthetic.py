@@ -393,7 +393,8 @@ def test_a_missing_corpus_a_mix_as_corpus_and_a_plain_folder_as_out_are_refused(
 
 def test_the_command_line_builds_a_mix_and_reports_errors_in_one_line(corpus, mix, tmp_path, capsys):
     out = tmp_path / "cli"
-    data_cli.main(["synthetic", str(corpus), "--out", str(out), "--seq_len", "64", "--ids_size", "240", "--quiet"])
+    data_cli.main(["synthetic", str(corpus), "--out", str(out), "--seq_len", "64", "--ids_first", "258", "--ids_size", "240",
+                   "--quiet"])
     assert file_bytes(out) == file_bytes(mix)
     data_cli.main(["synthetic", str(corpus), "--out", str(tmp_path / "long"), "--seq_len", "128", "--share", "0.25",
                    "--kinds", "needle,mqar", "--ids_first", "300", "--ids_size", "100", "--seed", "3", "--long"])
@@ -405,15 +406,15 @@ def test_the_command_line_builds_a_mix_and_reports_errors_in_one_line(corpus, mi
         data_cli.main(["synthetic", str(corpus), "--out", str(tmp_path / "bad"), "--seq_len", "64", "--ids_size", "10"])
     assert exit.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --ids_first 258 --ids_size 10: a synthetic id block needs first >= 0 and at least 27 ids; got "
-        "first=258, size=10; e.g. --ids_size 1024"]
+        "error: --ids_size 10: a synthetic id block needs first >= 0 and at least 27 ids; got "
+        "first=502, size=10; e.g. --ids_size 1024"]
 
 
 def test_the_help_names_every_flag_with_its_default():
     text = data_cli.build_parser().format_help()
     section = text[text.index("--- python data.py synthetic ---"):]
     options = {block.split()[0]: " ".join(block.split()) for block in re.split(r"\n  (?=-)", section)[1:]}
-    for flag, default in [("--share", "0.5"), ("--kinds", "copy,mqar,needle"), ("--ids_first", "258"),
+    for flag, default in [("--share", "0.5"), ("--kinds", "copy,mqar,needle"), ("--ids_first", "the vocabulary's last"),
                           ("--ids_size", "1024"), ("--seed", "0"), ("--long", "one window each")]:
         assert f"(default: {default}" in options[flag], options[flag]
     assert {"--out", "--seq_len", "--quiet"} <= set(options)
@@ -454,3 +455,14 @@ def test_a_second_writer_of_the_mix_folder_is_refused_naming_the_first(corpus, t
         holder.wait()
     build(corpus, out)  # the kernel dropped the killed holder's lock
     assert synthetic.recipe_of(out)["seq_len"] == 64
+
+
+def test_the_default_id_block_is_the_vocabularys_rarest_ids_below_its_specials(corpus, tmp_path):
+    compact = {"vocab_size": 8192, "eos_id": 256, "pad_id": 257}  # ids ordered by frequency: the last are rarest
+    assert synthetic.default_ids(compact) == SyntheticIds(7168, 1024)
+    dolma2 = {"vocab_size": 100278, "eos_id": 100257, "pad_id": 100277}  # specials at the top: the block ends below
+    assert synthetic.default_ids(dolma2) == SyntheticIds(100257 - 1024, 1024)
+    assert synthetic.default_ids({"vocab_size": 512, "eos_id": 256, "pad_id": 257}, 240) == SyntheticIds(272, 240)
+    data_cli.main(["synthetic", str(corpus), "--out", str(tmp_path / "default"), "--seq_len", "64", "--ids_size", "240",
+                   "--quiet"])  # the test corpus's vocabulary: 512 ids, EOS and pad at 256 and 257
+    assert synthetic.recipe_of(tmp_path / "default")["ids"] == {"first": 272, "size": 240}
