@@ -4,14 +4,16 @@ attention model? Sequences: BOS, x1..xm, x1..xm with x uniform over an alphabet 
 
     python induction_sanity.py minimal 256 64 4000 3e-3     # -> minimal.log
     python induction_sanity.py olmpool 256 64 4000 3e-3     # -> olmpool.log (tiny: 4 layers, d 128, RoPE 10K)
+    python induction_sanity.py olmpool 256 64 4000 3e-3 lm  # -> olmpool_lm.log: the loss on every token
 
 Columns: model, step, steps x 16 x 128 (the longest sequence: an upper bound; the mean sequence is 81
-tokens, so about 0.63x that many tokens were seen), seconds, the batch's loss, chance."""
+tokens, so about 0.63x that many tokens were seen), seconds, the batch's loss on the repeat (trained on, unless lm), chance."""
 import sys, time, math, torch, torch.nn as nn, torch.nn.functional as F
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))  # the repository root
 import olmpool
 torch.set_num_threads(1); torch.manual_seed(0)
 which, V, n, B, steps, lr = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 16, int(sys.argv[4]), float(sys.argv[5])
+all_tokens = len(sys.argv) > 6 and sys.argv[6] == "lm"  # the loss on every token, as in pretraining
 
 class Minimal(nn.Module):  # 2 attention-only layers, learned absolute positions, d 128, 8 heads
     def __init__(s, V, T, d=128, h=8):
@@ -42,7 +44,8 @@ for step in range(1, steps + 1):
     m = int(torch.randint(n // 4, n + 1, ()))
     x = torch.randint(1, V + 1, (B, m)); x = torch.cat([torch.zeros(B, 1, dtype=torch.long), x, x], 1)
     logits = model(x[:, :-1])
-    loss = F.cross_entropy(logits[:, m + 1:].flatten(0, 1), x[:, m + 2:].flatten())  # the repeat after its 1st token
+    repeat = F.cross_entropy(logits[:, m + 1:].flatten(0, 1), x[:, m + 2:].flatten())  # the repeat after its 1st token
+    loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) if all_tokens else repeat
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
     if step % 250 == 0:
-        print(which, step, step * B * (T - 1), round(time.time() - start), round(loss.item(), 3), f"(chance {math.log(V):.2f})", flush=True)
+        print(which, step, step * B * (T - 1), round(time.time() - start), round(repeat.item(), 3), f"(chance {math.log(V):.2f})", flush=True)
