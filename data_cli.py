@@ -107,10 +107,11 @@ def add_synthetic_command(commands):
     mix.add_argument("--ids_size", type=int, default=synthetic.DEFAULT_IDS_SIZE, help="ids in the block: 3 markers, then keys, values and filler in thirds (default: %(default)s)")
     mix.add_argument("--seed", type=int, default=0, help="seed of the synthetic documents; the same arguments give the same bytes (default: %(default)s)")
     mix.add_argument("--long", action="store_true", help="documents of uniform lengths in [seq_len/8, seq_len] between whole corpus documents, for extend.py (default: one window each)")
+    mix.add_argument("--packed", type=int, default=None, metavar="N", help="pack each synthetic window with documents of log-uniform lengths from N tokens to seq_len, each ending with EOS; train with --mask_documents (default: one document per window)")
     mix.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
 
-def build_synthetic_mix(corpus, out, seq_len, share, kinds, ids_first, ids_size, seed, long, quiet):
+def build_synthetic_mix(corpus, out, seq_len, share, kinds, ids_first, ids_size, seed, long, quiet, packed=None):
     """The synthetic command: its flags, typed, to synthetic.build_mix."""
     try:
         if ids_first is None:  # the vocabulary's rarest ids (synthetic.default_ids)
@@ -121,8 +122,12 @@ def build_synthetic_mix(corpus, out, seq_len, share, kinds, ids_first, ids_size,
         given = f"--ids_size {ids_size}" if ids_first is None else f"--ids_first {ids_first} --ids_size {ids_size}"
         raise data.DataError(f"{given}: {error}; e.g. --ids_size {synthetic.DEFAULT_IDS_SIZE}") from None
     kinds = tuple(kind.strip() for kind in kinds.split(",") if kind.strip())
-    return synthetic.build_mix(corpus, out, seq_len, share, kinds, ids, seed, progress=not quiet,
-                               lengths="long" if long else "window")
+    if long and packed is not None:
+        raise data.DataError("--long and --packed are two layouts; give one (--long for extension data, "
+                             "--packed N for pretraining)")
+    layout = "long" if long else "packed" if packed is not None else "window"
+    return synthetic.build_mix(corpus, out, seq_len, share, kinds, ids, seed, progress=not quiet, lengths=layout,
+                               **({"shortest": packed} if packed is not None else {}))
 
 
 def stop_on_sigterm(signum, frame):
@@ -147,7 +152,7 @@ def main(argv=None):
             print(f"{args.folder}: all {shards} shard(s) match {data.MANIFEST} (size, header, token ids, SHA-256)")
         elif args.command == "synthetic":
             build_synthetic_mix(args.corpus, args.out, args.seq_len, args.share, args.kinds, args.ids_first,
-                                args.ids_size, args.seed, args.long, args.quiet)
+                                args.ids_size, args.seed, args.long, args.quiet, args.packed)
         elif args.command == "compact":
             out = compact_vocabulary.compact_folder(args.source, args.vocab_size, args.out, progress=not args.quiet)
             print(f"compact copy ready in {out}", file=sys.stderr)

@@ -198,12 +198,17 @@ def needle_document(rng, ids: SyntheticIds, length: int, probe: bool = False, ha
 #             it whole; the corpus stream fills the other windows, cut into pieces of seq_len tokens.
 #   "long"    for context extension (LongDocumentMix, which samples by document): synthetic documents of
 #             uniform lengths in [ceil(T/8), T] between whole corpus documents.
+#   "packed"  as "window", but each synthetic window holds several documents of one kind, of lengths
+#             log-uniform in [shortest, seq_len], each ending with EOS: read with train.py
+#             --mask_documents, attention stays inside each, and a short context is searched (an
+#             induction head's emergence time grows with that context: Musat et al. 2025, arXiv 2511.01033).
 # Document boundaries: after every EOS and at the start of every synthetic document (so a corpus document
 # that a synthetic one interrupts is recorded as two, the first without its EOS: TokenLoader's windows
 # never see both sides of the cut, and --mask_documents, which reads EOS, is unaffected).
 
 KINDS = ("copy", "mqar", "needle")
-LAYOUTS = ("window", "long")
+LAYOUTS = ("window", "long", "packed")
+DEFAULT_SHORTEST = 32  # the packed layout's shortest document, EOS included
 DEFAULT_IDS_SIZE = 1024
 MIX_VERSION = 1
 # Generator tokens (the EOS not counted) that the smallest document of each kind needs.
@@ -245,6 +250,7 @@ class MixPlan:
     ids: SyntheticIds
     seed: int = 0
     layout: str = "window"
+    shortest: int = DEFAULT_SHORTEST  # the packed layout's shortest document, EOS included
 
     def length_range(self) -> tuple[int, int]:
         """Shortest and longest document, EOS included."""
@@ -260,11 +266,27 @@ class MixPlan:
         drawn from its own generator seeded by (seed, index)."""
         kind = self.kinds[index % len(self.kinds)]
         rng = np.random.default_rng([self.seed, index])
+        if self.layout == "packed":
+            return kind, self.packed_window(kind, rng, haystack, eos_id)
         length = self.document_length(rng)
         tokens = np.empty(length, dtype=np.int64)
         tokens[:-1] = training_document(kind, rng, self.ids, length - 1, haystack)
         tokens[-1] = eos_id
         return kind, tokens
+
+    def packed_window(self, kind: str, rng, haystack, eos_id: int) -> np.ndarray:
+        """seq_len tokens: documents of one kind, lengths log-uniform in [shortest, seq_len] (the last one
+        takes what is left, or absorbs a remainder shorter than `shortest`), each ending with EOS."""
+        parts, left = [], self.seq_len
+        while left > 0:
+            size = int(round(np.exp(rng.uniform(np.log(self.shortest), np.log(self.seq_len)))))
+            size = left if left - size < self.shortest else min(size, left)
+            part = np.empty(size, dtype=np.int64)
+            part[:-1] = training_document(kind, rng, self.ids, size - 1, haystack)
+            part[-1] = eos_id
+            parts.append(part)
+            left -= size
+        return np.concatenate(parts)
 
     def document_count(self, corpus_tokens: int) -> int:
         """How many documents bring the synthetic tokens nearest to share / (1 - share) x the corpus tokens,
@@ -288,14 +310,19 @@ def check_plan(plan: MixPlan):
                              f"comma-separated (unknown: {unknown or 'none'})")
     if plan.layout not in LAYOUTS:
         raise data.DataError(f"lengths={plan.layout!r} is not one of {LAYOUTS}")
-    shortest = plan.length_range()[0] - 1  # generator tokens of the shortest document, its EOS aside
+    if plan.layout == "packed" and not 2 <= plan.shortest <= plan.seq_len:
+        raise data.DataError(f"--packed {plan.shortest}: the shortest packed document must be between 2 and "
+                             f"--seq_len {plan.seq_len} tokens, e.g. --packed {DEFAULT_SHORTEST}")
+    shortest = (plan.shortest if plan.layout == "packed" else plan.length_range()[0]) - 1  # its EOS aside
     unfit = [kind for kind in plan.kinds if MIN_DOCUMENT[kind] > shortest]
     if unfit:
         need = max(MIN_DOCUMENT[kind] for kind in plan.kinds) + 1  # tokens with the EOS
         least = 8 * (need - 1) + 1 if plan.layout == "long" else need  # the shortest document is ceil(T/8) long
         which = "shortest documents (seq_len/8)" if plan.layout == "long" else "documents"
-        raise data.DataError(f"--seq_len {plan.seq_len} makes {which} of {shortest + 1} tokens, too short for "
-                             f"{' and '.join(unfit)} ({need} tokens, EOS included); use --seq_len {least} or more, "
+        flag = f"--packed {need}" if plan.layout == "packed" else f"--seq_len {least}"
+        given = f"--packed {plan.shortest}" if plan.layout == "packed" else f"--seq_len {plan.seq_len}"
+        raise data.DataError(f"{given} makes {which} of {shortest + 1} tokens, too short for "
+                             f"{' and '.join(unfit)} ({need} tokens, EOS included); use {flag} or more, "
                              f"or leave {' and '.join(unfit)} out of --kinds")
 
 
@@ -471,6 +498,8 @@ def mix_recipe(plan: MixPlan, documents, corpus_dir: Path, manifest: dict, corpu
               "mqar_tokens_per_pair": MQAR_TOKENS_PER_PAIR, "probe_key_modulus": PROBE_KEY_MODULUS,
               "corpus": {"folder": str(corpus_dir), "shards_sha256": hashlib.sha256(json.dumps(
                   [s["sha256"] for s in manifest["splits"]["train"]["shards"]]).encode()).hexdigest()}}
+    if plan.layout == "packed":
+        recipe["shortest"] = plan.shortest
     if plan.layout == "long":
         recipe["long_document_mix_share"] = long_mix_share(corpus_lengths, synthetic_lengths, plan.seq_len)
     return recipe
@@ -478,15 +507,17 @@ def mix_recipe(plan: MixPlan, documents, corpus_dir: Path, manifest: dict, corpu
 
 def build_mix(corpus_dir, out_dir, seq_len: int, share: float, kinds=KINDS, ids: SyntheticIds | None = None,
               seed: int = 0, progress: bool = True, lengths: str = "window",
-              shard_tokens: int = data.DEFAULT_SHARD_TOKENS) -> Path:
+              shard_tokens: int = data.DEFAULT_SHARD_TOKENS, shortest: int = DEFAULT_SHORTEST) -> Path:
     """Write out_dir: corpus_dir with `share` of its train tokens synthetic retrieval documents (the layouts
-    above; lengths "window" for pretraining at seq_len, "long" for extension at seq_len), val unchanged,
+    above; lengths "window" or "packed" (documents of `shortest` tokens and up) for pretraining at seq_len,
+    "long" for extension at seq_len), val unchanged,
     the recipe in the manifest under "synthetic" (recipe_of). Built aside and swapped in whole under the
     folder's lock, so an interrupted build leaves out_dir as it was and the next one starts clean; the same
     arguments give the same bytes. Returns out_dir."""
     corpus_dir, out_dir, start = Path(corpus_dir), Path(out_dir), time.monotonic()
     tokenizer = plain_corpus(corpus_dir)["tokenizer"]
-    plan = MixPlan(int(seq_len), float(share), tuple(kinds), ids or default_ids(tokenizer), int(seed), lengths)
+    plan = MixPlan(int(seq_len), float(share), tuple(kinds), ids or default_ids(tokenizer), int(seed), lengths,
+                   int(shortest))
     check_plan(plan)  # all the refusals come before the folder is locked or anything is written
     check_ids(plan.ids, tokenizer, corpus_dir)
     if out_dir.resolve() == corpus_dir.resolve():

@@ -195,7 +195,7 @@ def placed_documents(corpus, folder):
     recipe = synthetic.recipe_of(folder)
     ids = SyntheticIds(recipe["ids"]["first"], recipe["ids"]["size"])
     plan = synthetic.MixPlan(recipe["seq_len"], recipe["share"], tuple(recipe["kinds"]), ids, recipe["seed"],
-                             recipe["lengths"])
+                             recipe["lengths"], recipe.get("shortest", synthetic.DEFAULT_SHORTEST))
     stream, lengths = corpus_stream(corpus)
     haystack = stream[stream != EOS]
     documents = [plan.document(i, haystack, EOS) for i in range(sum(recipe["documents"].values()))]
@@ -466,3 +466,33 @@ def test_the_default_id_block_is_the_vocabularys_rarest_ids_below_its_specials(c
     data_cli.main(["synthetic", str(corpus), "--out", str(tmp_path / "default"), "--seq_len", "64", "--ids_size", "240",
                    "--quiet"])  # the test corpus's vocabulary: 512 ids, EOS and pad at 256 and 257
     assert synthetic.recipe_of(tmp_path / "default")["ids"] == {"first": 272, "size": 240}
+
+
+def test_a_packed_window_holds_short_documents_each_ending_with_eos_and_masked_apart(corpus, tmp_path, capsys):
+    folder = tmp_path / "packed"
+    data_cli.main(["synthetic", str(corpus), "--out", str(folder), "--seq_len", "64", "--ids_first", "258",
+                   "--ids_size", "240", "--packed", "16", "--quiet"])
+    recipe = synthetic.recipe_of(folder)
+    assert (recipe["lengths"], recipe["shortest"]) == ("packed", 16)
+    loader = data.TokenLoader(folder, "train", 64, 1, mask_documents=True)
+    batches = list(loader.validation_batches())
+    rows = np.stack([np.r_[b.inputs[0].numpy(), b.targets[0, -1].item()] for b in batches])
+    doc_ids = np.stack([b.doc_ids[0].numpy() for b in batches])
+    placed = placed_documents(corpus, folder)
+    assert len(placed) > 100
+    sizes = []
+    for kind, tokens, start in placed:
+        window = start // 64
+        assert start % 64 == 0 and tokens.size == 64 and np.array_equal(rows[window, :64], tokens)
+        ends = np.flatnonzero(tokens == EOS)
+        assert ends[-1] == 63  # the window ends with its last document
+        lengths = np.diff(np.r_[-1, ends])
+        sizes += lengths.tolist()
+        assert lengths.min() >= 16  # no document shorter than --packed
+        assert len(set(doc_ids[window].tolist())) == ends.size  # --mask_documents keeps them apart
+    assert min(sizes) < 32 and max(sizes) > 32  # lengths spread over [16, 64]
+    for flags, said in ((["--packed", "16", "--long"], "two layouts"), (["--packed", "8"], "--packed 13 or more")):
+        with pytest.raises(SystemExit):
+            data_cli.main(["synthetic", str(corpus), "--out", str(tmp_path / "bad"), "--seq_len", "64",
+                           "--ids_first", "258", "--ids_size", "240", *flags])
+        assert said in capsys.readouterr().err
