@@ -9,6 +9,7 @@ loaders that train.py (TokenLoader) and extend.py (LongDocumentMix) read.
     python data.py prepare corpus.jsonl --out data/mine --compact_vocab 8192   # a compact vocabulary
     python data.py compact data/mine --vocab_size 8192   # the same from a dolma2 folder: data/mine_v8192
     python data.py builtin --compact_vocab 8192           # also data/builtin_v8192: what `python train.py` uses
+    python data.py synthetic data/builtin_v8192 --out data/regime_L256 --seq_len 256   # + retrieval documents
 
 A prepared folder holds manifest.json (tokenizer, counts, shard SHA-256s, sources) and shards
 train_000000.bin ... val_000000.bin: a 32-byte header (magic b"OLMPTOK\\0", format version, vocab
