@@ -223,25 +223,18 @@ def compact_folder(source_dir, vocab_size, out_dir=None, progress=True):
     except (data.DataError, OSError, KeyError, json.JSONDecodeError):
         pass  # missing, partial or from other data: build it
     start = time.monotonic()
-    with data.one_writer(out_dir, "data.py compact"):  # one writer; what killed ones left aside is cleared
+    with data.built_aside(out_dir, "data.py compact") as building:  # one writer; built aside, swapped in whole
         vocab = build_compact_vocab(source_dir, vocab_size)
         tokenizer = compact_tokenizer(tuple(vocab["dolma2_ids"]))
-        final_dir, out_dir = out_dir, out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
-        out_dir.mkdir(parents=True)  # built aside and swapped in, as write_corpus does
-        try:
-            splits, manifest = write_compact_shards(source, source_dir, out_dir, vocab, tokenizer, origin)
-        except BaseException:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            raise
-        data.replace_folder(out_dir, final_dir)
+        splits, manifest = write_compact_shards(source, source_dir, building, vocab, tokenizer, origin)
     if progress:
         train_split = splits["train"]
-        print(f"compact vocabulary {final_dir / data.COMPACT_VOCAB_FILE}: {tokenizer.vocab_size:,} ids keep "
+        print(f"compact vocabulary {out_dir / data.COMPACT_VOCAB_FILE}: {tokenizer.vocab_size:,} ids keep "
               f"{vocab['train_coverage']:.1%} of {source_dir}'s {vocab['distinct_train_ids']:,} distinct train ids' "
               f"tokens whole; {train_split['tokens']:,} train tokens (dolma2: {source['splits']['train']['tokens']:,}), "
               f"{train_split['text_bytes'] / max(train_split['tokens'], 1):.2f} bytes of text per token; "
               f"{time.monotonic() - start:.1f}s", file=sys.stderr)
-    return final_dir
+    return out_dir
 
 
 def write_compact_shards(source, source_dir, out_dir, vocab, tokenizer, origin):

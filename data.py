@@ -515,8 +515,7 @@ def replace_folder(new, old):
     shutil.rmtree(retired)
 
 
-# What a killed writer leaves beside its target NAME: the folder it built (write_corpus, compact_folder), the
-# dolma2 folder compact_vocabulary.prepare tokenizes into first, and (killed between two renames) the old folder.
+# Left beside NAME by a killed writer: built_aside's folder, compact_vocabulary.prepare's dolma2 one, the old one.
 ASIDE_PATTERNS = (".{}.preparing-*", ".{}.dolma2.tmp*")
 RETIRED_PATTERN = ".{}.replaced-*"
 _WRITING = {}  # target folder -> how many nested one_writer blocks of this process hold its lock
@@ -553,29 +552,33 @@ def one_writer(out_dir, what):
             files.unlock_folder(out_dir)
 
 
+@contextlib.contextmanager
+def built_aside(out_dir, what):
+    """Under one_writer's lock, a hidden sibling to build in: swapped in whole at the end, removed on failure."""
+    with one_writer(out_dir, what):
+        building = out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
+        building.mkdir(parents=True)
+        try:
+            yield building
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        replace_folder(building, out_dir)
+
+
 def write_corpus(documents, out_dir, val_fraction, shard_tokens, sources, total_bytes,
                  max_tokens=None, progress=True, **details):
-    """Tokenize documents into out_dir's shards and manifest; stop after max_tokens if given.
-
-    The folder is built aside (a hidden sibling) and swapped in only when complete, so a prepare
-    that fails leaves an existing out_dir exactly as it was."""
+    """Tokenize documents into out_dir's shards and manifest (built aside: built_aside); stop after max_tokens."""
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val_fraction {val_fraction} must be in [0, 1), e.g. 0.005")
     if shard_tokens < 1:
         raise DataError(f"--shard_tokens {shard_tokens} must be positive, e.g. {DEFAULT_SHARD_TOKENS}")
     out_dir, start = Path(out_dir), time.monotonic()
-    with one_writer(out_dir, "data.py prepare"):
-        building = out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
-        building.mkdir(parents=True)
-        try:
-            splits, tokens = write_shards(documents, building, val_fraction, shard_tokens, sources, total_bytes,
-                                          max_tokens, progress)
-            manifest = write_manifest(building, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
-                                      max_tokens=max_tokens, sources=sources, **details)
-        except BaseException:
-            shutil.rmtree(building, ignore_errors=True)
-            raise
-        replace_folder(building, out_dir)
+    with built_aside(out_dir, "data.py prepare") as building:
+        splits, tokens = write_shards(documents, building, val_fraction, shard_tokens, sources, total_bytes,
+                                      max_tokens, progress)
+        manifest = write_manifest(building, splits, val_fraction=val_fraction, shard_tokens=shard_tokens,
+                                  max_tokens=max_tokens, sources=sources, **details)
     seconds = max(time.monotonic() - start, 1e-6)
     if progress:
         print(f"prepared {out_dir}: {splits['train']['tokens']:,} train tokens ({splits['train']['documents']:,} documents), "

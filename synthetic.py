@@ -21,7 +21,6 @@ with training instances, laid out for TokenLoader's windows or, with lengths="lo
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -526,15 +525,8 @@ def build_mix(corpus_dir, out_dir, seq_len: int, share: float, kinds=KINDS, ids:
     if (out_dir / data.MANIFEST).is_file() and recipe_of(out_dir, check=False) is None:
         raise data.DataError(f"--out {out_dir} holds a prepared folder that is not a synthetic mix, and a build "
                              f"replaces the whole folder; pass a new folder")
-    with data.one_writer(out_dir, "data.py synthetic"):
-        building = out_dir.parent / f".{out_dir.name}.preparing-{os.getpid()}"
-        building.mkdir(parents=True)
-        try:
-            manifest = write_mix(building, corpus_dir, plan, shard_tokens, progress)
-        except BaseException:
-            shutil.rmtree(building, ignore_errors=True)
-            raise
-        data.replace_folder(building, out_dir)
+    with data.built_aside(out_dir, "data.py synthetic") as building:
+        manifest = write_mix(building, corpus_dir, plan, shard_tokens, progress)
     if progress:
         recipe = manifest["synthetic"]
         counts = ", ".join(f"{kind} {n:,}" for kind, n in recipe["documents"].items())
