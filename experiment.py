@@ -1,26 +1,36 @@
 """The main job: one architecture through OlmPool's whole experiment, pretrain -> extend -> evaluate.
 
-    ./run.sh                                   # = python experiment.py: the tiny default, CPU, minutes
+    ./run.sh                                   # = python experiment.py: the tiny default, CPU, ~30 minutes
     ./run.sh --qk_norm headwise --gqa 4        # train.py's flags pass through to every stage
-    python experiment.py --steps 400 --samples 20
+    ./run.sh --regime text --steps 400         # the earlier regime: plain text, L = 256, a few minutes
+
+Two regimes, each a set of default flags that the flags you give override:
+    retrieval (the default)  the built-in corpus mixed with 90% synthetic retrieval documents (copy spans,
+                             key-value recall, a needle; python data.py synthetic), packed under a document
+                             mask, built once in data/; L = 128, RoPE theta 10,000, 8,000 steps of 8 x 128
+                             tokens (8.2M), then extension to 8L with ABF x16 on long documents for 280 steps
+                             of 2 x 8L (about 7% of pretraining's tokens): the probes show retrieval at L (in
+                             part, at this budget) and what extension does to it beyond L
+    text                     the built-in corpus only, L = 256, theta 500,000, 1,500 steps of 2 x 256, extension
+                             to 4L: loss and LongPPL only (tiny models on text use ~16 tokens of context)
 
 Each stage is the ordinary command, which resumes by itself, so the same line continues a run that
-was interrupted and skips what is done. Everything goes into one folder, runs/NAME-experiment/ (or
---out), NAME as train.py names the run:
-    pretrain/         python train.py ARGS --steps 1500               pretraining at length L
-    extend-olmpool/   python extend.py --recipe olmpool --seq_len 4L  extension with ABF (the study's recipe)
-    extend-none/      python extend.py --recipe none --seq_len 4L     the control: same training, RoPE unchanged
-    eval/             evaluate.before_after(...)                      held-out loss and LongPPL at L and 4L, and
-                                                                      RULER-style recall, for all three models
-(4L: --extend_factor 4, the default; --extend_rope_factor F sets the recipe's RoPE factor.) A data folder
-with synthetic retrieval documents (python data.py synthetic) adds the retrieval probes at L, 2L, 4L, 8L.
+was interrupted and skips what is done. Everything goes into one folder, runs/NAME-retrieval/ (in the
+text regime runs/NAME-experiment/; or --out), NAME as train.py names the run from the flags given:
+    pretrain/         python train.py ARGS                            pretraining at length L
+    extend-olmpool/   python extend.py --recipe olmpool --seq_len kL  extension with ABF (the study's recipe)
+    extend-none/      python extend.py --recipe none --seq_len kL     the control: same training, RoPE unchanged
+    eval/             evaluate.before_after(...)                      held-out loss and LongPPL at L and kL,
+                                                                      RULER-style recall, and on a synthetic mix
+                                                                      the retrieval probes at L, 2L, 4L, 8L
+(k: --extend_factor; --extend_rope_factor F sets the recipe's RoPE factor.)
 The table goes to the terminal and to eval/before_after.md (results.json and plots beside it).
-Flags of its own: --recipe, --extend_steps, --extend_factor, --extend_rope_factor, --extend_data, --samples,
---tasks; --out and --steps
-(default 1500 here, so that the default run fills a few CPU minutes) are read too; every other flag
+Flags of its own: --regime, --recipe, --extend_steps, --extend_factor, --extend_rope_factor, --extend_data,
+--samples, --tasks; --out and --steps are read too; every other flag
 goes to train.py, and the ones that must agree (--data --seed --data_seed --threads --device
 --compact_vocab) to extend.py. --extend_data DIR gives the extensions their own folder (long
-documents) in --data's vocabulary; evaluation stays on --data's held-out split.
+documents) in --data's vocabulary; evaluation stays on --data's held-out split. In the retrieval regime
+--data replaces the built mixes (give --extend_data with it, or the extensions read --data too).
 """
 
 from __future__ import annotations
@@ -39,12 +49,26 @@ import extend
 import files
 import ruler
 import stages
+import synthetic
 import train
 from files import write_atomically
 from settings import (RUN, TrainConfig, TrainError, command_line, compact_vocab_size, model_config, parse,
                       run_folder, run_name, setting, to_argv)
 
-PRETRAIN_STEPS = 1500  # 768K tokens at the tiny default: about 3 minutes on 2 CPU cores
+PRETRAIN_STEPS = 1500  # the text regime's: 768K tokens at the tiny default, about 3 minutes on 2 CPU cores
+REGIMES = ("retrieval", "text")
+# The retrieval regime's flags, put before the ones given (the last of a flag wins). Measured in
+# results/regime_gate/ and README "The main job's two regimes": on this mix the gate's all-four model formed
+# retrieval at L after 7.2-7.7M tokens, and the default model retrieves in part by 8.2M (needle 37.5% at L);
+# emergence slows with the context searched (Musat et al. 2025, arXiv 2511.01033), hence L = 128. Theta
+# 10,000 is above the smallest base that still retrieves at 128-256 tokens (Men et al. 2024, arXiv
+# 2405.14591: ~8.6e3 at 256), so ABF x16 (-> 160,000) is a real change by 8L; OlmPool extends 8K -> 64K (x8)
+# with about 7% of pretraining's tokens: 280 steps of 2 x 1,024 = 573K of 8.2M.
+RETRIEVAL_FLAGS = ("--context_length", "128", "--rope_theta", "10000", "--mask_documents", "--batch_tokens", "1024",
+                   "--micro_batch", "8", "--steps", "8000", "--warmup", "100", "--schedule", "wsd",
+                   "--extend_factor", "8", "--extend_rope_factor", "16", "--extend_steps", "280")
+RETRIEVAL_SHARE = 0.9      # of pretraining's tokens synthetic (the gate's dense mix); its documents 32 tokens and up
+EXTENSION_SHARE = 0.5      # of the long extension mix's
 # train.py settings that extend.py must share, so that both stages use the same data and machine.
 SHARED_SETTINGS = ("data", "seed", "data_seed", "threads", "device", "compact_vocab")
 EXPERIMENT = "experiment (what experiment.py adds to train.py's flags)"
@@ -53,7 +77,11 @@ EXPERIMENT = "experiment (what experiment.py adds to train.py's flags)"
 @dataclass
 class ExperimentConfig(TrainConfig):
     """train.py's settings for the pretraining stage (more steps by default), plus the other stages'."""
-    steps: int = setting(PRETRAIN_STEPS, "pretraining steps (default: %(default)s)", RUN)
+    steps: int = setting(PRETRAIN_STEPS, "pretraining steps (default: 8000 in the retrieval regime, %(default)s in "
+                         "the text regime)", RUN)
+    regime: str = setting("retrieval", "retrieval: a synthetic retrieval mix, L 128 (about 30 minutes on 2 cores); text: "
+                          "the built-in text, L 256 (minutes); the docstring above lists each one's flags (default: "
+                          "%(default)s)", EXPERIMENT, choices=REGIMES)
     recipe: str = setting("olmpool", "the extension recipe compared with the `none` control (default: %(default)s)",
                           EXPERIMENT, choices=tuple(r for r in extend.RECIPES if r != "none"))
     extend_steps: int = setting(150, "extension steps, 2 sequences of the extended length each on CPU (default: "
@@ -133,9 +161,14 @@ def extension_argv(stage: extend.ExtendConfig) -> list[str]:
 
 
 def main(argv=None):
-    settings = parse(ExperimentConfig, command_line(ExperimentConfig, "experiment.py", __doc__), argv,
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = command_line(ExperimentConfig, "experiment.py", __doc__)
+    asked = parse(ExperimentConfig, parser, argv)  # the flags as given: the regime, and the run's name
+    regime_flags = list(RETRIEVAL_FLAGS) if asked.regime == "retrieval" else []
+    settings = parse(ExperimentConfig, parser, regime_flags + argv,
                      check=check)  # refuses bad flags, for every stage, before anything runs
-    base = Path(settings.out) if settings.out else run_folder(f"{settings.name or run_name(settings)}-experiment")
+    suffix = "retrieval" if settings.regime == "retrieval" else "experiment"
+    base = Path(settings.out) if settings.out else run_folder(f"{asked.name or run_name(asked)}-{suffix}")
     length = settings.seq_len or model_config(settings).context_length
     for recipe in (settings.recipe, "none"):  # the extensions' settings, checked now rather than after pretraining
         extension_stage(settings, base / "pretrain", recipe, length, base / f"extend-{recipe}")
@@ -146,8 +179,38 @@ def main(argv=None):
         files.unlock_folder(base)
 
 
+def retrieval_data(settings: ExperimentConfig, length: int) -> ExperimentConfig:
+    """The retrieval regime without --data: its two mixes, built once beside the built-in corpus (about a
+    minute; a folder already built is reused if it holds the same recipe), as --data and --extend_data."""
+    if settings.regime != "retrieval" or settings.data:
+        return settings
+    corpus = train.data_dir(None, compact_vocab_size(settings), train.Distributed())
+    long = settings.extend_factor * length
+    mixes = {"data": (corpus.with_name(f"{corpus.name}_retrieval_L{length}"), length, RETRIEVAL_SHARE, "packed"),
+             "extend_data": (corpus.with_name(f"{corpus.name}_retrieval_long_{long}"), long, EXTENSION_SHARE, "long")}
+    vocab = data.read_manifest(corpus)["tokenizer"]
+    # The vocabulary's rarest ids, an eighth of them at most (1,024 of the compact 8,192): markers and keys
+    # that text never uses (results/regime_gate/).
+    ids = synthetic.default_ids(vocab, min(synthetic.DEFAULT_IDS_SIZE, vocab["vocab_size"] // 8))
+    folders = {}
+    for field, (folder, seq_len, share, layout) in mixes.items():
+        recipe = synthetic.recipe_of(folder, check=False) if (folder / data.MANIFEST).is_file() else None
+        wanted = {"seq_len": seq_len, "share": share, "lengths": layout}
+        if recipe is not None and any(recipe.get(key) != value for key, value in wanted.items()):
+            raise data.DataError(f"{folder} holds another synthetic mix than the retrieval regime's {wanted}; remove "
+                                 f"it, or pass --data (and --extend_data) to train on it")
+        if recipe is None:
+            print(f"\n=== 0/3 data: the retrieval regime's {layout} mix for length {seq_len} -> {folder}", flush=True)
+            synthetic.build_mix(corpus, folder, seq_len, share, ids=ids, lengths=layout)
+        folders[field] = str(folder)
+    # The mixes carry the corpus's compact vocabulary: the stages read it from them.
+    return dataclasses.replace(settings, compact_vocab=None, **folders)
+
+
 def stages_in(settings: ExperimentConfig, base: Path, length: int) -> str:
-    """Pretrain, extend twice, evaluate: each stage the ordinary command, which skips what is done."""
+    """(Build the regime's data,) pretrain, extend twice, evaluate: each stage the ordinary command, which
+    skips what is done."""
+    settings = retrieval_data(settings, length)
     python = sys.executable
     pretrain = [*to_argv(dataclasses.replace(settings, out=None), TrainConfig), "--out", str(base / "pretrain")]
     run([python, "train.py", *pretrain], "1/3 pretrain")

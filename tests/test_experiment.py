@@ -15,7 +15,7 @@ import experiment  # noqa: E402
 L = 32
 TINY = ["--d_model", "32", "--n_layers", "2", "--n_heads", "4", "--head_dim", "8", "--mlp_hidden", "64",
         "--window", "8", "--global_every", "2", "--context_length", str(L), "--batch_tokens", str(4 * L),
-        "--eval_every", "0", "--log_every", "1000", "--peak_flops", "1e12", "--threads", "1"]
+        "--eval_every", "0", "--log_every", "1000", "--peak_flops", "1e12", "--threads", "1", "--regime", "text"]
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,78 @@ def test_extend_factor_and_rope_factor_reach_the_recipe_only_and_set_the_evaluat
     train_command = next(c for c in commands if c[1] == "train.py")
     assert "--rope_factor" not in train_command  # pretraining is not scaled
     assert evaluated["long_factor"] == 8
+
+
+def stages_recorded(monkeypatch, commands: list, evaluated: dict):
+    """experiment.main with every stage recorded rather than run."""
+    def evaluate(checkpoints, folder, length, out, **options):
+        evaluated.update(options, length=length, folder=Path(folder))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return "| model |"
+    monkeypatch.setattr(experiment, "run", lambda command, what: commands.append(command))
+    monkeypatch.setattr(experiment.checkpoint, "checkpoints_in", lambda folder: [Path(folder) / "step_0000004"])
+    monkeypatch.setattr(experiment.evaluate, "before_after", evaluate)
+
+
+def flag(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_the_retrieval_regime_is_the_default_and_a_set_of_flags_that_given_flags_override(corpus, tmp_path,
+                                                                                         monkeypatch):
+    commands, evaluated = [], {}
+    stages_recorded(monkeypatch, commands, evaluated)
+    given = [f for f in TINY if f not in ("--regime", "text")]
+    experiment.main([*given, "--micro_batch", "4", "--data", str(corpus), "--out", str(tmp_path / "job"),
+                     "--steps", "4"])
+    pretrain = next(c for c in commands if c[1] == "train.py")
+    assert "--mask_documents" in pretrain and flag(pretrain, "--schedule") == "wsd" and flag(pretrain, "--warmup") == "100"
+    assert flag(pretrain, "--rope_theta") == "10000.0"
+    assert flag(pretrain, "--steps") == "4" and flag(pretrain, "--context_length") == str(L)  # given: theirs win
+    extensions = {flag(c, "--recipe"): c for c in commands if c[1] == "extend.py"}
+    assert {flag(c, "--seq_len") for c in extensions.values()} == {str(8 * L)}
+    assert {flag(c, "--steps") for c in extensions.values()} == {"280"}
+    assert flag(extensions["olmpool"], "--rope_factor") == "16.0" and "--rope_factor" not in extensions["none"]
+    assert evaluated["long_factor"] == 8
+
+    commands.clear()
+    experiment.main([*TINY, "--data", str(corpus), "--out", str(tmp_path / "text")])  # --regime text: none of it
+    pretrain = next(c for c in commands if c[1] == "train.py")
+    assert "--mask_documents" not in pretrain and flag(pretrain, "--steps") == str(experiment.PRETRAIN_STEPS)
+    assert flag(pretrain, "--rope_theta") is None and evaluated["long_factor"] == 4
+
+
+def test_without_data_the_retrieval_regime_builds_its_two_mixes_once_beside_the_corpus(corpus, tmp_path,
+                                                                                      monkeypatch, capsys):
+    import shutil
+    builtin = shutil.copytree(corpus, tmp_path / "builtin_v512")
+    monkeypatch.setattr(experiment.train, "data_dir", lambda folder, vocab, env: Path(folder) if folder else builtin)
+    commands, evaluated = [], {}
+    stages_recorded(monkeypatch, commands, evaluated)
+    given = [f for f in TINY if f not in ("--regime", "text")]
+    argv = [*given, "--micro_batch", "4", "--out", str(tmp_path / "job"), "--steps", "4"]
+    experiment.main(argv)
+    pretraining, extension = tmp_path / f"builtin_v512_retrieval_L{L}", tmp_path / f"builtin_v512_retrieval_long_{8 * L}"
+    assert {flag(c, "--data") for c in commands if c[1] == "train.py"} == {str(pretraining)}
+    assert {flag(c, "--data") for c in commands if c[1] == "extend.py"} == {str(extension)}
+    assert evaluated["folder"] == pretraining  # its val split is the corpus's, unchanged
+    packed, long = experiment.synthetic.recipe_of(pretraining), experiment.synthetic.recipe_of(extension)
+    assert (packed["lengths"], packed["seq_len"], packed["share"]) == ("packed", L, experiment.RETRIEVAL_SHARE)
+    assert (long["lengths"], long["seq_len"], long["share"]) == ("long", 8 * L, experiment.EXTENSION_SHARE)
+    assert compact_vocabulary.vocabulary_name(pretraining)[1] == compact_vocabulary.vocabulary_name(builtin)[1]
+
+    def no_second_build(*args, **kwargs):
+        raise AssertionError("a built mix is reused")
+    monkeypatch.setattr(experiment.synthetic, "build_mix", no_second_build)
+    commands.clear()
+    experiment.main(argv)
+    assert {flag(c, "--data") for c in commands if c[1] == "train.py"} == {str(pretraining)}
+
+    shutil.rmtree(extension)  # another mix where the regime's should be: refused, not replaced
+    monkeypatch.undo()
+    monkeypatch.setattr(experiment.train, "data_dir", lambda folder, vocab, env: Path(folder) if folder else builtin)
+    stages_recorded(monkeypatch, commands, evaluated)
+    ids = experiment.synthetic.default_ids(data.read_manifest(builtin)["tokenizer"], 64)
+    experiment.synthetic.build_mix(builtin, extension, 8 * L, 0.3, ids=ids, lengths="long", progress=False)
+    with pytest.raises(data.DataError, match="holds another synthetic mix"):
+        experiment.main(argv)

@@ -111,6 +111,9 @@ def main():
     p.add_argument("--short_docs", type=int, default=0,
                    help="pack synthetic rows with documents of log-uniform lengths from this many tokens to L, "
                         "attention masked to each (0: one document per row)")
+    p.add_argument("--context", type=int, default=None,
+                   help="pretraining length L (default: easy 256, hard 128); the batch keeps 256 x --batch tokens")
+    p.add_argument("--kv_heads", type=int, default=None, help="key/value heads (default: easy 8, hard 2)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(1); torch.manual_seed(0)
@@ -121,6 +124,10 @@ def main():
         config = olmpool.preset("H_post_LQK_32kv_8k_11k_SWA", "tiny", vocab_size=8192, n_kv_heads=2,
                                 rope_theta=a.theta, attention_backend="sdpa")
         config = dataclasses.replace(config, context_length=128)
+    if a.context:
+        config = dataclasses.replace(config, context_length=a.context)
+    if a.kv_heads:
+        config = dataclasses.replace(config, n_kv_heads=a.kv_heads)
     L = config.context_length
     batch_size = a.batch * 256 // L  # the same tokens per step for both models
     ids = synthetic.SyntheticIds(a.ids_first, a.ids_size)
