@@ -194,7 +194,7 @@ def retrieval_data(settings: ExperimentConfig, length: int) -> ExperimentConfig:
     ids = synthetic.default_ids(vocab, min(synthetic.DEFAULT_IDS_SIZE, vocab["vocab_size"] // 8))
     folders = {}
     for field, (folder, seq_len, share, layout) in mixes.items():
-        recipe = synthetic.recipe_of(folder, check=False) if (folder / data.MANIFEST).is_file() else None
+        recipe = synthetic.recipe_of(folder, check=False)  # None: no folder (or not a mix: build_mix refuses)
         wanted = {"seq_len": seq_len, "share": share, "lengths": layout}
         if recipe is not None and any(recipe.get(key) != value for key, value in wanted.items()):
             raise data.DataError(f"{folder} holds another synthetic mix than the retrieval regime's {wanted}; remove "

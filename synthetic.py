@@ -267,11 +267,14 @@ class MixPlan:
         rng = np.random.default_rng([self.seed, index])
         if self.layout == "packed":
             return kind, self.packed_window(kind, rng, haystack, eos_id)
-        length = self.document_length(rng)
+        return kind, self.ended_document(kind, rng, self.document_length(rng), haystack, eos_id)
+
+    def ended_document(self, kind: str, rng, length: int, haystack, eos_id: int) -> np.ndarray:
+        """One training document of `length` tokens, its last the EOS."""
         tokens = np.empty(length, dtype=np.int64)
         tokens[:-1] = training_document(kind, rng, self.ids, length - 1, haystack)
         tokens[-1] = eos_id
-        return kind, tokens
+        return tokens
 
     def packed_window(self, kind: str, rng, haystack, eos_id: int) -> np.ndarray:
         """seq_len tokens: documents of one kind, lengths log-uniform in [shortest, seq_len] (the last one
@@ -280,10 +283,7 @@ class MixPlan:
         while left > 0:
             size = int(round(np.exp(rng.uniform(np.log(self.shortest), np.log(self.seq_len)))))
             size = left if left - size < self.shortest else min(size, left)
-            part = np.empty(size, dtype=np.int64)
-            part[:-1] = training_document(kind, rng, self.ids, size - 1, haystack)
-            part[-1] = eos_id
-            parts.append(part)
+            parts.append(self.ended_document(kind, rng, size, haystack, eos_id))
             left -= size
         return np.concatenate(parts)
 

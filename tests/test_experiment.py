@@ -53,14 +53,7 @@ def test_the_extensions_read_extend_data_while_pretraining_and_evaluation_keep_d
     import shutil
     long_documents = shutil.copytree(corpus, tmp_path / "long")  # another folder in the same vocabulary
     commands, evaluated = [], {}
-
-    def evaluate(checkpoints, folder, length, out, **options):  # what evaluate.before_after is given
-        evaluated["folder"] = Path(folder)
-        Path(out).mkdir(parents=True)
-        return "| model |"
-    monkeypatch.setattr(experiment, "run", lambda command, what: commands.append(command))  # no stage runs
-    monkeypatch.setattr(experiment.checkpoint, "checkpoints_in", lambda folder: [Path(folder) / "step_0000004"])
-    monkeypatch.setattr(experiment.evaluate, "before_after", evaluate)
+    stages_recorded(monkeypatch, commands, evaluated)  # no stage runs
     experiment.main([*TINY, "--data", str(corpus), "--extend_data", str(long_documents), "--out", str(tmp_path / "job"),
                      "--steps", "4", "--extend_steps", "2"])
     data_of = {command[1]: [] for command in commands}
@@ -85,14 +78,7 @@ def test_extend_data_in_another_vocabulary_is_refused_in_one_line_before_any_wor
 
 def test_extend_factor_and_rope_factor_reach_the_recipe_only_and_set_the_evaluated_length(corpus, tmp_path, monkeypatch):
     commands, evaluated = [], {}
-
-    def evaluate(checkpoints, folder, length, out, **options):
-        evaluated.update(options, length=length)
-        Path(out).mkdir(parents=True)
-        return "| model |"
-    monkeypatch.setattr(experiment, "run", lambda command, what: commands.append(command))
-    monkeypatch.setattr(experiment.checkpoint, "checkpoints_in", lambda folder: [Path(folder) / "step_0000004"])
-    monkeypatch.setattr(experiment.evaluate, "before_after", evaluate)
+    stages_recorded(monkeypatch, commands, evaluated)
     experiment.main([*TINY, "--data", str(corpus), "--out", str(tmp_path / "job"), "--steps", "4", "--extend_steps", "2",
                      "--extend_factor", "8", "--extend_rope_factor", "16"])
     extensions = {c[c.index("--recipe") + 1]: c for c in commands if c[1] == "extend.py"}
@@ -107,7 +93,7 @@ def test_extend_factor_and_rope_factor_reach_the_recipe_only_and_set_the_evaluat
 
 
 def stages_recorded(monkeypatch, commands: list, evaluated: dict):
-    """experiment.main with every stage recorded rather than run."""
+    """experiment.main with every stage recorded rather than run, and what evaluate.before_after is given."""
     def evaluate(checkpoints, folder, length, out, **options):
         evaluated.update(options, length=length, folder=Path(folder))
         Path(out).mkdir(parents=True, exist_ok=True)
