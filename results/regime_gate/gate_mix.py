@@ -114,9 +114,11 @@ def main():
     p.add_argument("--context", type=int, default=None,
                    help="pretraining length L (default: easy 256, hard 128); the batch keeps 256 x --batch tokens")
     p.add_argument("--kv_heads", type=int, default=None, help="key/value heads (default: easy 8, hard 2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the initial weights and the data order (0: the committed gate runs)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    torch.set_num_threads(1); torch.manual_seed(0)
+    torch.set_num_threads(1); torch.manual_seed(a.seed)
     if a.model == "easy":   # no harmful choice: pre norm, no QK norm, 8 kv heads, all global, L 256
         config = olmpool.preset("G_pre_8kv_8k_14k", "tiny", vocab_size=8192, n_kv_heads=8, window=None,
                                 norm_placement="pre", qk_norm="none", rope_theta=a.theta, attention_backend="sdpa")
@@ -132,10 +134,10 @@ def main():
     batch_size = a.batch * 256 // L  # the same tokens per step for both models
     ids = synthetic.SyntheticIds(a.ids_first, a.ids_size)
     train, val = corpus("train"), corpus("val")
-    model = olmpool.Transformer(config, seed=0)
+    model = olmpool.Transformer(config, seed=a.seed)
     print(olmpool.describe(config), f"\nbatch {batch_size} x {L}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(a.seed)
     step, tokens, spent = 0, 0, 0.0
     state_file = Path(a.out).with_suffix(".state.pt")
     if state_file.is_file():  # continue where the last call stopped (this script's own file)
