@@ -190,25 +190,28 @@ def heldout_windows(data_dir, length: int, count: int) -> list[torch.Tensor]:
     return [torch.from_numpy(loader._tokens(int(w) * length, length + 1).astype(np.int64)) for w in starts]
 
 
-def heldout_documents(data_dir, length: int, count: int) -> list[torch.Tensor]:
-    """Up to `count` val documents of at least `length` tokens, evenly spread over those, each read from its
-    start: the end-of-document token before it (the separator the models saw before every document) and its
-    first `length` tokens. As LongPPL's authors read theirs (whole documents of a minimum length, cut to the
-    maximum from the start), so no text starts mid-document or runs into the next one."""
+def heldout_documents(data_dir, length: int, count: int, min_length: int = 0) -> list[torch.Tensor]:
+    """Up to `count` val documents of at least max(length, min_length) tokens, evenly spread over those, each
+    read from its start: the end-of-document token before it (the separator the models saw before every
+    document) and its first `length` tokens. As LongPPL's authors read theirs (whole documents of a minimum
+    length, cut to the maximum from the start), so no text starts mid-document or runs into the next one.
+    With min_length the longest length of a table, every length reads the same documents: the loss at 2,048
+    minus the loss at 256 is then more context on the same texts, not other texts."""
     manifest = data.read_manifest(data_dir)
     if "val" not in manifest["splits"]:
         raise data.DataError(f"{data_dir} has no val split; prepare it with a val fraction (python data.py prepare)")
     tokenizer = manifest["tokenizer"]
-    long_enough = []  # (the shard's tokens, where the document starts)
+    long_enough, shortest = [], max(length, min_length)  # (the shard's tokens, where the document starts)
     for record in manifest["splits"]["val"]["shards"]:
         shard = data.read_shard(Path(data_dir) / record["file"], vocab_size=tokenizer["vocab_size"])
         starts = shard.doc_starts.astype(np.int64)
         ends = np.append(starts[1:], shard.tokens.size) - 1  # each document ends with its own EOS
-        long_enough += [(shard.tokens, int(start)) for start, end in zip(starts, ends) if end - start >= length]
+        long_enough += [(shard.tokens, int(start)) for start, end in zip(starts, ends) if end - start >= shortest]
     if not long_enough:
-        raise data.DataError(f"the val split of {data_dir} has no document of {length} tokens or more to read whole; "
-                             f"pass --heldout windows (windows across documents), or --data a folder of long "
-                             f"documents (python data.py prepare my_long_texts/ --out data/long)")
+        raise data.DataError(f"the val split of {data_dir} has no document of {shortest} tokens or more to read whole; "
+                             f"pass shorter --lengths (or --heldout_min_length), --heldout windows (windows across "
+                             f"documents), or --data a folder of long documents (python data.py prepare "
+                             f"my_long_texts/ --out data/long)")
     picks = np.linspace(0, len(long_enough) - 1, num=min(count, len(long_enough))).round().astype(int)
     return [torch.from_numpy(np.concatenate([[tokenizer["eos_id"]], tokens[start:start + length]]).astype(np.int64))
             for tokens, start in (long_enough[i] for i in picks)]
@@ -489,11 +492,12 @@ def check_inputs(checkpoints: dict[str, str], lengths: list[int], modes, data_di
         raise EvaluationError(f"--short_context {short_context} and --short_step {short_step} must be positive")
 
 
-def heldout_settings(data_dir, windows: int, heldout: str) -> dict:
+def heldout_settings(data_dir, windows: int, heldout: str, min_length: int) -> dict:
     """What the held-out texts depend on (LongPPL and attention cells with others are recomputed)."""
     settings = {"data": str(data_dir), "windows": windows}
     if heldout != "windows":  # windows were the only way once: their cells keep the settings they were saved with
         settings["heldout"] = heldout
+        settings["min_length"] = min_length  # which documents every length reads
     return settings
 
 
@@ -681,14 +685,16 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
              evaluator: str | None = None, short_context: int = 4096, short_step: int = 1024, windows: int = 8,
              batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None,
              command: list[str] | None = None, progress: bool = True, sink_query: int | None = None,
-             heldout: str = "documents", probe_lengths: list[int] | None = None,
+             heldout: str = "documents", heldout_min_length: int | None = None, probe_lengths: list[int] | None = None,
              probe_ids: tuple[int, int] | None = None, probe_count: int | None = None) -> dict:
     """Evaluate {label: checkpoint} at each length; results.json, results.md and plots in `out`. Resumes.
 
     evaluator: a label, or a checkpoint outside the compared ones, whose model picks LongPPL's key tokens
     (resolve_evaluator; default: the first checkpoint). sink_query: the attention query's position for every
     model (default: inside each model's window). heldout: "documents" (whole val documents, read from their
-    start) or "windows" (windows of the val stream) for LongPPL and attention; `windows` is how many. probes:
+    start) or "windows" (windows of the val stream) for LongPPL and attention; `windows` is how many;
+    heldout_min_length: documents of at least this many tokens at every length (default: the longest length some val
+    document reaches, so every length reads the same documents; give the same value to evaluations you will compare). probes:
     probes.py at probe_lengths (default: lengths), probe_count documents each (None: probes.DEFAULT_COUNT), on
     the synthetic ids probe_ids (first, size), by default the data folder's recipe's (synthetic.recipe_of)."""
     out = Path(out)
@@ -705,11 +711,14 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     results["runs"].append({"command": command or sys.argv, "versions": versions(), "seed": seed, "samples": samples,
                             "lengths": lengths, "tasks": tasks, "modes": list(modes), "device": device,
                             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-    texts = heldout_settings(data_dir, windows, heldout)
+    min_length = heldout_min_length or longest_heldout_length(data_dir, lengths, modes, heldout)
+    texts = heldout_settings(data_dir, windows, heldout, min_length)
     ppl_settings = longppl_settings(texts, short_context, short_step, evaluator, checkpoint_fingerprint(evaluator_spec))
     attention_settings = {**texts, "query": "in window" if sink_query is None else sink_query}
-    read = heldout_documents if heldout == "documents" else heldout_windows
-    held_out = functools.cache(lambda length: read(data_dir, length, windows))  # read once, for every model
+    if heldout == "documents":
+        held_out = functools.cache(lambda length: heldout_documents(data_dir, length, windows, min_length))
+    else:  # read once per length, for every model
+        held_out = functools.cache(lambda length: heldout_windows(data_dir, length, windows))
     check_heldout(held_out, data_dir, lengths, modes)
 
     # LongPPL's key tokens first, from the one evaluator, so every model is scored on the same tokens.
@@ -734,6 +743,20 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     write_reports(results, out, list(checkpoints), lengths, tasks, plan["lengths"] if plan else ())
     check_computed(results, list(checkpoints), lengths, tasks, modes, out, plan["lengths"] if plan else ())
     return results
+
+
+def longest_heldout_length(data_dir, lengths: list[int], modes, heldout: str) -> int:
+    """The longest of the lengths that some val document reaches: by default every length reads documents of
+    at least this many tokens, so all of a table's lengths read the same texts (longer ones are skipped)."""
+    if heldout != "documents" or data_dir is None or not {"longppl", "attention"} & set(modes):
+        return max(lengths)
+    for length in sorted(lengths, reverse=True):
+        try:
+            heldout_documents(data_dir, length, 1)
+            return length
+        except data.DataError:
+            continue
+    return max(lengths)  # none: check_heldout says why
 
 
 def check_heldout(held_out, data_dir, lengths: list[int], modes) -> None:
@@ -826,8 +849,12 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--evaluator", help="the model that picks LongPPL's key tokens: a checkpoint's label, or a checkpoint "
                              "outside them (folder or hf:DIR), as LongPPL's authors use (default: the first)")
     flag("--heldout", choices=["documents", "windows"], default="documents",
-         help="LongPPL and attention read whole val documents of at least each length from their start (default), "
+         help="LongPPL and attention read whole val documents from their start (default), "
               "or windows of the val stream that cut documents anywhere")
+    flag("--heldout_min_length", type=int,
+         help="with --heldout documents: read documents of at least this many tokens at every length (default: the "
+              "longest of --lengths some val document reaches, so every length reads the same documents; give "
+              "evaluations you compare the same value)")
     flag("--short_context", type=int, default=4096, help="LongPPL's short context (published: 4096)")
     flag("--short_step", type=int, default=1024, help="LongPPL's block per short context (published: 1024)")
     flag("--sink_query", type=int, help="position of the query whose attention is measured, the same for every "
@@ -860,6 +887,9 @@ def arguments(argv: list[str] | None = None) -> dict:
     if args.modes is None and args.data is not None and synthetic.recipe_of(args.data) is not None:
         modes.append("probes")  # a mix that trains retrieval: measure it by default
     probe_lengths, probe_ids = probe_arguments(modes, args.data, args.probe_lengths, args.probe_ids)
+    if args.heldout_min_length is not None and (args.heldout_min_length < 1 or args.heldout != "documents"):
+        raise EvaluationError(f"--heldout_min_length {args.heldout_min_length}: give a positive number of tokens, "
+                              f"with --heldout documents (windows have no documents to choose)")
     if args.sink_query is not None and args.sink_query < 0:
         raise EvaluationError(f"--sink_query {args.sink_query} must be a position (0 or more), or leave it out")
     check_inputs(dict(zip(labels, args.checkpoints)), lengths, modes, args.data, args.short_context, args.short_step)
@@ -867,7 +897,8 @@ def arguments(argv: list[str] | None = None) -> dict:
                 modes=modes, samples=args.samples, seed=args.seed, data_dir=args.data, evaluator=args.evaluator,
                 short_context=args.short_context, short_step=args.short_step, windows=args.windows,
                 batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                sink_query=args.sink_query, heldout=args.heldout, probe_lengths=probe_lengths, probe_ids=probe_ids,
+                sink_query=args.sink_query, heldout=args.heldout,
+                heldout_min_length=args.heldout_min_length, probe_lengths=probe_lengths, probe_ids=probe_ids,
                 probe_count=args.probe_count)
 
 

@@ -465,9 +465,11 @@ def pretrain_stage(settings: Settings, arch: Architecture, seed: int) -> Stage:
 
 
 def held_out_flags(settings: Settings) -> list[str]:
-    """evaluate.py's flags for the held-out measures (loss, LongPPL, sinks), the same in every evaluation."""
+    """evaluate.py's flags for the held-out measures (loss, LongPPL, sinks), the same in every evaluation: the
+    same documents at every length and stage (before and after extension, at L and at the extended length)."""
     long_context = settings.long_context()
-    return ["--windows", str(settings.windows), "--short_context", str(long_context // 2),
+    return ["--windows", str(settings.windows), "--heldout_min_length", str(settings.ext_len()),
+            "--short_context", str(long_context // 2),
             "--short_step", str(max(1, long_context // 8)), "--device", settings.device, *data_flags(settings)]
 
 

@@ -276,6 +276,26 @@ def test_held_out_documents_are_read_whole_from_their_start_and_never_run_into_t
         ev.heldout_documents(tmp_path / "prepared", 10_000, 1)
 
 
+def test_every_length_of_a_table_reads_the_same_documents(tmp_path, tokenizer):
+    # Documents of 20 to 160 words: read at 64 tokens alone, short ones would be among them; read as part of
+    # a table that goes to 256, each text at 64 is the first 64 tokens of a text at 256, so the difference
+    # between the lengths is more context on the same text, not other text.
+    documents = [" ".join(f"w{i}x{j}" for j in range(20 * (1 + i % 8))) for i in range(40)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in documents))
+    data.prepare([tmp_path / "docs.jsonl"], tmp_path / "prepared", val_fraction=0.5, progress=False)
+    folder = tmp_path / "prepared"
+    alone = ev.heldout_documents(folder, 64, count=100)
+    at_256 = ev.heldout_documents(folder, 256, count=100)
+    at_64 = ev.heldout_documents(folder, 64, count=100, min_length=256)
+    assert len(alone) > len(at_256) == len(at_64) > 0  # the shorter length alone reads other documents too
+    assert [text.tolist() for text in at_64] == [text[:65].tolist() for text in at_256]  # EOS, then 64 tokens
+    # the default: the longest length of the table that some val document reaches (10,000 none does)
+    assert ev.longest_heldout_length(folder, [64, 256, 10_000], ["longppl"], "documents") == 256
+    assert ev.longest_heldout_length(folder, [64, 256, 10_000], ["longppl"], "windows") == 10_000
+    with pytest.raises(ev.EvaluationError, match="--heldout_min_length"):
+        ev.arguments(["ckpt", "--heldout", "windows", "--heldout_min_length", "256"])
+
+
 def test_per_length_means_and_the_effective_length_follow_ruler():
     means = {"a/4096": 90.0, "b/4096": 95.0, "a/8192": 80.0, "b/8192": 90.0, "a/16384": 88.0, "b/16384": 86.0}
     results = {"recall": {"m": {key: {"mean": value, "n": 2} for key, value in means.items()}}}
