@@ -626,9 +626,10 @@ def sinks_table(a: dict, settings) -> list[str]:
     sinks, L, extended = a["sinks"], settings.long_context(), settings.ext_len()
     harmful, other = settings.qk_levels
     labels = {"qk=1": f"qk {harmful}", "qk=0": f"qk {other}", "swa=1": "windowed", "swa=0": "all global"}
-    lines = ["", f"Sinks ({SINK_MEASURE}: attention on the first 100 tokens from the query at position 4000, or the "
-             "last when shorter). From a query beyond the window, windowed layers cannot see the first tokens, so "
-             "where windows exist this share also measures the windows: read it within each swa level.", "",
+    lines = ["", f"Sinks ({SINK_MEASURE}: attention on the first 100 tokens from the query at min(4000, T - 1, "
+             "smallest window - 1), evaluate.py's rule: inside every layer's reach, as the authors' 4,000 inside "
+             "4,096). A windowed model's query sits at window - 1, where the first 100 tokens are most of what it "
+             "sees, an all-global model's at T - 1: read the share within each swa level.", "",
              f"| sink share | after extension, at {extended} | before extension, at {L} |", "|---|---|---|",
              f"| Pearson r with {a['measure']} (before: with {a['measure']} before extension), all models | "
              f"{fmt(sinks['pearson'])} | {fmt(sinks['before']['pearson'])} |"]
