@@ -715,10 +715,7 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     texts = heldout_settings(data_dir, windows, heldout, min_length)
     ppl_settings = longppl_settings(texts, short_context, short_step, evaluator, checkpoint_fingerprint(evaluator_spec))
     attention_settings = {**texts, "query": "in window" if sink_query is None else sink_query}
-    if heldout == "documents":
-        held_out = functools.cache(lambda length: heldout_documents(data_dir, length, windows, min_length))
-    else:  # read once per length, for every model
-        held_out = functools.cache(lambda length: heldout_windows(data_dir, length, windows))
+    held_out = heldout_reader(data_dir, heldout, windows, min_length)
     check_heldout(held_out, data_dir, lengths, modes)
 
     # LongPPL's key tokens first, from the one evaluator, so every model is scored on the same tokens.
@@ -743,6 +740,13 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     write_reports(results, out, list(checkpoints), lengths, tasks, plan["lengths"] if plan else ())
     check_computed(results, list(checkpoints), lengths, tasks, modes, out, plan["lengths"] if plan else ())
     return results
+
+
+def heldout_reader(data_dir, heldout: str, windows: int, min_length: int):
+    """held_out(length) -> the held-out texts at that length, read once per length for every model."""
+    if heldout == "documents":
+        return functools.cache(lambda length: heldout_documents(data_dir, length, windows, min_length))
+    return functools.cache(lambda length: heldout_windows(data_dir, length, windows))
 
 
 def longest_heldout_length(data_dir, lengths: list[int], modes, heldout: str) -> int:
