@@ -693,10 +693,10 @@ def evaluate(checkpoints: dict[str, str], lengths: list[int], out, tasks: list[s
     (resolve_evaluator; default: the first checkpoint). sink_query: the attention query's position for every
     model (default: inside each model's window). heldout: "documents" (whole val documents, read from their
     start) or "windows" (windows of the val stream) for LongPPL and attention; `windows` is how many;
-    heldout_min_length: documents of at least this many tokens at every length (default: the longest length some val
-    document reaches, so every length reads the same documents; give the same value to evaluations you will compare). probes:
-    probes.py at probe_lengths (default: lengths), probe_count documents each (None: probes.DEFAULT_COUNT), on
-    the synthetic ids probe_ids (first, size), by default the data folder's recipe's (synthetic.recipe_of)."""
+    heldout_min_length: documents of at least this many tokens at every length (default: the longest length
+    some val document reaches: every length reads the same documents). probes: probes.py at probe_lengths
+    (default: lengths), probe_count documents each (None: probes.DEFAULT_COUNT), on the synthetic ids
+    probe_ids (first, size), by default the data folder's recipe's (synthetic.recipe_of)."""
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks = ruler.TASK_GROUPS["exact"] if tasks is None else tasks
