@@ -197,24 +197,31 @@ def heldout_documents(data_dir, length: int, count: int, min_length: int = 0) ->
     length, cut to the maximum from the start), so no text starts mid-document or runs into the next one.
     With min_length the longest length of a table, every length reads the same documents: the loss at 2,048
     minus the loss at 256 is then more context on the same texts, not other texts."""
-    manifest = data.read_manifest(data_dir)
-    if "val" not in manifest["splits"]:
-        raise data.DataError(f"{data_dir} has no val split; prepare it with a val fraction (python data.py prepare)")
-    tokenizer = manifest["tokenizer"]
-    long_enough, shortest = [], max(length, min_length)  # (the shard's tokens, where the document starts)
-    for record in manifest["splits"]["val"]["shards"]:
-        shard = data.read_shard(Path(data_dir) / record["file"], vocab_size=tokenizer["vocab_size"])
-        starts = shard.doc_starts.astype(np.int64)
-        ends = np.append(starts[1:], shard.tokens.size) - 1  # each document ends with its own EOS
-        long_enough += [(shard.tokens, int(start)) for start, end in zip(starts, ends) if end - start >= shortest]
+    documents, eos_id = val_documents(data_dir)
+    shortest = max(length, min_length)
+    long_enough = [(tokens, start) for tokens, start, size in documents if size >= shortest]
     if not long_enough:
         raise data.DataError(f"the val split of {data_dir} has no document of {shortest} tokens or more to read whole; "
                              f"pass shorter --lengths (or --heldout_min_length), --heldout windows (windows across "
                              f"documents), or --data a folder of long documents (python data.py prepare "
                              f"my_long_texts/ --out data/long)")
     picks = np.linspace(0, len(long_enough) - 1, num=min(count, len(long_enough))).round().astype(int)
-    return [torch.from_numpy(np.concatenate([[tokenizer["eos_id"]], tokens[start:start + length]]).astype(np.int64))
+    return [torch.from_numpy(np.concatenate([[eos_id], tokens[start:start + length]]).astype(np.int64))
             for tokens, start in (long_enough[i] for i in picks)]
+
+
+def val_documents(data_dir) -> tuple[list[tuple[np.ndarray, int, int]], int]:
+    """([(the shard's tokens, where a val document starts, its length before its EOS)], the EOS id)."""
+    manifest = data.read_manifest(data_dir)
+    if "val" not in manifest["splits"]:
+        raise data.DataError(f"{data_dir} has no val split; prepare it with a val fraction (python data.py prepare)")
+    tokenizer, documents = manifest["tokenizer"], []
+    for record in manifest["splits"]["val"]["shards"]:
+        shard = data.read_shard(Path(data_dir) / record["file"], vocab_size=tokenizer["vocab_size"])
+        starts = shard.doc_starts.astype(np.int64)
+        ends = np.append(starts[1:], shard.tokens.size) - 1  # each document ends with its own EOS
+        documents += [(shard.tokens, int(start), int(end - start)) for start, end in zip(starts, ends)]
+    return documents, tokenizer["eos_id"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -754,13 +761,11 @@ def longest_heldout_length(data_dir, lengths: list[int], modes, heldout: str) ->
     at least this many tokens, so all of a table's lengths read the same texts (longer ones are skipped)."""
     if heldout != "documents" or data_dir is None or not {"longppl", "attention"} & set(modes):
         return max(lengths)
-    for length in sorted(lengths, reverse=True):
-        try:
-            heldout_documents(data_dir, length, 1)
-            return length
-        except data.DataError:
-            continue
-    return max(lengths)  # none: check_heldout says why
+    try:
+        longest = max((size for _, _, size in val_documents(data_dir)[0]), default=0)
+    except data.DataError:  # no val split: check_heldout says why
+        return max(lengths)
+    return max([length for length in lengths if length <= longest], default=max(lengths))
 
 
 def check_heldout(held_out, data_dir, lengths: list[int], modes) -> None:
