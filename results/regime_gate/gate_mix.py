@@ -7,7 +7,7 @@ occurrence minus its second, each span's first token left out), and the corpus v
 
     python results/regime_gate/gate_mix.py --model easy --minutes 50 --out easy_mix.jsonl
 """
-import argparse, dataclasses, json, sys, time
+import argparse, dataclasses, json, shutil, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-import data, olmpool, synthetic  # noqa: E402
+import checkpoint, data, olmpool, synthetic  # noqa: E402
 
 KINDS = ("copy", "mqar", "needle")
 
@@ -117,6 +117,9 @@ def main():
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the initial weights and the data order (0: the committed gate runs)")
     p.add_argument("--out", required=True)
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="write the run's model (from --out's state file) as a checkpoint folder that extend.py and "
+                        "evaluate.py read, with the compact vocabulary beside it, then exit")
     a = p.parse_args()
     torch.set_num_threads(1); torch.manual_seed(a.seed)
     if a.model == "easy":   # no harmful choice: pre norm, no QK norm, 8 kv heads, all global, L 256
@@ -146,6 +149,13 @@ def main():
         rng.bit_generator.state = json.loads(state["rng"])
         step, tokens, spent = state["step"], state["tokens"], state["seconds"]
         print(f"resumed at step {step}", flush=True)
+    if a.export:
+        if not step:
+            raise SystemExit(f"--export: no state file {state_file} to export; run the gate first")
+        checkpoint.save_model(model, a.export)
+        shutil.copy(ROOT / "data" / "builtin_v8192" / "compact_vocab.json", a.export)
+        print(f"exported step {step} ({tokens:,} tokens) to {a.export}")
+        return
     start, log = time.time() - spent, open(a.out, "a" if step else "w")
     while time.time() - start < a.minutes * 60:
         for g in opt.param_groups:
