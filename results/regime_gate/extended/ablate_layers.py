@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
-import checkpoint, data, probes, synthetic  # noqa: E402
+import checkpoint, data, evaluate, probes  # noqa: E402
 
 
 def zero_output(module, inputs, output):
@@ -30,14 +30,13 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=32)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    recipe = synthetic.recipe_of(args.data)
-    ids = synthetic.SyntheticIds(recipe["ids"]["first"], recipe["ids"]["size"])
+    ids = evaluate.resolve_probe_ids(args.data, None)  # the mix's synthetic ids, as evaluate.py's probes take them
     eos_id = data.read_manifest(args.data)["tokenizer"]["eos_id"]
     haystack = probes.heldout_haystack(args.data)
     print(f"| model | attention zeroed in | needle % @ {args.length} | MQAR % | copy gain (nats) |")
     print("|---|---|---|---|---|")
     for path in args.checkpoints:
-        model = checkpoint.load_model(path).eval()
+        model = checkpoint.load_model(path)
         windows = model.config.layer_windows
         for layer in [None, *range(len(model.layers))]:
             hook = None if layer is None else model.layers[layer].attention.register_forward_hook(zero_output)
