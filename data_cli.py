@@ -102,7 +102,7 @@ def add_synthetic_command(commands):
     mix.add_argument("--out", required=True, metavar="DIR", help="output folder, new or an earlier mix (replaced whole), e.g. data/regime_L256")
     mix.add_argument("--seq_len", type=int, required=True, help="the training length the mix is laid out for (train.py's, or extend.py's with --long)")
     mix.add_argument("--share", type=float, default=0.5, help="fraction of the train tokens that are synthetic, in (0, 1) (default: %(default)s)")
-    mix.add_argument("--kinds", default=",".join(synthetic.KINDS), help="comma-separated document kinds, in rotation (default: %(default)s)")
+    mix.add_argument("--kinds", default=",".join(synthetic.DEFAULT_KINDS), help=f"comma-separated document kinds, in rotation, of {', '.join(synthetic.KINDS)} (default: %(default)s)")
     mix.add_argument("--ids_first", type=int, default=None, help="first id of the synthetic id block (default: the vocabulary's last --ids_size ids below its end-of-text and pad ids, a compact vocabulary's rarest tokens)")
     mix.add_argument("--ids_size", type=int, default=synthetic.DEFAULT_IDS_SIZE, help="ids in the block: 3 markers, then keys, values and filler in thirds (default: %(default)s)")
     mix.add_argument("--seed", type=int, default=0, help="seed of the synthetic documents; the same arguments give the same bytes (default: %(default)s)")

@@ -1,8 +1,9 @@
 """
-Synthetic retrieval documents: the three kinds of sequence in which a token is predictable only by
-finding an earlier one, built at the token level so they fit any vocabulary and any length.
+Synthetic retrieval documents: the kinds of sequence in which a token is predictable only by finding
+an earlier one, built at the token level so they fit any vocabulary and any length.
 
     copy     spans of random tokens that come back later, at random distances (induction)
+    repeat   a random sequence, then the same sequence at once (the textbook induction task; opt-in)
     mqar     key-value pairs, then some of the keys again, each asking for its value
              (multi-query associative recall, Arora et al. 2023, arXiv 2312.04927)
     needle   one key-value "needle" in a haystack at a uniform depth, asked for at the end
@@ -141,6 +142,23 @@ def copy_document(rng, ids: SyntheticIds, length: int, probe: bool = False, hays
     return tokens, sorted(result)
 
 
+def repeat_document(rng, ids: SyntheticIds, length: int, probe: bool = False, haystack=None):
+    """A random sequence of key and value ids, then the same sequence again at once: the textbook task on
+    which induction heads form (Olsson et al. 2022, arXiv 2209.11895). Half of the document is predictable by
+    content alone, at a distance (half its length) that varies with the length. An odd length starts with
+    one filler id. Its head is a key pair of one side of the split, as a copied span's is; the haystack is
+    not used. Returns (tokens, spans) as copy_document does: [(first_start, second_start, span_length)]."""
+    if length < REPEAT_MIN_LENGTH:
+        raise ValueError(f"a repeat document needs at least {REPEAT_MIN_LENGTH} tokens; got {length}")
+    size, start = length // 2, length % 2
+    span = np.r_[draw_key_pairs(rng, ids, 1, probe)[0], rng.integers(ids.keys[0], ids.values[1], size=size - 2)]
+    tokens = np.r_[rng.integers(*ids.filler, size=start), span, span].astype(np.int64)
+    return tokens, [(start, start + size, size)]
+
+
+REPEAT_MIN_LENGTH = 4  # a head of two tokens, twice
+
+
 def mqar_document(rng, ids: SyntheticIds, length: int, pairs: int, probe: bool = False, haystack=None):
     """Key-value pairs (two-token keys, one-token values) at the start, then every key again at a
     random later place followed by its value. Returns (tokens, answer_positions): the positions of the
@@ -205,15 +223,18 @@ def needle_document(rng, ids: SyntheticIds, length: int, probe: bool = False, ha
 # that a synthetic one interrupts is recorded as two, the first without its EOS: TokenLoader's windows
 # never see both sides of the cut, and --mask_documents, which reads EOS, is unaffected).
 
-KINDS = ("copy", "mqar", "needle")
+KINDS = ("copy", "mqar", "needle", "repeat")
+DEFAULT_KINDS = ("copy", "mqar", "needle")  # what a mix holds unless asked: the kinds the probes measure
 LAYOUTS = ("window", "long", "packed")
 DEFAULT_SHORTEST = 32  # the packed layout's shortest document, EOS included
 DEFAULT_IDS_SIZE = 1024
 MIX_VERSION = 1
 # Generator tokens (the EOS not counted) that the smallest document of each kind needs.
-MIN_DOCUMENT = {"copy": COPY_MIN_LENGTH, "mqar": 7, "needle": NEEDLE_LENGTH + QUERY_LENGTH + 2}
+MIN_DOCUMENT = {"copy": COPY_MIN_LENGTH, "mqar": 7, "needle": NEEDLE_LENGTH + QUERY_LENGTH + 2,
+                "repeat": REPEAT_MIN_LENGTH}
 MQAR_TOKENS_PER_PAIR = 16  # Zoology's MQAR training configurations: 4 pairs in 64 tokens, 8 in 128, 16 in 256
-FILLER = {"copy": "corpus train text", "mqar": "random filler ids", "needle": "corpus train text"}
+FILLER = {"copy": "corpus train text", "mqar": "random filler ids", "needle": "corpus train text",
+          "repeat": "none (one filler id when the length is odd)"}
 
 
 def default_ids(tokenizer: dict, size: int = DEFAULT_IDS_SIZE) -> SyntheticIds:
@@ -234,6 +255,8 @@ def training_document(kind: str, rng, ids: SyntheticIds, length: int, haystack) 
     documents (FILLER), MQAR's filler is random filler ids."""
     if kind == "copy":
         return copy_document(rng, ids, length, haystack=haystack)[0]
+    if kind == "repeat":
+        return repeat_document(rng, ids, length)[0]
     if kind == "mqar":
         pairs = max(1, (length + 1) // MQAR_TOKENS_PER_PAIR)  # counted on the document with its EOS: 16 in 256
         return mqar_document(rng, ids, length, pairs)[0]
@@ -504,7 +527,7 @@ def mix_recipe(plan: MixPlan, documents, corpus_dir: Path, manifest: dict, corpu
     return recipe
 
 
-def build_mix(corpus_dir, out_dir, seq_len: int, share: float, kinds=KINDS, ids: SyntheticIds | None = None,
+def build_mix(corpus_dir, out_dir, seq_len: int, share: float, kinds=DEFAULT_KINDS, ids: SyntheticIds | None = None,
               seed: int = 0, progress: bool = True, lengths: str = "window",
               shard_tokens: int = data.DEFAULT_SHARD_TOKENS, shortest: int = DEFAULT_SHORTEST) -> Path:
     """Write out_dir: corpus_dir with `share` of its train tokens synthetic retrieval documents (the layouts

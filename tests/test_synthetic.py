@@ -40,6 +40,19 @@ def rng(seed):
 # -----------------------------------------------------------------------------
 # The generators
 
+@settings(max_examples=100)
+@given(st.integers(0, 2**32 - 1), st.integers(synthetic.REPEAT_MIN_LENGTH, 600), st.booleans())
+def test_a_repeat_document_is_one_sequence_twice_with_a_head_of_one_side(seed, length, probe):
+    tokens, spans = synthetic.repeat_document(rng(seed), IDS, length, probe=probe)
+    assert tokens.shape == (length,)
+    [(first, second, size)] = spans
+    assert (first, second, size) == (length % 2, length % 2 + length // 2, length // 2)
+    assert np.array_equal(tokens[first:second], tokens[second:])
+    assert is_probe_key(*tokens[first:first + 2]) == probe
+    assert np.all((tokens[first:] >= IDS.keys[0]) & (tokens[first:] < IDS.values[1]))
+    assert np.all((tokens[:first] >= IDS.filler[0]) & (tokens[:first] < IDS.filler[1]))
+
+
 @settings(max_examples=150)
 @given(st.integers(0, 2**32 - 1), st.integers(synthetic.COPY_MIN_LENGTH, 600), st.booleans())
 def test_copy_spans_come_back_equal_inside_the_document_with_distinct_heads_of_one_side(seed, length, probe):
@@ -290,7 +303,7 @@ def test_no_training_document_of_a_mix_holds_a_probe_key_where_a_key_goes(corpus
     haystack = corpus_stream(corpus)[0]
     haystack = haystack[haystack != EOS]
     pairs = 64 // synthetic.MQAR_TOKENS_PER_PAIR
-    seen = dict.fromkeys(synthetic.KINDS, 0)
+    seen = dict.fromkeys(synthetic.DEFAULT_KINDS, 0)
     for index, (kind, tokens, start) in enumerate(placed_documents(corpus, mix)):
         document = stream[start:start + tokens.size]
         if kind == "needle":  # the question: query_mark k1 k2 value_mark v1 v2 EOS
