@@ -320,6 +320,19 @@ def test_no_training_document_of_a_mix_holds_a_probe_key_where_a_key_goes(corpus
     assert min(seen.values()) > 50
 
 
+def test_a_repeat_mix_holds_sequences_twice_with_training_heads_and_is_left_out_by_default(corpus, mix, tmp_path):
+    repeats = build(corpus, tmp_path / "repeats", kinds=("repeat",))
+    stream, _ = train_stream(repeats)
+    documents = placed_documents(corpus, repeats)
+    for kind, tokens, start in documents:
+        body = stream[start:start + tokens.size - 1]  # the EOS last
+        half, odd = body.size // 2, body.size % 2
+        assert kind == "repeat" and np.array_equal(body[odd:odd + half], body[odd + half:])
+        assert not is_probe_key(int(body[odd]), int(body[odd + 1]))
+    assert len(documents) > 50
+    assert synthetic.recipe_of(mix)["kinds"] == list(synthetic.DEFAULT_KINDS) == ["copy", "mqar", "needle"]
+
+
 def test_a_mix_written_in_several_shards_holds_the_same_stream(corpus, mix, tmp_path):
     folder = build(corpus, tmp_path / "sharded", shard_tokens=5_000)
     manifest = data.read_manifest(folder)
