@@ -142,6 +142,9 @@ def copy_document(rng, ids: SyntheticIds, length: int, probe: bool = False, hays
     return tokens, sorted(result)
 
 
+REPEAT_MIN_LENGTH = 4  # a head of two tokens, twice
+
+
 def repeat_document(rng, ids: SyntheticIds, length: int, probe: bool = False, haystack=None):
     """A random sequence of key and value ids, then the same sequence again at once: the textbook task on
     which induction heads form (Olsson et al. 2022, arXiv 2209.11895). Half of the document is predictable by
@@ -154,9 +157,6 @@ def repeat_document(rng, ids: SyntheticIds, length: int, probe: bool = False, ha
     span = np.r_[draw_key_pairs(rng, ids, 1, probe)[0], rng.integers(ids.keys[0], ids.values[1], size=size - 2)]
     tokens = np.r_[rng.integers(*ids.filler, size=start), span, span].astype(np.int64)
     return tokens, [(start, start + size, size)]
-
-
-REPEAT_MIN_LENGTH = 4  # a head of two tokens, twice
 
 
 def mqar_document(rng, ids: SyntheticIds, length: int, pairs: int, probe: bool = False, haystack=None):
