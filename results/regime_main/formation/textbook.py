@@ -86,7 +86,7 @@ def packed_rows(length: int):
     after its first, the ones predictable only by copying."""
     rows, docs, repeats = [], [], []
     for _ in range(batch):
-        row, doc, repeat, left = [], [], [], length
+        row, doc, repeat, left, documents = [], [], [], length, 0
         while left > 0:
             size = int(round(np.exp(generator.uniform(np.log(args.longest // 2), np.log(length)))))
             size = left if left - size < args.longest // 2 else min(size, left)
@@ -94,7 +94,8 @@ def packed_rows(length: int):
             x = generator.integers(low, args.vocab, size=half)
             row += [*generator.integers(low, args.vocab, size=odd), *x, *x, 0]
             repeat += [False] * (odd + half + 1) + [True] * (half - 1) + [False]
-            doc += [len(set(doc))] * size
+            doc += [documents] * size
+            documents += 1
             left -= size
         rows.append(row); docs.append(doc); repeats.append(repeat)
     return torch.tensor(rows), torch.tensor(docs), torch.tensor(repeats)
