@@ -5,12 +5,12 @@
     ./run.sh --regime text --steps 400         # the earlier regime: plain text, L = 256, a few minutes
 
 Two regimes, each a set of default flags that the flags you give override:
-    retrieval (the default)  the built-in corpus mixed with 90% synthetic retrieval documents (copy spans,
-                             key-value recall, a needle; python data.py synthetic), packed under a document
-                             mask, built once in data/; L = 128, RoPE theta 10,000, 8,000 steps of 8 x 128
-                             tokens (8.2M), then extension to 8L with ABF x16 on long documents for 280 steps
-                             of 2 x 8L (about 7% of pretraining's tokens): the probes show retrieval at L (in
-                             part, at this budget) and what extension does to it beyond L
+    retrieval (the default)  the built-in corpus in a compact vocabulary of 4,096 ids, mixed with 90% synthetic
+                             retrieval documents (copy spans, key-value recall, a needle; python data.py
+                             synthetic), packed under a document mask, built once in data/; L = 128, RoPE
+                             theta 10,000, 12,000 steps of 8 x 128 tokens (12.3M), then extension to 8L with
+                             ABF x16 on long documents for 420 steps of 2 x 8L (about 7% of pretraining's
+                             tokens): the probes show retrieval at L and what extension does to it beyond L
     text                     the built-in corpus only, L = 256, theta 500,000, 1,500 steps of 2 x 256, extension
                              to 4L: loss and LongPPL only (tiny models on text use ~16 tokens of context)
 
@@ -58,15 +58,20 @@ from settings import (RUN, TrainConfig, TrainError, command_line, compact_vocab_
 PRETRAIN_STEPS = 1500  # the text regime's: 768K tokens at the tiny default, about 3 minutes on 2 CPU cores
 REGIMES = ("retrieval", "text")
 # The retrieval regime's flags, put before the ones given (the last of a flag wins). Measured in
-# results/regime_gate/ and README "The main job's two regimes": on this mix the gate's all-four model formed
-# retrieval at L after 7.2-7.7M tokens, and the default model retrieves in part by 8.2M (needle 37.5% at L);
-# emergence slows with the context searched (Musat et al. 2025, arXiv 2511.01033), hence L = 128. Theta
-# 10,000 is above the smallest base that still retrieves at 128-256 tokens (Men et al. 2024, arXiv
-# 2405.14591: ~8.6e3 at 256), so ABF x16 (-> 160,000) is a real change by 8L; OlmPool extends 8K -> 64K (x8)
-# with about 7% of pretraining's tokens: 280 steps of 2 x 1,024 = 573K of 8.2M.
+# results/regime_gate/, results/regime_main/ and README "The main job's two regimes": on this mix in the
+# 4,096-id vocabulary the default model formed retrieval at L after 5.1-6.1M and 8.2-9.2M tokens (two
+# seeds), so 12.3M leaves a margin; emergence slows with the context searched (Musat et al. 2025, arXiv
+# 2511.01033), hence L = 128. Theta 10,000 is above the smallest base that still retrieves at 128-256
+# tokens (Men et al. 2024, arXiv 2405.14591: ~8.6e3 at 256), so ABF x16 (-> 160,000) is a real change by 8L;
+# OlmPool extends 8K -> 64K (x8) with about 7% of pretraining's tokens: 420 steps of 2 x 1,024 = 860K of 12.3M.
 RETRIEVAL_FLAGS = ("--context_length", "128", "--rope_theta", "10000", "--mask_documents", "--batch_tokens", "1024",
-                   "--micro_batch", "8", "--steps", "8000", "--warmup", "100", "--schedule", "wsd",
-                   "--extend_factor", "8", "--extend_rope_factor", "16", "--extend_steps", "280")
+                   "--micro_batch", "8", "--steps", "12000", "--warmup", "100", "--schedule", "wsd",
+                   "--extend_factor", "8", "--extend_rope_factor", "16", "--extend_steps", "420")
+# The compact vocabulary of the regime's mixes, unless --compact_vocab (or --init_from's weights) says
+# otherwise. At tiny the unembedding and its softmax dominate: 4,096 ids train 1.7x the tokens per second
+# of 8,192 (10.5K against 6.2K on 2 cores), and retrieval formed in fewer tokens too (8,192 ids: 11.3-12.3M
+# in one seed, none by 19.5M in the other; results/regime_main/vocab4096/).
+RETRIEVAL_COMPACT_VOCAB = 4096
 RETRIEVAL_SHARE = 0.9      # of pretraining's tokens synthetic (the gate's dense mix); its documents 32 tokens and up
 EXTENSION_SHARE = 0.5      # of the long extension mix's
 # train.py settings that extend.py must share, so that both stages use the same data and machine.
@@ -77,7 +82,7 @@ EXPERIMENT = "experiment (what experiment.py adds to train.py's flags)"
 @dataclass
 class ExperimentConfig(TrainConfig):
     """train.py's settings for the pretraining stage (more steps by default), plus the other stages'."""
-    steps: int = setting(PRETRAIN_STEPS, "pretraining steps (default: 8000 in the retrieval regime, %(default)s in "
+    steps: int = setting(PRETRAIN_STEPS, "pretraining steps (default: 12000 in the retrieval regime, %(default)s in "
                          "the text regime)", RUN)
     regime: str = setting("retrieval", "retrieval: a synthetic retrieval mix, L 128 (about 30 minutes on 2 cores); text: "
                           "the built-in text, L 256 (minutes); the docstring above lists each one's flags (default: "
@@ -184,18 +189,21 @@ def retrieval_data(settings: ExperimentConfig, length: int) -> ExperimentConfig:
     minute; a folder already built is reused if it holds the same recipe), as --data and --extend_data."""
     if settings.regime != "retrieval" or settings.data:
         return settings
-    corpus = train.data_dir(None, compact_vocab_size(settings), train.Distributed())
+    given = settings.compact_vocab is not None or settings.init_from  # else the regime's own vocabulary
+    corpus = train.data_dir(None, compact_vocab_size(settings) if given else RETRIEVAL_COMPACT_VOCAB,
+                            train.Distributed())
     long = settings.extend_factor * length
     mixes = {"data": (corpus.with_name(f"{corpus.name}_retrieval_L{length}"), length, RETRIEVAL_SHARE, "packed"),
              "extend_data": (corpus.with_name(f"{corpus.name}_retrieval_long_{long}"), long, EXTENSION_SHARE, "long")}
     vocab = data.read_manifest(corpus)["tokenizer"]
-    # The vocabulary's rarest ids, an eighth of them at most (1,024 of the compact 8,192): markers and keys
+    # The vocabulary's rarest ids, an eighth of them at most (512 of the compact 4,096): markers and keys
     # that text never uses (results/regime_gate/).
     ids = synthetic.default_ids(vocab, min(synthetic.DEFAULT_IDS_SIZE, vocab["vocab_size"] // 8))
     folders = {}
     for field, (folder, seq_len, share, layout) in mixes.items():
         recipe = synthetic.recipe_of(folder, check=False)  # None: no folder (or not a mix: build_mix refuses)
-        wanted = {"seq_len": seq_len, "share": share, "lengths": layout}
+        wanted = {"seq_len": seq_len, "share": share, "lengths": layout, "kinds": list(synthetic.DEFAULT_KINDS),
+                  "ids": {"first": ids.first, "size": ids.size}}
         if recipe is not None and any(recipe.get(key) != value for key, value in wanted.items()):
             raise data.DataError(f"{folder} holds another synthetic mix than the retrieval regime's {wanted}; remove "
                                  f"it, or pass --data (and --extend_data) to train on it")

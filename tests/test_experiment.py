@@ -120,7 +120,7 @@ def test_the_retrieval_regime_is_the_default_and_a_set_of_flags_that_given_flags
     assert flag(pretrain, "--steps") == "4" and flag(pretrain, "--context_length") == str(L)  # given: theirs win
     extensions = {flag(c, "--recipe"): c for c in commands if c[1] == "extend.py"}
     assert {flag(c, "--seq_len") for c in extensions.values()} == {str(8 * L)}
-    assert {flag(c, "--steps") for c in extensions.values()} == {"280"}
+    assert {flag(c, "--steps") for c in extensions.values()} == {"420"}
     assert flag(extensions["olmpool"], "--rope_factor") == "16.0" and "--rope_factor" not in extensions["none"]
     assert evaluated["long_factor"] == 8
 
@@ -135,7 +135,12 @@ def test_without_data_the_retrieval_regime_builds_its_two_mixes_once_beside_the_
                                                                                       monkeypatch, capsys):
     import shutil
     builtin = shutil.copytree(corpus, tmp_path / "builtin_v512")
-    monkeypatch.setattr(experiment.train, "data_dir", lambda folder, vocab, env: Path(folder) if folder else builtin)
+    vocabularies = []  # the compact vocabulary asked of the built-in corpus
+
+    def data_dir(folder, vocab, env):
+        vocabularies.append(None if folder else vocab)
+        return Path(folder) if folder else builtin
+    monkeypatch.setattr(experiment.train, "data_dir", data_dir)
     commands, evaluated = [], {}
     stages_recorded(monkeypatch, commands, evaluated)
     given = [f for f in TINY if f not in ("--regime", "text")]
@@ -149,6 +154,7 @@ def test_without_data_the_retrieval_regime_builds_its_two_mixes_once_beside_the_
     assert (packed["lengths"], packed["seq_len"], packed["share"]) == ("packed", L, experiment.RETRIEVAL_SHARE)
     assert (long["lengths"], long["seq_len"], long["share"]) == ("long", 8 * L, experiment.EXTENSION_SHARE)
     assert compact_vocabulary.vocabulary_name(pretraining)[1] == compact_vocabulary.vocabulary_name(builtin)[1]
+    assert experiment.RETRIEVAL_COMPACT_VOCAB in vocabularies  # the regime's own, not the size's default
 
     def no_second_build(*args, **kwargs):
         raise AssertionError("a built mix is reused")
@@ -159,9 +165,20 @@ def test_without_data_the_retrieval_regime_builds_its_two_mixes_once_beside_the_
 
     shutil.rmtree(extension)  # another mix where the regime's should be: refused, not replaced
     monkeypatch.undo()
-    monkeypatch.setattr(experiment.train, "data_dir", lambda folder, vocab, env: Path(folder) if folder else builtin)
+    monkeypatch.setattr(experiment.train, "data_dir", data_dir)
     stages_recorded(monkeypatch, commands, evaluated)
     ids = experiment.synthetic.default_ids(data.read_manifest(builtin)["tokenizer"], 64)
     experiment.synthetic.build_mix(builtin, extension, 8 * L, 0.3, ids=ids, lengths="long", progress=False)
     with pytest.raises(data.DataError, match="holds another synthetic mix"):
         experiment.main(argv)
+
+    other_ids = experiment.synthetic.default_ids(data.read_manifest(builtin)["tokenizer"], 32)  # the rest as wanted
+    experiment.synthetic.build_mix(builtin, extension, 8 * L, experiment.EXTENSION_SHARE, ids=other_ids,
+                                   lengths="long", progress=False)
+    with pytest.raises(data.DataError, match="holds another synthetic mix"):
+        experiment.main(argv)
+
+    vocabularies.clear()
+    with pytest.raises(data.DataError):
+        experiment.main([*argv, "--compact_vocab", "512"])
+    assert vocabularies[0] == 512  # --compact_vocab given: the corpus in it
