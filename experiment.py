@@ -61,9 +61,10 @@ REGIMES = ("retrieval", "text")
 # results/regime_gate/, results/regime_main/ and README "The main job's two regimes": on this mix in the
 # 4,096-id vocabulary the default model formed retrieval at L after 5.1-6.1M, 8.2-9.2M and 10.2-11.3M
 # tokens in three seeds of four (the fourth had not by 12.3M); emergence slows with the context searched
-# (Musat et al. 2025, arXiv 2511.01033), hence L = 128. Theta 10,000 is above the smallest base that still retrieves at 128-256
-# tokens (Men et al. 2024, arXiv 2405.14591: ~8.6e3 at 256), so ABF x16 (-> 160,000) is a real change by 8L;
-# OlmPool extends 8K -> 64K (x8) with about 7% of pretraining's tokens: 420 steps of 2 x 1,024 = 860K of 12.3M.
+# (Musat et al. 2025, arXiv 2511.01033), hence L = 128. Theta 10,000 is above the smallest base that still
+# retrieves at 128-256 tokens (Men et al. 2024, arXiv 2405.14591: ~8.6e3 at 256), so ABF x16 (-> 160,000) is
+# a real change by 8L; OlmPool extends 8K -> 64K (x8) with about 7% of pretraining's tokens: 420 steps of
+# 2 x 1,024 = 860K of 12.3M.
 RETRIEVAL_FLAGS = ("--context_length", "128", "--rope_theta", "10000", "--mask_documents", "--batch_tokens", "1024",
                    "--micro_batch", "8", "--steps", "12000", "--warmup", "100", "--schedule", "wsd",
                    "--extend_factor", "8", "--extend_rope_factor", "16", "--extend_steps", "420")

@@ -14,8 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository r
 import checkpoint, data, evaluate, probes, synthetic
 
 data_dir, folders = Path(sys.argv[1]), sys.argv[2:]
-recipe = synthetic.recipe_of(data_dir)
-ids = synthetic.SyntheticIds(recipe["ids"]["first"], recipe["ids"]["size"])
+ids = evaluate.resolve_probe_ids(data_dir, None)  # the mix's synthetic ids, as evaluate.py's probes take them
 eos = data.read_manifest(data_dir)["tokenizer"]["eos_id"]
 rng = np.random.default_rng(12345)
 documents = [synthetic.repeat_document(rng, ids, int(rng.integers(32, 128)), probe=True) for _ in range(64)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-import checkpoint, data, probes, synthetic  # noqa: E402
+import checkpoint, data, evaluate, probes  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("checkpoint")
@@ -20,8 +20,7 @@ parser.add_argument("--count", type=int, default=64)
 args = parser.parse_args()
 torch.set_num_threads(1)
 model = checkpoint.load_model(args.checkpoint).eval()
-recipe = synthetic.recipe_of(args.data)
-ids = synthetic.SyntheticIds(recipe["ids"]["first"], recipe["ids"]["size"])
+ids = evaluate.resolve_probe_ids(args.data, None)  # the mix's synthetic ids, as evaluate.py's probes take them
 eos_id = data.read_manifest(args.data)["tokenizer"]["eos_id"]
 right = torch.zeros(3)
 for tokens, answers, _ in probes.needle_documents(ids, args.length, args.count, 0, probes.heldout_haystack(args.data)):
