@@ -1,0 +1,66 @@
+"""Formation and placement of retrieval in a sweep's runs: the probes at L on every pretraining checkpoint
+the sweep kept (one evaluate.py call per run), joined into one table per run, then printed as the step at
+which each run formed retrieval.
+
+    python results/mini_pool_regime/formation.py sweeps/regime --length 128 \
+        --data data/regime_L128 --out results/mini_pool_regime/batch1/formation.json
+
+A run counts as formed at the first checkpoint with MQAR >= 50% and copy gain >= 1 nat at L (the issue's
+copy bar; MQAR's chance is under 1%). Layer placement: results/regime_gate/extended/ablate_layers.py on
+each run's last pretraining checkpoint.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FORMED = {"mqar_pct": 50.0, "copy_gain": 1.0}
+
+
+def probe_run(pretrain: Path, data: str, length: int, out: Path) -> list[dict]:
+    """Every step_* checkpoint of one pretraining folder through evaluate.py's probes at one length."""
+    checkpoints = sorted(pretrain.glob("step_*"))
+    if not (out / "results.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, checkpoints), "--labels",
+                        ",".join(c.name for c in checkpoints), "--modes", "probes", "--lengths", str(length),
+                        "--probe_lengths", str(length), "--probe_count", "32", "--data", data, "--out", str(out)],
+                       check=True, stdout=subprocess.DEVNULL, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    found = json.loads((out / "results.json").read_text())["probes"]
+    rows = []
+    for name, cells in found.items():
+        step = int(name.rsplit("_", 1)[1])
+        rows.append({"step": step, "needle_pct": cells[f"needle/{length}"]["recall"],
+                     "mqar_pct": cells[f"mqar/{length}"]["accuracy"],
+                     "copy_gain": round(cells[f"copy/{length}"]["gain"], 3)})
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def formed_at(rows: list[dict]) -> int | None:
+    return next((r["step"] for r in rows if all(r[k] >= v for k, v in FORMED.items())), None)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", help="the sweep's --out folder")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--out", required=True, help="the JSON table to write")
+    args = parser.parse_args(argv)
+    table = {}
+    for pretrain in sorted(Path(args.sweep).glob("runs/*/s*/pretrain")):
+        run = f"{pretrain.parent.parent.name}/{pretrain.parent.name}"
+        rows = probe_run(pretrain, args.data, args.length, pretrain.parent / f"probes_{args.length}")
+        table[run] = {"formed_at_step": formed_at(rows), "checkpoints": rows}
+        last = rows[-1]
+        print(f"{run}: formed at step {table[run]['formed_at_step']}; last: needle {last['needle_pct']:.1f}%, "
+              f"MQAR {last['mqar_pct']:.1f}%, copy gain {last['copy_gain']:.2f}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(table, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
