@@ -539,6 +539,38 @@ def test_the_analysis_is_regenerated_from_the_rows_an_earlier_analysis_json_hold
     assert (tmp_path / "results" / "loss_vs_count.png").is_file()
 
 
+def test_batches_run_on_separate_machines_join_into_the_analysis_of_the_whole_grid(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("merge_rows", REPO / "results/mini_pool_regime/merge_rows.py")
+    merge_rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_rows)
+    rows = decomposed_pool_rows()
+    names = sorted({r["name"] for r in rows})
+
+    def batch(folder, chosen, **settings):
+        record = {"command": ["sweep.py"], "machine": folder, "primary": "loss",
+                  "settings": Settings(out=tmp_path / folder, only=tuple(chosen), seeds=(0, 1), **settings).as_dict(),
+                  "rows": [dict(r, longppl=1.0) for r in rows if r["name"] in chosen]}
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "analysis.json").write_text(json.dumps(record))
+        return str(tmp_path / folder / "analysis.json")
+
+    first, second = batch("a", names[:6]), batch("b", names[6:])
+    assert merge_rows.main([first, second, "--out", str(tmp_path / "joined.json")]) == 0
+    assert sweep.main(["--from_rows", str(tmp_path / "joined.json"), "--out", str(tmp_path / "new")]) == 0
+    report = json.loads((tmp_path / "new" / "analysis" / "analysis.json").read_text())
+    whole = pool_analysis.analyze(rows, "loss", Settings(out=tmp_path, seeds=(0, 1)))
+    def means(analysis):
+        return {(part, c): e["mean"] for part in pool_analysis.PARTS for c, e in analysis["parts"][part].items()}
+    assert means(report["analyses"]["loss"]) == pytest.approx(means(whole))
+    assert report["analyses"]["loss"]["pairwise"]["qk"]["by_seed"] == pytest.approx(whole["pairwise"]["qk"]["by_seed"])
+    assert len(report["rows"]) == 32 and all(r["longppl"] is None for r in report["rows"])  # batch-local key tokens
+    with pytest.raises(SystemExit, match="is in both"):
+        merge_rows.main([first, batch("c", names[:1]), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match=r"other settings .*\(steps\)"):
+        merge_rows.main([first, batch("d", names[6:], steps=300), "--out", str(tmp_path / "x.json")])
+
+
 def test_longppl_key_tokens_can_come_from_an_evaluator_outside_the_grid_and_one_inside_is_reported(tmp_path):
     outside = fake_checkpoint(tmp_path / "strong", b"w")
     stages, _ = sweep.plan(Settings(out=tmp_path, longppl_evaluator=str(outside)))
