@@ -3,11 +3,12 @@ the sweep kept (one evaluate.py call per run), joined into one table per run, th
 which each run formed retrieval.
 
     python results/mini_pool_regime/formation.py sweeps/regime --length 128 \
-        --data data/regime_L128 --out results/mini_pool_regime/batch1/formation.json
+        --data data/regime_L128 --out results/mini_pool_regime/batch1/formation.json \
+        --placement results/mini_pool_regime/batch1/placement.md
 
 A run counts as formed at the first checkpoint with MQAR >= 50% and copy gain >= 1 nat at L (the issue's
-copy bar; MQAR's chance is under 1%). Layer placement: results/regime_gate/extended/ablate_layers.py on
-each run's last pretraining checkpoint.
+copy bar; MQAR's chance is under 1%). --placement: which layer that retrieval rests on, by
+results/regime_gate/extended/ablate_layers.py on each run's last pretraining checkpoint.
 """
 import argparse
 import json
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--out", required=True, help="the JSON table to write")
+    parser.add_argument("--placement", help="also write the layer ablations of each run's last checkpoint here")
     args = parser.parse_args(argv)
     table = {}
     for pretrain in sorted(Path(args.sweep).glob("runs/*/s*/pretrain")):
@@ -59,6 +61,13 @@ def main(argv=None) -> int:
               f"MQAR {last['mqar_pct']:.1f}%, copy gain {last['copy_gain']:.2f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(table, indent=1))
+    if args.placement:
+        last = [str(sorted(p.glob("step_*"))[-1]) for p in sorted(Path(args.sweep).glob("runs/*/s*/pretrain"))]
+        found = subprocess.run([sys.executable, str(ROOT / "results/regime_gate/extended/ablate_layers.py"), *last,
+                                "--data", args.data, "--length", str(args.length)],
+                               check=True, capture_output=True, text=True).stdout
+        Path(args.placement).write_text(found)
+        print(found)
     return 0
 
 
