@@ -1,13 +1,13 @@
-"""Formation and placement of retrieval in a sweep's runs: the probes at L on every pretraining checkpoint
-the sweep kept (one evaluate.py call per run), joined into one table per run, then printed as the step at
-which each run formed retrieval.
+"""Formation and placement of retrieval in a sweep's runs: the probes at each run's own pretraining
+context on every pretraining checkpoint the sweep kept (one evaluate.py call per run), joined into one
+table per run, then printed as the step at which each run formed retrieval.
 
-    python results/mini_pool_regime/formation.py sweeps/regime --length 128 \
+    python results/mini_pool_regime/formation.py sweeps/regime \
         --data data/regime_L128 --out results/mini_pool_regime/batch1/formation.json \
         --placement results/mini_pool_regime/batch1/placement.md
 
-A run counts as formed at the first checkpoint with MQAR >= 50% and copy gain >= 1 nat at L (the issue's
-copy bar; MQAR's chance is under 1%). --placement: which layer that retrieval rests on, by
+A run counts as formed at the first checkpoint with MQAR >= 50% and copy gain >= 1 nat at its context (the
+issue's copy bar; MQAR's chance is under 1%). --placement: which layer that retrieval rests on, by
 results/regime_gate/extended/ablate_layers.py on each run's last pretraining checkpoint.
 """
 import argparse
@@ -47,27 +47,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="the sweep's --out folder")
     parser.add_argument("--data", required=True)
-    parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--out", required=True, help="the JSON table to write")
     parser.add_argument("--placement", help="also write the layer ablations of each run's last checkpoint here")
     args = parser.parse_args(argv)
     table = {}
     for pretrain in sorted(Path(args.sweep).glob("runs/*/s*/pretrain")):
         run = f"{pretrain.parent.parent.name}/{pretrain.parent.name}"
-        rows = probe_run(pretrain, args.data, args.length, pretrain.parent / f"probes_{args.length}")
-        table[run] = {"formed_at_step": formed_at(rows), "checkpoints": rows}
+        length = json.loads((sorted(pretrain.glob("step_*"))[-1] / "config.json").read_text())["context_length"]
+        rows = probe_run(pretrain, args.data, length, pretrain.parent / f"probes_{length}")
+        table[run] = {"length": length, "formed_at_step": formed_at(rows), "checkpoints": rows}
         last = rows[-1]
-        print(f"{run}: formed at step {table[run]['formed_at_step']}; last: needle {last['needle_pct']:.1f}%, "
+        print(f"{run} (probed at {length}): formed at step {table[run]['formed_at_step']}; last: needle {last['needle_pct']:.1f}%, "
               f"MQAR {last['mqar_pct']:.1f}%, copy gain {last['copy_gain']:.2f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(table, indent=1))
-    if args.placement:
-        last = [str(sorted(p.glob("step_*"))[-1]) for p in sorted(Path(args.sweep).glob("runs/*/s*/pretrain"))]
-        found = subprocess.run([sys.executable, str(ROOT / "results/regime_gate/extended/ablate_layers.py"), *last,
-                                "--data", args.data, "--length", str(args.length)],
-                               check=True, capture_output=True, text=True).stdout
-        Path(args.placement).write_text(found)
-        print(found)
+    if args.placement:  # one table per run, at its own context
+        found = [subprocess.run([sys.executable, str(ROOT / "results/regime_gate/extended/ablate_layers.py"),
+                                 str(sorted(Path(args.sweep).glob(f"runs/{run}/pretrain/step_*"))[-1]), "--data",
+                                 args.data, "--length", str(entry["length"])],
+                                check=True, capture_output=True, text=True).stdout for run, entry in table.items()]
+        Path(args.placement).write_text("\n".join(found))
+        print("\n".join(found))
     return 0
 
 
