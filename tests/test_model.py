@@ -557,8 +557,9 @@ def test_the_models_chunked_loss_equals_the_loss_of_its_logits():
     ce_full.backward()
     torch.testing.assert_close(ce, ce_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z, z_full, rtol=1e-5, atol=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(chunked[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name, p in model.named_parameters():  # float32 sums in another order: error scales with the largest entry
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(chunked[name], p.grad, rtol=1e-4, atol=1e-6 * max(scale, 1.0), msg=name)
     assert type(model.lm_head).forward is torch.nn.Linear.forward and "forward" not in vars(model.lm_head)
 
 
