@@ -4,7 +4,7 @@ table per run, then printed as the step at which each run formed retrieval.
 
     python results/mini_pool_regime/formation.py sweeps/regime \
         --data data/regime_L128 --out results/mini_pool_regime/batch1/formation.json \
-        --placement results/mini_pool_regime/batch1/placement.md
+        --placement results/mini_pool_regime/batch1/placement.md --plot results/mini_pool_regime/batch1/formation.png
 
 A run counts as formed at the first checkpoint with MQAR >= 50% and copy gain >= 1 nat at its context (the
 issue's copy bar; MQAR's chance is under 1%). --placement: which layer that retrieval rests on, by
@@ -43,12 +43,29 @@ def formed_at(rows: list[dict]) -> int | None:
     return next((r["step"] for r in rows if all(r[k] >= v for k, v in FORMED.items())), None)
 
 
+def plot(table: dict, path: str, tokens_per_step: int = 1024) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for run, entry in table.items():
+        tokens = [r["step"] * tokens_per_step / 1e6 for r in entry["checkpoints"]]
+        for axis, key in zip(axes, ("needle_pct", "mqar_pct", "copy_gain")):
+            axis.plot(tokens, [r[key] for r in entry["checkpoints"]], marker=".", label=f"{run} @ {entry['length']}")
+    for axis, title in zip(axes, ("needle recall %", "MQAR accuracy %", "copy gain (nats)")):
+        axis.set(title=title, xlabel="pretraining tokens (M)")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="the sweep's --out folder")
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True, help="the JSON table to write")
     parser.add_argument("--placement", help="also write the layer ablations of each run's last checkpoint here")
+    parser.add_argument("--plot", help="also draw each run's needle, MQAR and copy gain against tokens (PNG)")
     args = parser.parse_args(argv)
     table = {}
     for pretrain in sorted(Path(args.sweep).glob("runs/*/s*/pretrain")):
@@ -61,6 +78,8 @@ def main(argv=None) -> int:
               f"MQAR {last['mqar_pct']:.1f}%, copy gain {last['copy_gain']:.2f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(table, indent=1))
+    if args.plot:
+        plot(table, args.plot)
     if args.placement:  # one table per run, at its own context
         found = [subprocess.run([sys.executable, str(ROOT / "results/regime_gate/extended/ablate_layers.py"),
                                  str(sorted(Path(args.sweep).glob(f"runs/{run}/pretrain/step_*"))[-1]), "--data",
