@@ -75,7 +75,8 @@ def main(argv=None) -> int:
         table[run] = {"length": length, "formed_at_step": formed_at(rows), "checkpoints": rows}
         last = rows[-1]
         print(f"{run} (probed at {length}): formed at step {table[run]['formed_at_step']}; "
-              f"last: needle {last['needle_pct']:.1f}%, MQAR {last['mqar_pct']:.1f}%, copy gain {last['copy_gain']:.2f}", flush=True)
+              f"last: needle {last['needle_pct']:.1f}%, MQAR {last['mqar_pct']:.1f}%, "
+              f"copy gain {last['copy_gain']:.2f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(table, indent=1))
     if args.plot:
