@@ -24,7 +24,8 @@ FORMED = {"mqar_pct": 50.0, "copy_gain": 1.0}
 def probe_run(pretrain: Path, data: str, length: int, out: Path) -> list[dict]:
     """Every step_* checkpoint of one pretraining folder through evaluate.py's probes at one length."""
     checkpoints = sorted(pretrain.glob("step_*"))
-    if not (out / "results.json").is_file():
+    cached = out / "results.json"
+    if not cached.is_file() or set(json.loads(cached.read_text())["probes"]) != {c.name for c in checkpoints}:
         subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, checkpoints), "--labels",
                         ",".join(c.name for c in checkpoints), "--modes", "probes", "--lengths", str(length),
                         "--probe_lengths", str(length), "--probe_count", "32", "--data", data, "--out", str(out)],
