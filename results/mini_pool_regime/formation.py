@@ -68,12 +68,14 @@ def main(argv=None) -> int:
     parser.add_argument("--placement", help="also write the layer ablations of each run's last checkpoint here")
     parser.add_argument("--plot", help="also draw each run's needle, MQAR and copy gain against tokens (PNG)")
     args = parser.parse_args(argv)
-    table = {}
+    table, last_checkpoints = {}, {}
     for pretrain in sorted(Path(args.sweep).glob("runs/*/s*/pretrain")):
         run = f"{pretrain.parent.parent.name}/{pretrain.parent.name}"
-        length = json.loads((sorted(pretrain.glob("step_*"))[-1] / "config.json").read_text())["context_length"]
+        last_checkpoint = sorted(pretrain.glob("step_*"))[-1]
+        length = json.loads((last_checkpoint / "config.json").read_text())["context_length"]
         rows = probe_run(pretrain, args.data, length, pretrain.parent / f"probes_{length}")
         table[run] = {"length": length, "formed_at_step": formed_at(rows), "checkpoints": rows}
+        last_checkpoints[run] = last_checkpoint
         last = rows[-1]
         print(f"{run} (probed at {length}): formed at step {table[run]['formed_at_step']}; "
               f"last: needle {last['needle_pct']:.1f}%, MQAR {last['mqar_pct']:.1f}%, "
@@ -84,8 +86,7 @@ def main(argv=None) -> int:
         plot(table, args.plot)
     if args.placement:  # one table per run, at its own context
         found = [subprocess.run([sys.executable, str(ROOT / "results/regime_gate/extended/ablate_layers.py"),
-                                 str(sorted(Path(args.sweep).glob(f"runs/{run}/pretrain/step_*"))[-1]), "--data",
-                                 args.data, "--length", str(entry["length"])],
+                                 str(last_checkpoints[run]), "--data", args.data, "--length", str(entry["length"])],
                                 check=True, capture_output=True, text=True).stdout for run, entry in table.items()]
         Path(args.placement).write_text("\n".join(found))
         print("\n".join(found))

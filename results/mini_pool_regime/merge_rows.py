@@ -17,6 +17,9 @@ import platform
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+import files  # noqa: E402
+
 # The settings that say which runs a batch ran, not how every run was made.
 SELECTION = ("out", "only", "seeds", "control_models", "longppl_evaluator")
 
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     reports = [json.loads(Path(p).read_text()) for p in args.batches]
     joined = merge(reports, args.batches)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(joined, indent=1))
+    files.write_atomically(Path(args.out), json.dumps(joined, indent=1))
     print(f"{len(joined['rows'])} runs from {len(reports)} batches -> {args.out}")
     return 0
 
