@@ -93,9 +93,13 @@ def write_model(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    write_config(folder, config)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+def write_config(folder: Path, config: ModelConfig) -> None:
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
 def save_model(model: Transformer, folder: Path | str) -> None:

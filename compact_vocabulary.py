@@ -317,6 +317,15 @@ def vocabulary_name(folder):
         vocab["mapping_sha256"]
 
 
+def check_extension_vocabulary(pretraining, extension, flag: str):
+    """An extension's data folder must be in the pretraining folder's vocabulary: the pretrained model reads
+    its ids. Refuses another mapping (data.DataError naming both files)."""
+    (ours, our_mapping), (theirs, their_mapping) = map(vocabulary_name, (pretraining, extension))
+    if our_mapping != their_mapping:
+        raise data.DataError(f"--data {pretraining} uses {ours}, but {flag} {extension} uses {theirs}: the same ids "
+                             f"would mean other text; prepare both folders in one vocabulary")
+
+
 def check_same_vocabulary(checkpoint_dir, data_dir):
     """Refuse to train or evaluate a checkpoint on data tokenized with another mapping: its ids would
     mean other text. Names both files."""

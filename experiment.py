@@ -139,11 +139,11 @@ def check_extension_data(settings: ExperimentConfig) -> None:
         raise TrainError(f"--extend_data {folder}: no such folder; pass a prepared data folder (data.py)")
     if not settings.data:
         raise TrainError(f"--extend_data {folder} needs --data: the pretraining folder whose vocabulary it shares")
-    (ours, our_mapping), (theirs, their_mapping) = map(compact_vocabulary.vocabulary_name, (settings.data, folder))
-    if our_mapping != their_mapping:
-        raise TrainError(f"--data {settings.data} uses {ours}, but --extend_data {folder} uses {theirs}: the same ids "
-                         f"would mean other text; prepare both folders in one vocabulary")
-    if our_mapping is None and compact_vocab_size(settings):  # each folder would get its own compact mapping
+    try:
+        compact_vocabulary.check_extension_vocabulary(settings.data, folder, "--extend_data")
+    except data.DataError as error:
+        raise TrainError(str(error)) from None
+    if compact_vocabulary.vocabulary_name(folder)[1] is None and compact_vocab_size(settings):  # each folder would get its own compact mapping
         raise TrainError(f"--compact_vocab {settings.compact_vocab} would compact --data and --extend_data each on "
                          f"its own, into different mappings; pass folders already in one compact vocabulary")
 

@@ -21,32 +21,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import files
 import pool_analysis
-import stages as stage_processes
+from stages import Stage, SweepError, decide, read_stamp, run_stage
 
-REPO_DIR = Path(__file__).resolve().parent
-STAMP_FILE = ".sweep_stage.json"
 CONTROL_TAG = "extend-none"  # RUN/extend-none: a --control_models run's extension with the none recipe
-# Flags whose value does not change a stage's result beyond rounding (or at all): not part of its identity.
-IDENTITY_FREE_FLAGS = ("--threads", "--device", "--log_every")
-
-
-class SweepError(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,121 +174,6 @@ def preset_architecture(name: str, size: str, base_preset: str = "H_post_LQK_32k
                    ctx=1 if config.context_length < long_context else 0)
     flags = ("--preset", name, "--size", size, *(item for k, v in overrides.items() for item in (f"--{k}", str(v))))
     return Architecture(name, flags, choices, config.context_length, config.window)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stages: commands, stamps, resume
-
-@dataclass
-class Stage:
-    """One command of the sweep. Done when its stamp matches and `outputs` exist."""
-    key: str  # unique, e.g. "post_LQK_2kv_128_SWA/s0/pretrain"
-    command: list[str]
-    out: Path
-    outputs: list[Path]
-    inputs: list[Path] = field(default_factory=list)  # checkpoints whose identity the stamp records
-    after: list[str] = field(default_factory=list)  # keys of stages to finish first
-    run: str | None = None  # the run (architecture/seed) it belongs to
-    kind: str = ""
-
-
-def identity_command(command: list[str]) -> list[str]:
-    """The command without flags that do not change results (threads, device, logging) and their values,
-    and with the interpreter's path as "python", so that a sweep moved to another checkout or venv resumes."""
-    kept, skip = [], False
-    for index, part in enumerate(command):
-        if index == 0 and part == sys.executable:
-            part = "python"
-        if skip:
-            skip = False
-            continue
-        if part in IDENTITY_FREE_FLAGS:
-            skip = True
-            continue
-        kept.append(part)
-    return kept
-
-
-def checkpoint_identity(path: Path) -> str:
-    """sha256 over a checkpoint's config.json and weights: the stage reruns when its input changed."""
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        file = Path(path) / name
-        if not file.is_file():
-            raise SweepError(f"input checkpoint {path} has no {name}; its stage did not finish (rerun the sweep)")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def stamp_of(stage: Stage) -> dict:
-    return {"command": identity_command(stage.command),
-            "inputs": {str(p): checkpoint_identity(p) for p in stage.inputs}}
-
-
-def read_stamp(stage: Stage) -> dict | None:
-    path = stage.out / STAMP_FILE
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        return None  # a stamp cut short: treat the stage as of unknown provenance
-
-
-def write_stamp(stage: Stage, stamp: dict, status: str, seconds: float | None = None) -> None:
-    stage.out.mkdir(parents=True, exist_ok=True)
-    record = dict(stamp, status=status, full_command=stage.command, time=time.strftime("%Y-%m-%d %H:%M:%S"))
-    if seconds is not None:
-        record["seconds"] = seconds
-    files.write_json_atomically(stage.out / STAMP_FILE, record)
-
-
-def decide(stage: Stage) -> str:
-    """'skip' (done, same command and inputs), 'resume' (interrupted, same), 'fresh' (nothing there),
-    'invalidated' (a previous result from another command or input: wiped before running), or 'waiting'
-    (an input checkpoint does not exist yet)."""
-    if not all((Path(p) / "model.safetensors").is_file() for p in stage.inputs):
-        return "waiting"  # (--plan) an input stage has not finished
-    stamp = read_stamp(stage)
-    if stamp is None:
-        return "invalidated" if stage.out.exists() and any(stage.out.iterdir()) else "fresh"
-    wanted = stamp_of(stage)
-    if stamp.get("command") != wanted["command"] or stamp.get("inputs") != wanted["inputs"]:
-        return "invalidated"
-    if stamp.get("status") == "done" and all(p.exists() for p in stage.outputs):
-        return "skip"
-    return "resume"
-
-
-def run_stage(stage: Stage, env: dict, log_dir: Path) -> dict:
-    """Run one stage (or skip it); returns its index record. Raises SweepError when the command fails."""
-    decision = decide(stage)
-    stamp_path = stage.out / STAMP_FILE
-    if decision == "skip":
-        record = json.loads(stamp_path.read_text())
-        return {"key": stage.key, "decision": "skip", "seconds": record.get("seconds"), "command": stage.command}
-    if decision == "invalidated":
-        shutil.rmtree(stage.out)  # --resume auto would otherwise continue the old run
-    stamp = stamp_of(stage)
-    write_stamp(stage, stamp, "running")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / (stage.key.replace("/", "__") + ".log")
-    start = time.monotonic()
-    with open(log, "a") as handle:
-        handle.write(f"\n$ {' '.join(stage.command)}\n")
-        handle.flush()
-        done = subprocess.run(stage.command, cwd=REPO_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                              preexec_fn=stage_processes.die_with_parent)  # no orphan writes on after the sweep
-    seconds = time.monotonic() - start
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace").splitlines()[-15:]
-        raise SweepError(f"{stage.key} failed (exit {done.returncode}): {' '.join(stage.command)}\n  log {log}:\n"
-                         + "\n".join(tail))
-    missing = [str(p) for p in stage.outputs if not p.exists()]
-    if missing:
-        raise SweepError(f"{stage.key} finished but did not write {missing}; log {log}")
-    write_stamp(stage, stamp, "done", seconds)
-    return {"key": stage.key, "decision": decision, "seconds": seconds, "command": stage.command}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,6 +337,27 @@ def pretrain_stage(settings: Settings, arch: Architecture, seed: int) -> Stage:
         kind="pretrain")
 
 
+def pretraining_twin(arch: Architecture, candidates: list[Architecture]) -> Architecture | None:
+    """The all-global model whose pretraining a windowed one shares (share_pretraining.py): the grid's model
+    with the same flags but no windows, where the windows reach every token of the pretraining context."""
+    if arch.window is None or arch.pretrain_context > arch.window or "--window" not in arch.model_flags:
+        return None
+    flags = list(arch.model_flags)
+    flags[flags.index("--window") + 1] = "none"
+    return next((c for c in candidates if list(c.model_flags) == flags), None)
+
+
+def shared_pretrain_stage(settings: Settings, arch: Architecture, twin: Architecture, seed: int) -> Stage:
+    """The twin's pretraining checkpoints, copied with the windows set: the same function, so the same run."""
+    run_key, out = f"{arch.name}/s{seed}", run_folder(settings, arch, seed) / "pretrain"
+    source = run_folder(settings, twin, seed) / "pretrain"
+    return Stage(f"{run_key}/pretrain", [python(), "share_pretraining.py", str(source), "--window", str(arch.window),
+                                         "--out", str(out)],
+                 out=out, outputs=[step_dir(out, settings.steps) / "model.safetensors"],
+                 inputs=[step_dir(source, settings.steps)], after=[f"{twin.name}/s{seed}/pretrain"], run=run_key,
+                 kind="pretrain")
+
+
 def held_out_flags(settings: Settings) -> list[str]:
     """evaluate.py's flags for the held-out measures (loss, LongPPL, sinks), the same in every evaluation: the
     same documents at every length and stage (before and after extension, at L and at the extended length)."""
@@ -523,12 +417,14 @@ def extension_stages(settings: Settings, arch: Architecture, seed: int, tag: str
 
 
 def run_stages(settings: Settings, arch: Architecture, seed: int, budget_models: list[str],
-               early_models: list[str]) -> list[Stage]:
-    """One run's stages: pretrain, extend and evaluate, evaluate before extension at the longer pretraining
-    context, and the further findings' extensions (other budgets, earlier checkpoints) where the run takes part."""
+               early_models: list[str], twin: Architecture | None = None) -> list[Stage]:
+    """One run's stages: pretrain (or share the twin's pretraining), extend and evaluate, evaluate before extension
+    at the longer pretraining context, and the further findings' extensions (other budgets, earlier checkpoints)
+    where the run takes part."""
     s = settings
     final = step_dir(run_folder(s, arch, seed) / "pretrain", s.steps)
-    stages = [pretrain_stage(s, arch, seed), *extension_stages(s, arch, seed, "extend", s.steps, s.ext_steps),
+    pretraining = shared_pretrain_stage(s, arch, twin, seed) if twin else pretrain_stage(s, arch, seed)
+    stages = [pretraining, *extension_stages(s, arch, seed, "extend", s.steps, s.ext_steps),
               evaluate_stage(s, arch, seed, "eval_before", final, str(s.long_context()),
                              after=f"{arch.name}/s{seed}/pretrain")]
     if arch.name in budget_models:
@@ -605,10 +501,15 @@ def plan(settings: Settings) -> tuple[list[Stage], dict]:
     unknown = sorted(set(s.control_models) - {r.name for r in runs})
     if unknown:
         raise SweepError(f"--control_models {unknown}: no such run; the runs are {', '.join(r.name for r in runs)}")
+    everything = architectures(dataclasses.replace(s, only=()))
+    twins = {arch.name: pretraining_twin(arch, everything) for arch in runs}
     stages, members = [], {}
     for arch, seed in itertools.product(runs, s.seeds):
         members[f"{arch.name}/s{seed}"] = (arch, seed)
-        stages += run_stages(s, arch, seed, budget_models, early_models)
+        twin = twins[arch.name]
+        if twin and twin not in runs and f"{twin.name}/s{seed}/pretrain" not in {st.key for st in stages}:
+            stages.append(pretrain_stage(s, twin, seed))  # pretrained for its windowed twin alone
+        stages += run_stages(s, arch, seed, budget_models, early_models, twin)
     stages.append(longppl_stage(s, runs, members))
     return stages, members
 
@@ -835,12 +736,8 @@ def default_data(size: str) -> str:
     """The built-in corpus as train.py would use it at this size (its compact vocabulary where train.py has
     one for the size), prepared once here so that every stage, evaluate.py included, names the same folder."""
     import compact_vocabulary
-    import data
     import settings
-    compact = settings.COMPACT_VOCAB_BY_SIZE.get(size, 0)
-    if compact:
-        return str(compact_vocabulary.prepare_builtin_corpus(compact_vocab=compact))
-    return str(data.prepare_builtin_corpus())
+    return str(compact_vocabulary.prepare_builtin_corpus(compact_vocab=settings.COMPACT_VOCAB_BY_SIZE.get(size, 0)))
 
 
 def settings_from_flags(flags: dict) -> tuple[Settings, Invocation]:
@@ -878,10 +775,7 @@ def check_ext_data(pretraining: str, extension: str) -> None:
     import compact_vocabulary
     import data
     try:
-        (ours, our_mapping), (theirs, their_mapping) = map(compact_vocabulary.vocabulary_name, (pretraining, extension))
-        if our_mapping != their_mapping:
-            raise SweepError(f"--data {pretraining} uses {ours}, but --ext_data {extension} uses {theirs}: the same "
-                             f"ids would mean other text; prepare --ext_data in --data's vocabulary")
+        compact_vocabulary.check_extension_vocabulary(pretraining, extension, "--ext_data")
         data.read_manifest(extension)
     except data.DataError as error:  # no manifest, an unreadable vocabulary file
         raise SweepError(f"--ext_data {extension}: {error}") from None
@@ -928,8 +822,10 @@ def check_stage_commands(stages: list[Stage]) -> None:
 
     import evaluate
     import extend
+    import share_pretraining
     import train
-    parsers = {"train.py": train.parse_args, "extend.py": extend.parse_args, "evaluate.py": evaluate.arguments}
+    parsers = {"train.py": train.parse_args, "extend.py": extend.parse_args, "evaluate.py": evaluate.arguments,
+               "share_pretraining.py": share_pretraining.parse_args}
     for stage in stages:
         script = stage.command[1]
         said = io.StringIO()

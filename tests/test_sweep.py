@@ -17,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import pool_analysis  # noqa: E402
+import stages  # noqa: E402
 import sweep  # noqa: E402
 from sweep import Settings, Stage  # noqa: E402
 
@@ -80,8 +81,11 @@ def test_every_run_gets_the_same_data_seeds_token_budget_and_recipe(tmp_path):
     by_kind = {}
     for stage in stages:
         if stage.run is not None:
-            by_kind.setdefault(stage.key.split("/")[-1], []).append(flags_of(stage.command))
-    assert {k: len(v) for k, v in by_kind.items()} == {"pretrain": 17, "extend": 17, "eval": 17, "eval_before": 17}
+            kind = "shared" if stage.command[1] == "share_pretraining.py" else stage.key.split("/")[-1]
+            by_kind.setdefault(kind, []).append(flags_of(stage.command))
+    # The 4 windowed runs at the shorter context (128, their window) take their all-global twin's pretraining.
+    assert {k: len(v) for k, v in by_kind.items()} == {"pretrain": 13, "shared": 4, "extend": 17, "eval": 17,
+                                                       "eval_before": 17}
     for kind, commands in by_kind.items():
         shared = [{k: v for k, v in c.items() if k not in SWITCH_FLAGS and k not in ("--preset", "--labels",
                                                                                      "positional")}
@@ -171,6 +175,29 @@ def test_control_models_add_a_none_extension_and_its_evaluation_for_each_seed_be
         assert without(evaluation.command, "--out")[3:] == without(stages[f"{run}/eval"].command, "--out")[3:]
     with pytest.raises(sweep.SweepError, match=r"--control_models \['nope'\]: no such run"):
         sweep.plan(dataclasses.replace(settings, control_models=("nope",)))
+
+
+def test_a_windowed_run_within_its_window_takes_its_all_global_twins_pretraining(tmp_path):
+    # tiny: contexts 256 and 128, windows of 128. At 128 the windows reach every token (share_pretraining.py).
+    settings = Settings(out=tmp_path, seeds=(0, 1), only=("post_LQK_2kv_128_SWA", "post_LQK_2kv_256_SWA"))
+    stages = {stage.key: stage for stage in sweep.plan(settings)[0]}
+    for seed in (0, 1):
+        shared, twin = stages[f"post_LQK_2kv_128_SWA/s{seed}/pretrain"], stages[f"post_LQK_2kv_128/s{seed}/pretrain"]
+        assert flags_of(twin.command)["script"] == "train.py" and flags_of(twin.command)["--window"] == "none"
+        assert flags_of(shared.command) == {"script": "share_pretraining.py", "positional": [str(twin.out)],
+                                            "--window": "128", "--out": str(shared.out)}
+        assert shared.after == [twin.key] and shared.inputs == [sweep.step_dir(twin.out, settings.steps)]
+        assert shared.kind == "pretrain" and shared.out == tmp_path / "runs" / "post_LQK_2kv_128_SWA" / f"s{seed}" / \
+            "pretrain"
+        assert flags_of(stages[f"post_LQK_2kv_256_SWA/s{seed}/pretrain"].command)["script"] == "train.py"  # beyond
+    # the twin is pretrained for it alone: no extension or evaluation of its own, and only once per seed
+    assert sorted(k for k in stages if k.startswith("post_LQK_2kv_128/")) == ["post_LQK_2kv_128/s0/pretrain",
+                                                                             "post_LQK_2kv_128/s1/pretrain"]
+    both = [stage.key for stage in sweep.plan(dataclasses.replace(settings, only=("post_LQK_2kv_128_SWA",
+                                                                                  "post_LQK_2kv_128")))[0]]
+    assert sorted(k for k in both if k.startswith("post_LQK_2kv_128/s0/")) == [  # in the grid: its own run, once
+        f"post_LQK_2kv_128/s0/{tag}" for tag in ("eval", "eval_before", "extend", "pretrain")]
+    assert sweep.pretraining_twin(sweep.preset_architecture("olmo3_like", "tiny"), sweep.grid()) is None
 
 
 def control_results(folder: Path, label: str, loss: dict, recall: dict) -> None:
@@ -263,7 +290,7 @@ def test_a_finished_stage_is_skipped_and_reruns_when_its_command_or_input_change
 def test_an_interrupted_stage_is_continued_and_a_folder_without_a_stamp_is_redone(tmp_path):
     source = fake_checkpoint(tmp_path / "ckpt", b"w")
     stage = copy_stage(tmp_path, source, "a")
-    sweep.write_stamp(stage, sweep.stamp_of(stage), "running")
+    stages.write_stamp(stage, stages.stamp_of(stage), "running")
     (stage.out / "partial.txt").write_text("kept for --resume auto")
     assert sweep.decide(stage) == "resume"
     sweep.run_stage(stage, None, tmp_path / "logs")
@@ -345,7 +372,11 @@ def test_a_two_model_sweep_runs_end_to_end_resumes_and_writes_index_analysis_and
             "--eval_factors", "1,4", "--tasks", "none", "--windows", "2", "--jobs", "2", "--results", str(results)]
     assert sweep.main(argv) == 0
     index = json.loads((out / "index.json").read_text())
-    assert {e["status"] for e in index["stages"]} == {"done"} and len(index["stages"]) == 9
+    # 9 stages of the two runs and the pretraining of post_LQK_1kv_16, whose windowed twin takes it (16 <= 16)
+    assert {e["status"] for e in index["stages"]} == {"done"} and len(index["stages"]) == 10
+    assert (out / "runs" / "post_LQK_1kv_16_SWA" / "s0" / "pretrain" / "step_0000004" / "model.safetensors"
+            ).read_bytes() == (out / "runs" / "post_LQK_1kv_16" / "s0" / "pretrain" / "step_0000004" /
+                               "model.safetensors").read_bytes()
     report = json.loads((results / "analysis.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
     assert set(rows) == {"pre_4kv_32", "post_LQK_1kv_16_SWA"}
