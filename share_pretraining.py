@@ -11,8 +11,8 @@ file system allows), config.json and train_state.json rewritten, and the run's m
 
     python share_pretraining.py RUNS/pre_8kv_64/s0/pretrain --window 64 --out RUNS/pre_8kv_64_SWA/s0/pretrain
 
-On one CPU machine the two trainings are the same bytes (tests/test_sweep.py trains both and compares
-them); on a GPU, whose kernels need not be deterministic, sharing picks one sample of the run-to-run noise
+On one CPU machine the two trainings are the same bytes (tests/test_share_pretraining.py trains both and
+compares them); on a GPU, whose kernels need not be deterministic, sharing picks one sample of the run-to-run noise
 for both, which leaves the pair differing in the windows alone.
 """
 from __future__ import annotations
@@ -43,9 +43,11 @@ def windowed_config(step: Path, window: int) -> ModelConfig:
     config = checkpoint.read_config(step)
     if config.window is not None:
         raise ShareError(f"{step} has windows of {config.window}; the twin must have every layer global")
-    if config.context_length > window:
-        raise ShareError(f"{step} was pretrained at {config.context_length} tokens, beyond the window of {window}: "
-                         f"there the windows change the model, so it needs its own pretraining")
+    trained_on = json.loads((step / checkpoint.STATE_FILE).read_text()).get("args", {}).get("seq_len")
+    longest = max(config.context_length, trained_on or 0)
+    if longest > window:
+        raise ShareError(f"{step} was pretrained on {longest} tokens, beyond the window of {window}: there the "
+                         f"windows change the model, so it needs its own pretraining")
     return dataclasses.replace(config, window=window)
 
 
