@@ -143,7 +143,8 @@ def check_extension_data(settings: ExperimentConfig) -> None:
         compact_vocabulary.check_extension_vocabulary(settings.data, folder, "--extend_data")
     except data.DataError as error:
         raise TrainError(str(error)) from None
-    if compact_vocabulary.vocabulary_name(folder)[1] is None and compact_vocab_size(settings):  # each folder would get its own compact mapping
+    dolma2 = compact_vocabulary.vocabulary_name(folder)[1] is None  # both folders: checked equal above
+    if dolma2 and compact_vocab_size(settings):  # each folder would get its own compact mapping
         raise TrainError(f"--compact_vocab {settings.compact_vocab} would compact --data and --extend_data each on "
                          f"its own, into different mappings; pass folders already in one compact vocabulary")
 
