@@ -12,8 +12,8 @@ file system allows), config.json and train_state.json rewritten, and the run's m
     python share_pretraining.py RUNS/pre_8kv_64/s0/pretrain --window 64 --out RUNS/pre_8kv_64_SWA/s0/pretrain
 
 On one CPU machine the two trainings are the same bytes (tests/test_share_pretraining.py trains both and
-compares them); on a GPU, whose kernels need not be deterministic, sharing picks one sample of the run-to-run noise
-for both, which leaves the pair differing in the windows alone.
+compares them); on a GPU, whose kernels need not be deterministic, sharing picks one sample of the
+run-to-run noise for both, which leaves the pair differing in the windows alone.
 """
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def share_checkpoint(step: Path, out: Path, window: int) -> Path:
-    """OUT/step_N from the twin's step_N: built in a temporary folder, renamed into place when complete."""
-    config = windowed_config(step, window)
+def share_checkpoint(step: Path, out: Path, config: ModelConfig) -> Path:
+    """OUT/step_N from the twin's step_N with `config` (windowed_config's): built in a temporary folder,
+    renamed into place when complete."""
     final, temporary = out / step.name, out / f".tmp_{step.name}"
     shutil.rmtree(temporary, ignore_errors=True)  # left by a share that was killed
     temporary.mkdir(parents=True)
@@ -71,7 +71,7 @@ def share_checkpoint(step: Path, out: Path, window: int) -> Path:
         elif item.name not in (checkpoint.CONFIG_FILE, checkpoint.STATE_FILE):
             link_or_copy(item, temporary / item.name)
     checkpoint.write_config(temporary, config)
-    state["args"] = state.get("args", {}) | {"window": window, "out": str(out.resolve())}
+    state["args"] = state.get("args", {}) | {"window": config.window, "out": str(out.resolve())}
     state["shared_from"] = str(step.resolve())
     written = temporary / checkpoint.CONFIG_FILE
     state["files"] = state.get("files", {}) | {written.name: written.stat().st_size}  # what resume checks
@@ -87,14 +87,13 @@ def share(source: Path, out: Path, window: int) -> list[Path]:
     steps = checkpoint.checkpoints_in(source)
     if not steps:
         raise ShareError(f"{source} holds no complete checkpoint; pretrain the all-global twin first")
-    for step in steps:
-        windowed_config(step, window)  # every one, before anything is written
+    configs = {step: windowed_config(step, window) for step in steps}  # every one checked before anything is written
     files.lock_folder(out, "share_pretraining.py")
     names = {step.name for step in steps}
     for _, stale in checkpoint.step_folders(out):  # left by a share of another run: not this twin's
         if stale.name not in names:
             shutil.rmtree(stale)
-    shared = [share_checkpoint(step, out, window) for step in steps]
+    shared = [share_checkpoint(step, out, config) for step, config in configs.items()]
     if (source / "metrics.jsonl").is_file():
         files.write_atomically(out / "metrics.jsonl", (source / "metrics.jsonl").read_bytes())
     files.fsync_tree(out, files=False)
