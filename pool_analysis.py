@@ -318,13 +318,14 @@ def analyze(rows: list[dict], measure: str, settings) -> dict:
     column = lambda key: np.array([np.nan if r.get(key) is None else r[key] for r in scored], float)  # noqa: E731
     before = np.array([np.nan if r["before"].get(measure) is None else r["before"][measure] for r in scored], float)
     effects = {key: effects_beside_seeds(runs, scored, key) for key in (measure, *PARTS)}
+    predictors = {"harmful_count": column("harmful_count"), "pretraining_val_loss": column("val_loss_pretrain"),
+                  "before_extension": before, "sink_share": column("sink")}
     analysis = {
         "measure": measure, "description": description, "higher_is_better": higher_is_better,
         "models": len(scored),
-        "r2": {"harmful_count": r_squared(column("harmful_count"), y),
-               "pretraining_val_loss": r_squared(column("val_loss_pretrain"), y),
-               "before_extension": r_squared(before, y),
-               "sink_share": r_squared(column("sink"), y)},
+        "r2": {key: r_squared(x, y) for key, x in predictors.items()},
+        # Pearson's r keeps the sign that R² drops: whether the measure rises or falls with each predictor
+        "r": {key: pearson(x, y) for key, x in predictors.items()},
         "paper_r2_7b": {"harmful_count": 0.67, "pretraining_val_loss": 0.29, "before_extension": 0.32,
                         "sink_share": 0.38},
         "pairwise": effects[measure],
@@ -454,6 +455,11 @@ def fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def signed(value, digits=2) -> str:
+    """A correlation with its sign always shown; '–' when there is none."""
+    return fmt(value) if value is None or not np.isfinite(value) else f"{value:+.{digits}f}"
+
+
 def regime_settings(settings) -> bool:
     """Whether the sweep set the extension's data or a RoPE base or factor (not OlmPool's defaults)."""
     return any(x is not None for x in (settings.ext_data, settings.rope_theta, settings.ext_rope_factor))
@@ -522,10 +528,11 @@ def measure_section(a: dict, settings) -> list[str]:
              f"{fmt(a['spread']['between_models_std'])}; seed-to-seed (mean std over "
              f"{a['spread']['models_with_seeds']} models): {fmt(a['spread']['seed_std_mean'])}.", "",
              seed_verdict(a["spread"]), "",
-             "| R² of the measure against | here | paper (7B, HELMET-32K) |", "|---|---|---|"]
+             "| R² of the measure against | here | r here (its sign: the direction) | paper's R² (7B, HELMET-32K) |",
+             "|---|---|---|---|"]
     for key, label in (("harmful_count", "count of harmful choices"), ("pretraining_val_loss", "pretraining loss"),
                        ("before_extension", "the same measure before extension"), ("sink_share", "sink share")):
-        lines.append(f"| {label} | {fmt(a['r2'][key])} | {a['paper_r2_7b'][key]} |")
+        lines.append(f"| {label} | {fmt(a['r2'][key])} | {signed(a['r'][key])} | {a['paper_r2_7b'][key]} |")
     lines += effects_table(a, s.choice_descriptions()) + parts_table(a, s) + swa_lines(a, s) + sinks_table(a, s)
     if measure == "longppl":
         lines += longppl_evaluator_lines(a, s)

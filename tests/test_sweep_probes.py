@@ -148,6 +148,9 @@ def test_an_analysis_led_by_retrieval_gives_the_hand_computed_effects_parts_and_
     # cov(y, count) = -56 / 4, var(count) = 1; the pretraining loss 2 + 0.1 ctx + 0.05 qk: cov -3 / 4, var 0.0125 / 4
     assert a["r2"]["harmful_count"] == pytest.approx(14 ** 2 / 234)
     assert a["r2"]["pretraining_val_loss"] == pytest.approx(0.75 ** 2 / (0.003125 * 234))
+    # r keeps the sign R² drops: both covariances are negative, so the measure falls as each predictor grows
+    assert a["r"]["harmful_count"] == pytest.approx(-14 / 234 ** 0.5)
+    assert a["r"]["pretraining_val_loss"] == pytest.approx(-0.75 / (0.003125 * 234) ** 0.5)
     assert a["parts_r2_count"]["part_length"] == pytest.approx(6.5 ** 2 / 109)
     assert a["parts_r2_count"]["part_pretraining"] == pytest.approx(0.25)
     needle = pool_analysis.analyze(probe_pool_rows(), "needle", settings)
@@ -170,6 +173,7 @@ def test_the_analysis_written_with_retrieval_first_names_it_and_reads_its_rows_b
     assert "## retrieval: recall after extension" in text and "(higher is better)" in text
     assert "| qk: " in text and "-20.000 ± 0.000 (worse in 8/8)" in text  # the total and the length-specific part
     assert "## Retrieval probes per model" in text
+    assert "| count of harmful choices | 0.838 | -0.92 | 0.67 |" in text  # R², then r with its sign
     assert "| pre_8kv_256 | 0 | 256: 80, 2048: 80 | 256: 60, 2048: 60 | – | 70.0 | 70.0 |" in text
     assert (tmp_path / "analysis" / "retrieval_vs_count.png").is_file()
     assert "## Retrieval probes" not in pool_analysis.markdown({}, [dict(r, needle_by_length={}, mqar_by_length={})
