@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -767,12 +768,13 @@ def copy_results(out: Path, results_dir: Path, command: list[str], machine: str,
             shutil.copy2(out / name, results_dir / name)
     index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else {}
     ran = index.get("command")
-    text = (f"Analysis by\n\n```bash\n{' '.join(command)}\n```\n\non {machine}, "
+    # shlex.join quotes an argument with spaces (--extra_train "--warmup 100"), so a line can be pasted
+    text = (f"Analysis by\n\n```bash\n{shlex.join(command)}\n```\n\non {machine}, "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}.\n")
     if ran and ran != command:
-        text = (f"Stages run by the last sweep command on {out}\n\n```bash\n{' '.join(ran)}\n```\n\non "
+        text = (f"Stages run by the last sweep command on {out}\n\n```bash\n{shlex.join(ran)}\n```\n\non "
                 f"{index.get('machine')}.\n\n" + text)
     if rows_from:
         text = (f"Rows read from {rows_from['file']}, collected from the runs by\n\n```bash\n"
-                f"{' '.join(rows_from['command'] or [])}\n```\n\non {rows_from['machine']}.\n\n" + text)
+                f"{shlex.join(rows_from['command'] or [])}\n```\n\non {rows_from['machine']}.\n\n" + text)
     files.write_atomically(results_dir / "COMMAND.md", text)

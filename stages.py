@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -154,14 +155,14 @@ def run_stage(stage: Stage, env: dict, log_dir: Path) -> dict:
     log = log_dir / (stage.key.replace("/", "__") + ".log")
     start = time.monotonic()
     with open(log, "a") as handle:
-        handle.write(f"\n$ {' '.join(stage.command)}\n")
+        handle.write(f"\n$ {shlex.join(stage.command)}\n")
         handle.flush()
         done = subprocess.run(stage.command, cwd=REPO_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT,
                               preexec_fn=die_with_parent)  # no orphan writes on after the sweep
     seconds = time.monotonic() - start
     if done.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
-        raise SweepError(f"{stage.key} failed (exit {done.returncode}): {' '.join(stage.command)}\n  log {log}:\n"
+        raise SweepError(f"{stage.key} failed (exit {done.returncode}): {shlex.join(stage.command)}\n  log {log}:\n"
                          + "\n".join(tail))
     missing = [str(p) for p in stage.outputs if not p.exists()]
     if missing:

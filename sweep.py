@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -596,7 +597,7 @@ def write_index(stages: list[Stage], records: list[dict], settings: Settings, co
                         "this_time": times.get(stage.key, {}).get("decision"), "command": stage.command})
     index = {"command": command, "machine": machine(), "settings": settings.as_dict(), "stages": entries}
     files.write_json_atomically(out / "index.json", index)
-    lines = [f"# Sweep index: {out}", "", f"Command: `{' '.join(command)}`", "", f"Machine: {index['machine']}", "",
+    lines = [f"# Sweep index: {out}", "", f"Command: `{shlex.join(command)}`", "", f"Machine: {index['machine']}", "",
              pool_analysis.data_and_rope(settings), "", "| stage | status | seconds | this time | output |",
              "|---|---|---|---|---|"]
     lines += [f"| {e['key']} | {e['status']} | {pool_analysis.fmt(e['seconds'], 0)} | {e['this_time'] or '–'} | "

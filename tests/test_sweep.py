@@ -7,6 +7,7 @@ end to end through train.py, extend.py and evaluate.py.
 import dataclasses
 import itertools
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -555,7 +556,8 @@ def test_each_effect_is_split_where_it_arises_with_its_seed_spread_and_the_swa_p
 
 def test_the_analysis_is_regenerated_from_the_rows_an_earlier_analysis_json_holds(tmp_path):
     rows = [{k: v for k, v in row.items() if k != "window"} for row in decomposed_pool_rows()]  # an older file
-    earlier = {"command": ["sweep.py", "--out", "runs/x"], "machine": "an earlier machine",
+    ran = ["sweep.py", "--out", "runs/x", "--extra_train", "--mask_documents --warmup 100"]
+    earlier = {"command": ran, "machine": "an earlier machine",
                "settings": Settings(out=tmp_path / "runs").as_dict(), "rows": rows}
     (tmp_path / "analysis.json").write_text(json.dumps(earlier))
     argv = ["--from_rows", str(tmp_path / "analysis.json"), "--out", str(tmp_path / "new"),
@@ -566,7 +568,11 @@ def test_the_analysis_is_regenerated_from_the_rows_an_earlier_analysis_json_hold
     assert loss["parts"]["part_pretraining"]["ctx"]["mean"] == pytest.approx(0.3)
     assert loss["swa_pairs"]["extension_only"]["n"] == 4  # the windows come from the plan
     assert report["rows_from"]["machine"] == "an earlier machine"
-    assert "an earlier machine" in (tmp_path / "results" / "COMMAND.md").read_text()
+    command_md = (tmp_path / "results" / "COMMAND.md").read_text()
+    assert "an earlier machine" in command_md
+    # each command is written quoted, so pasting it back gives the same arguments
+    written = [block.split("\n")[1] for block in command_md.split("```bash")[1:]]
+    assert [shlex.split(line) for line in written] == [ran, [shlex.split(written[1])[0], *argv]]
     assert (tmp_path / "results" / "loss_vs_count.png").is_file()
 
 
