@@ -3,6 +3,7 @@
 before any analysis, and metrics.jsonl read past a torn line."""
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -173,7 +174,7 @@ def test_a_failed_stage_is_reported_with_its_command_and_log_before_the_analysis
                  [tmp_path / "f" / "never"])
     with pytest.raises(sweep.SweepError) as failure:
         sweep.execute([fail], Settings(out=tmp_path), jobs=1, gpus=[], log=lambda *_: None)
-    assert "import sys; print('boom'); sys.exit(3)" in str(failure.value)
+    assert shlex.join(fail.command) in str(failure.value)  # quoted as a shell would need it, to paste and rerun
     assert str(tmp_path / "logs" / "a__fail.log") in str(failure.value)
 
     def failing_execute(*args, **kwargs):
