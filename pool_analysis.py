@@ -321,12 +321,12 @@ def analyze(rows: list[dict], measure: str, settings) -> dict:
     effects = {key: effects_beside_seeds(runs, scored, key) for key in (measure, *PARTS)}
     predictors = {"harmful_count": column("harmful_count"), "pretraining_val_loss": column("val_loss_pretrain"),
                   "before_extension": before, "sink_share": column("sink")}
+    # Pearson's r keeps the sign that R² (its square) drops: whether the measure rises or falls with each predictor
+    r = {key: pearson(x, y) for key, x in predictors.items()}
     analysis = {
         "measure": measure, "description": description, "higher_is_better": higher_is_better,
         "models": len(scored),
-        "r2": {key: r_squared(x, y) for key, x in predictors.items()},
-        # Pearson's r keeps the sign that R² drops: whether the measure rises or falls with each predictor
-        "r": {key: pearson(x, y) for key, x in predictors.items()},
+        "r2": {key: value ** 2 for key, value in r.items()}, "r": r,
         "paper_r2_7b": {"harmful_count": 0.67, "pretraining_val_loss": 0.29, "before_extension": 0.32,
                         "sink_share": 0.38},
         "pairwise": effects[measure],
