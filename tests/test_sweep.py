@@ -608,6 +608,29 @@ def test_batches_run_on_separate_machines_join_into_the_analysis_of_the_whole_gr
         merge_rows.main([first, batch("d", names[6:], steps=300), "--out", str(tmp_path / "x.json")])
 
 
+def test_the_batches_formation_curves_draw_a_shared_pretraining_once_and_refuse_a_run_given_twice(tmp_path):
+    import importlib.util
+    path = REPO / "results/mini_pool_regime/formation_joined.py"
+    spec = importlib.util.spec_from_file_location("formation_joined", path)
+    formation_joined = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(formation_joined)
+    def curve(needle):
+        checkpoints = [{"step": s, "needle_pct": needle * s, "mqar_pct": 1.0, "copy_gain": 0.1} for s in (1, 2)]
+        return {"length": 64, "formed_at_step": None, "checkpoints": checkpoints}
+    first = {"a/s0": curve(1), "a/s1": curve(2), "b/s0": curve(3), "b/s1": curve(4)}
+    second = {"a_SWA/s0": curve(1), "a_SWA/s1": curve(2), "c/s0": curve(1), "c/s1": curve(5)}
+    folded = formation_joined.curves_by_model([first, second])
+    # a_SWA has every seed of a: one curve under both names; c shares one seed's curve only, so it stays
+    assert sorted(folded) == ["a = a_SWA", "b", "c"]
+    assert folded["a = a_SWA"]["s1"] == curve(2)["checkpoints"]
+    tables = [tmp_path / "1.json", tmp_path / "2.json"]
+    for table, content in zip(tables, (first, second)):
+        table.write_text(json.dumps(content))
+    assert formation_joined.main([*map(str, tables), "--plot", str(tmp_path / "f.png")]) == 0
+    assert (tmp_path / "f.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="a/s0 is in two tables"):
+        formation_joined.main([str(tables[0]), str(tables[0]), "--plot", str(tmp_path / "g.png")])
+
 def test_longppl_key_tokens_can_come_from_an_evaluator_outside_the_grid_and_one_inside_is_reported(tmp_path):
     outside = fake_checkpoint(tmp_path / "strong", b"w")
     stages, _ = sweep.plan(Settings(out=tmp_path, longppl_evaluator=str(outside)))
