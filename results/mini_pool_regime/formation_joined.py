@@ -1,7 +1,8 @@
 """Every batch's formation curves in one figure: MQAR accuracy, needle recall and copy gain at each run's own
 pretraining context against the tokens it had seen, one colour per model, solid for seed 0 and dashed for
 seed 1. A windowed model that shared its twin's pretraining has the twin's curves, so it is drawn once,
-under both names.
+under both names. Sharing is read from the curves themselves: models whose every checkpoint of every seed
+probed alike (copy gain to three decimals included), which different weights do not plausibly do.
 
     python results/mini_pool_regime/formation_joined.py results/mini_pool_regime/batch*/formation.json \
         --plot results/mini_pool_regime/formation_joined.png
