@@ -576,11 +576,17 @@ def test_the_analysis_is_regenerated_from_the_rows_an_earlier_analysis_json_hold
     assert (tmp_path / "results" / "loss_vs_count.png").is_file()
 
 
-def test_batches_run_on_separate_machines_join_into_the_analysis_of_the_whole_grid(tmp_path):
+def mini_pool_regime_script(name: str):
+    """A script of results/mini_pool_regime/ (a folder, not a package) loaded as a module."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("merge_rows", REPO / "results/mini_pool_regime/merge_rows.py")
-    merge_rows = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(merge_rows)
+    spec = importlib.util.spec_from_file_location(name, REPO / "results/mini_pool_regime" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batches_run_on_separate_machines_join_into_the_analysis_of_the_whole_grid(tmp_path):
+    merge_rows = mini_pool_regime_script("merge_rows")
     rows = decomposed_pool_rows()
     names = sorted({r["name"] for r in rows})
 
@@ -609,11 +615,8 @@ def test_batches_run_on_separate_machines_join_into_the_analysis_of_the_whole_gr
 
 
 def test_the_batches_formation_curves_draw_a_shared_pretraining_once_and_refuse_a_run_given_twice(tmp_path):
-    import importlib.util
-    path = REPO / "results/mini_pool_regime/formation_joined.py"
-    spec = importlib.util.spec_from_file_location("formation_joined", path)
-    formation_joined = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(formation_joined)
+    formation_joined = mini_pool_regime_script("formation_joined")
+
     def curve(needle):
         checkpoints = [{"step": s, "needle_pct": needle * s, "mqar_pct": 1.0, "copy_gain": 0.1} for s in (1, 2)]
         return {"length": 64, "formed_at_step": None, "checkpoints": checkpoints}
@@ -630,6 +633,7 @@ def test_the_batches_formation_curves_draw_a_shared_pretraining_once_and_refuse_
     assert (tmp_path / "f.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="a/s0 is in two tables"):
         formation_joined.main([str(tables[0]), str(tables[0]), "--plot", str(tmp_path / "g.png")])
+
 
 def test_longppl_key_tokens_can_come_from_an_evaluator_outside_the_grid_and_one_inside_is_reported(tmp_path):
     outside = fake_checkpoint(tmp_path / "strong", b"w")
