@@ -257,7 +257,10 @@ def average_seeds(rows: list[dict], measure: str) -> tuple[list[dict], dict]:
 
 def effects_beside_seeds(runs: list[dict], models: list[dict], key: str) -> dict:
     """pairwise_effects of `key` over the seed-averaged models, each choice with the mean effect on every
-    seed alone (pairs within one seed) and the std of those means over the seeds: the seed spread."""
+    seed alone (pairs within one seed) and the std of those means over the seeds: the seed spread. Beside it
+    the spread within pairs: each pair's effect per seed, its std over the seeds, the mean over the pairs.
+    Where seeds split (one forms a skill, the other not) in different pairs, the seeds' means can agree while
+    each pair swings; the spread within pairs shows that, the seed spread does not."""
     effects = pairwise_effects(models, key)
     seeds = sorted({r["seed"] for r in runs})
     by_seed = {s: pairwise_effects([r for r in runs if r["seed"] == s], key) for s in seeds}
@@ -265,6 +268,13 @@ def effects_beside_seeds(runs: list[dict], models: list[dict], key: str) -> dict
         means = {str(s): by_seed[s][choice]["mean"] for s in seeds if by_seed[s].get(choice, {}).get("n")}
         effect["by_seed"] = means
         effect["seed_std"] = float(np.std(list(means.values()), ddof=1)) if len(means) > 1 else None
+        per_pair = {}
+        for s in seeds:
+            for pair in by_seed[s].get(choice, {}).get("pairs", []):
+                per_pair.setdefault(f"{pair['harmful']} - {pair['other']}", {})[str(s)] = pair["effect"]
+        effect["pairs_by_seed"] = per_pair
+        spreads = [np.std(list(v.values()), ddof=1) for v in per_pair.values() if len(v) > 1]
+        effect["pair_seed_std"] = float(np.mean(spreads)) if spreads else None
     return effects
 
 
@@ -561,13 +571,16 @@ def effects_table(a: dict, descriptions: dict) -> list[str]:
     better = "negative" if a["higher_is_better"] else "positive"
     lines = ["", "Pairwise: the measure of the model with the harmful level minus that of its twin with the other "
              f"level, over seed-averaged models ({better}: the harmful level is worse). Seed spread: the std over "
-             "seeds of the mean effect computed on each seed alone.", "",
-             "| choice (harmful level minus other) | pairs | mean effect | seed spread | harmful worse in | "
-             "std over the others | min | max |", "|---|---|---|---|---|---|---|---|"]
+             "seeds of the mean effect computed on each seed alone. Within pairs: each pair's effect per seed, its "
+             "std over the seeds, the mean over the pairs (large beside a small seed spread: the seeds disagree "
+             "pair by pair and agree only on average).", "",
+             "| choice (harmful level minus other) | pairs | mean effect | seed spread | within pairs | "
+             "harmful worse in | std over the others | min | max |", "|---|---|---|---|---|---|---|---|---|"]
     for choice, e in a["pairwise"].items():
         worse = e["negative" if a["higher_is_better"] else "positive"]
         lines.append(f"| {choice}: {descriptions[choice]} | {e['n']} | {fmt(e['mean'])} | {fmt(e.get('seed_std'))} | "
-                     f"{worse}/{e['n']} | {fmt(e['std'])} | {fmt(e['min'])} | {fmt(e['max'])} |")
+                     f"{fmt(e.get('pair_seed_std'))} | {worse}/{e['n']} | {fmt(e['std'])} | {fmt(e['min'])} | "
+                     f"{fmt(e['max'])} |")
     return lines
 
 

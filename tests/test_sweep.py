@@ -533,6 +533,24 @@ def decomposed_pool_rows() -> list[dict]:
     return rows
 
 
+def test_seeds_that_split_in_different_pairs_agree_on_average_and_the_spread_within_pairs_says_so():
+    """Seed 0 loses 80 points in the qk pair at gqa=0 and none at gqa=1; seed 1 the other way round. The
+    seeds' mean effects agree (seed spread 0); each pair's two seeds differ by 80 (std 80/sqrt 2)."""
+    recall = {("a00", 0): 80, ("a10", 0): 0, ("a01", 0): 50, ("a11", 0): 50,
+              ("a00", 1): 50, ("a10", 1): 50, ("a01", 1): 80, ("a11", 1): 0}
+    runs = [{"name": name, "seed": seed, "choices": {"qk": int(name[1]), "gqa": int(name[2])}, "retrieval": value}
+            for (name, seed), value in recall.items()]
+    models = [{"name": name, "choices": {"qk": int(name[1]), "gqa": int(name[2])},
+               "retrieval": np.mean([recall[name, 0], recall[name, 1]])} for name in ("a00", "a10", "a01", "a11")]
+    qk = pool_analysis.effects_beside_seeds(runs, models, "retrieval")["qk"]
+    assert qk["mean"] == -40 and qk["by_seed"] == {"0": -40, "1": -40} and qk["seed_std"] == 0
+    assert qk["pairs_by_seed"] == {"a10 - a00": {"0": -80, "1": 0}, "a11 - a01": {"0": 0, "1": -80}}
+    assert qk["pair_seed_std"] == pytest.approx(80 / np.sqrt(2))
+    gqa = pool_analysis.effects_beside_seeds(runs, models, "retrieval")["gqa"]  # gqa: a01 - a00, a11 - a10
+    assert gqa["pairs_by_seed"] == {"a01 - a00": {"0": -30, "1": 30}, "a11 - a10": {"0": 50, "1": -50}}
+    assert gqa["pair_seed_std"] == pytest.approx((60 + 100) / 2 / np.sqrt(2))
+
+
 def test_each_effect_is_split_where_it_arises_with_its_seed_spread_and_the_swa_pairs_that_test_only_extension(
         tmp_path):
     settings = Settings(out=tmp_path)
