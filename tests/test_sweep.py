@@ -542,11 +542,12 @@ def test_seeds_that_split_in_different_pairs_agree_on_average_and_the_spread_wit
             for (name, seed), value in recall.items()]
     models = [{"name": name, "choices": {"qk": int(name[1]), "gqa": int(name[2])},
                "retrieval": np.mean([recall[name, 0], recall[name, 1]])} for name in ("a00", "a10", "a01", "a11")]
-    qk = pool_analysis.effects_beside_seeds(runs, models, "retrieval")["qk"]
+    effects = pool_analysis.effects_beside_seeds(runs, models, "retrieval")
+    qk = effects["qk"]
     assert qk["mean"] == -40 and qk["by_seed"] == {"0": -40, "1": -40} and qk["seed_std"] == 0
     assert qk["pairs_by_seed"] == {"a10 - a00": {"0": -80, "1": 0}, "a11 - a01": {"0": 0, "1": -80}}
     assert qk["pair_seed_std"] == pytest.approx(80 / np.sqrt(2))
-    gqa = pool_analysis.effects_beside_seeds(runs, models, "retrieval")["gqa"]  # gqa: a01 - a00, a11 - a10
+    gqa = effects["gqa"]  # gqa: a01 - a00, a11 - a10
     assert gqa["pairs_by_seed"] == {"a01 - a00": {"0": -30, "1": 30}, "a11 - a10": {"0": 50, "1": -50}}
     assert gqa["pair_seed_std"] == pytest.approx((60 + 100) / 2 / np.sqrt(2))
 
